@@ -1,0 +1,482 @@
+//! The channel registry: publish, subscribe (with recovery and snapshots), unsubscribe.
+//!
+//! Channels live in shards selected by a hash of the name, so publishers to different
+//! channels rarely meet on a lock. Each channel has its own mutex, held while a publish
+//! assigns the offset, appends to history and appends to every subscriber's queue. Holding it
+//! for the fan-out is what makes recovery exact: a subscribe takes the same lock to push the
+//! replay and register the subscriber, so every message is either in the replay or in the
+//! live stream, never both and never neither. The fan-out itself only appends to queues and
+//! never waits on a connection.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrocast_protocol::server::{ChannelResult, SnapshotSent, encode_msg};
+use ferrocast_protocol::{ChannelError, ErrorCode, StreamPosition, validate_channel};
+use parking_lot::{Mutex, RwLock};
+use rand::Rng;
+
+use crate::history::HistoryRing;
+use crate::metrics::HubMetrics;
+use crate::namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
+use crate::queue::{ConnQueue, Outbound, PublishKind};
+
+/// Tuning for the hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Number of registry shards (rounded up to a power of two).
+    pub shards: usize,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions { shards: 64 }
+    }
+}
+
+/// Where a published message landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub offset: u64,
+    pub epoch: Arc<str>,
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("invalid channel: {0}")]
+    InvalidChannel(ChannelError),
+}
+
+/// A channel as listed by `GET /api/channels`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelInfo {
+    pub channel: String,
+    pub subscribers: usize,
+    pub offset: u64,
+    pub epoch: String,
+}
+
+/// Retained messages of a channel, as returned by the history API.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    pub channel: String,
+    pub epoch: String,
+    /// The channel's current top offset.
+    pub offset: u64,
+    /// `(offset, data)` pairs, oldest first.
+    pub messages: Vec<(u64, Bytes)>,
+}
+
+/// The outcome of a successful subscribe, for the session to record.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub result: ChannelResult,
+    /// Whether the subscription was newly added (false when it already existed).
+    pub added: bool,
+}
+
+/// Told when a channel gains its first subscriber or loses its last one, so upstream
+/// connectors subscribe only to what someone watches.
+pub trait DemandListener: Send + Sync {
+    fn demand_changed(&self, channel: &str, wanted: bool);
+}
+
+/// Called after every retained publish on a namespace (used to build candles from ticks).
+pub type Tap = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
+
+struct Channel {
+    id: u64,
+    ns: Arc<NamespaceConfig>,
+    epoch: Arc<str>,
+    /// The last offset assigned; 0 before the first retained message.
+    top: u64,
+    history: HistoryRing,
+    /// The latest ephemeral frame since the last retained message (e.g. the forming bar).
+    latest_ephemeral: Option<Bytes>,
+    subscribers: Vec<Arc<ConnQueue>>,
+    /// Position of each subscriber in `subscribers`, by connection id.
+    positions: HashMap<u64, usize>,
+    last_active: Instant,
+    /// Set by the sweeper when the channel leaves the registry; holders must look it up again.
+    removed: bool,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<Mutex<Channel>>>>;
+
+/// The hub. One per process, shared by every transport and source.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    shard_mask: usize,
+    hasher: std::hash::RandomState,
+    namespaces: Namespaces,
+    next_channel_id: AtomicU64,
+    metrics: HubMetrics,
+    demand: RwLock<Option<Arc<dyn DemandListener>>>,
+    taps: RwLock<Vec<(String, Tap)>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("shards", &self.shards.len()).finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    pub fn new(namespaces: Namespaces, options: HubOptions) -> Self {
+        let n = options.shards.max(1).next_power_of_two();
+        Hub {
+            shards: (0..n).map(|_| RwLock::new(HashMap::new())).collect(),
+            shard_mask: n - 1,
+            hasher: std::hash::RandomState::new(),
+            namespaces,
+            next_channel_id: AtomicU64::new(1),
+            metrics: HubMetrics::default(),
+            demand: RwLock::new(None),
+            taps: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> &HubMetrics {
+        &self.metrics
+    }
+
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.namespaces
+    }
+
+    /// The policy of the namespace `channel` belongs to.
+    pub fn namespace(&self, channel: &str) -> &Arc<NamespaceConfig> {
+        self.namespaces.for_channel(channel)
+    }
+
+    /// Installs the listener told about first-subscriber / last-subscriber transitions.
+    pub fn set_demand_listener(&self, listener: Arc<dyn DemandListener>) {
+        *self.demand.write() = Some(listener);
+    }
+
+    /// Calls `tap(channel, data)` after every retained publish in `namespace`.
+    pub fn add_tap(&self, namespace: &str, tap: Tap) {
+        self.taps.write().push((namespace.to_owned(), tap));
+    }
+
+    /// Channels that currently have at least one subscriber.
+    pub fn demanded_channels(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, ch) in shard.read().iter() {
+                if !ch.lock().subscribers.is_empty() {
+                    out.push(name.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(channel) as usize) & self.shard_mask]
+    }
+
+    fn lookup(&self, channel: &str) -> Option<Arc<Mutex<Channel>>> {
+        self.shard(channel).read().get(channel).cloned()
+    }
+
+    fn lookup_or_create(&self, channel: &str) -> Arc<Mutex<Channel>> {
+        if let Some(ch) = self.lookup(channel) {
+            return ch;
+        }
+        let mut shard = self.shard(channel).write();
+        if let Some(ch) = shard.get(channel) {
+            return ch.clone();
+        }
+        let ns = self.namespaces.for_channel(channel).clone();
+        let max_age = (ns.history_ttl_ms > 0).then(|| Duration::from_millis(ns.history_ttl_ms));
+        let ch = Arc::new(Mutex::new(Channel {
+            id: self.next_channel_id.fetch_add(1, Ordering::Relaxed),
+            history: HistoryRing::new(ns.history_size, max_age),
+            ns,
+            epoch: new_epoch(),
+            top: 0,
+            latest_ephemeral: None,
+            subscribers: Vec::new(),
+            positions: HashMap::new(),
+            last_active: Instant::now(),
+            removed: false,
+        }));
+        shard.insert(Arc::from(channel), ch.clone());
+        self.metrics.channels.fetch_add(1, Ordering::Relaxed);
+        ch
+    }
+
+    /// Publishes `data` (one serialized JSON value) on `channel` and fans it out.
+    pub fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Result<Published, PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        let published = loop {
+            let ch = self.lookup_or_create(channel);
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let now = Instant::now();
+            let ephemeral = kind == PublishKind::Ephemeral;
+            if !ephemeral {
+                c.top += 1;
+            }
+            let offset = c.top;
+            let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
+            if ephemeral {
+                c.latest_ephemeral = Some(frame.clone());
+            } else {
+                c.history.push(offset, frame.clone(), data.len(), now);
+                c.history.expire(now);
+                c.latest_ephemeral = None;
+            }
+            c.last_active = now;
+            let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
+            let (mut conflated, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
+            for queue in &c.subscribers {
+                let o = queue.push(frame.clone(), c.id, now, policy);
+                conflated += u64::from(o.conflated);
+                dropped += u64::from(o.dropped);
+                overflowed += u64::from(o.overflowed);
+            }
+            let fanout = c.subscribers.len() as u64;
+            let published = Published { offset, epoch: c.epoch.clone() };
+            drop(c);
+            HubMetrics::add(&self.metrics.messages_in, 1);
+            HubMetrics::add(&self.metrics.enqueued, fanout);
+            HubMetrics::add(&self.metrics.conflated, conflated);
+            HubMetrics::add(&self.metrics.dropped, dropped);
+            HubMetrics::add(&self.metrics.slow_consumer_disconnects, overflowed);
+            if !ephemeral {
+                self.run_taps(channel, data);
+            }
+            break published;
+        };
+        Ok(published)
+    }
+
+    fn run_taps(&self, channel: &str, data: &[u8]) {
+        let taps = self.taps.read();
+        if taps.is_empty() {
+            return;
+        }
+        let ns = ferrocast_protocol::namespace_of(channel);
+        for (tap_ns, tap) in taps.iter() {
+            if tap_ns == ns {
+                tap(channel, data);
+            }
+        }
+    }
+
+    /// Subscribes `queue` to `channel`. With `recover`, replays what the client missed into
+    /// the queue (or, when that is impossible, the namespace's snapshot); without, sends the
+    /// snapshot. Everything pushed here precedes any live message of the channel.
+    pub fn subscribe(
+        &self,
+        channel: &str,
+        queue: &Arc<ConnQueue>,
+        recover: Option<&StreamPosition>,
+    ) -> Subscription {
+        if let Err(e) = validate_channel(channel) {
+            return Subscription {
+                result: ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string()),
+                added: false,
+            };
+        }
+        let (subscription, first) = loop {
+            let ch = self.lookup_or_create(channel);
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let now = Instant::now();
+            c.history.expire(now);
+            c.last_active = now;
+            let conn_id = queue.conn_id();
+            if c.positions.contains_key(&conn_id) {
+                let result = ChannelResult::Subscribed {
+                    epoch: c.epoch.to_string(),
+                    offset: c.top,
+                    recovered: None,
+                    replayed: None,
+                    snapshot: None,
+                };
+                break (Subscription { result, added: false }, false);
+            }
+            let mut recovered = None;
+            let mut replayed = None;
+            let mut snapshot = None;
+            match recover {
+                Some(pos) if self.can_recover(&c, pos) => {
+                    let missed: Vec<Bytes> =
+                        c.history.since(pos.offset, usize::MAX).map(|e| e.frame.clone()).collect();
+                    HubMetrics::add(&self.metrics.replayed, missed.len() as u64);
+                    HubMetrics::add(&self.metrics.recoveries_ok, 1);
+                    replayed = Some(missed.len());
+                    for frame in missed {
+                        queue.push_unbudgeted(Outbound::history(frame, c.id));
+                    }
+                    // The forming bar (if any) is current state, not history: send it too.
+                    if let Some(frame) = c.latest_ephemeral.clone() {
+                        queue.push_unbudgeted(Outbound::history(frame, c.id));
+                    }
+                    recovered = Some(true);
+                }
+                Some(_) => {
+                    HubMetrics::add(&self.metrics.recoveries_failed, 1);
+                    recovered = Some(false);
+                    snapshot = self.send_snapshot(&c, queue);
+                }
+                None => snapshot = self.send_snapshot(&c, queue),
+            }
+            let index = c.subscribers.len();
+            c.subscribers.push(queue.clone());
+            c.positions.insert(conn_id, index);
+            let first = c.subscribers.len() == 1;
+            let result = ChannelResult::Subscribed {
+                epoch: c.epoch.to_string(),
+                offset: c.top,
+                recovered,
+                replayed,
+                snapshot,
+            };
+            break (Subscription { result, added: true }, first);
+        };
+        if subscription.added {
+            self.metrics.subscriptions.fetch_add(1, Ordering::Relaxed);
+        }
+        if first {
+            self.notify_demand(channel, true);
+        }
+        subscription
+    }
+
+    fn can_recover(&self, c: &Channel, pos: &StreamPosition) -> bool {
+        *pos.epoch == *c.epoch
+            && pos.offset <= c.top
+            && c.top - pos.offset <= c.ns.max_replay as u64
+            && c.history.covers_after(pos.offset, c.top)
+    }
+
+    fn send_snapshot(&self, c: &Channel, queue: &ConnQueue) -> Option<SnapshotSent> {
+        let mut frames: Vec<Bytes> = match c.ns.snapshot {
+            SnapshotMode::None => return None,
+            SnapshotMode::Latest if c.latest_ephemeral.is_some() => Vec::new(),
+            SnapshotMode::Latest => c.history.last(1).map(|e| e.frame.clone()).collect(),
+            SnapshotMode::Last => {
+                c.history.last(c.ns.snapshot_size).map(|e| e.frame.clone()).collect()
+            }
+        };
+        frames.extend(c.latest_ephemeral.clone());
+        let count = frames.len();
+        HubMetrics::add(&self.metrics.snapshot_messages, count as u64);
+        for frame in frames {
+            queue.push_unbudgeted(Outbound::history(frame, c.id));
+        }
+        Some(match c.ns.snapshot {
+            SnapshotMode::Latest => SnapshotSent::Latest { count },
+            _ => SnapshotSent::Last { count },
+        })
+    }
+
+    /// Removes connection `conn_id` from `channel`. Returns whether it was subscribed.
+    pub fn unsubscribe(&self, channel: &str, conn_id: u64) -> bool {
+        let Some(ch) = self.lookup(channel) else { return false };
+        let mut c = ch.lock();
+        let Some(index) = c.positions.remove(&conn_id) else { return false };
+        c.subscribers.swap_remove(index);
+        if let Some(moved) = c.subscribers.get(index) {
+            let moved_id = moved.conn_id();
+            c.positions.insert(moved_id, index);
+        }
+        c.last_active = Instant::now();
+        let last = c.subscribers.is_empty();
+        drop(c);
+        self.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if last {
+            self.notify_demand(channel, false);
+        }
+        true
+    }
+
+    fn notify_demand(&self, channel: &str, wanted: bool) {
+        let listener = self.demand.read().clone();
+        if let Some(listener) = listener {
+            listener.demand_changed(channel, wanted);
+        }
+    }
+
+    /// Every channel held, with subscriber counts and the top offset.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, ch) in shard.read().iter() {
+                let c = ch.lock();
+                out.push(ChannelInfo {
+                    channel: name.to_string(),
+                    subscribers: c.subscribers.len(),
+                    offset: c.top,
+                    epoch: c.epoch.to_string(),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.channel.cmp(&b.channel));
+        out
+    }
+
+    /// Retained messages of `channel` after `since`, at most `limit`.
+    pub fn history(&self, channel: &str, since: u64, limit: usize) -> Option<HistoryPage> {
+        let ch = self.lookup(channel)?;
+        let mut c = ch.lock();
+        c.history.expire(Instant::now());
+        Some(HistoryPage {
+            channel: channel.to_owned(),
+            epoch: c.epoch.to_string(),
+            offset: c.top,
+            messages: c.history.since(since, limit).map(|e| (e.offset, e.data())).collect(),
+        })
+    }
+
+    /// Forgets channels with no subscribers that have been idle past their namespace's
+    /// `channel_ttl_ms`. Returns how many were removed. Run periodically.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.write();
+            map.retain(|_, ch| {
+                let mut c = ch.lock();
+                let ttl = Duration::from_millis(c.ns.channel_ttl_ms);
+                let idle = c.subscribers.is_empty() && now.duration_since(c.last_active) > ttl;
+                if idle {
+                    c.removed = true;
+                    removed += 1;
+                } else {
+                    c.history.expire(now);
+                }
+                !idle
+            });
+        }
+        self.metrics.channels.fetch_sub(removed as u64, Ordering::Relaxed);
+        HubMetrics::add(&self.metrics.channels_expired, removed as u64);
+        removed
+    }
+}
+
+/// A fresh epoch: 8 random characters from the channel-name alphabet, so it never needs
+/// escaping in JSON and distinguishes this incarnation of a channel from any earlier one.
+fn new_epoch() -> Arc<str> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let s: String = (0..8).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    Arc::from(s)
+}

@@ -1,0 +1,110 @@
+//! Namespaces: the policy shared by every channel whose name starts with `NAMESPACE.`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// What happens when a subscriber's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Keep only the latest queued message per channel (quotes, forming bars).
+    Conflate,
+    /// Drop the oldest queued droppable messages to make room.
+    DropOldest,
+    /// Never drop: close the connection with 4008 so the client reconnects and recovers.
+    Disconnect,
+}
+
+impl OverflowPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OverflowPolicy::Conflate => "conflate",
+            OverflowPolicy::DropOldest => "drop_oldest",
+            OverflowPolicy::Disconnect => "disconnect",
+        }
+    }
+}
+
+/// What a new subscriber receives before live messages when it does not recover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Nothing: live messages only.
+    None,
+    /// The latest value only (a quote channel).
+    Latest,
+    /// The last `snapshot_size` retained messages (for example the last 300 one-minute bars).
+    Last,
+}
+
+/// Settings of one namespace. Every field has a default, so a namespace table in the config
+/// only lists what it changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Retained messages per channel (0 keeps none; recovery then always fails).
+    pub history_size: usize,
+    /// Retained messages older than this are dropped, in milliseconds (0: no age limit).
+    pub history_ttl_ms: u64,
+    /// A channel with no subscribers and no publish for this long is forgotten, with its
+    /// history, so memory stays bounded however many channels come and go (milliseconds).
+    pub channel_ttl_ms: u64,
+    /// Slow-consumer policy for this namespace's messages.
+    pub overflow: OverflowPolicy,
+    /// Whether clients may publish on these channels over `/ws` (the HTTP API always may).
+    pub client_publish: bool,
+    /// What a new subscriber gets first when it does not recover.
+    pub snapshot: SnapshotMode,
+    /// How many retained messages a `last` snapshot sends.
+    pub snapshot_size: usize,
+    /// The most missed messages one recovery replays; a longer gap gets `recovered: false`.
+    pub max_replay: usize,
+    /// Socket.IO: also emit each message's data under this event name (e.g. `price_update`).
+    pub socketio_event: Option<String>,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig {
+            history_size: 100,
+            history_ttl_ms: 300_000,
+            channel_ttl_ms: 600_000,
+            overflow: OverflowPolicy::Disconnect,
+            client_publish: false,
+            snapshot: SnapshotMode::None,
+            snapshot_size: 0,
+            max_replay: 10_000,
+            socketio_event: None,
+        }
+    }
+}
+
+/// All namespaces, with the defaults applied to channels whose namespace is not listed.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    named: BTreeMap<String, Arc<NamespaceConfig>>,
+    fallback: Arc<NamespaceConfig>,
+}
+
+impl Namespaces {
+    pub fn new(named: BTreeMap<String, NamespaceConfig>, fallback: NamespaceConfig) -> Self {
+        Namespaces {
+            named: named.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            fallback: Arc::new(fallback),
+        }
+    }
+
+    /// The policy for `channel`.
+    pub fn for_channel(&self, channel: &str) -> &Arc<NamespaceConfig> {
+        let ns = ferrocast_protocol::namespace_of(channel);
+        self.named.get(ns).unwrap_or(&self.fallback)
+    }
+}
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Namespaces::new(BTreeMap::new(), NamespaceConfig::default())
+    }
+}

@@ -1,0 +1,223 @@
+//! Hub behaviour through its public API: offsets, fan-out, recovery and snapshots.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferrocast_hub::{
+    ConnQueue, Hub, HubOptions, NamespaceConfig, Namespaces, OverflowPolicy, PublishKind,
+    SnapshotMode,
+};
+use ferrocast_protocol::StreamPosition;
+use ferrocast_protocol::server::{ChannelResult, SnapshotSent};
+use proptest::prelude::*;
+
+fn hub_with(ns: &[(&str, NamespaceConfig)]) -> Hub {
+    let named: BTreeMap<String, NamespaceConfig> =
+        ns.iter().map(|(n, c)| (n.to_string(), c.clone())).collect();
+    Hub::new(Namespaces::new(named, NamespaceConfig::default()), HubOptions::default())
+}
+
+fn offsets(q: &ConnQueue) -> Vec<u64> {
+    q.drain()
+        .frames
+        .iter()
+        .map(|f| {
+            let v: serde_json::Value = serde_json::from_slice(&f.bytes).unwrap();
+            v["offset"].as_u64().unwrap()
+        })
+        .collect()
+}
+
+fn subscribed(r: &ChannelResult) -> (String, u64, Option<bool>) {
+    match r {
+        ChannelResult::Subscribed { epoch, offset, recovered, .. } => {
+            (epoch.clone(), *offset, *recovered)
+        }
+        other => panic!("not subscribed: {other:?}"),
+    }
+}
+
+#[test]
+fn fan_out_reaches_every_subscriber_once() {
+    let hub = hub_with(&[]);
+    let queues: Vec<_> = (1..=3).map(|i| Arc::new(ConnQueue::new(i, 1 << 20))).collect();
+    for q in &queues {
+        hub.subscribe("news.a", q, None);
+    }
+    for i in 0..5 {
+        hub.publish("news.a", format!("{i}").as_bytes(), PublishKind::Retained).unwrap();
+    }
+    hub.publish("news.b", b"1", PublishKind::Retained).unwrap();
+    for q in &queues {
+        assert_eq!(offsets(q), vec![1, 2, 3, 4, 5]);
+    }
+    assert_eq!(hub.metrics().messages_in.load(std::sync::atomic::Ordering::Relaxed), 6);
+}
+
+#[test]
+fn recovery_replays_exactly_the_gap() {
+    let hub = hub_with(&[]);
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    let r = hub.subscribe("t.x", &q, None);
+    let (epoch, _, _) = subscribed(&r.result);
+    for _ in 0..3 {
+        hub.publish("t.x", b"{}", PublishKind::Retained).unwrap();
+    }
+    assert_eq!(offsets(&q), vec![1, 2, 3]);
+    assert!(hub.unsubscribe("t.x", 1));
+    for _ in 0..4 {
+        hub.publish("t.x", b"{}", PublishKind::Retained).unwrap();
+    }
+    let r = hub.subscribe("t.x", &q, Some(&StreamPosition { epoch: epoch.clone(), offset: 3 }));
+    assert_eq!(subscribed(&r.result), (epoch.clone(), 7, Some(true)));
+    hub.publish("t.x", b"{}", PublishKind::Retained).unwrap();
+    assert_eq!(offsets(&q), vec![4, 5, 6, 7, 8]);
+
+    // A wrong epoch cannot recover.
+    hub.unsubscribe("t.x", 1);
+    let r = hub.subscribe("t.x", &q, Some(&StreamPosition { epoch: "other".into(), offset: 3 }));
+    assert_eq!(subscribed(&r.result).2, Some(false));
+    assert!(offsets(&q).is_empty(), "no snapshot configured, so nothing is sent");
+}
+
+#[test]
+fn recovery_fails_when_history_no_longer_covers_the_gap() {
+    let ns = NamespaceConfig {
+        history_size: 3,
+        snapshot: SnapshotMode::Last,
+        snapshot_size: 2,
+        ..Default::default()
+    };
+    let hub = hub_with(&[("c", ns)]);
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    for _ in 0..10 {
+        hub.publish("c.x", b"0", PublishKind::Retained).unwrap();
+    }
+    let epoch = hub.channels()[0].epoch.clone();
+    let r = hub.subscribe("c.x", &q, Some(&StreamPosition { epoch, offset: 5 }));
+    match r.result {
+        ChannelResult::Subscribed { recovered, snapshot, .. } => {
+            assert_eq!(recovered, Some(false));
+            assert_eq!(snapshot, Some(SnapshotSent::Last { count: 2 }));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(offsets(&q), vec![9, 10]);
+}
+
+#[test]
+fn latest_snapshot_prefers_the_forming_value() {
+    let ns = NamespaceConfig { snapshot: SnapshotMode::Latest, ..Default::default() };
+    let hub = hub_with(&[("q", ns)]);
+    hub.publish("q.a", b"1", PublishKind::Retained).unwrap();
+    hub.publish("q.a", b"2", PublishKind::Retained).unwrap();
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    hub.subscribe("q.a", &q, None);
+    assert_eq!(offsets(&q), vec![2]);
+    hub.publish("q.a", b"3", PublishKind::Ephemeral).unwrap();
+    let q2 = Arc::new(ConnQueue::new(2, 1 << 20));
+    hub.subscribe("q.a", &q2, None);
+    let frames = q2.drain().frames;
+    assert_eq!(frames.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&frames[0].bytes).unwrap();
+    assert_eq!(
+        (v["offset"].as_u64(), v["ephemeral"].as_bool(), v["data"].as_u64()),
+        (Some(2), Some(true), Some(3))
+    );
+}
+
+#[test]
+fn slow_consumer_on_a_no_drop_namespace_is_marked_for_4008() {
+    let ns = NamespaceConfig { overflow: OverflowPolicy::Disconnect, ..Default::default() };
+    let hub = hub_with(&[("ticks", ns)]);
+    let q = Arc::new(ConnQueue::new(1, 200));
+    hub.subscribe("ticks.A", &q, None);
+    for _ in 0..10 {
+        hub.publish(
+            "ticks.A",
+            b"\"0123456789012345678901234567890123456789\"",
+            PublishKind::Retained,
+        )
+        .unwrap();
+    }
+    let d = q.drain();
+    assert!(d.overflowed);
+    assert!(
+        hub.metrics().slow_consumer_disconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    );
+}
+
+#[test]
+fn replay_and_live_meet_without_gap_or_duplicate_under_concurrent_publishing() {
+    let ns = NamespaceConfig { history_size: 100_000, max_replay: 100_000, ..Default::default() };
+    let hub = Arc::new(hub_with(&[("r", ns)]));
+    let publisher = {
+        let hub = hub.clone();
+        std::thread::spawn(move || {
+            for _ in 0..20_000 {
+                hub.publish("r.x", b"0", PublishKind::Retained).unwrap();
+            }
+        })
+    };
+    // A client that reconnects over and over while publishing goes on: each connection has
+    // a fresh queue (what was queued on the old one is lost with it) and recovers from the
+    // last offset it actually received.
+    let mut conn_id = 1;
+    let mut q = Arc::new(ConnQueue::new(conn_id, usize::MAX));
+    let first = hub.subscribe("r.x", &q, None);
+    let (epoch, mut last, _) = subscribed(&first.result);
+    let mut rounds = 0;
+    let check = |q: &ConnQueue, last: &mut u64| {
+        for o in offsets(q) {
+            assert_eq!(o, *last + 1, "gap or duplicate at {o} after {last}");
+            *last = o;
+        }
+    };
+    while !publisher.is_finished() || rounds < 3 {
+        check(&q, &mut last);
+        hub.unsubscribe("r.x", conn_id);
+        conn_id += 1;
+        q = Arc::new(ConnQueue::new(conn_id, usize::MAX));
+        let r =
+            hub.subscribe("r.x", &q, Some(&StreamPosition { epoch: epoch.clone(), offset: last }));
+        assert_eq!(subscribed(&r.result).2, Some(true));
+        rounds += 1;
+    }
+    publisher.join().unwrap();
+    check(&q, &mut last);
+    assert!(rounds > 3);
+    assert_eq!(last, 20_000);
+}
+
+#[test]
+fn idle_channels_expire_and_come_back_with_a_new_epoch() {
+    let ns = NamespaceConfig { channel_ttl_ms: 0, ..Default::default() };
+    let hub = hub_with(&[("e", ns)]);
+    hub.publish("e.x", b"1", PublishKind::Retained).unwrap();
+    let before = hub.channels()[0].epoch.clone();
+    std::thread::sleep(std::time::Duration::from_millis(2));
+    assert_eq!(hub.sweep(Instant::now()), 1);
+    assert!(hub.channels().is_empty());
+    let p = hub.publish("e.x", b"1", PublishKind::Retained).unwrap();
+    assert_eq!(p.offset, 1);
+    assert_ne!(&*p.epoch, before.as_str());
+}
+
+proptest! {
+    /// Offsets grow by one per channel, independently across channels, whatever the mix.
+    #[test]
+    fn offsets_grow_by_one_per_channel(ops in proptest::collection::vec((0usize..4, proptest::bool::ANY), 1..300)) {
+        let hub = hub_with(&[]);
+        let mut expected = [0u64; 4];
+        for (ch, ephemeral) in ops {
+            let name = format!("p.c{ch}");
+            let kind = if ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
+            let p = hub.publish(&name, b"0", kind).unwrap();
+            if !ephemeral {
+                expected[ch] += 1;
+            }
+            prop_assert_eq!(p.offset, expected[ch]);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Parsing of client frames sent over `/ws` (and the SSE control endpoint).
+//!
+//! A frame is one JSON object with an `op`. Unknown fields are ignored; an unknown `op`, a
+//! missing field or a field of the wrong type gives a [`FrameError`] carrying the request id
+//! when it could be read, so the server can answer with an `error` frame and keep the
+//! connection open.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::{ErrorCode, FrameError};
+
+/// Where a client stands in a channel's stream: the epoch and the last offset it received.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct StreamPosition {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// A parsed client frame. Borrowed from the input where possible.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Subscribe {
+        id: Option<u64>,
+        channels: Vec<Cow<'a, str>>,
+        /// Recovery positions by channel, for channels the client had before a reconnect.
+        recover: BTreeMap<String, StreamPosition>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        channels: Vec<Cow<'a, str>>,
+    },
+    Publish {
+        id: Option<u64>,
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+    Pong,
+}
+
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    channels: Option<Vec<Cow<'a, str>>>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    recover: Option<BTreeMap<String, StreamPosition>>,
+}
+
+/// Parses one client frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
+    let raw: RawFrame<'_> = serde_json::from_str(text).map_err(|e| {
+        FrameError::new(
+            sniff_id(text),
+            ErrorCode::BadRequest,
+            format!("frame is not a valid JSON object: {e}"),
+        )
+    })?;
+    let id = match raw.id {
+        None => None,
+        Some(v) if v.get() == "null" => None,
+        Some(v) => Some(v.get().parse::<u64>().map_err(|_| {
+            FrameError::new(
+                None,
+                ErrorCode::BadRequest,
+                format!("\"id\" must be a non-negative integer, got {}", v.get()),
+            )
+        })?),
+    };
+    let Some(op) = raw.op else {
+        return Err(FrameError::new(id, ErrorCode::BadRequest, "frame has no \"op\" field"));
+    };
+    let missing = |field: &str| {
+        FrameError::new(id, ErrorCode::BadRequest, format!("\"{op}\" needs a \"{field}\" field"))
+    };
+    match op.as_ref() {
+        "subscribe" => Ok(ClientFrame::Subscribe {
+            id,
+            channels: raw.channels.ok_or_else(|| missing("channels"))?,
+            recover: raw.recover.unwrap_or_default(),
+        }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            id,
+            channels: raw.channels.ok_or_else(|| missing("channels"))?,
+        }),
+        "publish" => Ok(ClientFrame::Publish {
+            id,
+            channel: raw.channel.ok_or_else(|| missing("channel"))?,
+            data: raw.data.ok_or_else(|| missing("data"))?,
+        }),
+        "ping" => Ok(ClientFrame::Ping { id }),
+        "pong" => Ok(ClientFrame::Pong),
+        other => Err(FrameError::new(
+            id,
+            ErrorCode::UnknownOp,
+            format!("unknown op {other:?}; expected subscribe, unsubscribe, publish, ping or pong"),
+        )),
+    }
+}
+
+/// Best effort at the request id of a frame that failed to parse, so the error can name it.
+fn sniff_id(text: &str) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+    serde_json::from_str::<IdOnly>(text).ok().map(|f| f.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_subscribe_with_recovery() {
+        let f = parse_client_frame(
+            r#"{"op":"subscribe","id":1,"channels":["ticks.AAPL"],"recover":{"ticks.AAPL":{"epoch":"e","offset":41}},"extra":true}"#,
+        )
+        .unwrap();
+        let ClientFrame::Subscribe { id, channels, recover } = f else { panic!("{f:?}") };
+        assert_eq!(id, Some(1));
+        assert_eq!(channels, vec!["ticks.AAPL"]);
+        assert_eq!(recover["ticks.AAPL"], StreamPosition { epoch: "e".into(), offset: 41 });
+    }
+
+    #[test]
+    fn publish_keeps_raw_data() {
+        let f = parse_client_frame(
+            r#"{"op":"publish","id":3,"channel":"chat.lobby","data":{"a":[1,2]}}"#,
+        )
+        .unwrap();
+        let ClientFrame::Publish { data, channel, .. } = f else { panic!() };
+        assert_eq!(channel, "chat.lobby");
+        assert_eq!(data.get(), r#"{"a":[1,2]}"#);
+    }
+
+    #[test]
+    fn errors_keep_the_id() {
+        let e = parse_client_frame(r#"{"op":"dance","id":7}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(7), ErrorCode::UnknownOp));
+        let e = parse_client_frame(r#"{"op":"subscribe","id":8}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(8), ErrorCode::BadRequest));
+        let e = parse_client_frame(r#"{"op":"subscribe","id":9,"channels":"x"}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(9), ErrorCode::BadRequest));
+    }
+
+    #[test]
+    fn malformed_json_is_bad_request() {
+        for bad in ["", "{", "[]", "42", "{\"op\":1}", "\u{0}"] {
+            let e = parse_client_frame(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");
+        }
+        let e = parse_client_frame(r#"{"op":"ping","id":-1}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn escaped_channel_names_are_decoded() {
+        let f = parse_client_frame(r#"{"op":"unsubscribe","channels":["a\u002eb"]}"#).unwrap();
+        let ClientFrame::Unsubscribe { id, channels } = f else { panic!("{f:?}") };
+        assert_eq!((id, channels), (None, vec![Cow::from("a.b")]));
+    }
+}
