@@ -25,7 +25,7 @@ fn broadcast(c: &mut Criterion) {
                     hub.publish("bench.0", data, PublishKind::Retained).unwrap();
                     n += 1;
                     // Writers drain in the real server; keep queues short so memory stays flat.
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         for q in &queues {
                             drop(q.drain());
                         }

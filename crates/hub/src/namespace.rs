@@ -61,8 +61,9 @@ pub struct NamespaceConfig {
     pub snapshot_size: usize,
     /// The most missed messages one recovery replays; a longer gap gets `recovered: false`.
     pub max_replay: usize,
-    /// Socket.IO: also emit each message's data under this event name (e.g. `price_update`).
-    pub socketio_event: Option<String>,
+    /// Socket.IO: also emit each message's data under this event name (e.g. `price_update`);
+    /// empty for none.
+    pub socketio_event: String,
 }
 
 impl Default for NamespaceConfig {
@@ -76,7 +77,7 @@ impl Default for NamespaceConfig {
             snapshot: SnapshotMode::None,
             snapshot_size: 0,
             max_replay: 10_000,
-            socketio_event: None,
+            socketio_event: String::new(),
         }
     }
 }

@@ -1,0 +1,281 @@
+//! The HTTP API: publishing, channel listing and history, stats, feeds, health and metrics,
+//! and clear answers for clients that knock on the wrong endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, Response, StatusCode, header};
+use ferrocast_hub::PublishKind;
+use ferrocast_protocol::validate_channel;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::AppState;
+use crate::metrics::Transport;
+use crate::ws::json_response;
+
+#[derive(Deserialize)]
+struct PublishItem<'a> {
+    #[serde(borrow)]
+    channel: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    /// Transient update: not kept in history, conflatable (e.g. a forming bar).
+    #[serde(default)]
+    ephemeral: bool,
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<PublishItem<'a>>>,
+    #[serde(borrow, default)]
+    channel: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    ephemeral: bool,
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    json_response(status, json!({ "error": code, "message": message.into() }))
+}
+
+/// `POST /api/publish`: one message or a batch. Every channel is checked before any is
+/// published, so a bad batch publishes nothing.
+pub async fn publish(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
+    app.metrics.http_publish_requests.fetch_add(1, Relaxed);
+    let refuse = |status, code, message: String| {
+        app.metrics.http_publish_rejected.fetch_add(1, Relaxed);
+        tracing::info!(%peer, code, "publish refused: {message}");
+        error(status, code, message)
+    };
+    match &app.api_key {
+        Some(key) => {
+            let given = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "));
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing or wrong API key: send \"Authorization: Bearer <api key>\"".into(),
+                );
+            }
+        }
+        None if !peer.ip().is_loopback() => {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "no API key is configured, so only loopback clients may publish (set api.key)"
+                    .into(),
+            );
+        }
+        None => {}
+    }
+    if body.len() > app.config.api.max_body_bytes {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "body of {} bytes exceeds api.max_body_bytes ({})",
+                body.len(),
+                app.config.api.max_body_bytes
+            ),
+        );
+    }
+    let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("body is not valid JSON: {e}"),
+            );
+        }
+    };
+    let items: Vec<PublishItem<'_>> = match (parsed.messages, parsed.channel, parsed.data) {
+        (Some(messages), None, None) => messages,
+        (None, Some(channel), Some(data)) => {
+            vec![PublishItem { channel, data, ephemeral: parsed.ephemeral }]
+        }
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "expected {\"channel\":C,\"data\":D} or {\"messages\":[{\"channel\":C,\"data\":D},...]}".into(),
+            );
+        }
+    };
+    for (i, item) in items.iter().enumerate() {
+        if let Err(e) = validate_channel(&item.channel) {
+            return refuse(StatusCode::BAD_REQUEST, "invalid_channel", format!("message {i}: {e}"));
+        }
+    }
+    let mut results = Vec::with_capacity(items.len());
+    for item in &items {
+        let kind = if item.ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
+        match app.hub.publish(&item.channel, item.data.get().as_bytes(), kind) {
+            Ok(p) => results
+                .push(json!({"channel": item.channel, "offset": p.offset, "epoch": &*p.epoch})),
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
+        }
+    }
+    json_response(StatusCode::OK, json!({ "results": results }))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /api/channels`.
+pub async fn channels(State(app): State<Arc<AppState>>) -> Response<Body> {
+    json_response(StatusCode::OK, json!({ "channels": app.hub.channels() }))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// Most messages one history request returns.
+const HISTORY_LIMIT_MAX: usize = 10_000;
+
+/// `GET /api/channels/{channel}/history?since=OFFSET&limit=N`.
+pub async fn history(
+    State(app): State<Arc<AppState>>,
+    Path(channel): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Response<Body> {
+    if let Err(e) = validate_channel(&channel) {
+        return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
+    }
+    let limit = q.limit.unwrap_or(100).min(HISTORY_LIMIT_MAX);
+    let Some(page) = app.hub.history(&channel, q.since, limit) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+            format!("no channel {channel:?} is held"),
+        );
+    };
+    // Build the body by hand so each message's data is copied verbatim, not re-parsed.
+    let mut body = format!(
+        "{{\"channel\":{},\"epoch\":\"{}\",\"offset\":{},\"messages\":[",
+        serde_json::Value::String(page.channel),
+        page.epoch,
+        page.offset
+    );
+    for (i, (offset, data)) in page.messages.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!("{{\"offset\":{offset},\"data\":"));
+        body.push_str(std::str::from_utf8(data).unwrap_or("null"));
+        body.push('}');
+    }
+    body.push_str("]}");
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .expect("static response")
+}
+
+/// `GET /api/stats`: a JSON summary for dashboards.
+pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
+    let m = &app.metrics;
+    let hub = app.hub.metrics();
+    json_response(
+        StatusCode::OK,
+        json!({
+            "connections": {
+                "ws": m.open_connections(Transport::Ws),
+                "sse": m.open_connections(Transport::Sse),
+                "socketio": m.open_connections(Transport::SocketIo),
+            },
+            "subscriptions": hub.subscriptions.load(Relaxed),
+            "channels": hub.channels.load(Relaxed),
+            "messages_in": hub.messages_in.load(Relaxed),
+            "messages_out": m.messages_out_total(),
+            "bytes_out": m.bytes_out_total(),
+            "uptime_s": app.started.elapsed().as_secs(),
+        }),
+    )
+}
+
+/// `GET /api/feeds`.
+pub async fn feeds(State(app): State<Arc<AppState>>) -> Response<Body> {
+    json_response(StatusCode::OK, json!({ "feeds": app.feeds.snapshot() }))
+}
+
+/// `GET /healthz`: 200 while the process serves.
+pub async fn healthz() -> Response<Body> {
+    json_response(StatusCode::OK, json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: 503 with a reason while draining or while a required feed is down.
+pub async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
+    if app.shutdown.is_draining() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "ready": false, "reason": "draining for shutdown" }),
+        );
+    }
+    if let Some(reason) = app.feeds.not_ready_reason() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "ready": false, "reason": reason }),
+        );
+    }
+    json_response(StatusCode::OK, json!({ "ready": true }))
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
+    let text = app.metrics.render(app.hub.metrics(), &app.feeds.render_metrics());
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
+        .body(Body::from(text))
+        .expect("static response")
+}
+
+/// Answers `/socket.io/` while Socket.IO is off: a 404 that says so and points to `/ws`,
+/// with a warning logged at most once a minute however hard a client retries.
+pub async fn socketio_disabled(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response<Body> {
+    app.metrics.wrong_endpoint("/socket.io/");
+    static LAST_WARNING: Mutex<Option<Instant>> = Mutex::new(None);
+    {
+        let mut last = LAST_WARNING.lock();
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                %peer,
+                "a Socket.IO client is requesting /socket.io/ but Socket.IO is turned off; it is being \
+                 answered 404 with a pointer to /ws (this warning repeats at most once a minute; \
+                 see ferrocast_wrong_endpoint_total)"
+            );
+        }
+    }
+    error(
+        StatusCode::NOT_FOUND,
+        "socketio_disabled",
+        "This ferrocast server has Socket.IO turned off. Connect a native WebSocket to /ws \
+         (or Server-Sent Events to /sse), or enable Socket.IO in the server config.",
+    )
+}

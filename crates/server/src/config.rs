@@ -1,0 +1,654 @@
+//! Configuration: the TOML file, `FERROCAST_*` environment overrides and `--set` flags,
+//! merged in that order over the built-in defaults, then validated before any port is bound.
+//!
+//! Every key of the file can be overridden. The environment variable for a key is its path in
+//! upper case with `.` replaced by `_`: `server.listen` is `FERROCAST_SERVER_LISTEN`,
+//! `namespaces.ticks.history_size` is `FERROCAST_NAMESPACES_TICKS_HISTORY_SIZE`. The flag is
+//! `--set server.listen=0.0.0.0:8080`. Values are TOML literals (`true`, `42`, `["/ws"]`);
+//! anything that does not parse as one is taken as a string, and a list key also accepts a
+//! comma-separated string.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ferrocast_hub::{NamespaceConfig, OverflowPolicy, SnapshotMode};
+use serde::{Deserialize, Serialize};
+use toml::Value;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub api: ApiConfig,
+    pub log: LogConfig,
+    pub simulator: SimulatorConfig,
+    /// Settings for channels whose namespace has no table of its own.
+    pub namespace_defaults: NamespaceConfig,
+    /// Per-namespace settings, keyed by namespace (the part of a channel before the first `.`).
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+/// Listening, connection and transport settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on (HTTP, WebSocket, SSE and Socket.IO share it).
+    pub listen: String,
+    /// Paths of the native WebSocket endpoint. The first is canonical; the others are aliases
+    /// so existing apps keep their URLs (for example `/ws/price`, `/api/socket`).
+    pub ws_paths: Vec<String>,
+    /// Origins allowed to open WebSocket connections (`https://app.example.com`); empty or
+    /// `["*"]` allows any. A request from another origin is closed with 1008.
+    pub allowed_origins: Vec<String>,
+    /// Most concurrent client connections; beyond it new ones are closed with 1013.
+    pub max_connections: usize,
+    /// Largest client frame accepted, in bytes; a larger one closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Most channels in one subscribe or unsubscribe request.
+    pub max_channels_per_request: usize,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Interval between server heartbeats (`{"type":"ping"}`), in milliseconds. Keep it well
+    /// below your proxy's idle timeout (nginx `proxy_read_timeout` defaults to 60 s).
+    pub ping_interval_ms: u64,
+    /// How long a client may take to answer a ping before it is closed with 4009.
+    pub pong_timeout_ms: u64,
+    /// Outbound queue budget per connection, in bytes; overflow applies the namespace policy.
+    pub queue_max_bytes: usize,
+    /// Send several queued messages as one JSON array frame instead of one frame each.
+    pub batch: bool,
+    /// How long a graceful shutdown waits for connections to close, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Base delay of the reconnect hint sent with 1001; each client gets a random delay
+    /// between this and twice this, so a fleet does not come back in one wave.
+    pub reconnect_after_ms: u64,
+    /// Serve the live dashboard at `/` and the browser client at `/client.js`.
+    pub dashboard: bool,
+}
+
+/// The HTTP publish API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer key for `POST /api/publish`. Empty: only loopback clients may publish.
+    pub key: String,
+    /// Name of an environment variable holding the key (used when `key` is empty).
+    pub key_env: String,
+    /// Largest publish request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a full `tracing` filter directive.
+    pub level: String,
+    /// `text` for people, `json` for log pipelines.
+    pub format: String,
+}
+
+/// The built-in market simulator (the demo feed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    pub enabled: bool,
+    /// Events (trades and quotes) per second across all symbols.
+    pub rate: f64,
+    /// Symbols to simulate; empty uses the built-in list of about 20 well-known names.
+    pub symbols: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            ws_paths: vec!["/ws".into()],
+            allowed_origins: Vec::new(),
+            max_connections: 100_000,
+            max_frame_bytes: 64 * 1024,
+            max_channels_per_request: 100,
+            max_subscriptions: 1_000,
+            ping_interval_ms: 25_000,
+            pong_timeout_ms: 10_000,
+            queue_max_bytes: 1024 * 1024,
+            batch: false,
+            shutdown_grace_ms: 10_000,
+            reconnect_after_ms: 1_000,
+            dashboard: true,
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { key: String::new(), key_env: String::new(), max_body_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), format: "text".into() }
+    }
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig { enabled: true, rate: 50.0, symbols: Vec::new() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert(
+            "ticks".into(),
+            NamespaceConfig {
+                history_size: 1_000,
+                overflow: OverflowPolicy::Disconnect,
+                ..Default::default()
+            },
+        );
+        namespaces.insert(
+            "quotes".into(),
+            NamespaceConfig {
+                history_size: 100,
+                overflow: OverflowPolicy::Conflate,
+                snapshot: SnapshotMode::Latest,
+                ..Default::default()
+            },
+        );
+        namespaces.insert(
+            "candles".into(),
+            NamespaceConfig {
+                history_size: 500,
+                history_ttl_ms: 0,
+                overflow: OverflowPolicy::Disconnect,
+                snapshot: SnapshotMode::Last,
+                snapshot_size: 300,
+                ..Default::default()
+            },
+        );
+        namespaces
+            .insert("chat".into(), NamespaceConfig { client_publish: true, ..Default::default() });
+        Config {
+            server: ServerConfig::default(),
+            api: ApiConfig::default(),
+            log: LogConfig::default(),
+            simulator: SimulatorConfig::default(),
+            namespace_defaults: NamespaceConfig::default(),
+            namespaces,
+        }
+    }
+}
+
+/// A configuration problem, naming the key and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), reason: reason.into() }
+    }
+}
+
+/// Where configuration comes from, besides the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Sources<'a> {
+    /// Text of the TOML file and its path (for messages).
+    pub file: Option<(&'a Path, String)>,
+    /// Environment variables (usually `std::env::vars()`).
+    pub env: Vec<(String, String)>,
+    /// `KEY=VALUE` overrides from `--set` and the shorthand flags, applied last.
+    pub sets: Vec<String>,
+}
+
+impl Config {
+    /// Merges defaults, file, environment and flags, then validates. Returns every problem
+    /// found, each naming its key.
+    pub fn load(sources: &Sources<'_>) -> Result<Config, Vec<ConfigError>> {
+        let mut merged = Value::try_from(Config::default()).expect("defaults serialize");
+        if let Some((path, text)) = &sources.file {
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                vec![ConfigError::new(path.display().to_string(), format!("not valid TOML: {e}"))]
+            })?;
+            merge(&mut merged, Value::Table(file));
+        }
+        fill_namespaces(&mut merged);
+        let mut errors = Vec::new();
+        apply_env(&mut merged, &sources.env, &mut errors);
+        for set in &sources.sets {
+            match set.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    let key = key.trim();
+                    let current = lookup(&merged, key).cloned();
+                    if let Err(reason) =
+                        set_path(&mut merged, key, parse_value(value, current.as_ref()))
+                    {
+                        errors.push(ConfigError::new(key, reason));
+                    }
+                }
+                _ => errors.push(ConfigError::new(set.clone(), "expected KEY=VALUE")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        fill_namespaces(&mut merged);
+        let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+            let key = e.path().to_string();
+            vec![ConfigError::new(
+                if key == "." { "config".into() } else { key },
+                e.into_inner().to_string(),
+            )]
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The socket address to listen on (valid after [`Config::load`]).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated")
+    }
+
+    /// The API key, from `api.key` or the variable named by `api.key_env`.
+    pub fn api_key(&self, env: &[(String, String)]) -> Option<String> {
+        if !self.api.key.is_empty() {
+            return Some(self.api.key.clone());
+        }
+        if self.api.key_env.is_empty() {
+            return None;
+        }
+        env.iter()
+            .find(|(k, _)| *k == self.api.key_env)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Checks every rule and reports all violations.
+    pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, key: &str, reason: String| {
+            if !ok {
+                errors.push(ConfigError::new(key, reason));
+            }
+        };
+        let s = &self.server;
+        check(
+            s.listen.parse::<SocketAddr>().is_ok(),
+            "server.listen",
+            format!(
+                "{:?} is not a socket address; expected HOST:PORT such as 127.0.0.1:8080",
+                s.listen
+            ),
+        );
+        check(!s.ws_paths.is_empty(), "server.ws_paths", "at least one path is needed".into());
+        for (i, path) in s.ws_paths.iter().enumerate() {
+            let key = format!("server.ws_paths[{i}]");
+            check(
+                path.starts_with('/') && path.len() > 1,
+                &key,
+                format!("{path:?} must start with / and name a path"),
+            );
+            check(
+                !collides_with_builtin(path),
+                &key,
+                format!(
+                    "{path:?} collides with a built-in endpoint ({})",
+                    BUILTIN_PATHS.join(", ")
+                ),
+            );
+            check(
+                s.ws_paths.iter().filter(|p| *p == path).count() == 1,
+                &key,
+                format!("{path:?} is listed twice"),
+            );
+        }
+        for (i, origin) in s.allowed_origins.iter().enumerate() {
+            check(
+                origin == "*" || origin.starts_with("http://") || origin.starts_with("https://"),
+                &format!("server.allowed_origins[{i}]"),
+                format!("{origin:?} must be \"*\" or an origin such as https://app.example.com"),
+            );
+        }
+        check(s.max_connections >= 1, "server.max_connections", "must be at least 1".into());
+        check(
+            (128..=16 * 1024 * 1024).contains(&s.max_frame_bytes),
+            "server.max_frame_bytes",
+            format!("{} is outside 128..=16777216", s.max_frame_bytes),
+        );
+        check(
+            s.max_channels_per_request >= 1,
+            "server.max_channels_per_request",
+            "must be at least 1".into(),
+        );
+        check(s.max_subscriptions >= 1, "server.max_subscriptions", "must be at least 1".into());
+        check(
+            (100..=3_600_000).contains(&s.ping_interval_ms),
+            "server.ping_interval_ms",
+            format!("{} is outside 100..=3600000", s.ping_interval_ms),
+        );
+        check(
+            (100..=600_000).contains(&s.pong_timeout_ms),
+            "server.pong_timeout_ms",
+            format!("{} is outside 100..=600000", s.pong_timeout_ms),
+        );
+        check(
+            s.queue_max_bytes >= 1024,
+            "server.queue_max_bytes",
+            format!("{} is too small; use at least 1024", s.queue_max_bytes),
+        );
+        check(
+            (1024..=256 * 1024 * 1024).contains(&self.api.max_body_bytes),
+            "api.max_body_bytes",
+            format!("{} is outside 1024..=268435456", self.api.max_body_bytes),
+        );
+        check(
+            s.shutdown_grace_ms <= 600_000,
+            "server.shutdown_grace_ms",
+            "must be at most 600000".into(),
+        );
+        check(
+            (1..=600_000).contains(&s.reconnect_after_ms),
+            "server.reconnect_after_ms",
+            format!("{} is outside 1..=600000", s.reconnect_after_ms),
+        );
+        check(
+            ["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str())
+                || self.log.level.contains('='),
+            "log.level",
+            format!(
+                "{:?} is not a level (error, warn, info, debug, trace) or a filter directive",
+                self.log.level
+            ),
+        );
+        check(
+            ["text", "json"].contains(&self.log.format.as_str()),
+            "log.format",
+            format!("{:?} must be \"text\" or \"json\"", self.log.format),
+        );
+        let sim = &self.simulator;
+        check(
+            sim.rate > 0.0 && sim.rate <= 1_000_000.0,
+            "simulator.rate",
+            format!("{} must be above 0 and at most 1000000 events per second", sim.rate),
+        );
+        for (i, sym) in sim.symbols.iter().enumerate() {
+            check(
+                ferrocast_protocol::validate_channel(&format!("ticks.{sym}")).is_ok()
+                    && !sym.contains('.'),
+                &format!("simulator.symbols[{i}]"),
+                format!("{sym:?} cannot be used in a channel name"),
+            );
+        }
+        check_namespace("namespace_defaults", &self.namespace_defaults, &mut errors);
+        for (name, ns) in &self.namespaces {
+            let key = format!("namespaces.{name}");
+            if name.is_empty()
+                || name.contains('.')
+                || ferrocast_protocol::validate_channel(name).is_err()
+            {
+                errors.push(ConfigError::new(
+                    &key,
+                    "a namespace name uses A-Z a-z 0-9 _ : @ - and no dot",
+                ));
+            }
+            check_namespace(&key, ns, &mut errors);
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+/// Paths served by ferrocast itself (each also as a prefix), which a WebSocket alias may not
+/// take. Other paths under `/api/` are free, so `/api/socket` can be an alias.
+const BUILTIN_PATHS: &[&str] = &[
+    "/",
+    "/sse",
+    "/socket.io",
+    "/api/publish",
+    "/api/channels",
+    "/api/stats",
+    "/api/feeds",
+    "/api/diagnostics",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/client.js",
+    "/app.js",
+    "/app.css",
+];
+
+fn collides_with_builtin(path: &str) -> bool {
+    BUILTIN_PATHS.iter().any(|b| path == *b || (*b != "/" && path.starts_with(&format!("{b}/"))))
+}
+
+fn check_namespace(key: &str, ns: &NamespaceConfig, errors: &mut Vec<ConfigError>) {
+    if ns.history_size > 1_000_000 {
+        errors.push(ConfigError::new(format!("{key}.history_size"), "must be at most 1000000"));
+    }
+    if ns.snapshot == SnapshotMode::Last
+        && !(1..=ns.history_size.max(1)).contains(&ns.snapshot_size)
+    {
+        errors.push(ConfigError::new(
+            format!("{key}.snapshot_size"),
+            format!(
+                "snapshot = \"last\" needs snapshot_size between 1 and history_size ({}), got {}",
+                ns.history_size, ns.snapshot_size
+            ),
+        ));
+    }
+    if ns.max_replay > 1_000_000 {
+        errors.push(ConfigError::new(format!("{key}.max_replay"), "must be at most 1000000"));
+    }
+    let event = &ns.socketio_event;
+    if !event.is_empty()
+        && (event.len() > 64
+            || ["connect", "disconnect", "message", "subscribe", "unsubscribe", "publish"]
+                .contains(&event.as_str()))
+    {
+        errors.push(ConfigError::new(
+            format!("{key}.socketio_event"),
+            format!("{event:?} is reserved or longer than 64 characters"),
+        ));
+    }
+}
+
+/// Deep-merges `overlay` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Table(base), Value::Table(overlay)) => {
+            for (k, v) in overlay {
+                match base.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        base.insert(k, v);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// Gives every namespace table the keys it does not set from `[namespace_defaults]`, so a
+/// new namespace inherits the defaults and every key of it has an environment variable.
+fn fill_namespaces(merged: &mut Value) {
+    let Some(defaults) = merged.get("namespace_defaults").cloned() else { return };
+    if let Some(Value::Table(namespaces)) = merged.get_mut("namespaces") {
+        for (_, ns) in namespaces.iter_mut() {
+            let mut full = defaults.clone();
+            merge(&mut full, ns.clone());
+            *ns = full;
+        }
+    }
+}
+
+/// Every leaf key path of a table (`server.listen`, `namespaces.ticks.overflow`, …).
+fn leaf_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Value::Table(t) = value {
+        for (k, v) in t {
+            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            if v.is_table() {
+                leaf_paths(v, &path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+}
+
+/// The environment variable that overrides `path`.
+pub fn env_name(path: &str) -> String {
+    format!("FERROCAST_{}", path.replace(['.', '-'], "_").to_ascii_uppercase())
+}
+
+fn apply_env(merged: &mut Value, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
+    let mut paths = Vec::new();
+    leaf_paths(merged, "", &mut paths);
+    for path in paths {
+        let name = env_name(&path);
+        if let Some((_, raw)) = env.iter().find(|(k, _)| *k == name) {
+            let current = lookup(merged, &path).cloned();
+            if let Err(reason) = set_path(merged, &path, parse_value(raw, current.as_ref())) {
+                errors.push(ConfigError::new(format!("{path} (from {name})"), reason));
+            }
+        }
+    }
+}
+
+fn lookup<'v>(value: &'v Value, path: &str) -> Option<&'v Value> {
+    path.split('.').try_fold(value, |v, part| v.as_table()?.get(part))
+}
+
+/// Parses an override: a TOML literal when it is one, otherwise a string; a comma-separated
+/// string for a key that currently holds a list.
+fn parse_value(raw: &str, current: Option<&Value>) -> Value {
+    let parsed = format!("v = {raw}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v"));
+    match (parsed, current) {
+        (Some(v @ Value::Array(_)), _) => v,
+        (_, Some(Value::Array(_))) => Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.into()))
+                .collect(),
+        ),
+        (Some(v), Some(Value::String(_))) if !v.is_str() => Value::String(raw.to_owned()),
+        (Some(v), _) => v,
+        (None, _) => Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(root: &mut Value, path: &str, value: Value) -> Result<(), String> {
+    let mut parts = path.split('.').peekable();
+    let mut node = root;
+    while let Some(part) = parts.next() {
+        let table = node.as_table_mut().ok_or_else(|| format!("{path} does not name a table"))?;
+        if parts.peek().is_none() {
+            table.insert(part.to_owned(), value);
+            return Ok(());
+        }
+        node = table.entry(part.to_owned()).or_insert_with(|| Value::Table(toml::Table::new()));
+    }
+    Err("empty key".into())
+}
+
+/// The commented example configuration, covering every option (also in `docs/`).
+pub const EXAMPLE_CONFIG: &str = include_str!("../../../deploy/ferrocast.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(
+        file: Option<&str>,
+        env: &[(&str, &str)],
+        sets: &[&str],
+    ) -> Result<Config, Vec<ConfigError>> {
+        Config::load(&Sources {
+            file: file.map(|t| (Path::new("test.toml"), t.to_owned())),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load(None, &[], &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.ping_interval_ms, 25_000);
+    }
+
+    #[test]
+    fn example_config_is_valid_and_complete() {
+        let c = load(Some(EXAMPLE_CONFIG), &[], &[]).unwrap();
+        // Every default key appears in the example, so it documents every option.
+        let mut paths = Vec::new();
+        leaf_paths(&Value::try_from(Config::default()).unwrap(), "", &mut paths);
+        let example: toml::Table = EXAMPLE_CONFIG.parse().unwrap();
+        for p in paths.iter().filter(|p| !p.starts_with("namespaces.")) {
+            assert!(
+                lookup(&Value::Table(example.clone()), p).is_some(),
+                "example config lacks {p}"
+            );
+        }
+        assert!(c.namespaces.contains_key("ticks"));
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let file = "[server]\nlisten = \"127.0.0.1:9000\"\nping_interval_ms = 1000\n[namespaces.prices]\nclient_publish = true\n";
+        let c = load(
+            Some(file),
+            &[
+                ("FERROCAST_SERVER_PING_INTERVAL_MS", "2000"),
+                ("FERROCAST_NAMESPACES_PRICES_HISTORY_SIZE", "7"),
+                ("FERROCAST_SERVER_WS_PATHS", "/ws,/ws/price"),
+            ],
+            &["server.listen=127.0.0.1:9001"],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:9001");
+        assert_eq!(c.server.ping_interval_ms, 2000);
+        assert_eq!(c.server.ws_paths, vec!["/ws", "/ws/price"]);
+        assert_eq!(c.namespaces["prices"].history_size, 7);
+        assert!(c.namespaces["prices"].client_publish);
+        assert!(c.namespaces.contains_key("ticks"), "defaults survive a partial namespaces table");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_reason() {
+        let e = load(Some("[server]\nlisten = \"nope\"\n"), &[], &[]).unwrap_err();
+        assert_eq!(e[0].key, "server.listen");
+        assert!(e[0].reason.contains("not a socket address"), "{}", e[0].reason);
+
+        let e = load(Some("[server]\nlistn = \"x\"\n"), &[], &[]).unwrap_err();
+        assert_eq!(e[0].key, "server.listn");
+        assert!(e[0].reason.contains("unknown field `listn`"), "{}", e[0].reason);
+
+        let e = load(None, &[], &["namespaces.ticks.overflow=sometimes"]).unwrap_err();
+        assert_eq!(e[0].key, "namespaces.ticks.overflow");
+
+        let e = load(None, &[("FERROCAST_SERVER_MAX_FRAME_BYTES", "10")], &[]).unwrap_err();
+        assert_eq!(e[0].key, "server.max_frame_bytes");
+
+        let e = load(Some("[server\n"), &[], &[]).unwrap_err();
+        assert!(e[0].reason.contains("not valid TOML"));
+
+        let e = load(
+            None,
+            &[],
+            &["server.ws_paths=[\"/api/publish\"]", "namespaces.candles.snapshot_size=0"],
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["server.ws_paths[0]", "namespaces.candles.snapshot_size"]);
+    }
+}

@@ -1,0 +1,222 @@
+//! The ferrocast server: everything between the hub and the network.
+//!
+//! | module | job |
+//! | --- | --- |
+//! | [`config`] | the configuration: file, environment, flags, validation |
+//! | [`ws`] | the native WebSocket endpoint: upgrade, framing, one task per connection |
+//! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
+//! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
+//! | [`metrics`] | counters and the Prometheus exposition |
+//! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
+//! | [`sources`] | built-in sources wired to the hub: simulator and candles |
+//! | [`assets`] | the embedded dashboard and browser client |
+//! | [`shutdown`] | the drain signal and the count of live connections |
+//!
+//! [`Server::bind`] validates nothing and binds; [`Server::run`] serves until the shutdown
+//! future resolves, then drains. Tests start a real server on `127.0.0.1:0` this way.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod assets;
+pub mod config;
+pub mod feedboard;
+pub mod metrics;
+pub mod session;
+pub mod shutdown;
+pub mod sources;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::{any, get, post};
+use ferrocast_hub::{Hub, HubOptions, Namespaces};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
+
+pub use config::Config;
+use feedboard::FeedBoard;
+use metrics::ServerMetrics;
+use shutdown::Shutdown;
+
+/// State shared by every handler and connection.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub metrics: ServerMetrics,
+    pub feeds: FeedBoard,
+    pub shutdown: Shutdown,
+    /// The publish API key, if one is configured.
+    pub api_key: Option<String>,
+    pub started: Instant,
+    pub next_conn_id: AtomicU64,
+}
+
+impl AppState {
+    /// Builds the state for a validated config; `api_key` comes from [`Config::api_key`].
+    pub fn new(config: Config, api_key: Option<String>) -> Arc<Self> {
+        let namespaces =
+            Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
+        Arc::new(AppState {
+            hub: Arc::new(Hub::new(namespaces, HubOptions::default())),
+            config: Arc::new(config),
+            metrics: ServerMetrics::default(),
+            feeds: FeedBoard::default(),
+            shutdown: Shutdown::default(),
+            api_key,
+            started: Instant::now(),
+            next_conn_id: AtomicU64::new(1),
+        })
+    }
+}
+
+/// A random id of `len` characters from `[a-z0-9]`.
+pub fn random_id(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// Every route, on one port.
+pub fn router(app: Arc<AppState>) -> Router {
+    let mut r = Router::new()
+        .route("/api/publish", post(api::publish))
+        .route("/api/channels", get(api::channels))
+        .route("/api/channels/{channel}/history", get(api::history))
+        .route("/api/stats", get(api::stats))
+        .route("/api/feeds", get(api::feeds))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .route("/socket.io", any(api::socketio_disabled))
+        .route("/socket.io/", any(api::socketio_disabled))
+        .route("/socket.io/{*rest}", any(api::socketio_disabled));
+    for path in &app.config.server.ws_paths {
+        r = r.route(path, get(ws::upgrade));
+    }
+    if app.config.server.dashboard {
+        for path in assets::paths() {
+            r = r.route(path, get(move || async move { assets::serve(path) }));
+        }
+    }
+    r.with_state(app)
+}
+
+/// A bound, not yet serving, server.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<AppState>,
+}
+
+impl Server {
+    /// Binds the configured address (or `addr` when given, e.g. `127.0.0.1:0` in tests).
+    pub async fn bind(app: Arc<AppState>, addr: Option<SocketAddr>) -> std::io::Result<Server> {
+        let addr = addr.unwrap_or_else(|| app.config.listen_addr());
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Server { listener, app })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn app(&self) -> &Arc<AppState> {
+        &self.app
+    }
+
+    /// Serves until `stop` resolves, then drains: readiness turns 503, no new connection is
+    /// accepted, every WebSocket is closed with 1001 and a jittered reconnect hint, and the
+    /// call returns once every connection has closed or the grace period has passed.
+    pub async fn run(self, stop: impl Future<Output = ()>) {
+        let Server { listener, app } = self;
+        sources::start_simulator(&app);
+        sources::start_candles(&app);
+        spawn_sweeper(&app);
+        let router = router(app.clone());
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => spawn_http(stream, peer, router.clone(), app.clone()),
+                    Err(e) => {
+                        // Usually EMFILE: back off briefly instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = &mut stop => break,
+            }
+        }
+        drop(listener);
+        let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
+        tracing::info!(
+            connections = app.shutdown.active_connections(),
+            grace_ms = grace.as_millis() as u64,
+            "draining: readiness is 503, closing clients with 1001"
+        );
+        app.shutdown.trigger();
+        if app.shutdown.wait_idle(grace).await {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(
+                left = app.shutdown.active_connections(),
+                "grace period over; exiting with connections open"
+            );
+        }
+    }
+}
+
+/// Serves one TCP connection's HTTP/1.1 requests (and hands WebSocket upgrades over).
+fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppState>) {
+    let _ = stream.set_nodelay(true);
+    tokio::spawn(async move {
+        let service = router.map_request(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = app.shutdown.draining() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    });
+}
+
+/// Periodically forgets idle channels so memory stays bounded.
+fn spawn_sweeper(app: &Arc<AppState>) {
+    let hub = app.hub.clone();
+    let shutdown = app.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let removed = hub.sweep(Instant::now());
+                    if removed > 0 {
+                        tracing::debug!(removed, "expired idle channels");
+                    }
+                }
+                _ = shutdown.draining() => return,
+            }
+        }
+    });
+}

@@ -1,0 +1,236 @@
+//! The session model shared by every transport: one client's identity, subscriptions,
+//! limits and outbound queue, and the handling of its requests against the hub.
+//!
+//! Transports only move bytes: `/ws` feeds text frames to [`Session::handle_text`], SSE's
+//! control endpoint and Socket.IO events call the typed methods. Whatever the transport,
+//! the same channels, permissions, limits and metrics apply.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use ferrocast_hub::{ConnQueue, Outbound, PublishKind};
+use ferrocast_protocol::server::{
+    ChannelResult, PublishResult, SubscribeResults, encode_ack, encode_ack_with, encode_error,
+    encode_pong,
+};
+use ferrocast_protocol::{
+    ClientFrame, ErrorCode, FrameError, StreamPosition, parse_client_frame, validate_channel,
+};
+
+use crate::AppState;
+use crate::metrics::Transport;
+
+/// How many request errors per connection are logged before further ones are only counted.
+const LOGGED_ERRORS_PER_CONNECTION: u32 = 5;
+
+/// One client connection, whatever its transport.
+#[derive(Debug)]
+pub struct Session {
+    app: Arc<AppState>,
+    /// Public session id (sent in the welcome).
+    pub id: String,
+    /// Internal connection id, used in logs and by the hub.
+    pub conn_id: u64,
+    pub transport: Transport,
+    pub queue: Arc<ConnQueue>,
+    subscriptions: HashSet<String>,
+    /// Set when a `pong` arrives; the transport's heartbeat reads and clears it.
+    pub pong_received: bool,
+    errors_logged: u32,
+}
+
+impl Session {
+    pub fn new(app: Arc<AppState>, transport: Transport) -> Self {
+        let conn_id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let queue = Arc::new(ConnQueue::new(conn_id, app.config.server.queue_max_bytes));
+        Session {
+            id: crate::random_id(16),
+            conn_id,
+            transport,
+            queue,
+            subscriptions: HashSet::new(),
+            pong_received: false,
+            errors_logged: 0,
+            app,
+        }
+    }
+
+    pub fn app(&self) -> &Arc<AppState> {
+        &self.app
+    }
+
+    /// Channels this session is subscribed to.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &String> {
+        self.subscriptions.iter()
+    }
+
+    /// Handles one text frame of the native protocol; replies go into the queue.
+    pub fn handle_text(&mut self, text: &str) {
+        match parse_client_frame(text) {
+            Ok(ClientFrame::Subscribe { id, channels, recover }) => {
+                let reservation = self.queue.reserve();
+                let reply = match self.subscribe(&channels, &recover) {
+                    Ok(results) => encode_ack_with(id, &results),
+                    Err(e) => self.error_frame(FrameError { id, ..e }),
+                };
+                self.queue.fill(reservation, reply);
+            }
+            Ok(ClientFrame::Unsubscribe { id, channels }) => {
+                let reply = match self.unsubscribe(&channels) {
+                    Ok(()) => encode_ack(id),
+                    Err(e) => self.error_frame(FrameError { id, ..e }),
+                };
+                self.push_control(reply);
+            }
+            Ok(ClientFrame::Publish { id, channel, data }) => {
+                let reply = match self.publish(&channel, data.get().as_bytes()) {
+                    Ok(result) => encode_ack_with(id, &result),
+                    Err(e) => self.error_frame(FrameError { id, ..e }),
+                };
+                self.push_control(reply);
+            }
+            Ok(ClientFrame::Ping { id }) => self.push_control(encode_pong(id)),
+            Ok(ClientFrame::Pong) => self.pong_received = true,
+            Err(e) => {
+                let reply = self.error_frame(e);
+                self.push_control(reply);
+            }
+        }
+    }
+
+    fn push_control(&self, frame: Bytes) {
+        self.queue.push_unbudgeted(Outbound::control(frame));
+    }
+
+    /// Encodes an error reply, counting it and logging it (a few per connection).
+    pub fn error_frame(&mut self, e: FrameError) -> Bytes {
+        self.app.metrics.frame_error(e.code.as_str());
+        if self.errors_logged < LOGGED_ERRORS_PER_CONNECTION {
+            self.errors_logged += 1;
+            tracing::info!(
+                conn = self.conn_id,
+                transport = self.transport.as_str(),
+                code = e.code.as_str(),
+                "refused client request: {}",
+                e.message
+            );
+            if self.errors_logged == LOGGED_ERRORS_PER_CONNECTION {
+                tracing::info!(
+                    conn = self.conn_id,
+                    "further refused requests on this connection are only counted"
+                );
+            }
+        }
+        encode_error(e.id, e.code, &e.message)
+    }
+
+    /// Subscribes to `channels`, recovering those with a position in `recover`. Replayed and
+    /// snapshot messages go into the queue; the per-channel results are returned.
+    pub fn subscribe<S: AsRef<str>>(
+        &mut self,
+        channels: &[S],
+        recover: &BTreeMap<String, StreamPosition>,
+    ) -> Result<SubscribeResults, FrameError> {
+        let limits = &self.app.config.server;
+        if channels.is_empty() {
+            return Err(FrameError::new(None, ErrorCode::BadRequest, "\"channels\" is empty"));
+        }
+        if channels.len() > limits.max_channels_per_request {
+            return Err(FrameError::new(
+                None,
+                ErrorCode::TooManyChannels,
+                format!(
+                    "{} channels in one request; the limit is {} (server.max_channels_per_request)",
+                    channels.len(),
+                    limits.max_channels_per_request
+                ),
+            ));
+        }
+        let mut results = SubscribeResults::new();
+        for channel in channels {
+            let channel = channel.as_ref();
+            let result = if let Err(e) = validate_channel(channel) {
+                self.app.metrics.frame_error(ErrorCode::InvalidChannel.as_str());
+                ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string())
+            } else if !self.subscriptions.contains(channel)
+                && self.subscriptions.len() >= limits.max_subscriptions
+            {
+                self.app.metrics.frame_error(ErrorCode::LimitExceeded.as_str());
+                ChannelResult::failed(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "this connection already holds {} subscriptions (server.max_subscriptions)",
+                        limits.max_subscriptions
+                    ),
+                )
+            } else {
+                let sub = self.app.hub.subscribe(channel, &self.queue, recover.get(channel));
+                if sub.added {
+                    self.subscriptions.insert(channel.to_owned());
+                }
+                sub.result
+            };
+            results.insert(channel.to_owned(), result);
+        }
+        Ok(results)
+    }
+
+    /// Unsubscribes from `channels` (channels not subscribed are ignored).
+    pub fn unsubscribe<S: AsRef<str>>(&mut self, channels: &[S]) -> Result<(), FrameError> {
+        if channels.len() > self.app.config.server.max_channels_per_request {
+            return Err(FrameError::new(
+                None,
+                ErrorCode::TooManyChannels,
+                format!(
+                    "{} channels in one request; the limit is {}",
+                    channels.len(),
+                    self.app.config.server.max_channels_per_request
+                ),
+            ));
+        }
+        for channel in channels {
+            if self.subscriptions.remove(channel.as_ref()) {
+                self.app.hub.unsubscribe(channel.as_ref(), self.conn_id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes from the client, where the namespace allows it.
+    pub fn publish(&self, channel: &str, data: &[u8]) -> Result<PublishResult, FrameError> {
+        validate_channel(channel)
+            .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
+        if !self.app.hub.namespace(channel).client_publish {
+            return Err(FrameError::new(
+                None,
+                ErrorCode::Forbidden,
+                format!(
+                    "namespace {:?} does not allow client publishing (set namespaces.{}.client_publish = true)",
+                    ferrocast_protocol::namespace_of(channel),
+                    ferrocast_protocol::namespace_of(channel)
+                ),
+            ));
+        }
+        let published = self
+            .app
+            .hub
+            .publish(channel, data, PublishKind::Retained)
+            .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
+        Ok(PublishResult {
+            channel: channel.to_owned(),
+            offset: published.offset,
+            epoch: published.epoch.to_string(),
+        })
+    }
+}
+
+impl Drop for Session {
+    /// Leaves every channel, so the hub never keeps a dead connection's queue.
+    fn drop(&mut self) {
+        for channel in self.subscriptions.drain() {
+            self.app.hub.unsubscribe(&channel, self.conn_id);
+        }
+    }
+}

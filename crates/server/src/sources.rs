@@ -1,0 +1,95 @@
+//! Built-in sources wired to the hub: the market simulator, and candles built from every
+//! trade published on `ticks.*`, whatever its origin.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
+use ferrocast_feeds::market::{self, Trade};
+use ferrocast_feeds::simulator::{self, SimulatorConfig};
+use ferrocast_hub::{Hub, PublishKind};
+use parking_lot::Mutex;
+
+use crate::AppState;
+use crate::feedboard::FeedState;
+
+/// Publishes into the hub on behalf of a source.
+#[derive(Debug)]
+pub struct HubSink(pub Arc<Hub>);
+
+impl ferrocast_feeds::Sink for HubSink {
+    fn publish(&self, channel: &str, data: Bytes, kind: PublishKind) {
+        if let Err(e) = self.0.publish(channel, &data, kind) {
+            tracing::warn!(channel, "source published on an invalid channel: {e}");
+        }
+    }
+}
+
+/// Starts the simulator when enabled. It stops when the server drains.
+pub fn start_simulator(app: &Arc<AppState>) {
+    let cfg = &app.config.simulator;
+    if !cfg.enabled {
+        return;
+    }
+    let mut sim = SimulatorConfig { rate: cfg.rate, ..SimulatorConfig::default() };
+    if !cfg.symbols.is_empty() {
+        sim.symbols = cfg.symbols.clone();
+    }
+    app.feeds.set("sim", "simulator", false, FeedState::Live, None);
+    tracing::info!(
+        symbols = sim.symbols.len(),
+        rate = sim.rate,
+        "demo market simulator publishing on ticks.* and quotes.*"
+    );
+    let sink = Arc::new(HubSink(app.hub.clone()));
+    let shutdown = app.shutdown.clone();
+    let board = app.clone();
+    tokio::spawn(async move {
+        simulator::run(sim, sink, shutdown.draining()).await;
+        board.feeds.set("sim", "simulator", false, FeedState::Stopped, None);
+    });
+}
+
+/// Builds `candles.SYM.1s` and `candles.SYM.1m` from every trade on `ticks.*`: forming bars
+/// as ephemeral updates, closed bars as retained messages.
+pub fn start_candles(app: &Arc<AppState>) {
+    let builder = Arc::new(Mutex::new(CandleBuilder::new(CandleConfig::default())));
+    let hub = app.hub.clone();
+    let tap_builder = builder.clone();
+    let tap_hub = hub.clone();
+    app.hub.add_tap(
+        market::TRADES_NAMESPACE,
+        Arc::new(move |_channel, data| {
+            // Trades that do not follow the schema (other apps' ticks.*) simply get no candles.
+            let Ok(trade) = serde_json::from_slice::<Trade>(data) else { return };
+            let updates =
+                tap_builder.lock().on_trade(&trade.sym, trade.price, trade.size, trade.ts);
+            publish_candles(&tap_hub, updates);
+        }),
+    );
+    let shutdown = app.shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let updates = builder.lock().on_clock(now_ms());
+                    publish_candles(&hub, updates);
+                }
+                _ = shutdown.draining() => return,
+            }
+        }
+    });
+}
+
+fn publish_candles(hub: &Hub, updates: Vec<CandleUpdate>) {
+    for u in updates {
+        let _ = hub.publish(&u.channel, &market::encode(&u.candle), u.kind);
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,385 @@
+//! One native WebSocket connection after the upgrade: a single task that reads client
+//! frames, writes queued frames, and runs the heartbeat.
+//!
+//! Reads wait for readiness and then read into a stack buffer, so an idle connection holds
+//! no read buffer; writes hand every queued frame to one vectored write (headers built on the
+//! fly, payloads shared with every other subscriber), and a write buffer exists only while
+//! the socket pushes back.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ferrocast_hub::Drained;
+use ferrocast_protocol::CloseCode;
+use ferrocast_protocol::server::{PING_FRAME, encode_welcome};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio::time::{Instant as TokioInstant, sleep_until};
+
+use super::frame::{self, Decoder, Incoming};
+use crate::AppState;
+use crate::metrics::{LocalHistogram, Transport};
+use crate::session::Session;
+use crate::shutdown::ConnectionGuard;
+
+/// How long to wait for the client's close frame after sending ours.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Most frames per vectored write (each takes two slices; Linux allows 1024).
+const FRAMES_PER_WRITE: usize = 256;
+/// Most reads handled per wake-up, so a flooding client cannot starve the others.
+const READS_PER_WAKE: usize = 16;
+
+/// Why a connection is being admitted or refused right after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Accept,
+    Refuse(CloseCode),
+}
+
+/// A frame part waiting to be written: a header and a shared payload, or a raw frame.
+struct Part {
+    header: [u8; 10],
+    header_len: u8,
+    body: Bytes,
+}
+
+/// Runs one connection to completion.
+pub async fn run(
+    app: Arc<AppState>,
+    stream: TcpStream,
+    already_read: Bytes,
+    admission: Admission,
+    peer: String,
+    _guard: ConnectionGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn {
+        decoder: Decoder::new(app.config.server.max_frame_bytes),
+        session: Session::new(app.clone(), Transport::Ws),
+        stream,
+        parts: VecDeque::new(),
+        written: 0,
+        closing: None,
+        close_code: None,
+        app,
+    };
+    let conn_id = conn.session.conn_id;
+    conn.app.metrics.connection_opened(Transport::Ws);
+    let code = conn.serve(already_read, admission).await;
+    conn.app.metrics.connection_closed(Transport::Ws, code);
+    tracing::debug!(conn = conn_id, peer, code, "websocket closed");
+}
+
+struct Conn {
+    app: Arc<AppState>,
+    session: Session,
+    stream: TcpStream,
+    decoder: Decoder,
+    /// Frames handed to the socket but not fully written yet.
+    parts: VecDeque<Part>,
+    /// Bytes of the front part already written.
+    written: usize,
+    /// Set once our close frame is queued: when to give up waiting for the client's.
+    closing: Option<TokioInstant>,
+    close_code: Option<u16>,
+}
+
+enum ReadOutcome {
+    Open,
+    /// The client closed the connection (with its close frame, or by dropping TCP).
+    Closed,
+}
+
+impl Conn {
+    /// Serves until the connection ends; returns the close code recorded for metrics.
+    async fn serve(&mut self, already_read: Bytes, admission: Admission) -> u16 {
+        let conn_id = self.session.conn_id;
+        match admission {
+            Admission::Refuse(code) => {
+                let reason = match code {
+                    CloseCode::GoingAway => self.reconnect_hint(),
+                    other => other.reason().to_owned(),
+                };
+                tracing::info!(conn = conn_id, code = code.code(), "refusing websocket: {reason}");
+                self.start_close(code.code(), &reason);
+            }
+            Admission::Accept => {
+                let welcome =
+                    encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
+                self.queue_text(welcome);
+                if !already_read.is_empty() && self.feed(&already_read).is_err() {
+                    return self.close_code.unwrap_or(1002);
+                }
+            }
+        }
+        let ping_interval = Duration::from_millis(self.app.config.server.ping_interval_ms);
+        let pong_timeout = Duration::from_millis(self.app.config.server.pong_timeout_ms);
+        let mut next_ping = TokioInstant::now() + ping_interval;
+        let mut pong_deadline: Option<TokioInstant> = None;
+        let mut drain_rx = self.app.shutdown.subscribe();
+        let queue = self.session.queue.clone();
+        let mut drained = Drained::default();
+
+        loop {
+            if let Err(e) = self.flush() {
+                tracing::debug!(conn = conn_id, "write failed: {e}");
+                return self.close_code.unwrap_or(1006);
+            }
+            if self.closing.is_none() && *drain_rx.borrow() {
+                let hint = self.reconnect_hint();
+                self.start_close(CloseCode::GoingAway.code(), &hint);
+                continue;
+            }
+            // Past the linger, give up on the client's close frame (and on a socket that
+            // stopped taking our writes).
+            if let Some(deadline) = self.closing
+                && TokioInstant::now() >= deadline
+            {
+                return self.close_code.unwrap_or(1006);
+            }
+            let timer = match (self.closing, pong_deadline) {
+                (Some(deadline), _) => deadline,
+                (None, Some(pong)) => pong.min(next_ping),
+                (None, None) => next_ping,
+            };
+            let want_queue = self.parts.is_empty() && self.closing.is_none();
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    if ready.is_err() {
+                        return self.close_code.unwrap_or(1006);
+                    }
+                    match self.read_ready() {
+                        Ok(ReadOutcome::Open) => {}
+                        Ok(ReadOutcome::Closed) => {
+                            let _ = self.flush();
+                            return self.close_code.unwrap_or(1006);
+                        }
+                        Err(e) => {
+                            tracing::debug!(conn = conn_id, "read failed: {e}");
+                            return self.close_code.unwrap_or(1006);
+                        }
+                    }
+                }
+                ready = self.stream.writable(), if !self.parts.is_empty() => {
+                    if ready.is_err() {
+                        return self.close_code.unwrap_or(1006);
+                    }
+                }
+                _ = queue.notified(), if want_queue => {
+                    drained.frames.clear();
+                    queue.drain_into(&mut drained);
+                    self.queue_drained(&mut drained);
+                    if drained.overflowed {
+                        tracing::info!(conn = conn_id, "slow consumer: outbound queue overflowed, closing with 4008");
+                        self.start_close(CloseCode::SlowConsumer.code(), CloseCode::SlowConsumer.reason());
+                    }
+                    if drained.frames.capacity() > 1024 {
+                        drained.frames = Vec::new();
+                    }
+                }
+                _ = drain_rx.changed(), if self.closing.is_none() => {}
+                _ = sleep_until(timer) => {
+                    if self.closing.is_some() {
+                        continue;
+                    }
+                    let now = TokioInstant::now();
+                    if self.session.pong_received {
+                        self.session.pong_received = false;
+                        pong_deadline = None;
+                    }
+                    if pong_deadline.is_some_and(|d| now >= d) {
+                        tracing::info!(conn = conn_id, "no pong within {} ms, closing with 4009", pong_timeout.as_millis());
+                        self.start_close(CloseCode::HeartbeatTimeout.code(), CloseCode::HeartbeatTimeout.reason());
+                    } else if now >= next_ping {
+                        self.queue_text(Bytes::from_static(PING_FRAME.as_bytes()));
+                        next_ping = now + ping_interval;
+                        if pong_deadline.is_none() {
+                            pong_deadline = Some(now + pong_timeout);
+                        }
+                    }
+                }
+            }
+            if self.session.pong_received {
+                self.session.pong_received = false;
+                pong_deadline = None;
+            }
+        }
+    }
+
+    /// The 1001 reason: a JSON hint with a jittered delay so clients spread their reconnects.
+    fn reconnect_hint(&self) -> String {
+        let base = self.app.config.server.reconnect_after_ms;
+        let after = rand::rng().random_range(base..=base * 2);
+        format!("{{\"reconnect\":true,\"after_ms\":{after}}}")
+    }
+
+    /// Queues our close frame; from now on only reads (for the client's close) and writes run.
+    fn start_close(&mut self, code: u16, reason: &str) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.close_code = Some(code);
+        self.queue_raw(frame::close_frame(code, reason));
+        self.closing = Some(TokioInstant::now() + CLOSE_LINGER);
+    }
+
+    fn queue_text(&mut self, body: Bytes) {
+        let mut header = [0u8; 10];
+        let header_len = frame::encode_header(frame::OP_TEXT, body.len(), &mut header) as u8;
+        self.parts.push_back(Part { header, header_len, body });
+    }
+
+    fn queue_raw(&mut self, frame: Vec<u8>) {
+        self.parts.push_back(Part { header: [0; 10], header_len: 0, body: Bytes::from(frame) });
+    }
+
+    /// Turns drained queue entries into frame parts, recording delivery latency.
+    fn queue_drained(&mut self, drained: &mut Drained) {
+        let now = Instant::now();
+        let mut latency = LocalHistogram::default();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        let batch = self.app.config.server.batch;
+        let mut frames = drained.frames.drain(..).peekable();
+        while let Some(first) = frames.next() {
+            if first.is_message() {
+                messages += 1;
+                if let Some(at) = first.published_at {
+                    latency.record(now.saturating_duration_since(at));
+                }
+            }
+            // With batching on, consecutive messages travel as one JSON array frame.
+            if batch && first.is_message() && frames.peek().is_some_and(|f| f.is_message()) {
+                let mut array = BytesMut::with_capacity(first.bytes.len() * 4);
+                array.put_u8(b'[');
+                array.put_slice(&first.bytes);
+                while let Some(next) = frames.next_if(|f| f.is_message()) {
+                    messages += 1;
+                    if let Some(at) = next.published_at {
+                        latency.record(now.saturating_duration_since(at));
+                    }
+                    array.put_u8(b',');
+                    array.put_slice(&next.bytes);
+                }
+                array.put_u8(b']');
+                bytes += array.len() as u64;
+                self.queue_text(array.freeze());
+            } else {
+                bytes += first.bytes.len() as u64;
+                self.queue_text(first.bytes);
+            }
+        }
+        latency.flush_into(&self.app.metrics.delivery_latency);
+        self.app.metrics.delivered(Transport::Ws, messages, bytes);
+    }
+
+    /// Writes as much of the pending parts as the socket takes without blocking.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.parts.is_empty() {
+            let mut slices: Vec<IoSlice<'_>> =
+                Vec::with_capacity(2 * FRAMES_PER_WRITE.min(self.parts.len()));
+            let mut skip = self.written;
+            for part in self.parts.iter().take(FRAMES_PER_WRITE) {
+                let header = &part.header[..part.header_len as usize];
+                if skip < header.len() {
+                    slices.push(IoSlice::new(&header[skip..]));
+                    slices.push(IoSlice::new(&part.body));
+                } else {
+                    slices.push(IoSlice::new(&part.body[skip - header.len()..]));
+                }
+                skip = 0;
+            }
+            let n = match self.stream.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            drop(slices);
+            self.advance(n);
+        }
+        if self.parts.capacity() > 64 {
+            self.parts = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let part = self.parts.front().expect("wrote more than was pending");
+            let remaining = part.header_len as usize + part.body.len() - self.written;
+            if n >= remaining {
+                n -= remaining;
+                self.written = 0;
+                self.parts.pop_front();
+            } else {
+                self.written += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Reads whatever is available and handles every complete frame.
+    fn read_ready(&mut self) -> io::Result<ReadOutcome> {
+        let mut buf = [0u8; 8192];
+        for _ in 0..READS_PER_WAKE {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return Ok(ReadOutcome::Closed),
+                Ok(n) => {
+                    if let Err(closed) = self.feed(&buf[..n]) {
+                        return Ok(closed);
+                    }
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ReadOutcome::Open)
+    }
+
+    /// Decodes and handles `bytes`. `Err` means the connection is finished.
+    fn feed(&mut self, bytes: &[u8]) -> Result<(), ReadOutcome> {
+        let mut incoming = Vec::new();
+        let result = self.decoder.feed(bytes, &mut incoming);
+        for frame in incoming {
+            match frame {
+                Incoming::Text(text) if self.closing.is_none() => self.session.handle_text(&text),
+                Incoming::Text(_) => {}
+                Incoming::Ping(payload) => {
+                    self.queue_raw(frame::control_frame(frame::OP_PONG, &payload))
+                }
+                Incoming::Pong => self.session.pong_received = true,
+                Incoming::Close(code) => {
+                    if self.closing.is_none() {
+                        // Echo the client's code, as RFC 6455 asks.
+                        let echo = code.unwrap_or(1000);
+                        self.close_code = Some(code.unwrap_or(1005));
+                        self.queue_raw(frame::close_frame(echo, ""));
+                    }
+                    return Err(ReadOutcome::Closed);
+                }
+            }
+        }
+        if let Err(violation) = result {
+            tracing::info!(
+                conn = self.session.conn_id,
+                code = violation.code.code(),
+                "closing websocket: {}",
+                violation.reason
+            );
+            self.app.metrics.frame_error(match violation.code {
+                CloseCode::TooBig => "frame_too_big",
+                CloseCode::Unsupported => "binary_frame",
+                CloseCode::InvalidPayload => "invalid_utf8",
+                _ => "protocol_error",
+            });
+            self.start_close(violation.code.code(), &violation.reason);
+        }
+        Ok(())
+    }
+}

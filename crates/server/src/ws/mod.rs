@@ -1,0 +1,175 @@
+//! The native WebSocket endpoint (`/ws` and its configured aliases): the HTTP upgrade, with
+//! admission control, then one task per connection ([`conn`]) speaking RFC 6455 ([`frame`]).
+
+pub mod conn;
+pub mod frame;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use base64::Engine;
+use ferrocast_protocol::CloseCode;
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::net::TcpStream;
+
+use crate::AppState;
+use conn::Admission;
+
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Handles a request on a WebSocket path: a 426 that explains itself when it is not an
+/// upgrade, otherwise the 101 and a connection task.
+pub async fn upgrade(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    mut req: Request<Body>,
+) -> Response<Body> {
+    let headers = req.headers();
+    if let Some(problem) = upgrade_problem(headers) {
+        app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(%peer, path = req.uri().path(), "not a websocket upgrade: {problem}");
+        return upgrade_required(req.uri().path(), &problem);
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error":"bad_request","message":"missing Sec-WebSocket-Key header"}),
+        );
+    };
+    let admission = admit(&app, headers);
+    let guard = app.shutdown.track();
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_app = app.clone();
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(%peer, "upgrade did not complete: {e}");
+                return;
+            }
+        };
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner();
+                conn::run(task_app, stream, parts.read_buf, admission, peer.to_string(), guard)
+                    .await;
+            }
+            Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
+        .body(Body::empty())
+        .expect("static response")
+}
+
+/// Decides, before the handshake completes, whether the connection will be served. Refused
+/// connections still complete the handshake so the client sees a close code it can act on
+/// (browsers hide HTTP statuses of failed upgrades).
+fn admit(app: &AppState, headers: &HeaderMap) -> Admission {
+    if app.shutdown.is_draining() {
+        return Admission::Refuse(CloseCode::GoingAway);
+    }
+    if !origin_allowed(&app.config.server.allowed_origins, headers.get(header::ORIGIN)) {
+        return Admission::Refuse(CloseCode::PolicyViolation);
+    }
+    if app.shutdown.active_connections() >= app.config.server.max_connections {
+        return Admission::Refuse(CloseCode::TryAgainLater);
+    }
+    Admission::Accept
+}
+
+/// Whether the request's Origin is in the allowlist (an empty list or `*` allows any;
+/// requests without an Origin, from non-browser clients, are allowed).
+pub fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool {
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return true;
+    }
+    let Some(origin) = origin.and_then(|o| o.to_str().ok()) else { return true };
+    allowed.iter().any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+}
+
+/// What is wrong with a request that should have been a WebSocket upgrade, if anything.
+fn upgrade_problem(headers: &HeaderMap) -> Option<String> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") {
+        return Some("the request has no \"Upgrade: websocket\" header".into());
+    }
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Some("the request has no \"Connection: Upgrade\" header".into());
+    }
+    match headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) {
+        Some("13") => None,
+        other => Some(format!(
+            "unsupported Sec-WebSocket-Version {other:?}; this server speaks version 13"
+        )),
+    }
+}
+
+fn upgrade_required(path: &str, problem: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": "upgrade_required",
+        "message": format!(
+            "{path} is ferrocast's native WebSocket endpoint and needs a WebSocket upgrade: {problem}. \
+             A browser or WebSocket client does this by itself; if one reached here through a proxy, \
+             the proxy is not forwarding the Upgrade and Connection headers \
+             (nginx: proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
+             proxy_set_header Connection \"upgrade\"). Clients that cannot use WebSocket can use \
+             /sse (Server-Sent Events) or /socket.io/."
+        ),
+        "websocket": path,
+        "fallbacks": ["/sse", "/socket.io/"],
+    });
+    let mut resp = json_response(StatusCode::UPGRADE_REQUIRED, body);
+    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    resp
+}
+
+pub(crate) fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("static response")
+}
+
+/// `Sec-WebSocket-Accept` for a client key.
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(WS_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_6455_example() {
+        assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn origin_allowlist() {
+        let allowed = vec!["https://app.example.com".to_string()];
+        let ok = HeaderValue::from_static("https://app.example.com");
+        let bad = HeaderValue::from_static("https://evil.example.com");
+        assert!(origin_allowed(&allowed, Some(&ok)));
+        assert!(!origin_allowed(&allowed, Some(&bad)));
+        assert!(origin_allowed(&allowed, None));
+        assert!(origin_allowed(&[], Some(&bad)));
+    }
+}
