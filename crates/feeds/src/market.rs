@@ -75,6 +75,7 @@ pub struct Trade {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// Producer of this trade (`"sim"`, `"massive"`, ...).
+    #[serde(default)]
     pub src: String,
 }
 
@@ -103,6 +104,7 @@ pub struct Quote {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     /// Producer of this quote.
+    #[serde(default)]
     pub src: String,
 }
 
@@ -134,6 +136,7 @@ pub struct Candle {
     /// True while the window is still open and the bar may change.
     pub forming: bool,
     /// Producer: `"server"` when built by ferrocast, `"massive"` when taken from upstream.
+    #[serde(default)]
     pub src: String,
     /// True on a closed bar sent again because a late trade changed it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

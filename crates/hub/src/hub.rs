@@ -82,8 +82,24 @@ pub struct Subscription {
 
 /// Told when a channel gains its first subscriber or loses its last one, so upstream
 /// connectors subscribe only to what someone watches.
+///
+/// Notifications are made after the channel lock is released, so for one channel a "last
+/// left" and a "first arrived" racing on two threads may be delivered in either order; a
+/// listener that acts on "last left" later (connectors linger) should confirm with
+/// [`Hub::subscriber_count`] first.
 pub trait DemandListener: Send + Sync {
     fn demand_changed(&self, channel: &str, wanted: bool);
+
+    /// Consulted before a connection is added to `channel`: `Err(reason)` refuses the
+    /// subscription with `upstream_rejected`, because the upstream feed behind the channel
+    /// cannot carry it (e.g. Massive's 1,000 option contracts with quotes per connection).
+    /// Called outside every hub lock, for every subscribe request (also for channels that
+    /// already have subscribers, which a listener should admit cheaply). An admitted
+    /// subscribe normally follows with `demand_changed(channel, true)` when it is the first.
+    fn admit(&self, channel: &str) -> Result<(), String> {
+        let _ = channel;
+        Ok(())
+    }
 }
 
 /// Called after every retained publish on a namespace (used to build candles from ticks).
@@ -162,6 +178,11 @@ impl Hub {
     /// Calls `tap(channel, data)` after every retained publish in `namespace`.
     pub fn add_tap(&self, namespace: &str, tap: Tap) {
         self.taps.write().push((namespace.to_owned(), tap));
+    }
+
+    /// How many connections are subscribed to `channel` now (0 for an unknown channel).
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.lookup(channel).map_or(0, |ch| ch.lock().subscribers.len())
     }
 
     /// Channels that currently have at least one subscriber.
@@ -290,6 +311,13 @@ impl Hub {
         if let Err(e) = validate_channel(channel) {
             return Subscription {
                 result: ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string()),
+                added: false,
+            };
+        }
+        let listener = self.demand.read().clone();
+        if let Some(Err(reason)) = listener.map(|l| l.admit(channel)) {
+            return Subscription {
+                result: ChannelResult::failed(ErrorCode::UpstreamRejected, reason),
                 added: false,
             };
         }
@@ -479,4 +507,51 @@ fn new_epoch() -> Arc<str> {
     let mut rng = rand::rng();
     let s: String = (0..8).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
     Arc::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::namespace::NamespaceConfig;
+
+    /// Refuses `quotes.*` channels and records demand changes.
+    struct Guard(Mutex<Vec<(String, bool)>>);
+
+    impl DemandListener for Guard {
+        fn demand_changed(&self, channel: &str, wanted: bool) {
+            self.0.lock().push((channel.to_owned(), wanted));
+        }
+
+        fn admit(&self, channel: &str) -> Result<(), String> {
+            if channel.starts_with("quotes.") { Err("limit reached".into()) } else { Ok(()) }
+        }
+    }
+
+    #[test]
+    fn the_demand_listener_can_refuse_a_subscribe() {
+        let hub = Hub::new(
+            Namespaces::new(Default::default(), NamespaceConfig::default()),
+            HubOptions::default(),
+        );
+        let guard = Arc::new(Guard(Mutex::new(Vec::new())));
+        hub.set_demand_listener(guard.clone());
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+
+        let refused = hub.subscribe("quotes.O:X", &q, None);
+        assert!(!refused.added);
+        assert_eq!(
+            refused.result,
+            ChannelResult::failed(ErrorCode::UpstreamRejected, "limit reached")
+        );
+        assert_eq!(hub.subscriber_count("quotes.O:X"), 0);
+
+        assert!(hub.subscribe("ticks.A", &q, None).added);
+        assert_eq!(hub.subscriber_count("ticks.A"), 1);
+        hub.unsubscribe("ticks.A", 1);
+        assert_eq!(hub.subscriber_count("ticks.A"), 0);
+        assert_eq!(
+            *guard.0.lock(),
+            vec![("ticks.A".to_owned(), true), ("ticks.A".to_owned(), false)]
+        );
+    }
 }

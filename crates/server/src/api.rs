@@ -136,7 +136,7 @@ pub async fn publish(
     json_response(StatusCode::OK, json!({ "results": results }))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -245,7 +245,8 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
 
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
-    let text = app.metrics.render(app.hub.metrics(), &app.feeds.render_metrics());
+    let extra = app.feeds.render_metrics() + &app.candles.render_metrics();
+    let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
         .body(Body::from(text))

@@ -6,13 +6,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
+use ferrocast_feeds::feed::UpstreamBars;
 use ferrocast_feeds::market::{self, Trade};
 use ferrocast_feeds::simulator::{self, SimulatorConfig};
 use ferrocast_hub::{Hub, PublishKind};
+use std::fmt::Write;
+
 use parking_lot::Mutex;
 
 use crate::AppState;
 use crate::feedboard::FeedState;
+use crate::metrics::family;
 
 /// Publishes into the hub on behalf of a source.
 #[derive(Debug)]
@@ -51,11 +55,55 @@ pub fn start_simulator(app: &Arc<AppState>) {
     });
 }
 
+/// The server's candle builder, shared by the trade tap and the clock task.
+#[derive(Debug)]
+pub struct Candles {
+    builder: Arc<Mutex<CandleBuilder>>,
+}
+
+impl Default for Candles {
+    fn default() -> Self {
+        Candles { builder: Arc::new(Mutex::new(CandleBuilder::new(CandleConfig::default()))) }
+    }
+}
+
+impl Candles {
+    /// Late-trade counters for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let (late, dropped) = {
+            let b = self.builder.lock();
+            (b.late_ticks(), b.dropped_ticks())
+        };
+        let mut out = String::new();
+        family(
+            &mut out,
+            "ferrocast_candle_late_trades_total",
+            "counter",
+            "Trades for a candle window that had already closed (corrected or dropped).",
+        );
+        let _ = writeln!(out, "ferrocast_candle_late_trades_total {late}");
+        family(
+            &mut out,
+            "ferrocast_candle_dropped_trades_total",
+            "counter",
+            "Trades left out of a candle: invalid, too late to correct, or late under the drop policy.",
+        );
+        let _ = writeln!(out, "ferrocast_candle_dropped_trades_total {dropped}");
+        out
+    }
+}
+
 /// Builds `candles.SYM.1s` and `candles.SYM.1m` from every trade on `ticks.*`: forming bars
 /// as ephemeral updates, closed bars as retained messages.
+///
+/// Upstream bars take precedence: for a symbol and interval marked in the feed board's
+/// [`ferrocast_feeds::feed::UpstreamBars`] (an upstream feed delivers those bars, e.g.
+/// Massive `AM`), the built bars are dropped, so the channel carries one consistent series.
 pub fn start_candles(app: &Arc<AppState>) {
-    let builder = Arc::new(Mutex::new(CandleBuilder::new(CandleConfig::default())));
+    let builder = app.candles.builder.clone();
     let hub = app.hub.clone();
+    let bars = app.feeds.upstream_bars.clone();
+    let tap_bars = bars.clone();
     let tap_builder = builder.clone();
     let tap_hub = hub.clone();
     app.hub.add_tap(
@@ -65,7 +113,7 @@ pub fn start_candles(app: &Arc<AppState>) {
             let Ok(trade) = serde_json::from_slice::<Trade>(data) else { return };
             let updates =
                 tap_builder.lock().on_trade(&trade.sym, trade.price, trade.size, trade.ts);
-            publish_candles(&tap_hub, updates);
+            publish_candles(&tap_hub, &tap_bars, updates);
         }),
     );
     let shutdown = app.shutdown.clone();
@@ -76,7 +124,7 @@ pub fn start_candles(app: &Arc<AppState>) {
             tokio::select! {
                 _ = tick.tick() => {
                     let updates = builder.lock().on_clock(now_ms());
-                    publish_candles(&hub, updates);
+                    publish_candles(&hub, &bars, updates);
                 }
                 _ = shutdown.draining() => return,
             }
@@ -84,8 +132,11 @@ pub fn start_candles(app: &Arc<AppState>) {
     });
 }
 
-fn publish_candles(hub: &Hub, updates: Vec<CandleUpdate>) {
+fn publish_candles(hub: &Hub, upstream: &UpstreamBars, updates: Vec<CandleUpdate>) {
     for u in updates {
+        if upstream.covers(&u.candle.sym, u.candle.interval) {
+            continue;
+        }
         let _ = hub.publish(&u.channel, &market::encode(&u.candle), u.kind);
     }
 }

@@ -46,6 +46,12 @@ struct Part {
     body: Bytes,
 }
 
+fn text_part(body: Bytes) -> Part {
+    let mut header = [0u8; 10];
+    let header_len = frame::encode_header(frame::OP_TEXT, body.len(), &mut header) as u8;
+    Part { header, header_len, body }
+}
+
 /// Runs one connection to completion.
 pub async fn run(
     app: Arc<AppState>,
@@ -68,7 +74,14 @@ pub async fn run(
     };
     let conn_id = conn.session.conn_id;
     conn.app.metrics.connection_opened(Transport::Ws);
-    let code = conn.serve(already_read, admission).await;
+    // Bytes hyper read past the handshake: usually none, but the handle may pin hyper's whole
+    // read buffer, so feed and release it before the connection settles into its idle state.
+    if admission == Admission::Accept && !already_read.is_empty() {
+        // A close frame among them is answered by the serve loop, which flushes it first.
+        let _ = conn.feed(&already_read);
+    }
+    drop(already_read);
+    let code = conn.serve(admission).await;
     conn.app.metrics.connection_closed(Transport::Ws, code);
     tracing::debug!(conn = conn_id, peer, code, "websocket closed");
 }
@@ -95,7 +108,7 @@ enum ReadOutcome {
 
 impl Conn {
     /// Serves until the connection ends; returns the close code recorded for metrics.
-    async fn serve(&mut self, already_read: Bytes, admission: Admission) -> u16 {
+    async fn serve(&mut self, admission: Admission) -> u16 {
         let conn_id = self.session.conn_id;
         match admission {
             Admission::Refuse(code) => {
@@ -109,10 +122,7 @@ impl Conn {
             Admission::Accept => {
                 let welcome =
                     encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
-                self.queue_text(welcome);
-                if !already_read.is_empty() && self.feed(&already_read).is_err() {
-                    return self.close_code.unwrap_or(1002);
-                }
+                self.parts.push_front(text_part(welcome));
             }
         }
         let ping_interval = Duration::from_millis(self.app.config.server.ping_interval_ms);
@@ -227,9 +237,7 @@ impl Conn {
     }
 
     fn queue_text(&mut self, body: Bytes) {
-        let mut header = [0u8; 10];
-        let header_len = frame::encode_header(frame::OP_TEXT, body.len(), &mut header) as u8;
-        self.parts.push_back(Part { header, header_len, body });
+        self.parts.push_back(text_part(body));
     }
 
     fn queue_raw(&mut self, frame: Vec<u8>) {

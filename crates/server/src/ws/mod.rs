@@ -97,7 +97,7 @@ pub fn origin_allowed(allowed: &[String], origin: Option<&HeaderValue>) -> bool 
 }
 
 /// What is wrong with a request that should have been a WebSocket upgrade, if anything.
-fn upgrade_problem(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn upgrade_problem(headers: &HeaderMap) -> Option<String> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
