@@ -10,14 +10,27 @@
 //! | [`market`] | the normalised market-data schema (trades, quotes, candles) shared by every source, and the channel names it is published on |
 //! | [`simulator`] | the built-in demo market that `ferrocast serve` runs by default: random-walk trades and quotes for a set of symbols |
 //! | [`candles`] | OHLCV bars built from trades: a pure state machine the server feeds with trades and a clock |
-//!
-//! Upstream connectors (Massive under `massive/`, a configurable generic WebSocket feed in
-//! `generic.rs`) will sit beside the simulator and publish the same [`market`] types.
+//! | [`config`] | the `[[feeds]]` configuration of upstream connectors and its validation |
+//! | [`feed`] | what connectors share: link state, counters, the demand interface, upstream-bar marks |
+//! | [`interest`] | demand tracking: which channels a connector serves, with linger |
+//! | [`backoff`] | reconnect delays: exponential with full jitter |
+//! | [`link`] | WebSocket plumbing: connect (ws/wss) with headers and deadlines |
+//! | [`massive`] | the Massive (Polygon) connector: stocks and options clusters |
+//! | [`generic`] | the generic JSON WebSocket connector, described by configuration |
+//! | [`simulate`] | local simulators of the Massive, Binance and Coinbase protocols, for tests and demos |
 
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod candles;
+pub mod config;
+pub mod feed;
+pub mod generic;
+pub mod interest;
+pub mod link;
 pub mod market;
+pub mod massive;
+pub mod simulate;
 pub mod simulator;
 
 /// Where sources put their output. Implemented by the server over the hub. Must never block.

@@ -1,0 +1,337 @@
+//! Upstream market-data connectors (`[[feeds]]`) wired to the hub, the feed board and the
+//! metrics.
+//!
+//! Each configured feed becomes a task running its connector (Massive or generic) until the
+//! server drains. Connectors publish through [`HubSink`], report their state to the
+//! [`FeedBoard`](crate::feedboard::FeedBoard) (so `/readyz` follows `required` feeds and
+//! `/api/feeds` shows the reason when a feed is down), and register their counters for
+//! `/metrics`.
+//!
+//! The hub has one demand-listener slot, so a [`DemandRouter`] fans demand out: a market
+//! channel (`ticks.SYM`, `quotes.SYM`, `candles.SYM.*`) goes to the first feed, in
+//! configuration order, whose symbols match (options `O:…` to the options feed, plain
+//! tickers to the stocks feed). The router also answers the hub's admission check, which is
+//! how a subscribe beyond an upstream limit (Massive's 1,000 option contracts with quotes)
+//! is refused with `upstream_rejected` instead of silently getting no data.
+
+use std::sync::Arc;
+
+use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel};
+use ferrocast_feeds::generic::{GenericConfig, GenericFeed};
+use ferrocast_feeds::massive::{MassiveConfig, MassiveFeed};
+use ferrocast_hub::hub::DemandListener;
+
+use crate::AppState;
+use crate::sources::HubSink;
+
+/// Routes hub demand to the feed serving each channel.
+pub struct DemandRouter {
+    feeds: Vec<Arc<dyn Feed>>,
+}
+
+impl std::fmt::Debug for DemandRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.feeds.iter().map(|feed| feed.name())).finish()
+    }
+}
+
+impl DemandRouter {
+    /// A router over `feeds`, in priority order.
+    pub fn new(feeds: Vec<Arc<dyn Feed>>) -> Self {
+        DemandRouter { feeds }
+    }
+
+    /// The feed serving `channel`, if it is a market channel some feed claims.
+    pub fn route(&self, channel: &str) -> Option<&Arc<dyn Feed>> {
+        let mc = MarketChannel::parse(channel)?;
+        self.feeds.iter().find(|f| f.claims(&mc))
+    }
+}
+
+impl DemandListener for DemandRouter {
+    fn demand_changed(&self, channel: &str, wanted: bool) {
+        if let Some(feed) = self.route(channel) {
+            feed.demand(channel, wanted);
+        }
+    }
+
+    fn admit(&self, channel: &str) -> Result<(), String> {
+        match self.route(channel) {
+            Some(feed) => feed.admit(channel),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts every configured feed and installs the demand router. Feeds stop when the server
+/// drains. Does nothing without `[[feeds]]`.
+pub fn start(app: &Arc<AppState>) {
+    if app.config.feeds.is_empty() {
+        return;
+    }
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut feeds: Vec<Arc<dyn Feed>> = Vec::new();
+    for cfg in &app.config.feeds {
+        let stats = Arc::new(FeedStats::new(&cfg.name, &cfg.kind));
+        // A weak reference: the board lives in `AppState`, which must not be kept alive by
+        // its own feeds' callbacks.
+        let board = Arc::downgrade(app);
+        let (name, kind, required) = (cfg.name.clone(), cfg.kind.clone(), cfg.required);
+        stats.set_observer(Box::new(move |state, reason| {
+            if let Some(app) = board.upgrade() {
+                app.feeds.set(&name, &kind, required, state.into(), reason.map(str::to_owned));
+            }
+        }));
+        app.feeds.register(&stats);
+        let hub = app.hub.clone();
+        let ctx = FeedContext {
+            sink: Arc::new(HubSink(app.hub.clone())),
+            probe: Arc::new(move |channel: &str| hub.subscriber_count(channel) > 0),
+            bars: app.feeds.upstream_bars.clone(),
+            stats,
+        };
+        let shutdown = app.shutdown.clone();
+        match cfg.kind.as_str() {
+            "massive" => {
+                let feed = MassiveFeed::new(MassiveConfig::from_feed(cfg, &env), ctx);
+                tokio::spawn(feed.clone().run(async move { shutdown.draining().await }));
+                feeds.push(feed);
+            }
+            "generic" => match GenericConfig::from_feed(cfg, &env) {
+                Ok(generic) => {
+                    let feed = GenericFeed::new(generic, ctx);
+                    tokio::spawn(feed.clone().run(async move { shutdown.draining().await }));
+                    feeds.push(feed);
+                }
+                // Validated at load time, so this is a bug rather than a user error; the feed
+                // shows as failed instead of taking the server down.
+                Err(problems) => ctx.stats.set_state(
+                    ferrocast_feeds::feed::LinkState::Failed,
+                    Some(format!("invalid configuration: {problems:?}")),
+                ),
+            },
+            other => tracing::error!(feed = %cfg.name, "unknown feed kind {other:?}"),
+        }
+        tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
+    }
+    let router = Arc::new(DemandRouter::new(feeds));
+    app.hub.set_demand_listener(router.clone());
+    // Replayed after installing the router, so no subscription falls in between; a channel
+    // reported twice is simply wanted.
+    for channel in app.hub.demanded_channels() {
+        router.demand_changed(&channel, true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Claims(&'static str, &'static str);
+
+    impl Feed for Claims {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn claims(&self, channel: &MarketChannel<'_>) -> bool {
+            channel.symbol().starts_with(self.1)
+        }
+        fn admit(&self, _channel: &str) -> Result<(), String> {
+            Err(self.0.to_owned())
+        }
+        fn demand(&self, _channel: &str, _wanted: bool) {}
+    }
+
+    #[test]
+    fn channels_go_to_the_first_feed_that_claims_them() {
+        let router = DemandRouter::new(vec![
+            Arc::new(Claims("options", "O:")),
+            Arc::new(Claims("stocks", "")),
+        ]);
+        let name = |c: &str| router.route(c).map(|f| f.name().to_owned());
+        assert_eq!(name("quotes.O:SPY241220P00720000").as_deref(), Some("options"));
+        assert_eq!(name("candles.AAPL.1m").as_deref(), Some("stocks"));
+        assert_eq!(name("chat.room"), None);
+        assert_eq!(router.admit("ticks.AAPL"), Err("stocks".into()));
+        assert_eq!(router.admit("chat.room"), Ok(()));
+    }
+
+    /// The whole path over real sockets: a Massive simulator upstream, the server with two
+    /// feeds (stocks, options), a WebSocket client downstream.
+    mod end_to_end {
+        use std::time::Duration;
+
+        use ferrocast_client::Client;
+        use ferrocast_feeds::simulate::{Protocol, SimOptions, Simulator};
+
+        use crate::config::{Config, Sources};
+        use crate::{AppState, Server};
+
+        async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            let status = out[9..12].parse().unwrap();
+            (status, out)
+        }
+
+        async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+            for _ in 0..250 {
+                if f().await {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("timed out waiting for {what}");
+        }
+
+        fn config(sim: &Simulator, key: &str) -> Config {
+            let text = format!(
+                r#"
+                [simulator]
+                enabled = false
+                [[feeds]]
+                name = "stocks"
+                kind = "massive"
+                url = "ws://{addr}/stocks"
+                api_key = "{key}"
+                events = ["T", "AM"]
+                linger_ms = 100
+                read_timeout_ms = 2000
+                ping_interval_ms = 500
+                [[feeds]]
+                name = "options"
+                kind = "massive"
+                url = "ws://{addr}/options"
+                api_key = "{key}"
+                events = ["T", "Q"]
+                quote_limit = 1
+                required = false
+                "#,
+                addr = sim.addr()
+            );
+            Config::load(&Sources {
+                file: Some((std::path::Path::new("test.toml"), text)),
+                ..Default::default()
+            })
+            .expect("valid config")
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn feeds_serve_clients_end_to_end() {
+            let sim = Simulator::bind(
+                Protocol::Massive,
+                "127.0.0.1:0",
+                SimOptions {
+                    api_key: Some("k".into()),
+                    rate: 100.0,
+                    minute_bar_every: Duration::from_millis(200),
+                    ..SimOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let app = AppState::new(config(&sim, "k"), None);
+            let server =
+                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+            let addr = server.local_addr();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async move {
+                let _ = stopped.await;
+            }));
+            eventually("ready", async || http_get(addr, "/readyz").await.0 == 200).await;
+
+            let mut client = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+            let ack = client.subscribe(&["ticks.AAPL", "candles.AAPL.1m"]).await.unwrap();
+            assert!(ack.is_ok(), "{ack:?}");
+            let state = sim.state().clone();
+            eventually("T.AAPL and AM.AAPL upstream", async || {
+                state.subscriptions().into_iter().collect::<Vec<_>>() == ["AM.AAPL", "T.AAPL"]
+            })
+            .await;
+            // Trades arrive normalised; every candle is Massive's, none built by the server
+            // (its builder would emit forming bars with src "server" from these trades).
+            let (mut trades, mut candles) = (0, 0);
+            while trades < 5 || candles < 2 {
+                let m = tokio::time::timeout(Duration::from_secs(5), client.next_message())
+                    .await
+                    .expect("data within 5 s")
+                    .unwrap();
+                let data = m.data_value();
+                assert_eq!(data["src"], "massive", "{} {data}", m.channel);
+                if m.channel == "ticks.AAPL" {
+                    trades += 1;
+                } else {
+                    assert_eq!(m.channel, "candles.AAPL.1m");
+                    assert_eq!(data["forming"], false);
+                    candles += 1;
+                }
+            }
+
+            // Options quotes: a limit of one contract; the second is refused upstream-side.
+            let ack = client.subscribe(&["quotes.O:SPY241220P00720000"]).await.unwrap();
+            assert!(ack.is_ok(), "{ack:?}");
+            let ack = client.subscribe(&["quotes.O:TSLA230616C00150000"]).await.unwrap();
+            let err = ack.error("quotes.O:TSLA230616C00150000").expect("refused");
+            assert_eq!(err.code, "upstream_rejected");
+            assert!(err.message.contains("limit"), "{}", err.message);
+
+            // Leaving: unsubscribed upstream after the linger.
+            client.unsubscribe(&["ticks.AAPL", "candles.AAPL.1m"]).await.unwrap();
+            eventually("AAPL unsubscribed upstream", async || {
+                !state.subscriptions().iter().any(|s| s.ends_with(".AAPL"))
+            })
+            .await;
+
+            let (_, feeds) = http_get(addr, "/api/feeds").await;
+            assert!(
+                feeds.contains(r#""name":"options""#) && feeds.contains(r#""state":"live""#),
+                "{feeds}"
+            );
+            let (_, metrics) = http_get(addr, "/metrics").await;
+            for family in [
+                r#"ferrocast_feed_state{feed="stocks",kind="massive",state="live"} 1"#,
+                r#"ferrocast_feed_reconnects_total{feed="stocks"} 0"#,
+                r#"ferrocast_feed_subscribe_refused_total{feed="options"} 1"#,
+                r#"ferrocast_feed_latency_seconds_count{feed="stocks"}"#,
+                r#"ferrocast_feed_messages_in_total{feed="stocks"}"#,
+                r#"ferrocast_feed_parse_errors_total{feed="stocks"} 0"#,
+            ] {
+                assert!(metrics.contains(family), "metrics lack {family}");
+            }
+            let _ = stop.send(());
+            task.await.unwrap();
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_rejected_key_makes_the_server_unready_with_the_reason() {
+            let sim = Simulator::bind(
+                Protocol::Massive,
+                "127.0.0.1:0",
+                SimOptions { api_key: Some("right".into()), ..SimOptions::default() },
+            )
+            .await
+            .unwrap();
+            let app = AppState::new(config(&sim, "wrong"), None);
+            let server =
+                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+            let addr = server.local_addr();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async move {
+                let _ = stopped.await;
+            }));
+            eventually("stocks failed", async || {
+                http_get(addr, "/readyz").await.1.contains("is failed")
+            })
+            .await;
+            let (status, body) = http_get(addr, "/readyz").await;
+            assert_eq!(status, 503);
+            assert!(body.contains("stocks") && body.contains("auth_failed"), "{body}");
+            let _ = stop.send(());
+            task.await.unwrap();
+        }
+    }
+}
