@@ -1,0 +1,635 @@
+//! Socket.IO v4 (Engine.IO v4) on `[socketio] path` (default `/socket.io/`), through
+//! `socketioxide`: long-polling, websocket and the upgrade between them, so unchanged
+//! `socket.io-client` and `python-socketio` apps connect to the same channels as `/ws`.
+//!
+//! Each socket on the main namespace `/` gets one [`Session`] (transport `socketio`), so the
+//! channels, permissions, limits and metrics are those of every other transport. Clients emit:
+//!
+//! | event | payload | ack (callback argument) |
+//! | --- | --- | --- |
+//! | `subscribe` | `"ch"`, `["a","b"]` or `{channels, recover}` | per-channel results, as the native ack's `result` |
+//! | `unsubscribe` | `"ch"`, `["a","b"]` or `{channels}` | `{"unsubscribed":[...]}` |
+//! | `publish` | `{channel, data}` | `{channel, offset, epoch}` |
+//! | `ping` | anything | the same payload (also emitted back as `pong`) |
+//!
+//! A refused request is acknowledged with `{"error":{"code":..,"message":..}}`, the shape of a
+//! per-channel error in a native ack. The server emits `message` with
+//! `{channel, offset, epoch, data}` for every message (`ephemeral: true` added for transient
+//! ones), and, where the channel's namespace sets `socketio_event` (e.g. `price_update`), that
+//! event too with the data alone, so apps written for another Socket.IO server keep their
+//! handlers. Before the server ends a socket it emits `close` with `{code, reason}`: 1001 with a
+//! reconnect hint when draining (the transport is then closed, and clients reconnect by
+//! themselves), 4008 when the socket's queue overflowed (the socket is then disconnected).
+//!
+//! Events are handled synchronously, in arrival order, by [`Event`] (socketioxide would
+//! otherwise run each handler in a task of its own, so an `unsubscribe` could overtake the
+//! `subscribe` before it). A per-socket task drains the session's queue and emits; when the
+//! engine's per-socket buffer is full it backs off and retries, and meanwhile the backlog stays
+//! in the byte-bounded queue where the namespace's overflow policy applies.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::header;
+use bytes::Bytes;
+use ferrocast_hub::{ConnQueue, Drained, Outbound};
+use ferrocast_protocol::{CloseCode, ErrorCode, FrameError, StreamPosition};
+use parking_lot::Mutex;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::{ConnectHandler, FromMessageParts, MessageHandler, Value};
+use socketioxide::socket::{DisconnectReason, Socket};
+use socketioxide::{SendError, SocketError, SocketIo, TransportType};
+use tokio::sync::Notify;
+
+use crate::AppState;
+use crate::metrics::{LocalHistogram, Transport};
+use crate::session::Session;
+use crate::shutdown::ConnectionGuard;
+use crate::sse::MsgView;
+use crate::ws::origin_allowed;
+
+/// Packets the engine may buffer per socket before `emit` reports it full. The real bound is
+/// the session's byte-bounded queue; this only needs to cover a polling client's round trip.
+const ENGINE_BUFFER_PACKETS: usize = 1024;
+/// Retry delays while the engine's buffer is full.
+const MIN_BACKOFF: Duration = Duration::from_millis(2);
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// How long, once draining starts, sockets have to emit their `close` event before every
+/// transport is closed.
+const DRAIN_NOTICE: Duration = Duration::from_millis(200);
+/// When a draining socket's writer ends its session. socketioxide does not run disconnect
+/// handlers for the sockets its `close` shuts, so the writer does not wait for one.
+const DRAIN_EXIT: Duration = Duration::from_millis(500);
+
+/// The Socket.IO routes (the configured path and everything under it), to merge into the
+/// main router. Engine.IO's heartbeat is `server.ping_interval_ms` / `server.pong_timeout_ms`
+/// and its largest accepted payload is `server.max_frame_bytes`.
+pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S> {
+    let server = &app.config.server;
+    let config = &app.config.socketio;
+    let builder = SocketIo::builder()
+        .req_path(config.path.clone())
+        .ping_interval(Duration::from_millis(server.ping_interval_ms))
+        .ping_timeout(Duration::from_millis(server.pong_timeout_ms))
+        .max_payload(server.max_frame_bytes as u64)
+        .ws_max_message_size(server.max_frame_bytes)
+        .ws_max_frame_size(server.max_frame_bytes)
+        .max_buffer_size(ENGINE_BUFFER_PACKETS);
+    let polling = config.transports.iter().any(|t| t == "polling");
+    let websocket = config.transports.iter().any(|t| t == "websocket");
+    let builder = match (polling, websocket) {
+        (true, false) => builder.transports([TransportType::Polling]),
+        (false, true) => builder.transports([TransportType::Websocket]),
+        _ => builder.transports([TransportType::Polling, TransportType::Websocket]),
+    };
+    let (service, io) = builder.build_svc();
+    let state =
+        Arc::new(SioState { app: app.clone(), io: io.clone(), closer: AtomicBool::new(false) });
+    let admit_state = state.clone();
+    // The middleware runs before socketioxide sends the connect packet, the handler after it
+    // (socketioxide spawns the future the handler returns). So the event handlers are
+    // registered by the middleware, in place before the client can send its first event, and
+    // the writer starts once the socket is connected.
+    let middleware = move |s: SocketRef| {
+        let state = admit_state.clone();
+        async move { admit(&state, &s).map(|()| prepare(&state, &s)) }
+    };
+    let handler = move |s: SocketRef| {
+        on_connect(state.clone(), s);
+        std::future::ready(())
+    };
+    io.ns("/", handler.with(middleware));
+
+    let path = config.path.trim_end_matches('/');
+    Router::new()
+        .route_service(path, service.clone())
+        .route_service(&format!("{path}/"), service.clone())
+        .route_service(&format!("{path}/{{*rest}}"), service)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::sse::cors))
+}
+
+#[derive(Debug)]
+struct SioState {
+    app: Arc<AppState>,
+    io: SocketIo,
+    /// Whether the task that closes every transport on drain has been started.
+    closer: AtomicBool,
+}
+
+impl SioState {
+    /// Starts (once, from inside the runtime) the task that closes every Engine.IO transport
+    /// when draining begins. Closing the transport, rather than disconnecting the namespace,
+    /// is what makes Socket.IO clients reconnect by themselves (to another server).
+    fn start_closer(&self) {
+        if self.closer.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let shutdown = self.app.shutdown.clone();
+        let io = self.io.clone();
+        tokio::spawn(async move {
+            shutdown.draining().await;
+            tokio::time::sleep(DRAIN_NOTICE).await;
+            io.close().await;
+        });
+    }
+}
+
+/// Admission, before the socket joins the namespace: the same rules as a `/ws` upgrade. A
+/// refusal reaches the client as a `connect_error` whose message names the close code.
+fn admit(state: &SioState, s: &SocketRef) -> Result<(), String> {
+    let app = &state.app;
+    let refusal = if app.shutdown.is_draining() {
+        Some((CloseCode::GoingAway, "the server is shutting down; reconnect"))
+    } else if !origin_allowed(
+        &app.config.server.allowed_origins,
+        s.req_parts().headers.get(header::ORIGIN),
+    ) {
+        Some((CloseCode::PolicyViolation, "this Origin is not in server.allowed_origins"))
+    } else if app.shutdown.active_connections() >= app.config.server.max_connections {
+        Some((CloseCode::TryAgainLater, "connection limit reached; try again later"))
+    } else {
+        None
+    };
+    let Some((code, message)) = refusal else { return Ok(()) };
+    tracing::info!(peer = %peer(s), code = code.code(), "refusing socket.io connection: {message}");
+    app.metrics.connection_opened(Transport::SocketIo);
+    app.metrics.connection_closed(Transport::SocketIo, code.code());
+    Err(format!("{message} ({})", code.code()))
+}
+
+fn peer(s: &Socket<LocalAdapter>) -> String {
+    s.req_parts()
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.to_string())
+        .unwrap_or_default()
+}
+
+/// An admitted socket, about to join the namespace: give it a session and its event handlers.
+fn prepare(state: &SioState, s: &SocketRef) {
+    let app = state.app.clone();
+    let session = Session::new(app.clone(), Transport::SocketIo);
+    let conn = Arc::new(Conn {
+        conn_id: session.conn_id,
+        queue: session.queue.clone(),
+        session: Mutex::new(Some(session)),
+        disconnected: Notify::new(),
+        reason: Mutex::new(None),
+        app,
+    });
+    for (event, op) in [
+        ("subscribe", Op::Subscribe),
+        ("unsubscribe", Op::Unsubscribe),
+        ("publish", Op::Publish),
+        ("ping", Op::Ping),
+    ] {
+        s.on(event, Event { conn: conn.clone(), op });
+    }
+    let on_disconnect = conn.clone();
+    s.on_disconnect(move |reason: DisconnectReason| {
+        let conn = on_disconnect.clone();
+        async move {
+            *conn.reason.lock() = Some(reason);
+            conn.disconnected.notify_one();
+        }
+    });
+    s.extensions.insert(conn);
+}
+
+/// A socket joined the namespace: start its writer.
+fn on_connect(state: Arc<SioState>, s: SocketRef) {
+    let Some(conn) = s.extensions.remove::<Arc<Conn>>() else { return };
+    state.start_closer();
+    let app = &state.app;
+    let guard = app.shutdown.track();
+    app.metrics.connection_opened(Transport::SocketIo);
+    tracing::debug!(
+        conn = conn.conn_id,
+        sid = %s.id,
+        peer = %peer(&s),
+        transport = ?s.transport_type(),
+        "socket.io connected"
+    );
+    tokio::spawn(run_socket(conn, s, guard));
+}
+
+/// One socket's state, shared by its event handlers and its writer.
+#[derive(Debug)]
+struct Conn {
+    app: Arc<AppState>,
+    conn_id: u64,
+    queue: Arc<ConnQueue>,
+    /// `None` once the socket has ended.
+    session: Mutex<Option<Session>>,
+    disconnected: Notify,
+    reason: Mutex<Option<DisconnectReason>>,
+}
+
+// ------------------------------------------------------------------------------------------
+// Client events
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Subscribe,
+    Unsubscribe,
+    Publish,
+    Ping,
+}
+
+/// The handler of one client event. It runs synchronously where socketioxide receives the
+/// packet, so a socket's requests are carried out in the order they were sent.
+#[derive(Debug, Clone)]
+struct Event {
+    conn: Arc<Conn>,
+    op: Op,
+}
+
+/// Type marker for [`Event`]'s [`MessageHandler`] implementation.
+#[derive(Debug)]
+pub struct InOrder;
+
+impl MessageHandler<LocalAdapter, InOrder> for Event {
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: Value, ack_id: Option<i64>) {
+        let Ok(TryData(payload)) =
+            TryData::<serde_json::Value>::from_message_parts(&s, &mut v, &ack_id);
+        let Ok(ack) = AckSender::<LocalAdapter>::from_message_parts(&s, &mut v, &ack_id);
+        let payload = payload.unwrap_or(serde_json::Value::Null);
+        let conn = &self.conn;
+        let mut guard = conn.session.lock();
+        let Some(session) = guard.as_mut() else { return };
+        let reply = match self.op {
+            Op::Subscribe => {
+                // The ack must reach the client before the replay the subscribe queues: hold
+                // the writer at this point of the queue until the ack is handed to the engine.
+                let reservation = conn.queue.reserve();
+                let reply = match parse_subscribe(&payload) {
+                    Ok((channels, recover)) => match session.subscribe(&channels, &recover) {
+                        Ok(results) => serde_json::to_value(&results).unwrap_or_default(),
+                        Err(e) => refused(session, e),
+                    },
+                    Err(e) => refused(session, e),
+                };
+                drop(guard);
+                send_ack(conn, ack, &reply);
+                conn.queue.fill(reservation, Bytes::new());
+                return;
+            }
+            Op::Unsubscribe => match parse_channels(&payload, "unsubscribe") {
+                Ok(channels) => match session.unsubscribe(&channels) {
+                    Ok(()) => json!({ "unsubscribed": channels }),
+                    Err(e) => refused(session, e),
+                },
+                Err(e) => refused(session, e),
+            },
+            Op::Publish => match parse_publish(&payload) {
+                Ok((channel, data)) => match session.publish(&channel, data.get().as_bytes()) {
+                    Ok(result) => serde_json::to_value(&result).unwrap_or_default(),
+                    Err(e) => refused(session, e),
+                },
+                Err(e) => refused(session, e),
+            },
+            Op::Ping => {
+                if let Err(e) = s.emit("pong", &payload) {
+                    tracing::debug!(conn = conn.conn_id, "pong not sent: {e}");
+                }
+                payload
+            }
+        };
+        drop(guard);
+        send_ack(conn, ack, &reply);
+    }
+}
+
+fn send_ack(conn: &Conn, ack: AckSender<LocalAdapter>, reply: &serde_json::Value) {
+    if let Err(e) = ack.send(reply) {
+        // Only possible while the engine's buffer is full (a client far behind) or closed.
+        tracing::info!(conn = conn.conn_id, "socket.io ack not sent: {e}");
+    }
+}
+
+/// Counts and logs a refused request like every transport does, and shapes it as the error
+/// object of a native ack.
+fn refused(session: &mut Session, e: FrameError) -> serde_json::Value {
+    let value = json!({ "error": { "code": e.code.as_str(), "message": e.message } });
+    session.error_frame(e);
+    value
+}
+
+fn bad_request(message: impl Into<String>) -> FrameError {
+    FrameError::new(None, ErrorCode::BadRequest, message)
+}
+
+/// Channels given as `"ch"`, `["a","b"]` or `{"channels": ...}`.
+fn parse_channels(payload: &serde_json::Value, event: &str) -> Result<Vec<String>, FrameError> {
+    let list = match payload {
+        serde_json::Value::Object(map) => map.get("channels").unwrap_or(&serde_json::Value::Null),
+        other => other,
+    };
+    match list {
+        serde_json::Value::String(c) => Ok(vec![c.clone()]),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad_request(format!("\"{event}\": every channel must be a string"))),
+        _ => Err(bad_request(format!(
+            "\"{event}\" takes a channel name, an array of them, or {{\"channels\":[...]}}"
+        ))),
+    }
+}
+
+type SubscribeRequest = (Vec<String>, BTreeMap<String, StreamPosition>);
+
+fn parse_subscribe(payload: &serde_json::Value) -> Result<SubscribeRequest, FrameError> {
+    let channels = parse_channels(payload, "subscribe")?;
+    let recover = match payload.get("recover") {
+        None | Some(serde_json::Value::Null) => BTreeMap::new(),
+        Some(r) => serde_json::from_value(r.clone()).map_err(|e| {
+            bad_request(format!(
+                "\"recover\" must map channels to {{\"epoch\":E,\"offset\":N}}: {e}"
+            ))
+        })?,
+    };
+    Ok((channels, recover))
+}
+
+fn parse_publish(payload: &serde_json::Value) -> Result<(String, Box<RawValue>), FrameError> {
+    let (Some(channel), Some(data)) =
+        (payload.get("channel").and_then(|c| c.as_str()), payload.get("data"))
+    else {
+        return Err(bad_request("\"publish\" takes {\"channel\":C,\"data\":D}"));
+    };
+    let data = serde_json::value::to_raw_value(data)
+        .map_err(|e| bad_request(format!("\"data\" cannot be encoded: {e}")))?;
+    Ok((channel.to_owned(), data))
+}
+
+// ------------------------------------------------------------------------------------------
+// The writer
+
+/// What a socket is told about a message: the native `msg` frame without its `type`.
+#[derive(Serialize)]
+struct SioMessage<'a> {
+    channel: &'a str,
+    offset: u64,
+    epoch: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ephemeral: bool,
+    data: &'a RawValue,
+}
+
+/// The outcome of handing queued frames to the engine.
+enum Flush {
+    /// Everything pending was emitted.
+    Done,
+    /// The engine's buffer is full: retry later.
+    Full,
+    /// The socket is closed.
+    Closed,
+}
+
+/// How far the front pending message got: `message` emitted, the namespace's own event not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Start,
+    MessageSent,
+}
+
+struct Writer {
+    conn: Arc<Conn>,
+    socket: SocketRef,
+    pending: VecDeque<Outbound>,
+    stage: Stage,
+}
+
+async fn run_socket(conn: Arc<Conn>, socket: SocketRef, guard: ConnectionGuard) {
+    let app = conn.app.clone();
+    let conn_id = conn.conn_id;
+    let sid = socket.id;
+    let mut writer =
+        Writer { conn: conn.clone(), socket, pending: VecDeque::new(), stage: Stage::Start };
+    let code = writer.run().await;
+    drop(writer);
+    // Dropping the session leaves every channel.
+    drop(conn.session.lock().take());
+    app.metrics.connection_closed(Transport::SocketIo, code);
+    tracing::debug!(conn = conn_id, %sid, code, "socket.io closed");
+    drop(guard);
+}
+
+impl Writer {
+    /// Emits queued messages until the socket ends; returns the close code for the metrics.
+    async fn run(&mut self) -> u16 {
+        let app = self.conn.app.clone();
+        let queue = self.conn.queue.clone();
+        let mut drain_rx = app.shutdown.subscribe();
+        let mut drained = Drained::default();
+        let mut backoff = MIN_BACKOFF;
+        let mut told_draining = false;
+        let mut drain_exit = None;
+        loop {
+            match self.flush() {
+                Flush::Done => backoff = MIN_BACKOFF,
+                Flush::Full => {}
+                Flush::Closed => {
+                    // The disconnect handler is on its way; wait for the reason it carries.
+                    let notified = self.conn.disconnected.notified();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
+                    return self.disconnect_code();
+                }
+            }
+            if drained.overflowed {
+                tracing::info!(
+                    conn = self.conn.conn_id,
+                    "slow consumer: outbound queue overflowed, disconnecting socket.io client (4008)"
+                );
+                let code = CloseCode::SlowConsumer;
+                self.emit_close(code.code(), code.reason());
+                let _ = self.socket.clone().disconnect();
+                return code.code();
+            }
+            if !told_draining && *drain_rx.borrow() {
+                told_draining = true;
+                let base = app.config.server.reconnect_after_ms;
+                let after = rand::rng().random_range(base..=base * 2);
+                let hint = format!("{{\"reconnect\":true,\"after_ms\":{after}}}");
+                self.emit_close(CloseCode::GoingAway.code(), &hint);
+                drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
+            }
+            tokio::select! {
+                _ = self.conn.disconnected.notified() => return self.disconnect_code(),
+                _ = queue.notified(), if self.pending.is_empty() => {
+                    drained.frames.clear();
+                    queue.drain_into(&mut drained);
+                    self.pending.extend(drained.frames.drain(..));
+                    if drained.frames.capacity() > 1024 {
+                        drained.frames = Vec::new();
+                    }
+                }
+                _ = tokio::time::sleep(backoff), if !self.pending.is_empty() => {
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                _ = drain_rx.changed(), if !told_draining => {}
+                _ = sleep_until_some(drain_exit) => return CloseCode::GoingAway.code(),
+            }
+        }
+    }
+
+    fn disconnect_code(&self) -> u16 {
+        match *self.conn.reason.lock() {
+            Some(DisconnectReason::ClosingServer) => CloseCode::GoingAway.code(),
+            Some(DisconnectReason::HeartbeatTimeout) => CloseCode::HeartbeatTimeout.code(),
+            Some(
+                DisconnectReason::PacketParsingError | DisconnectReason::MultipleHttpPollingError,
+            ) => CloseCode::ProtocolError.code(),
+            Some(DisconnectReason::TransportError) | None => 1006,
+            Some(_) => CloseCode::Normal.code(),
+        }
+    }
+
+    fn emit_close(&self, code: u16, reason: &str) {
+        let _ = self.socket.emit("close", &json!({ "code": code, "reason": reason }));
+    }
+
+    /// Hands pending frames to the engine, in order, until done or the engine pushes back.
+    fn flush(&mut self) -> Flush {
+        let app = &self.conn.app;
+        let now = Instant::now();
+        let mut latency = LocalHistogram::default();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        let mut outcome = Flush::Done;
+        while let Some(front) = self.pending.front() {
+            match emit_frame(&self.socket, app, front, &mut self.stage) {
+                Ok(sent) => {
+                    if sent && front.is_message() {
+                        messages += 1;
+                        bytes += front.bytes.len() as u64;
+                        if let Some(at) = front.published_at {
+                            latency.record(now.saturating_duration_since(at));
+                        }
+                    }
+                    self.stage = Stage::Start;
+                    self.pending.pop_front();
+                }
+                Err(SocketError::InternalChannelFull) => {
+                    outcome = Flush::Full;
+                    break;
+                }
+                Err(SocketError::Closed) => {
+                    outcome = Flush::Closed;
+                    break;
+                }
+            }
+        }
+        if self.pending.capacity() > 1024 && self.pending.is_empty() {
+            self.pending = VecDeque::new();
+        }
+        latency.flush_into(&app.metrics.delivery_latency);
+        app.metrics.delivered(Transport::SocketIo, messages, bytes);
+        outcome
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Emits one queued frame. `Ok(false)` when it was skipped (empty placeholder, unreadable).
+fn emit_frame(
+    socket: &SocketRef,
+    app: &AppState,
+    frame: &Outbound,
+    stage: &mut Stage,
+) -> Result<bool, SocketError> {
+    if frame.bytes.is_empty() {
+        return Ok(false);
+    }
+    if !frame.is_message() {
+        // A server notice such as {"type":"unsubscribed",...}: emitted under its type.
+        #[derive(Deserialize)]
+        struct Notice<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+        }
+        let Ok(notice) = serde_json::from_slice::<Notice<'_>>(&frame.bytes) else {
+            return Ok(false);
+        };
+        let Ok(body) = serde_json::from_slice::<&RawValue>(&frame.bytes) else { return Ok(false) };
+        return emitted(socket.emit(notice.kind, body)).map(|()| true);
+    }
+    let Some(msg) = MsgView::parse(&frame.bytes) else { return Ok(false) };
+    let Ok(data) = serde_json::from_slice::<&RawValue>(msg.data) else { return Ok(false) };
+    if *stage == Stage::Start {
+        let body = SioMessage {
+            channel: msg.channel,
+            offset: msg.offset,
+            epoch: msg.epoch,
+            ephemeral: msg.ephemeral,
+            data,
+        };
+        emitted(socket.emit("message", &body))?;
+        *stage = Stage::MessageSent;
+    }
+    let event = &app.hub.namespace(msg.channel).socketio_event;
+    if !event.is_empty() {
+        emitted(socket.emit(event, data))?;
+    }
+    Ok(true)
+}
+
+/// Maps an emit result: serialization failures cannot happen for these payloads (they are
+/// valid JSON already) and are treated as sent, so one bad frame cannot wedge the socket.
+fn emitted(result: Result<(), SendError>) -> Result<(), SocketError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(SendError::Socket(e)) => Err(e),
+        Err(SendError::Serialize(e)) => {
+            tracing::debug!("socket.io emit skipped: {e}");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_payload_forms() {
+        let p = |v| parse_channels(&v, "subscribe").map_err(|e| e.code);
+        assert_eq!(p(json!("a.b")), Ok(vec!["a.b".to_string()]));
+        assert_eq!(p(json!(["a", "b"])), Ok(vec!["a".to_string(), "b".to_string()]));
+        assert_eq!(p(json!({"channels": "a"})), Ok(vec!["a".to_string()]));
+        assert_eq!(p(json!([1])), Err(ErrorCode::BadRequest));
+        assert_eq!(p(json!(null)), Err(ErrorCode::BadRequest));
+        let (channels, recover) =
+            parse_subscribe(&json!({"channels":["x"],"recover":{"x":{"epoch":"e","offset":3}}}))
+                .unwrap();
+        assert_eq!(channels, vec!["x"]);
+        assert_eq!(recover["x"].offset, 3);
+        assert!(parse_subscribe(&json!({"channels":["x"],"recover":{"x":1}})).is_err());
+    }
+
+    #[test]
+    fn publish_payload() {
+        let (channel, data) =
+            parse_publish(&json!({"channel":"chat.a","data":{"t":"hi"}})).unwrap();
+        assert_eq!(channel, "chat.a");
+        assert_eq!(data.get(), r#"{"t":"hi"}"#);
+        assert!(parse_publish(&json!({"channel":"chat.a"})).is_err());
+    }
+}
