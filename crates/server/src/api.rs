@@ -75,11 +75,12 @@ pub async fn publish(
                 );
             }
         }
-        None if !peer.ip().is_loopback() => {
+        None if !crate::diagnostics::is_loopback_request(peer, &headers) => {
             return refuse(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "no API key is configured, so only loopback clients may publish (set api.key)"
+                "no API key is configured, so only clients on this machine may publish \
+                 (requests forwarded by a proxy for another address are refused); set api.key"
                     .into(),
             );
         }

@@ -24,10 +24,15 @@ pub struct Config {
     pub api: ApiConfig,
     pub log: LogConfig,
     pub simulator: SimulatorConfig,
+    pub socketio: SocketIoConfig,
+    pub diagnostics: DiagnosticsConfig,
     /// Settings for channels whose namespace has no table of its own.
     pub namespace_defaults: NamespaceConfig,
     /// Per-namespace settings, keyed by namespace (the part of a channel before the first `.`).
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Upstream market-data connectors (`[[feeds]]` tables), in routing order: a market
+    /// channel goes to the first feed whose symbols match.
+    pub feeds: Vec<ferrocast_feeds::config::FeedConfig>,
 }
 
 /// Listening, connection and transport settings.
@@ -99,6 +104,55 @@ pub struct SimulatorConfig {
     pub rate: f64,
     /// Symbols to simulate; empty uses the built-in list of about 20 well-known names.
     pub symbols: Vec<String>,
+}
+
+/// The Socket.IO v4 endpoint (Engine.IO v4, through `socketioxide`). Heartbeat, payload and
+/// connection limits come from `[server]`, so every transport obeys the same limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SocketIoConfig {
+    /// Serve Socket.IO. When off, the path answers 404 with a pointer to `/ws` and `/sse`.
+    pub enabled: bool,
+    /// Path of the endpoint, as `socket.io-client`'s `path` option (default `/socket.io`).
+    pub path: String,
+    /// Engine.IO transports offered: `polling`, `websocket` or both (polling then upgrade).
+    pub transports: Vec<String>,
+}
+
+/// The diagnostics endpoint (`GET /api/diagnostics`), which reports what the server received
+/// after every proxy hop; `ferrocast doctor` compares it with what it sent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiagnosticsConfig {
+    /// Who may read it.
+    pub allow: DiagnosticsAccess,
+}
+
+/// Who may read `GET /api/diagnostics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiagnosticsAccess {
+    /// Clients presenting the API key, and clients on loopback or a private network: both the
+    /// TCP peer and the client address the nearest proxy forwarded (the rightmost
+    /// `X-Forwarded-For` / `Forwarded` entry) must be loopback, private or link-local.
+    #[default]
+    Local,
+    /// Only clients presenting the API key (`Authorization: Bearer <key>`).
+    Key,
+    /// Anyone (while debugging a deployment).
+    All,
+    /// Nobody: the path answers 404.
+    Off,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        SocketIoConfig {
+            enabled: true,
+            path: "/socket.io".into(),
+            transports: vec!["polling".into(), "websocket".into()],
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -178,8 +232,11 @@ impl Default for Config {
             api: ApiConfig::default(),
             log: LogConfig::default(),
             simulator: SimulatorConfig::default(),
+            socketio: SocketIoConfig::default(),
+            diagnostics: DiagnosticsConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
+            feeds: Vec::new(),
         }
     }
 }
@@ -387,6 +444,37 @@ impl Config {
                 format!("{sym:?} cannot be used in a channel name"),
             );
         }
+        let sio = &self.socketio;
+        check(
+            sio.path.starts_with('/') && sio.path.len() > 1 && !sio.path.ends_with('/'),
+            "socketio.path",
+            format!("{:?} must start with / and name a path, without a trailing /", sio.path),
+        );
+        check(
+            sio.path == "/socket.io" || !collides_with_builtin(&sio.path),
+            "socketio.path",
+            format!(
+                "{:?} collides with a built-in endpoint ({})",
+                sio.path,
+                BUILTIN_PATHS.join(", ")
+            ),
+        );
+        check(
+            !s.ws_paths.iter().any(|p| {
+                *p == sio.path || p.starts_with(&format!("{}/", sio.path.trim_end_matches('/')))
+            }),
+            "socketio.path",
+            format!("{:?} is also a WebSocket path (server.ws_paths)", sio.path),
+        );
+        check(!sio.transports.is_empty(), "socketio.transports", "at least one is needed".into());
+        for (i, t) in sio.transports.iter().enumerate() {
+            check(
+                ["polling", "websocket"].contains(&t.as_str())
+                    && sio.transports.iter().filter(|x| *x == t).count() == 1,
+                &format!("socketio.transports[{i}]"),
+                format!("{t:?} must be \"polling\" or \"websocket\", listed once"),
+            );
+        }
         check_namespace("namespace_defaults", &self.namespace_defaults, &mut errors);
         for (name, ns) in &self.namespaces {
             let key = format!("namespaces.{name}");
@@ -400,6 +488,18 @@ impl Config {
                 ));
             }
             check_namespace(&key, ns, &mut errors);
+        }
+        for (key, reason) in ferrocast_feeds::config::validate_all(&self.feeds) {
+            errors.push(ConfigError::new(key, reason));
+        }
+        if !self.feeds.is_empty() && self.simulator.enabled {
+            // The demo market publishes made-up prices on the same ticks.* and quotes.*
+            // channels as the feeds; mixing them on a trading screen would be dangerous.
+            errors.push(ConfigError::new(
+                "simulator.enabled",
+                "must be false when [[feeds]] are configured: the demo simulator would publish \
+                 made-up prices on the same ticks.* / quotes.* channels",
+            ));
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
@@ -428,6 +528,23 @@ fn collides_with_builtin(path: &str) -> bool {
     BUILTIN_PATHS.iter().any(|b| path == *b || (*b != "/" && path.starts_with(&format!("{b}/"))))
 }
 
+/// Socket.IO event names a namespace's `socketio_event` may not take: the client library's
+/// own events and the ones ferrocast emits or handles itself.
+const SOCKETIO_RESERVED_EVENTS: &[&str] = &[
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "message",
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "ping",
+    "pong",
+    "close",
+    "unsubscribed",
+];
+
 fn check_namespace(key: &str, ns: &NamespaceConfig, errors: &mut Vec<ConfigError>) {
     if ns.history_size > 1_000_000 {
         errors.push(ConfigError::new(format!("{key}.history_size"), "must be at most 1000000"));
@@ -447,10 +564,7 @@ fn check_namespace(key: &str, ns: &NamespaceConfig, errors: &mut Vec<ConfigError
         errors.push(ConfigError::new(format!("{key}.max_replay"), "must be at most 1000000"));
     }
     let event = &ns.socketio_event;
-    if !event.is_empty()
-        && (event.len() > 64
-            || ["connect", "disconnect", "message", "subscribe", "unsubscribe", "publish"]
-                .contains(&event.as_str()))
+    if !event.is_empty() && (event.len() > 64 || SOCKETIO_RESERVED_EVENTS.contains(&event.as_str()))
     {
         errors.push(ConfigError::new(
             format!("{key}.socketio_event"),
@@ -593,13 +707,72 @@ mod tests {
         let mut paths = Vec::new();
         leaf_paths(&Value::try_from(Config::default()).unwrap(), "", &mut paths);
         let example: toml::Table = EXAMPLE_CONFIG.parse().unwrap();
-        for p in paths.iter().filter(|p| !p.starts_with("namespaces.")) {
+        // `feeds` is an array of tables with no default entry: the example documents it as
+        // a commented [[feeds]] block, checked below.
+        for p in paths.iter().filter(|p| !p.starts_with("namespaces.") && *p != "feeds") {
             assert!(
                 lookup(&Value::Table(example.clone()), p).is_some(),
                 "example config lacks {p}"
             );
         }
         assert!(c.namespaces.contains_key("ticks"));
+        assert!(c.feeds.is_empty());
+    }
+
+    /// The example's commented `[[feeds]]` block, uncommented, is a valid Massive feed that
+    /// mentions every key a Massive feed takes.
+    #[test]
+    fn example_feed_block_is_valid_when_uncommented() {
+        let block: String = EXAMPLE_CONFIG
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[feeds]]"))
+            .take_while(|l| l.starts_with('#'))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with(' ') && (l.starts_with('[') || l.contains(" = ")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(block.starts_with("[[feeds]]"), "no commented [[feeds]] block: {block}");
+        let text = format!("[simulator]\nenabled = false\n{block}");
+        let c = load(Some(&text), &[], &[]).unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        assert_eq!(c.feeds.len(), 1);
+        let f = &c.feeds[0];
+        assert_eq!((f.kind.as_str(), f.name.as_str()), ("massive", "stocks"));
+        for key in [
+            "name",
+            "kind",
+            "url",
+            "api_key_env",
+            "events",
+            "always",
+            "symbols",
+            "linger_ms",
+            "required",
+            "connect_timeout_ms",
+            "ping_interval_ms",
+            "read_timeout_ms",
+            "backoff_initial_ms",
+            "backoff_max_ms",
+            "max_connections_backoff_ms",
+        ] {
+            assert!(block.contains(&format!("{key} = ")), "example [[feeds]] lacks {key}");
+        }
+    }
+
+    #[test]
+    fn feed_errors_name_the_feed_key() {
+        let text = "[simulator]\nenabled = false\n[[feeds]]\nname = \"stocks\"\nkind = \"massive\"\nurl = \"https://x\"\nevents = [\"T\", \"Z\"]\n";
+        let e = load(Some(text), &[], &[]).unwrap_err();
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"feeds[0].url"), "{e:?}");
+        assert!(keys.contains(&"feeds[0].events[1]"), "{e:?}");
+
+        let text = "[[feeds]]\nname = \"s\"\nkind = \"massive\"\nurl = \"wss://socket.massive.com/stocks\"\nevents = [\"T\"]\nsubscribe = \"x\"\n";
+        let e = load(Some(text), &[], &[]).unwrap_err();
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["feeds[0].subscribe", "simulator.enabled"], "{e:?}");
+
+        let e = load(Some("[[feeds]]\nname = \"s\"\nurll = \"x\"\n"), &[], &[]).unwrap_err();
+        assert_eq!(e[0].key, "feeds[0].urll");
     }
 
     #[test]

@@ -3,12 +3,16 @@
 //! | module | job |
 //! | --- | --- |
 //! | [`config`] | the configuration: file, environment, flags, validation |
+//! | [`diagnostics`] | `/api/diagnostics`: what the server received after every proxy hop |
 //! | [`ws`] | the native WebSocket endpoint: upgrade, framing, one task per connection |
+//! | [`sse`] | Server-Sent Events at `/sse`, with `POST /sse/control` and `Last-Event-ID` resume |
+//! | [`socketio`] | Socket.IO v4 (polling, websocket, upgrade) through `socketioxide` |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
 //! | [`metrics`] | counters and the Prometheus exposition |
 //! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
 //! | [`sources`] | built-in sources wired to the hub: simulator and candles |
+//! | [`connectors`] | upstream market-data feeds (`[[feeds]]`) wired to the hub, readiness and metrics |
 //! | [`assets`] | the embedded dashboard and browser client |
 //! | [`shutdown`] | the drain signal and the count of live connections |
 //!
@@ -19,11 +23,15 @@
 pub mod api;
 pub mod assets;
 pub mod config;
+pub mod connectors;
+pub mod diagnostics;
 pub mod feedboard;
 pub mod metrics;
 pub mod session;
 pub mod shutdown;
+pub mod socketio;
 pub mod sources;
+pub mod sse;
 pub mod ws;
 
 use std::future::Future;
@@ -40,7 +48,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use rand::Rng;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tower::ServiceExt;
 
 pub use config::Config;
@@ -55,6 +63,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
+    /// Candles built from trades on `ticks.*`.
+    pub candles: sources::Candles,
     pub shutdown: Shutdown,
     /// The publish API key, if one is configured.
     pub api_key: Option<String>,
@@ -72,6 +82,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
+            candles: sources::Candles::default(),
             shutdown: Shutdown::default(),
             api_key,
             started: Instant::now(),
@@ -98,9 +109,16 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .route("/socket.io", any(api::socketio_disabled))
-        .route("/socket.io/", any(api::socketio_disabled))
-        .route("/socket.io/{*rest}", any(api::socketio_disabled));
+        .route("/api/diagnostics", get(diagnostics::handle))
+        .merge(sse::routes(&app));
+    if app.config.socketio.enabled {
+        r = r.merge(socketio::routes(&app));
+    } else {
+        r = r
+            .route("/socket.io", any(api::socketio_disabled))
+            .route("/socket.io/", any(api::socketio_disabled))
+            .route("/socket.io/{*rest}", any(api::socketio_disabled));
+    }
     for path in &app.config.server.ws_paths {
         r = r.route(path, get(ws::upgrade));
     }
@@ -111,6 +129,9 @@ pub fn router(app: Arc<AppState>) -> Router {
     }
     r.with_state(app)
 }
+
+/// Pending-connection queue length requested from the kernel.
+const LISTEN_BACKLOG: u32 = 8192;
 
 /// A bound, not yet serving, server.
 #[derive(Debug)]
@@ -123,7 +144,12 @@ impl Server {
     /// Binds the configured address (or `addr` when given, e.g. `127.0.0.1:0` in tests).
     pub async fn bind(app: Arc<AppState>, addr: Option<SocketAddr>) -> std::io::Result<Server> {
         let addr = addr.unwrap_or_else(|| app.config.listen_addr());
-        let listener = TcpListener::bind(addr).await?;
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // A deep backlog absorbs reconnect waves (a fleet coming back after a deploy) without
+        // SYN retransmits; the kernel caps it at net.core.somaxconn.
+        let listener = socket.listen(LISTEN_BACKLOG)?;
         Ok(Server { listener, app })
     }
 
@@ -142,6 +168,7 @@ impl Server {
         let Server { listener, app } = self;
         sources::start_simulator(&app);
         sources::start_candles(&app);
+        connectors::start(&app);
         spawn_sweeper(&app);
         let router = router(app.clone());
         tokio::pin!(stop);
@@ -158,7 +185,6 @@ impl Server {
                 _ = &mut stop => break,
             }
         }
-        drop(listener);
         let grace = Duration::from_millis(app.config.server.shutdown_grace_ms);
         tracing::info!(
             connections = app.shutdown.active_connections(),
@@ -166,13 +192,29 @@ impl Server {
             "draining: readiness is 503, closing clients with 1001"
         );
         app.shutdown.trigger();
-        if app.shutdown.wait_idle(grace).await {
-            tracing::info!("drained; exiting");
-        } else {
-            tracing::warn!(
-                left = app.shutdown.active_connections(),
-                "grace period over; exiting with connections open"
-            );
+        // Keep answering plain HTTP while draining, so load balancers and operators can see
+        // /readyz turn 503; new WebSocket and SSE clients are refused with a reconnect hint,
+        // and every connection accepted now serves one request and closes.
+        let drained = async {
+            if app.shutdown.wait_idle(grace).await {
+                tracing::info!("drained; exiting");
+            } else {
+                tracing::warn!(
+                    left = app.shutdown.active_connections(),
+                    "grace period over; exiting with connections open"
+                );
+            }
+        };
+        tokio::pin!(drained);
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                accepted = listener.accept() => {
+                    if let Ok((stream, peer)) = accepted {
+                        spawn_http(stream, peer, router.clone(), app.clone());
+                    }
+                }
+            }
         }
     }
 }
@@ -185,12 +227,19 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
             req.extensions_mut().insert(ConnectInfo(peer));
             req
         });
+        // A connection accepted while draining serves one request (e.g. /readyz) and closes.
+        let draining = app.shutdown.is_draining();
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(Duration::from_secs(10))
+            .keep_alive(!draining)
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
             .with_upgrades();
         tokio::pin!(conn);
+        if draining {
+            let _ = conn.await;
+            return;
+        }
         tokio::select! {
             _ = conn.as_mut() => {}
             _ = app.shutdown.draining() => {

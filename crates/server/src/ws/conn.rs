@@ -70,6 +70,7 @@ pub async fn run(
         written: 0,
         closing: None,
         close_code: None,
+        discard_input: false,
         app,
     };
     let conn_id = conn.session.conn_id;
@@ -98,6 +99,9 @@ struct Conn {
     /// Set once our close frame is queued: when to give up waiting for the client's.
     closing: Option<TokioInstant>,
     close_code: Option<u16>,
+    /// Set after a framing violation: the byte stream can no longer be parsed, so the rest of
+    /// what the client sends is read and ignored until it closes or the linger ends.
+    discard_input: bool,
 }
 
 enum ReadOutcome {
@@ -352,6 +356,9 @@ impl Conn {
 
     /// Decodes and handles `bytes`. `Err` means the connection is finished.
     fn feed(&mut self, bytes: &[u8]) -> Result<(), ReadOutcome> {
+        if self.discard_input {
+            return Ok(());
+        }
         let mut incoming = Vec::new();
         let result = self.decoder.feed(bytes, &mut incoming);
         for frame in incoming {
@@ -374,6 +381,7 @@ impl Conn {
             }
         }
         if let Err(violation) = result {
+            self.discard_input = true;
             tracing::info!(
                 conn = self.session.conn_id,
                 code = violation.code.code(),

@@ -1,0 +1,603 @@
+//! `ferrocast gen nginx|systemd|container`: deployment files written for the current
+//! settings (the same `--config`, `--set` and environment as `serve`), so the proxy's
+//! timeouts follow the heartbeat, the locations follow the WebSocket paths, and the unit's
+//! limits follow the connection limit. The examples in `deploy/` are this command's output
+//! (a test keeps them identical).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use ferrocast_server::config::{Config, env_name};
+
+use crate::serve::ConfigFlags;
+
+#[derive(Subcommand, Debug)]
+pub enum GenCommand {
+    /// An nginx site (map, upstream and server blocks) in front of ferrocast.
+    Nginx(NginxArgs),
+    /// A hardened systemd unit.
+    Systemd(SystemdArgs),
+    /// A Dockerfile (multi-stage build, unprivileged, health check).
+    Container(ContainerArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Output {
+    /// Write to FILE instead of standard output.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct NginxArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// The public host name (nginx `server_name`).
+    #[arg(long, default_value = "_", value_name = "NAME")]
+    pub server_name: String,
+    /// nginx `listen` address (repeatable). Default: port 80 (or 443 with TLS) on IPv4 and IPv6.
+    #[arg(long = "bind", value_name = "ADDR")]
+    pub binds: Vec<String>,
+    /// Certificate chain for TLS (e.g. /etc/letsencrypt/live/NAME/fullchain.pem).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// Private key for TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+    /// Address nginx connects to (default: from server.listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SystemdArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Where the binary is installed.
+    #[arg(long, default_value = "/usr/local/bin/ferrocast", value_name = "PATH")]
+    pub binary: String,
+    /// The configuration file the service reads.
+    #[arg(long, default_value = "/etc/ferrocast/ferrocast.toml", value_name = "PATH")]
+    pub config_path: String,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ContainerArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Rust toolchain image tag for the build stage.
+    #[arg(long, default_value = "1.95", value_name = "VERSION")]
+    pub rust_version: String,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
+    let (flags, out) = match &cmd {
+        GenCommand::Nginx(a) => (&a.flags, &a.out),
+        GenCommand::Systemd(a) => (&a.flags, &a.out),
+        GenCommand::Container(a) => (&a.flags, &a.out),
+    };
+    let config = match flags.load() {
+        Ok((config, _)) => config,
+        Err(code) => return Ok(code),
+    };
+    let text = match &cmd {
+        GenCommand::Nginx(a) => nginx(&config, &NginxOptions::from(a)),
+        GenCommand::Systemd(a) => systemd(&config, &a.binary, &a.config_path),
+        GenCommand::Container(a) => container(&config, &a.rust_version),
+    };
+    match &out.output {
+        Some(path) => {
+            std::fs::write(path, text)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The nginx generator's inputs besides the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct NginxOptions {
+    pub server_name: String,
+    pub binds: Vec<String>,
+    pub tls: Option<(String, String)>,
+    pub upstream: Option<String>,
+}
+
+impl From<&NginxArgs> for NginxOptions {
+    fn from(a: &NginxArgs) -> Self {
+        NginxOptions {
+            server_name: a.server_name.clone(),
+            binds: a.binds.clone(),
+            tls: a.tls_cert.clone().zip(a.tls_key.clone()),
+            upstream: a.upstream.clone(),
+        }
+    }
+}
+
+/// The address a local proxy reaches ferrocast at: the listen address, with a wildcard
+/// replaced by loopback.
+fn upstream_addr(config: &Config) -> String {
+    let addr: SocketAddr = config.listen_addr();
+    match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => format!("[::1]:{}", a.port()),
+        other => other.to_string(),
+    }
+}
+
+/// Proxy timeout for long-lived connections: three heartbeats, and never under 60 s.
+pub fn proxy_timeout_secs(config: &Config) -> u64 {
+    (config.server.ping_interval_ms * 3).div_ceil(1000).max(60)
+}
+
+/// An nginx size (`64k`, `4m`, or bytes).
+fn nginx_size(bytes: usize) -> String {
+    const MIB: usize = 1024 * 1024;
+    if bytes.is_multiple_of(MIB) {
+        format!("{}m", bytes / MIB)
+    } else if bytes.is_multiple_of(1024) {
+        format!("{}k", bytes / 1024)
+    } else {
+        bytes.to_string()
+    }
+}
+
+/// `allow` lines for loopback, then `deny all`.
+const LOOPBACK_ONLY: &str = "        allow 127.0.0.1;\n        allow ::1;\n        deny all;\n";
+
+/// The nginx site for `config`.
+pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
+    let s = &config.server;
+    let timeout = proxy_timeout_secs(config);
+    let upstream = opts.upstream.clone().unwrap_or_else(|| upstream_addr(config));
+    let tls_suffix = if opts.tls.is_some() { " ssl" } else { "" };
+    let default_port = if opts.tls.is_some() { 443 } else { 80 };
+    let binds: Vec<String> = if opts.binds.is_empty() {
+        vec![default_port.to_string(), format!("[::]:{default_port}")]
+    } else {
+        opts.binds.clone()
+    };
+    let no_api_key = config.api.key.is_empty() && config.api.key_env.is_empty();
+    let mut o = String::new();
+    let w = &mut o;
+    let _ = writeln!(
+        w,
+        "# ferrocast behind nginx, generated by `ferrocast gen nginx` for these settings:"
+    );
+    let _ = writeln!(
+        w,
+        "#   server.listen = {}, server.ws_paths = {:?}, server.ping_interval_ms = {},",
+        s.listen, s.ws_paths, s.ping_interval_ms
+    );
+    let _ = writeln!(
+        w,
+        "#   socketio.enabled = {}, api key {}.",
+        config.socketio.enabled,
+        if no_api_key { "not set" } else { "set" }
+    );
+    let _ = writeln!(
+        w,
+        "# Put it in /etc/nginx/conf.d/ (it holds http-level blocks), run `nginx -t`, reload, then"
+    );
+    let _ = writeln!(
+        w,
+        "# check the whole path with `ferrocast doctor {}://{}/`.",
+        if opts.tls.is_some() { "https" } else { "http" },
+        if opts.server_name == "_" { "HOST" } else { &opts.server_name }
+    );
+    let _ =
+        writeln!(w, "# Regenerate it (same --config/--set flags) whenever those settings change.");
+    let _ = writeln!(w);
+    let _ = writeln!(
+        w,
+        "# WebSocket upgrades need \"Connection: upgrade\"; everything else gets no Connection"
+    );
+    let _ = writeln!(w, "# header, so connections to ferrocast are kept alive and reused.");
+    let _ = writeln!(
+        w,
+        "map $http_upgrade $ferrocast_connection {{\n    default upgrade;\n    ''      '';\n}}\n"
+    );
+    let _ = writeln!(w, "upstream ferrocast {{\n    server {upstream};\n    keepalive 32;\n}}\n");
+    if opts.tls.is_some() && opts.binds.is_empty() {
+        let _ = writeln!(
+            w,
+            "# Plain HTTP only redirects. WebSocket clients do not follow redirects: use wss:// URLs.\n\
+             server {{\n    listen 80;\n    listen [::]:80;\n    server_name {};\n    return 301 https://$host$request_uri;\n}}\n",
+            opts.server_name
+        );
+    }
+    let _ = writeln!(w, "server {{");
+    for b in &binds {
+        let _ = writeln!(w, "    listen {b}{tls_suffix};");
+    }
+    let _ = writeln!(w, "    server_name {};", opts.server_name);
+    if let Some((cert, key)) = &opts.tls {
+        let _ = writeln!(w, "\n    ssl_certificate     {cert};\n    ssl_certificate_key {key};");
+        let _ = writeln!(
+            w,
+            "    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:ferrocast_tls:10m;"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n    # Every location proxies with HTTP/1.1 (nginx's default, 1.0, cannot upgrade), forwards\n    \
+         # the upgrade, and tells ferrocast who the client is. Locations below set none of these,\n    \
+         # so they all inherit them.\n    \
+         proxy_http_version 1.1;\n    \
+         proxy_set_header Upgrade $http_upgrade;\n    \
+         proxy_set_header Connection $ferrocast_connection;\n    \
+         proxy_set_header Host $host;\n    \
+         proxy_set_header X-Real-IP $remote_addr;\n    \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n    \
+         proxy_set_header X-Forwarded-Proto $scheme;\n\n    \
+         # Idle WebSocket and SSE connections carry a heartbeat every {} ms; the proxy must wait\n    \
+         # longer than that (here three heartbeats) before it calls a connection dead.\n    \
+         proxy_read_timeout {timeout}s;\n    \
+         proxy_send_timeout {timeout}s;",
+        s.ping_interval_ms
+    );
+    let _ = writeln!(
+        w,
+        "\n    # Native WebSocket endpoint{} (server.ws_paths).",
+        if s.ws_paths.len() > 1 { "s" } else { "" }
+    );
+    for path in &s.ws_paths {
+        let _ =
+            writeln!(w, "    location = {path} {{\n        proxy_pass http://ferrocast;\n    }}");
+    }
+    let _ = writeln!(
+        w,
+        "\n    # Server-Sent Events: unbuffered and uncompressed, or events arrive in bursts.\n    \
+         location = /sse {{\n        proxy_pass http://ferrocast;\n        proxy_buffering off;\n        \
+         proxy_cache off;\n        gzip off;\n    }}"
+    );
+    if config.socketio.enabled {
+        let path = config.socketio.path.trim_end_matches('/');
+        let _ = writeln!(
+            w,
+            "\n    # Socket.IO: long-polling (request bodies up to server.max_frame_bytes) and WebSocket.\n    \
+             location {path}/ {{\n        proxy_pass http://ferrocast;\n        proxy_buffering off;\n        \
+             client_max_body_size {};\n    }}",
+            nginx_size(s.max_frame_bytes)
+        );
+    }
+    if no_api_key {
+        let _ = writeln!(
+            w,
+            "\n    # No API key is configured, and ferrocast then accepts publishes from loopback, which\n    \
+             # every request through this proxy is: publishing stays local until api.key is set.\n    \
+             location = /api/publish {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}"
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "\n    # Publishing (needs the API key); bodies up to api.max_body_bytes.\n    \
+             location = /api/publish {{\n        client_max_body_size {};\n        proxy_pass http://ferrocast;\n    }}",
+            nginx_size(config.api.max_body_bytes)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\n    # Prometheus metrics stay private.\n    location = /metrics {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}"
+    );
+    let _ = writeln!(
+        w,
+        "\n    # Everything else: the HTTP API, /api/diagnostics (for ferrocast doctor), health, dashboard.\n    \
+         location / {{\n        proxy_pass http://ferrocast;\n    }}\n}}"
+    );
+    o
+}
+
+/// The systemd unit for `config`.
+pub fn systemd(config: &Config, binary: &str, config_path: &str) -> String {
+    let s = &config.server;
+    let port = config.listen_addr().port();
+    let stop_timeout = s.shutdown_grace_ms.div_ceil(1000) + 5;
+    let nofile = s.max_connections.saturating_add(1024).max(65_536);
+    let caps = if port < 1024 { "CAP_NET_BIND_SERVICE" } else { "" };
+    let config_dir = config_path.rsplit_once('/').map_or("/etc/ferrocast", |(dir, _)| dir);
+    format!(
+        "# ferrocast.service, generated by `ferrocast gen systemd` for server.listen = {listen}.\n\
+         # Install:\n\
+         #   install -m 0755 target/release/ferrocast {binary}\n\
+         #   install -D -m 0644 deploy/ferrocast.example.toml {config_path}   # then edit it\n\
+         #   cp ferrocast.service /etc/systemd/system/ && systemctl daemon-reload\n\
+         #   systemctl enable --now ferrocast && journalctl -u ferrocast -f\n\
+         # Secrets (FERROCAST_API_KEY=...) go in {config_dir}/ferrocast.env, mode 0600.\n\
+         \n\
+         [Unit]\n\
+         Description=ferrocast real-time push gateway (WebSocket, SSE, Socket.IO)\n\
+         Documentation=https://example.invalid/ferrocast/docs/deployment.md\n\
+         After=network-online.target\n\
+         Wants=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=exec\n\
+         # Refuse to start on an invalid configuration, with every problem in the journal.\n\
+         ExecStartPre={binary} config check {config_path}\n\
+         ExecStart={binary} serve --config {config_path}\n\
+         EnvironmentFile=-{config_dir}/ferrocast.env\n\
+         Environment=NO_COLOR=1\n\
+         # SIGTERM drains: readiness turns 503 and clients are closed with 1001 and a reconnect\n\
+         # hint, for up to server.shutdown_grace_ms ({grace} ms).\n\
+         KillSignal=SIGTERM\n\
+         TimeoutStopSec={stop_timeout}\n\
+         Restart=on-failure\n\
+         RestartSec=2\n\
+         # One descriptor per connection (server.max_connections = {max_conn}), plus headroom.\n\
+         LimitNOFILE={nofile}\n\
+         \n\
+         # Sandbox: an unprivileged throwaway user that can read its configuration and open\n\
+         # sockets, and nothing else.\n\
+         DynamicUser=yes\n\
+         ConfigurationDirectory=ferrocast\n\
+         NoNewPrivileges=yes\n\
+         CapabilityBoundingSet={caps}\n\
+         AmbientCapabilities={caps}\n\
+         ProtectSystem=strict\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         PrivateDevices=yes\n\
+         PrivateUsers={private_users}\n\
+         ProtectHostname=yes\n\
+         ProtectClock=yes\n\
+         ProtectKernelTunables=yes\n\
+         ProtectKernelModules=yes\n\
+         ProtectKernelLogs=yes\n\
+         ProtectControlGroups=yes\n\
+         ProtectProc=invisible\n\
+         ProcSubset=pid\n\
+         RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX\n\
+         RestrictNamespaces=yes\n\
+         RestrictRealtime=yes\n\
+         RestrictSUIDSGID=yes\n\
+         LockPersonality=yes\n\
+         MemoryDenyWriteExecute=yes\n\
+         RemoveIPC=yes\n\
+         SystemCallArchitectures=native\n\
+         SystemCallFilter=@system-service\n\
+         SystemCallFilter=~@privileged @resources\n\
+         SystemCallErrorNumber=EPERM\n\
+         UMask=0077\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        listen = s.listen,
+        grace = s.shutdown_grace_ms,
+        max_conn = s.max_connections,
+        // A user namespace would drop the capability needed for a port below 1024.
+        private_users = if caps.is_empty() { "yes" } else { "no" },
+    )
+}
+
+/// The Dockerfile for `config`: settings that differ from the defaults become `ENV` lines.
+pub fn container(config: &Config, rust_version: &str) -> String {
+    let port = config.listen_addr().port();
+    let (envs, unrepresentable) = changed_settings(config);
+    let mut env_lines = format!("ENV FERROCAST_SERVER_LISTEN=0.0.0.0:{port}\n");
+    for (key, value) in &envs {
+        let _ = writeln!(env_lines, "ENV {key}={value}");
+    }
+    let mut notes = String::new();
+    let cmd = if unrepresentable.is_empty() {
+        "CMD [\"serve\"]".to_owned()
+    } else {
+        let _ = writeln!(
+            notes,
+            "# These settings cannot be passed as environment variables ({}):\n\
+             # mount your configuration file: -v $PWD/ferrocast.toml:/etc/ferrocast/ferrocast.toml:ro",
+            unrepresentable.join(", ")
+        );
+        "CMD [\"serve\", \"--config\", \"/etc/ferrocast/ferrocast.toml\"]".to_owned()
+    };
+    format!(
+        "# syntax=docker/dockerfile:1\n\
+         # ferrocast container image, generated by `ferrocast gen container`.\n\
+         #\n\
+         # Build from the repository root:\n\
+         #   docker build -f deploy/container/Dockerfile -t ferrocast .\n\
+         # Run:\n\
+         #   docker run --rm -p {port}:{port} -e FERROCAST_API_KEY=change-me ferrocast\n\
+         # Settings are FERROCAST_* variables (docs/configuration.md); override any with -e.\n\
+         # SIGTERM drains connections for up to server.shutdown_grace_ms: give `docker stop` (or a\n\
+         # Kubernetes terminationGracePeriodSeconds) more than that. Probes: /healthz, /readyz.\n\
+         {notes}\n\
+         ARG RUST_VERSION={rust_version}\n\
+         FROM docker.io/library/rust:${{RUST_VERSION}}-slim-bookworm AS build\n\
+         WORKDIR /src\n\
+         COPY . .\n\
+         RUN --mount=type=cache,target=/usr/local/cargo/registry \\\n    \
+             --mount=type=cache,target=/src/target \\\n    \
+             cargo build --release --locked -p ferrocast \\\n    \
+             && install -m 0755 target/release/ferrocast /usr/local/bin/ferrocast\n\
+         \n\
+         # No CA bundle needed: upstream TLS uses Mozilla's roots compiled into the binary.\n\
+         FROM docker.io/library/debian:bookworm-slim\n\
+         COPY --from=build /usr/local/bin/ferrocast /usr/local/bin/ferrocast\n\
+         {env_lines}\
+         USER 65532:65532\n\
+         EXPOSE {port}\n\
+         STOPSIGNAL SIGTERM\n\
+         # bash's /dev/tcp instead of curl, which the slim image does not have.\n\
+         HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \\\n    \
+             CMD [\"bash\", \"-c\", \"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /healthz HTTP/1.0\\\\r\\\\n\\\\r\\\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '\"]\n\
+         ENTRYPOINT [\"/usr/local/bin/ferrocast\"]\n\
+         {cmd}\n"
+    )
+}
+
+/// Settings that differ from the defaults, as `(FERROCAST_* variable, value)` pairs, and the
+/// keys an environment variable cannot set (namespaces the defaults do not have). Secrets
+/// (`api.key`) are left out: they belong in the runtime environment, not in an image.
+fn changed_settings(config: &Config) -> (Vec<(String, String)>, Vec<String>) {
+    let default = toml::Value::try_from(Config::default()).expect("defaults serialize");
+    let current = toml::Value::try_from(config).expect("config serializes");
+    let mut leaves = Vec::new();
+    collect_leaves(&current, "", &mut leaves);
+    let mut envs = Vec::new();
+    let mut unrepresentable = Vec::new();
+    for (path, value) in leaves {
+        if path == "server.listen" || path == "api.key" {
+            continue;
+        }
+        let old = path.split('.').try_fold(&default, |v, part| v.as_table()?.get(part));
+        match old {
+            Some(old) if *old == value => {}
+            Some(_) => envs.push((env_name(&path), env_value(&value))),
+            None => {
+                let table = path.rsplit_once('.').map_or(path.as_str(), |(t, _)| t).to_owned();
+                if !unrepresentable.contains(&table) {
+                    unrepresentable.push(table);
+                }
+            }
+        }
+    }
+    (envs, unrepresentable)
+}
+
+fn collect_leaves(value: &toml::Value, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                collect_leaves(v, &path, out);
+            }
+        }
+        other => out.push((prefix.to_owned(), other.clone())),
+    }
+}
+
+/// A value as the environment override parser reads it, quoted for a Dockerfile `ENV`.
+fn env_value(value: &toml::Value) -> String {
+    let raw = match value {
+        toml::Value::String(s) => s.clone(),
+        // Lists of strings also parse from a comma-separated value, which needs no escaping.
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+            items.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>().join(",")
+        }
+        other => other.to_string(),
+    };
+    format!("\"{}\"", raw.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrocast_server::config::Sources;
+
+    /// The example files in `deploy/` are this generator's output for the defaults; rerun
+    /// with UPDATE_DEPLOY_EXAMPLES=1 to rewrite them after a deliberate change.
+    fn golden(rel: &str, generated: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(rel);
+        if std::env::var_os("UPDATE_DEPLOY_EXAMPLES").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, generated).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == generated,
+            "{rel} differs from the generator's output; run UPDATE_DEPLOY_EXAMPLES=1 cargo test -p ferrocast generate::tests"
+        );
+    }
+
+    /// The deploy/nginx example: TLS for push.example.com with certbot's paths.
+    pub fn nginx_example_options() -> NginxOptions {
+        NginxOptions {
+            server_name: "push.example.com".into(),
+            tls: Some((
+                "/etc/letsencrypt/live/push.example.com/fullchain.pem".into(),
+                "/etc/letsencrypt/live/push.example.com/privkey.pem".into(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn deploy_examples_are_the_generated_files() {
+        let config = Config::default();
+        golden("deploy/nginx/ferrocast.conf", &nginx(&config, &nginx_example_options()));
+        golden(
+            "deploy/systemd/ferrocast.service",
+            &systemd(&config, "/usr/local/bin/ferrocast", "/etc/ferrocast/ferrocast.toml"),
+        );
+        golden("deploy/container/Dockerfile", &container(&config, "1.95"));
+    }
+
+    fn config(sets: &[&str]) -> Config {
+        Config::load(&Sources {
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn nginx_follows_the_settings() {
+        let c = config(&[
+            "server.ws_paths=[\"/ws\",\"/ws/price\"]",
+            "server.ping_interval_ms=40000",
+            "server.listen=0.0.0.0:9000",
+        ]);
+        let text = nginx(&c, &NginxOptions { server_name: "_".into(), ..Default::default() });
+        assert!(
+            text.contains("location = /ws {") && text.contains("location = /ws/price {"),
+            "{text}"
+        );
+        assert!(text.contains("proxy_read_timeout 120s;"), "{text}");
+        assert!(text.contains("server 127.0.0.1:9000;"), "{text}");
+        assert!(text.contains("proxy_http_version 1.1;"));
+        assert!(text.contains("proxy_set_header Connection $ferrocast_connection;"));
+        assert!(text.contains("listen 80;") && !text.contains("ssl"), "{text}");
+        // Without an API key, publishing through the proxy is refused.
+        assert!(text.contains("location = /api/publish {\n        allow 127.0.0.1;"), "{text}");
+        let keyed = nginx(&config(&["api.key=k"]), &NginxOptions::default());
+        assert!(keyed.contains("client_max_body_size 4m;"), "{keyed}");
+        assert_eq!(proxy_timeout_secs(&config(&["server.ping_interval_ms=2000"])), 60);
+    }
+
+    #[test]
+    fn systemd_follows_the_settings() {
+        let low = systemd(
+            &config(&["server.listen=0.0.0.0:443", "server.max_connections=500000"]),
+            "/b",
+            "/etc/f/f.toml",
+        );
+        assert!(low.contains("AmbientCapabilities=CAP_NET_BIND_SERVICE"), "{low}");
+        assert!(low.contains("PrivateUsers=no"));
+        assert!(low.contains("LimitNOFILE=501024"), "{low}");
+        let high = systemd(&Config::default(), "/b", "/etc/f/f.toml");
+        assert!(high.contains("CapabilityBoundingSet=\n"), "{high}");
+        assert!(high.contains("ExecStart=/b serve --config /etc/f/f.toml"));
+        assert!(high.contains("TimeoutStopSec=15"));
+    }
+
+    #[test]
+    fn container_bakes_in_changed_settings_but_not_secrets() {
+        let c = config(&[
+            "server.listen=127.0.0.1:9000",
+            "server.ping_interval_ms=10000",
+            "server.ws_paths=[\"/ws\",\"/api/socket\"]",
+            "api.key=secret",
+        ]);
+        let text = container(&c, "1.95");
+        assert!(text.contains("ENV FERROCAST_SERVER_LISTEN=0.0.0.0:9000"), "{text}");
+        assert!(text.contains("ENV FERROCAST_SERVER_PING_INTERVAL_MS=\"10000\""), "{text}");
+        assert!(text.contains("ENV FERROCAST_SERVER_WS_PATHS=\"/ws,/api/socket\""), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(text.contains("EXPOSE 9000"));
+        assert!(text.contains("CMD [\"serve\"]"));
+        let custom = container(&config(&["namespaces.prices.client_publish=true"]), "1.95");
+        assert!(custom.contains("--config"), "{custom}");
+    }
+}
