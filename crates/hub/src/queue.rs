@@ -246,6 +246,11 @@ impl ConnQueue {
         self.notify.notified().await
     }
 
+    /// Whether the queue overflowed on a message that may not be dropped.
+    pub fn is_overflowed(&self) -> bool {
+        self.inner.lock().overflowed
+    }
+
     /// Bytes of live messages currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.inner.lock().bytes

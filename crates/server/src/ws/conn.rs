@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ferrocast_hub::Drained;
+use ferrocast_hub::{ConnQueue, Drained};
 use ferrocast_protocol::CloseCode;
 use ferrocast_protocol::server::{PING_FRAME, encode_welcome};
 use rand::Rng;
@@ -136,6 +136,7 @@ impl Conn {
         let mut drain_rx = self.app.shutdown.subscribe();
         let queue = self.session.queue.clone();
         let mut drained = Drained::default();
+        let mut missed = false;
 
         loop {
             if let Err(e) = self.flush() {
@@ -159,7 +160,13 @@ impl Conn {
                 (None, Some(pong)) => pong.min(next_ping),
                 (None, None) => next_ping,
             };
-            let want_queue = self.parts.is_empty() && self.closing.is_none();
+            let want_queue = self.closing.is_none();
+            // A push arrived while the socket was backed up: take the queue now it is not.
+            if missed && self.parts.is_empty() && self.closing.is_none() {
+                missed = false;
+                self.take_queue(&queue, &mut drained);
+                continue;
+            }
             tokio::select! {
                 ready = self.stream.readable() => {
                     if ready.is_err() {
@@ -182,17 +189,19 @@ impl Conn {
                         return self.close_code.unwrap_or(1006);
                     }
                 }
-                _ = queue.notified(), if want_queue => {
-                    drained.frames.clear();
-                    queue.drain_into(&mut drained);
-                    self.queue_drained(&mut drained);
-                    if drained.overflowed {
-                        tracing::info!(conn = conn_id, "slow consumer: outbound queue overflowed, closing with 4008");
-                        self.start_close(CloseCode::SlowConsumer.code(), CloseCode::SlowConsumer.reason());
+                // While the socket is backed up, pushes only tell us whether the queue has
+                // overflowed: a client that stopped reading is closed now, not when (if
+                // ever) it reads again or the heartbeat notices.
+                _ = queue.notified(), if want_queue && !self.parts.is_empty() => {
+                    if queue.is_overflowed() {
+                        // The close frame may never get through; the linger bounds the wait.
+                        self.take_queue(&queue, &mut drained);
+                    } else {
+                        missed = true;
                     }
-                    if drained.frames.capacity() > 1024 {
-                        drained.frames = Vec::new();
-                    }
+                }
+                _ = queue.notified(), if want_queue && self.parts.is_empty() => {
+                    self.take_queue(&queue, &mut drained);
                 }
                 _ = drain_rx.changed(), if self.closing.is_none() => {}
                 _ = sleep_until(timer) => {
@@ -220,6 +229,23 @@ impl Conn {
                 self.session.pong_received = false;
                 pong_deadline = None;
             }
+        }
+    }
+
+    /// Moves everything queued into the write path; closes with 4008 if the queue overflowed.
+    fn take_queue(&mut self, queue: &ConnQueue, drained: &mut Drained) {
+        drained.frames.clear();
+        queue.drain_into(drained);
+        self.queue_drained(drained);
+        if drained.overflowed {
+            tracing::info!(
+                conn = self.session.conn_id,
+                "slow consumer: outbound queue overflowed, closing with 4008"
+            );
+            self.start_close(CloseCode::SlowConsumer.code(), CloseCode::SlowConsumer.reason());
+        }
+        if drained.frames.capacity() > 1024 {
+            drained.frames = Vec::new();
         }
     }
 

@@ -1,0 +1,162 @@
+// Interop with the official Node `socket.io-client` (v4): long-polling only, websocket only
+// and the default polling-then-upgrade, against a real ferrocast. Each run subscribes (ack
+// results like the native protocol's), receives `message` and the namespace's own event,
+// publishes where allowed (and is refused where not), recovers after a reconnect, and
+// disconnects cleanly. A drain makes the client reconnect by itself.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { io } from 'socket.io-client';
+import { Ferrocast, Inbox, waitFor } from './lib/server.mjs';
+
+const SETS = ['namespaces.prices.socketio_event=price_update', 'server.ping_interval_ms=2000'];
+
+function connect(server, opts = {}) {
+  const socket = io(server.url, { reconnection: false, timeout: 5000, ...opts });
+  const messages = new Inbox();
+  const prices = new Inbox();
+  const closes = new Inbox();
+  socket.on('message', (m) => messages.push(m));
+  socket.on('price_update', (d) => prices.push(d));
+  socket.on('close', (c) => closes.push(c));
+  const connected = new Promise((resolve, reject) => {
+    socket.once('connect', resolve);
+    socket.once('connect_error', reject);
+  });
+  return { socket, messages, prices, closes, connected };
+}
+
+const TRANSPORTS = [
+  { name: 'polling only', opts: { transports: ['polling'] }, expect: 'polling' },
+  { name: 'websocket only', opts: { transports: ['websocket'] }, expect: 'websocket' },
+  { name: 'default (polling, then upgrade)', opts: {}, expect: 'websocket' },
+];
+
+describe('socket.io-client', () => {
+  let server;
+  before(async () => {
+    server = await Ferrocast.start({ sets: SETS, name: 'socketio' });
+  });
+  after(async () => {
+    await server?.stop();
+  });
+
+  for (const { name, opts, expect } of TRANSPORTS) {
+    test(`subscribe, receive, publish and disconnect: ${name}`, async () => {
+      const channel = `chat.node${Math.random().toString(36).slice(2, 8)}`;
+      const price = `prices.N${Math.random().toString(36).slice(2, 6).toUpperCase()}`;
+      const c = connect(server, opts);
+      await c.connected;
+      if (expect === 'websocket' && !opts.transports) {
+        // The default client starts with polling and upgrades.
+        await waitFor(() => c.socket.io.engine.transport.name === 'websocket', 5000, 'upgrade');
+      }
+      assert.equal(c.socket.io.engine.transport.name, expect);
+
+      const results = await c.socket.timeout(5000).emitWithAck('subscribe', [channel, price]);
+      assert.equal(results[channel].offset, 0);
+      assert.equal(typeof results[channel].epoch, 'string');
+      assert.equal(results[price].offset, 0);
+
+      const published = await server.publish(channel, { text: 'hello' });
+      const msg = await c.messages.next(5000, 'a message');
+      assert.deepEqual(msg, {
+        channel,
+        offset: published.offset,
+        epoch: published.epoch,
+        data: { text: 'hello' },
+      });
+
+      // The namespace's socketio_event carries the data alone, next to `message`.
+      await server.publish(price, { p: 189.5 });
+      assert.equal((await c.messages.next()).channel, price);
+      assert.deepEqual(await c.prices.next(5000, 'a price_update'), { p: 189.5 });
+
+      // chat allows client publishing: the ack says where it landed, and it comes back.
+      const ack = await c.socket.timeout(5000).emitWithAck('publish', {
+        channel,
+        data: { from: 'client' },
+      });
+      assert.deepEqual(ack, { channel, offset: 2, epoch: published.epoch });
+      assert.deepEqual((await c.messages.next()).data, { from: 'client' });
+
+      // prices does not: the same error shape as a refused channel in a native ack.
+      const refused = await c.socket.timeout(5000).emitWithAck('publish', { channel: price, data: 1 });
+      assert.equal(refused.error.code, 'forbidden');
+
+      const unsub = await c.socket.timeout(5000).emitWithAck('unsubscribe', channel);
+      assert.deepEqual(unsub, { unsubscribed: [channel] });
+      await server.publish(channel, 'after');
+      await c.messages.quiet(300);
+
+      c.socket.disconnect();
+      await waitFor(
+        async () => (await server.metric('ferrocast_connections', 'transport="socketio"')) === 0,
+        5000,
+        'the server to close the socket.io session',
+      );
+    });
+  }
+
+  test('recovers missed messages after a reconnect, ack first', async () => {
+    const channel = 'chat.noderecover';
+    const first = connect(server, { transports: ['websocket'] });
+    await first.connected;
+    const sub = await first.socket.timeout(5000).emitWithAck('subscribe', channel);
+    let position = { epoch: sub[channel].epoch, offset: sub[channel].offset };
+    await server.publish(channel, 1);
+    const m = await first.messages.next();
+    position = { epoch: m.epoch, offset: m.offset };
+    first.socket.disconnect();
+
+    for (const n of [2, 3, 4]) await server.publish(channel, n);
+    const again = connect(server);
+    await again.connected;
+    const order = [];
+    again.socket.on('message', () => order.push('message'));
+    // The callback form: it runs as the ack packet is read, where a promise's continuation
+    // would only run after the rest of the same polling payload.
+    const results = await new Promise((resolve, reject) => {
+      const payload = { channels: [channel], recover: { [channel]: position } };
+      again.socket.timeout(5000).emit('subscribe', payload, (err, res) => {
+        order.push('ack');
+        if (err) reject(err);
+        else resolve(res);
+      });
+    });
+    assert.equal(results[channel].recovered, true);
+    assert.equal(results[channel].replayed, 3);
+    const got = [];
+    for (let i = 0; i < 3; i++) got.push((await again.messages.next()).data);
+    assert.deepEqual(got, [2, 3, 4]);
+    assert.equal(order[0], 'ack', 'the ack callback runs before any replayed message');
+    await server.publish(channel, 5);
+    assert.equal((await again.messages.next()).data, 5);
+    again.socket.disconnect();
+  });
+});
+
+test('a drain says close 1001 and the client reconnects by itself', async () => {
+  const server = await Ferrocast.start({ sets: ['server.reconnect_after_ms=200'], name: 'socketio-drain' });
+  const socket = io(server.url, {
+    transports: ['websocket'],
+    reconnectionDelay: 100,
+    reconnectionDelayMax: 200,
+    timeout: 2000,
+  });
+  const closes = new Inbox();
+  const disconnects = new Inbox();
+  socket.on('close', (c) => closes.push(c));
+  socket.on('disconnect', (reason) => disconnects.push(reason));
+  await new Promise((resolve) => socket.once('connect', resolve));
+  await socket.timeout(5000).emitWithAck('subscribe', 'chat.nodedrain');
+  server.drain();
+  const close = await closes.next(5000, 'a close event');
+  assert.equal(close.code, 1001);
+  assert.equal(JSON.parse(close.reason).reconnect, true);
+  // A transport close, not "io server disconnect": socket.io-client retries on its own.
+  assert.equal(await disconnects.next(5000, 'a disconnect'), 'transport close');
+  assert.equal(socket.active, true, 'the client keeps trying to reconnect');
+  await server.exited;
+  socket.close();
+});
