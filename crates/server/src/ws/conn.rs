@@ -136,6 +136,10 @@ impl Conn {
         let mut drain_rx = self.app.shutdown.subscribe();
         let queue = self.session.queue.clone();
         let mut drained = Drained::default();
+        // One timer for the connection's life, moved rather than re-created on every wake-up:
+        // registering a fresh timer per loop turn costs more than the rest of the turn.
+        let timer_sleep = sleep_until(next_ping);
+        tokio::pin!(timer_sleep);
         let mut missed = false;
 
         loop {
@@ -160,6 +164,9 @@ impl Conn {
                 (None, Some(pong)) => pong.min(next_ping),
                 (None, None) => next_ping,
             };
+            if timer_sleep.deadline() != timer {
+                timer_sleep.as_mut().reset(timer);
+            }
             let want_queue = self.closing.is_none();
             // A push arrived while the socket was backed up: take the queue now it is not.
             if missed && self.parts.is_empty() && self.closing.is_none() {
@@ -204,7 +211,7 @@ impl Conn {
                     self.take_queue(&queue, &mut drained);
                 }
                 _ = drain_rx.changed(), if self.closing.is_none() => {}
-                _ = sleep_until(timer) => {
+                _ = &mut timer_sleep => {
                     if self.closing.is_some() {
                         continue;
                     }
