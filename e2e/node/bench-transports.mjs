@@ -1,10 +1,10 @@
 // Transport benchmark: N subscribers on one channel over /ws, /sse and Socket.IO
-// (websocket transport), messages published through the HTTP batch API, and for each
+// (websocket and polling transports), messages published through the HTTP batch API, and for each
 // transport the delivered messages per second and the server's CPU time per million
 // deliveries (utime + stime from /proc/PID/stat).
 //
 //   node e2e/node/bench-transports.mjs [--subscribers 1000] [--messages 2000] [--batch 100]
-//        [--size 100] [--transports ws,sse,socketio] [--json out.json]
+//        [--size 100] [--transports ws,sse,socketio,socketio-polling] [--json out.json]
 //
 // The server is $FERROCAST_BIN (build it with `cargo build --release -p ferrocast` and point
 // FERROCAST_BIN at target/release/ferrocast: debug builds say little about CPU cost). It runs
@@ -28,7 +28,7 @@ const { values: args } = parseArgs({
     batch: { type: 'string', default: '100' },
     size: { type: 'string', default: '100' },
     window: { type: 'string', default: '4' },
-    transports: { type: 'string', default: 'ws,sse,socketio' },
+    transports: { type: 'string', default: 'ws,sse,socketio,socketio-polling' },
     json: { type: 'string' },
   },
 });
@@ -106,8 +106,8 @@ async function sseSubscriber(server, agent) {
   return sub;
 }
 
-async function socketioSubscriber(server) {
-  const socket = io(server.url, { transports: ['websocket'], forceNew: true, reconnection: false });
+async function socketioSubscriber(server, transport) {
+  const socket = io(server.url, { transports: [transport], forceNew: true, reconnection: false });
   const sub = { count: 0, close: () => socket.close() };
   socket.on('message', () => sub.count++);
   await new Promise((resolve, reject) => {
@@ -121,7 +121,14 @@ async function socketioSubscriber(server) {
 const TRANSPORTS = {
   ws: { label: '/ws (native WebSocket)', open: wsSubscriber },
   sse: { label: '/sse (Server-Sent Events)', open: sseSubscriber },
-  socketio: { label: 'Socket.IO (websocket transport)', open: socketioSubscriber },
+  socketio: {
+    label: 'Socket.IO (websocket transport)',
+    open: (server) => socketioSubscriber(server, 'websocket'),
+  },
+  'socketio-polling': {
+    label: 'Socket.IO (polling transport)',
+    open: (server) => socketioSubscriber(server, 'polling'),
+  },
 };
 
 // --- one run ----------------------------------------------------------------------------------
