@@ -49,9 +49,10 @@ let serial = 0;
 export class Ferrocast {
   /**
    * Starts a server. `sets` are `--set KEY=VALUE` overrides; `port` reuses a given port (to
-   * stand in for a restarted server at the same address).
+   * stand in for a restarted server at the same address); `simulator: true` keeps the demo
+   * market feed on (off by default, so tests publish their own data).
    */
-  static async start({ sets = [], port, name = 'ferrocast' } = {}) {
+  static async start({ sets = [], port, name = 'ferrocast', simulator = false } = {}) {
     const bin = ferrocastBin();
     if (!existsSync(bin)) {
       throw new Error(`ferrocast binary not found at ${bin}: run cargo build or set FERROCAST_BIN`);
@@ -60,7 +61,7 @@ export class Ferrocast {
     const args = [
       'serve',
       '--listen', `127.0.0.1:${port}`,
-      '--no-simulator',
+      ...(simulator ? [] : ['--no-simulator']),
       '--set', 'server.shutdown_grace_ms=3000',
       '--set', 'log.level=info,ferrocast_server=debug',
     ];
@@ -74,8 +75,10 @@ export class Ferrocast {
     );
     env.NO_COLOR = '1';
     const proc = spawn(bin, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    proc.stdout.pipe(log);
-    proc.stderr.pipe(log);
+    // Two sources share one file: neither may end it, the process exit does.
+    proc.stdout.pipe(log, { end: false });
+    proc.stderr.pipe(log, { end: false });
+    proc.once('close', () => log.end());
     const server = new Ferrocast(port, proc, logPath);
     await waitFor(
       async () => {
