@@ -6,6 +6,9 @@ const FEEDS_POLL_MS = 5_000;
 const CHANNELS_POLL_MS = 15_000;
 const MAX_EVENTS = 40;
 const MAX_BARS = 240;
+// The chart shows 1-minute candles; `/?interval=1s` shows the 1-second ones instead, a chart that
+// moves within seconds (demos, the browser tests in e2e/node/browser.test.mjs).
+const CHART_INTERVAL = new URLSearchParams(location.search).get('interval') === '1s' ? '1s' : '1m';
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -54,7 +57,8 @@ function toMs(value) {
   return null;
 }
 
-const clockTime = (ms) => new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', hour12: false });
+const clockTime = (ms) =>
+  new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', ...(CHART_INTERVAL === '1s' && { second: '2-digit' }), hour12: false });
 
 // ---------- connection status ----------
 
@@ -264,6 +268,9 @@ function setText(element, text) {
 
 const chart = { sym: null, channel: null, bars: [], dispose: null, frame: 0 };
 const canvas = $('#chart');
+const intervalName = CHART_INTERVAL === '1s' ? '1-second' : '1-minute';
+$('#chart-interval').textContent = intervalName;
+canvas.setAttribute('aria-label', `${intervalName} candle chart`);
 
 function selectSymbol(sym) {
   if (!rows.has(sym) || chart.sym === sym) return;
@@ -273,7 +280,7 @@ function selectSymbol(sym) {
 
   chart.dispose?.();
   chart.sym = sym;
-  chart.channel = `candles.${sym}.1m`;
+  chart.channel = `candles.${sym}.${CHART_INTERVAL}`;
   chart.bars = [];
   $('#chart-symbol').textContent = sym;
   const channel = chart.channel;
@@ -524,9 +531,15 @@ function feedsUnavailable() {
   $('#feeds').replaceChildren(li);
 }
 
+// Channel-list polls in a row that found no new symbol: on a fresh server symbols appear as
+// they first trade, so the list is polled quickly until it settles, then slowly.
+let stableChannelPolls = 0;
+
 function discoverSymbols({ channels = [] }) {
   const symbols = channels.map(({ channel }) => /^ticks\.(.+)$/.exec(channel)?.[1]).filter(Boolean).sort();
+  const before = rows.size;
   for (const sym of symbols) addSymbol(sym);
+  stableChannelPolls = rows.size > before || rows.size === 0 ? 0 : stableChannelPolls + 1;
   if (!chart.sym && symbols.length) {
     const wanted = decodeURIComponent(location.hash.slice(1));
     selectSymbol(rows.has(wanted) ? wanted : symbols[0]);
@@ -535,7 +548,7 @@ function discoverSymbols({ channels = [] }) {
 
 poll('/api/stats', () => STATS_POLL_MS, renderStats, staleStats);
 poll('/api/feeds', () => FEEDS_POLL_MS, renderFeeds, feedsUnavailable);
-poll('/api/channels', () => (rows.size ? CHANNELS_POLL_MS : STATS_POLL_MS), discoverSymbols, (err) =>
+poll('/api/channels', () => (stableChannelPolls >= 3 ? CHANNELS_POLL_MS : STATS_POLL_MS), discoverSymbols, (err) =>
   console.warn('ferrocast dashboard: channel list unavailable', err),
 );
 scheduleChart();
