@@ -24,7 +24,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,9 +39,7 @@ use crate::feed::{Feed, FeedContext, FeedStats, LinkState, MarketChannel, Symbol
 use crate::interest::Interest;
 use crate::link::{self, Message, Throttle, WsTx, close_text, sleep_until_opt, tick};
 use crate::market::{self, Quote, Trade};
-
-/// A connection up this long proves the upstream healthy: the backoff starts over.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
+use crate::supervise::{SessionEnd, Upstream, supervise};
 
 /// A piece of a template.
 #[derive(Clone, Debug, PartialEq)]
@@ -722,6 +719,20 @@ enum End {
     Retry(&'static str, String),
 }
 
+impl Upstream for GenericFeed {
+    async fn run_session(&self, live_since: &mut Option<Instant>) -> SessionEnd {
+        match self.session(live_since).await {
+            End::Fatal(reason) => SessionEnd::Fatal(reason),
+            End::Retry(tag, reason) => SessionEnd::Retry { tag, reason, wait: None },
+        }
+    }
+
+    fn session_ended(&self) {
+        self.upstream.lock().clear();
+        self.ctx.stats.upstream_subscriptions.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A running generic feed: the demand side ([`Feed`]) and the connection task.
 pub struct GenericFeed {
     cfg: GenericConfig,
@@ -783,55 +794,8 @@ impl GenericFeed {
 
     /// Runs the connection loop until `shutdown` completes.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
-        let mut shutdown = pin!(shutdown);
-        let stats = self.ctx.stats.clone();
-        let name = self.cfg.name.as_str();
-        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
-        let mut attempts: u64 = 0;
-        loop {
-            if attempts > 0 {
-                FeedStats::add(&stats.reconnects, 1);
-            }
-            attempts += 1;
-            FeedStats::add(&stats.connects, 1);
-            let mut live_since = None;
-            let end = tokio::select! {
-                end = self.session(&mut live_since) => end,
-                () = &mut shutdown => break,
-            };
-            self.upstream.lock().clear();
-            stats.upstream_subscriptions.store(0, std::sync::atomic::Ordering::Relaxed);
-            if live_since.is_some_and(|t: Instant| t.elapsed() >= STABLE_AFTER) {
-                backoff.reset();
-            }
-            match end {
-                End::Fatal(reason) => {
-                    tracing::error!(feed = name, url = %self.cfg.url, "feed failed and will not retry until restarted: {reason}");
-                    stats.set_state(LinkState::Failed, Some(reason));
-                    shutdown.await;
-                    return;
-                }
-                End::Retry(tag, reason) => {
-                    stats.disconnected(tag);
-                    let delay = backoff.next_delay();
-                    tracing::warn!(
-                        feed = name,
-                        cause = tag,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "upstream connection lost: {reason}"
-                    );
-                    stats.set_state(
-                        LinkState::BackingOff,
-                        Some(format!("{reason}; retrying in {} ms", delay.as_millis())),
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = &mut shutdown => break,
-                    }
-                }
-            }
-        }
-        stats.set_state(LinkState::Stopped, None);
+        let backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        supervise(&*self, &self.cfg.url, &self.ctx.stats, backoff, shutdown).await;
     }
 
     async fn session(&self, live_since: &mut Option<Instant>) -> End {

@@ -32,6 +32,7 @@ pub mod market;
 pub mod massive;
 pub mod simulate;
 pub mod simulator;
+pub mod supervise;
 
 /// Where sources put their output. Implemented by the server over the hub. Must never block.
 pub trait Sink: Send + Sync + 'static {

@@ -30,7 +30,6 @@ pub mod protocol;
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +46,7 @@ use crate::feed::{
 use crate::interest::{Demand, Interest};
 use crate::link::{self, Message, Throttle, WsTx, close_text, sleep_until_opt, tick};
 use crate::market::{self, Interval};
+use crate::supervise::{SessionEnd, Upstream, supervise};
 use protocol::{Event, Normaliser};
 
 /// `src` of everything the Massive connector publishes.
@@ -61,9 +61,6 @@ pub const OPTIONS_QUOTE_LIMIT: usize = 1_000;
 /// Params per subscribe or unsubscribe message: Massive documents no limit, so stay well
 /// below any plausible frame-size cap.
 const PARAMS_PER_MESSAGE: usize = 500;
-
-/// A connection up this long proves the upstream healthy: the backoff starts over.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// How long an admitted-but-not-yet-subscribed quote channel holds its slot under the limit.
 const RESERVATION_HOLD: Duration = Duration::from_secs(10);
@@ -277,8 +274,6 @@ impl MassiveConfig {
 /// How a connection ended.
 #[derive(Debug)]
 enum End {
-    /// The server is shutting down.
-    Shutdown,
     /// Retrying cannot help.
     Fatal(String),
     /// Reconnect after a delay.
@@ -293,6 +288,27 @@ enum End {
 
 fn retry(tag: &'static str, reason: impl Into<String>) -> End {
     End::Retry { reason: reason.into(), tag, long: false }
+}
+
+impl Upstream for MassiveFeed {
+    async fn run_session(&self, live_since: &mut Option<Instant>) -> SessionEnd {
+        match self.session(live_since).await {
+            End::Fatal(reason) => SessionEnd::Fatal(reason),
+            End::Retry { reason, tag, long } => {
+                // Jitter on top of the fixed wait, so two gateways sharing a key do not
+                // keep evicting each other in lockstep.
+                let wait = long.then(|| {
+                    let max = self.cfg.max_connections_backoff;
+                    max + Duration::from_millis(rand::random_range(0..=max.as_millis() as u64 / 4))
+                });
+                SessionEnd::Retry { tag, reason, wait }
+            }
+        }
+    }
+
+    fn session_ended(&self) {
+        self.clear_upstream();
+    }
 }
 
 /// A running Massive feed: the demand side ([`Feed`]) and the connection task ([`run`]).
@@ -372,68 +388,8 @@ impl MassiveFeed {
     /// Runs the connection loop until `shutdown` completes (or forever after a fatal error,
     /// in state `failed`, until shutdown).
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
-        let mut shutdown = pin!(shutdown);
-        let stats = self.ctx.stats.clone();
-        let name = self.cfg.name.as_str();
-        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
-        let mut attempts: u64 = 0;
-        loop {
-            if attempts > 0 {
-                FeedStats::add(&stats.reconnects, 1);
-            }
-            attempts += 1;
-            FeedStats::add(&stats.connects, 1);
-            let mut live_since = None;
-            let end = tokio::select! {
-                end = self.session(&mut live_since) => end,
-                () = &mut shutdown => End::Shutdown,
-            };
-            self.clear_upstream();
-            if live_since.is_some_and(|t: Instant| t.elapsed() >= STABLE_AFTER) {
-                backoff.reset();
-            }
-            match end {
-                End::Shutdown => break,
-                End::Fatal(reason) => {
-                    tracing::error!(
-                        feed = name,
-                        url = %self.cfg.url,
-                        "feed failed and will not retry until restarted: {reason}"
-                    );
-                    stats.set_state(LinkState::Failed, Some(reason));
-                    shutdown.await;
-                    return;
-                }
-                End::Retry { reason, tag, long } => {
-                    stats.disconnected(tag);
-                    let delay = if long {
-                        // Jitter on top of the fixed wait, so two gateways sharing a key
-                        // do not keep evicting each other in lockstep.
-                        let extra = rand::random_range(
-                            0..=self.cfg.max_connections_backoff.as_millis() as u64 / 4,
-                        );
-                        self.cfg.max_connections_backoff + Duration::from_millis(extra)
-                    } else {
-                        backoff.next_delay()
-                    };
-                    tracing::warn!(
-                        feed = name,
-                        cause = tag,
-                        retry_in_ms = delay.as_millis() as u64,
-                        "upstream connection lost: {reason}"
-                    );
-                    stats.set_state(
-                        LinkState::BackingOff,
-                        Some(format!("{reason}; retrying in {} ms", delay.as_millis())),
-                    );
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = &mut shutdown => break,
-                    }
-                }
-            }
-        }
-        stats.set_state(LinkState::Stopped, None);
+        let backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        supervise(&*self, &self.cfg.url, &self.ctx.stats, backoff, shutdown).await;
     }
 
     fn clear_upstream(&self) {
