@@ -32,7 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::AppState;
 use crate::config::DiagnosticsAccess;
 use crate::ws::frame::{self, Decoder, Incoming};
-use crate::ws::{accept_key, json_response, upgrade_problem};
+use crate::ws::{json_response, switching_protocols, upgrade_problem};
 
 /// Longest a diagnostic WebSocket is held open, whatever the client asks.
 pub const MAX_HOLD: Duration = Duration::from_secs(30 * 60);
@@ -106,13 +106,7 @@ pub async fn handle(
         drop(guard);
         OPEN.fetch_sub(1, Ordering::AcqRel);
     });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
-        .body(Body::empty())
-        .expect("static response")
+    switching_protocols(key.as_bytes())
 }
 
 /// Whether this request may read diagnostics, or why not.

@@ -61,11 +61,16 @@ pub async fn upgrade(
             Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
         }
     });
+    switching_protocols(key.as_bytes())
+}
+
+/// The `101 Switching Protocols` answer to a WebSocket upgrade with client key `key`.
+pub(crate) fn switching_protocols(key: &[u8]) -> Response<Body> {
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")
         .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key))
         .body(Body::empty())
         .expect("static response")
 }
