@@ -17,8 +17,10 @@ use parking_lot::{Mutex, RwLock};
 use crate::Sink;
 use crate::market::{CANDLES_NAMESPACE, Interval, QUOTES_NAMESPACE, TRADES_NAMESPACE};
 
-/// What a connector is doing right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// What a data source is doing right now (also the simulator's state on the server's feed
+/// board). Serialized in snake_case, as `/api/feeds` and the metrics show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LinkState {
     /// Opening the TCP/TLS/WebSocket connection.
     Connecting,
@@ -35,6 +37,16 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// Every state, for metrics that export one series per state.
+    pub const ALL: [LinkState; 6] = [
+        LinkState::Connecting,
+        LinkState::Authenticating,
+        LinkState::Live,
+        LinkState::BackingOff,
+        LinkState::Failed,
+        LinkState::Stopped,
+    ];
+
     /// The snake_case name used in the API and metrics.
     pub fn as_str(self) -> &'static str {
         match self {

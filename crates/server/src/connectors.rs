@@ -79,7 +79,7 @@ pub fn start(app: &Arc<AppState>) {
         let (name, kind, required) = (cfg.name.clone(), cfg.kind.clone(), cfg.required);
         stats.set_observer(Box::new(move |state, reason| {
             if let Some(app) = board.upgrade() {
-                app.feeds.set(&name, &kind, required, state.into(), reason.map(str::to_owned));
+                app.feeds.set(&name, &kind, required, state, reason.map(str::to_owned));
             }
         }));
         app.feeds.register(&stats);

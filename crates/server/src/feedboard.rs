@@ -14,63 +14,16 @@ use serde::Serialize;
 
 use crate::metrics::family;
 
-/// What a feed is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FeedState {
-    Connecting,
-    Authenticating,
-    Live,
-    BackingOff,
-    Failed,
-    Stopped,
-}
-
-impl FeedState {
-    pub const ALL: [FeedState; 6] = [
-        FeedState::Connecting,
-        FeedState::Authenticating,
-        FeedState::Live,
-        FeedState::BackingOff,
-        FeedState::Failed,
-        FeedState::Stopped,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeedState::Connecting => "connecting",
-            FeedState::Authenticating => "authenticating",
-            FeedState::Live => "live",
-            FeedState::BackingOff => "backing_off",
-            FeedState::Failed => "failed",
-            FeedState::Stopped => "stopped",
-        }
-    }
-}
-
 /// One feed's public status.
 #[derive(Debug, Clone, Serialize)]
 pub struct FeedStatus {
     pub name: String,
     pub kind: String,
-    pub state: FeedState,
+    pub state: LinkState,
     /// Why the feed is not live, in words a person can act on.
     pub reason: Option<String>,
     /// Whether readiness depends on this feed.
     pub required: bool,
-}
-
-impl From<LinkState> for FeedState {
-    fn from(s: LinkState) -> Self {
-        match s {
-            LinkState::Connecting => FeedState::Connecting,
-            LinkState::Authenticating => FeedState::Authenticating,
-            LinkState::Live => FeedState::Live,
-            LinkState::BackingOff => FeedState::BackingOff,
-            LinkState::Failed => FeedState::Failed,
-            LinkState::Stopped => FeedState::Stopped,
-        }
-    }
 }
 
 /// Every feed's status.
@@ -90,7 +43,7 @@ impl FeedBoard {
         name: &str,
         kind: &str,
         required: bool,
-        state: FeedState,
+        state: LinkState,
         reason: Option<String>,
     ) {
         let mut feeds = self.feeds.lock();
@@ -121,7 +74,7 @@ impl FeedBoard {
 
     /// Why the server is not ready because of a feed, if it is not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.feeds.lock().iter().find(|f| f.required && f.state != FeedState::Live).map(|f| {
+        self.feeds.lock().iter().find(|f| f.required && f.state != LinkState::Live).map(|f| {
             format!(
                 "feed {:?} is {}{}",
                 f.name,
@@ -136,7 +89,7 @@ impl FeedBoard {
         let mut out = String::new();
         family(&mut out, "ferrocast_feed_state", "gauge", "1 for the state each feed is in.");
         for f in self.feeds.lock().iter() {
-            for s in FeedState::ALL {
+            for s in LinkState::ALL {
                 let _ = writeln!(
                     out,
                     "ferrocast_feed_state{{feed=\"{}\",kind=\"{}\",state=\"{}\"}} {}",

@@ -15,8 +15,8 @@ use std::fmt::Write;
 use parking_lot::Mutex;
 
 use crate::AppState;
-use crate::feedboard::FeedState;
 use crate::metrics::family;
+use ferrocast_feeds::feed::LinkState;
 
 /// Publishes into the hub on behalf of a source.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub fn start_simulator(app: &Arc<AppState>) {
     if !cfg.symbols.is_empty() {
         sim.symbols = cfg.symbols.clone();
     }
-    app.feeds.set("sim", "simulator", false, FeedState::Live, None);
+    app.feeds.set("sim", "simulator", false, LinkState::Live, None);
     tracing::info!(
         symbols = sim.symbols.len(),
         rate = sim.rate,
@@ -51,7 +51,7 @@ pub fn start_simulator(app: &Arc<AppState>) {
     let board = app.clone();
     tokio::spawn(async move {
         simulator::run(sim, sink, shutdown.draining()).await;
-        board.feeds.set("sim", "simulator", false, FeedState::Stopped, None);
+        board.feeds.set("sim", "simulator", false, LinkState::Stopped, None);
     });
 }
 
