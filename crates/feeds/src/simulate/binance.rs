@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Command, Prices, SimState, SimWs};
+use super::{Command, Prices, SimState, SimWs, send_all};
 use crate::feed::now_ms;
 
 const TICK: Duration = Duration::from_millis(50);
@@ -116,14 +116,7 @@ pub(crate) async fn serve(ws: SimWs, path: &str, query: &str, state: Arc<SimStat
                 Vec::new()
             }
         };
-        let mut failed = false;
-        for m in out {
-            if tx.send(m).await.is_err() {
-                failed = true;
-                break;
-            }
-        }
-        if failed {
+        if !send_all(&mut tx, out).await {
             break;
         }
     }

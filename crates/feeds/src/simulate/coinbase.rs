@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Command, Prices, SimState, SimWs, rfc3339};
+use super::{Command, Prices, SimState, SimWs, rfc3339, send_all};
 use crate::feed::now_ms;
 
 const TICK: Duration = Duration::from_millis(50);
@@ -114,14 +114,7 @@ pub(crate) async fn serve(ws: SimWs, state: Arc<SimState>) {
                 Vec::new()
             }
         };
-        let mut failed = false;
-        for m in out {
-            if tx.send(m).await.is_err() {
-                failed = true;
-                break;
-            }
-        }
-        if failed {
+        if !send_all(&mut tx, out).await {
             break;
         }
     }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use super::{Command, Eviction, Prices, SimState, SimWs};
+use super::{Command, Eviction, Prices, SimState, SimWs, send_all};
 use crate::feed::now_ms;
 use crate::massive::OPTIONS_QUOTE_LIMIT;
 
@@ -126,14 +126,7 @@ pub(crate) async fn serve(ws: SimWs, path: &str, state: Arc<SimState>) {
                 break;
             }
         };
-        let mut failed = false;
-        for frame in out {
-            if tx.send(frame).await.is_err() {
-                failed = true;
-                break;
-            }
-        }
-        if failed {
+        if !send_all(&mut tx, out).await {
             break;
         }
     }

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use futures_util::SinkExt;
 use parking_lot::Mutex;
 use rand::Rng;
 use serde::Serialize;
@@ -35,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
 /// Which protocol a simulator speaks.
@@ -481,6 +483,19 @@ fn control(state: &SimState, request_line: &str) -> (&'static str, String) {
 
 /// A simulated WebSocket connection.
 pub(crate) type SimWs = WebSocketStream<TcpStream>;
+
+/// Sends `frames` in order; false once the client is gone (the connection then ends).
+pub(crate) async fn send_all(
+    tx: &mut futures_util::stream::SplitSink<SimWs, Message>,
+    frames: Vec<Message>,
+) -> bool {
+    for frame in frames {
+        if tx.send(frame).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
 
 /// Random-walk prices per symbol.
 #[derive(Debug, Default)]
