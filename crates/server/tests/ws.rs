@@ -2,44 +2,12 @@
 //! client: fan-out order, recovery across reconnects, heartbeat (in paused time), slow
 //! consumers and graceful shutdown.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use ferrocast_client::{Client, ConnectOptions, Event, Position};
-use ferrocast_server::config::{Config, Sources};
-use ferrocast_server::{AppState, Server};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-struct TestServer {
-    url: String,
-    app: Arc<AppState>,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl TestServer {
-    async fn start(sets: &[&str]) -> TestServer {
-        let mut all = vec!["simulator.enabled=false".to_string()];
-        all.extend(sets.iter().map(|s| s.to_string()));
-        let config =
-            Config::load(&Sources { sets: all, ..Default::default() }).expect("valid test config");
-        let app = AppState::new(config, None);
-        let server = Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
-        let url = format!("ws://{}/ws", server.local_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        TestServer { url, app, stop: Some(stop), task }
-    }
-
-    /// Triggers a graceful shutdown and waits for the server to finish draining.
-    async fn shutdown(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap();
-    }
-}
+mod transports;
+use transports::TestServer;
 
 async fn next_msg(client: &mut Client) -> ferrocast_client::Message {
     loop {
@@ -56,12 +24,12 @@ async fn next_msg(client: &mut Client) -> ferrocast_client::Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_reach_every_subscriber_in_offset_order() {
     let server = TestServer::start(&[]).await;
-    let mut a = Client::connect(&server.url).await.unwrap();
-    let mut b = Client::connect(&server.url).await.unwrap();
+    let mut a = Client::connect(&server.ws_url()).await.unwrap();
+    let mut b = Client::connect(&server.ws_url()).await.unwrap();
     let ack = a.subscribe(&["chat.order"]).await.unwrap();
     assert!(ack.is_ok(), "{ack:?}");
     b.subscribe(&["chat.order"]).await.unwrap();
-    let mut publisher = Client::connect(&server.url).await.unwrap();
+    let mut publisher = Client::connect(&server.ws_url()).await.unwrap();
     for i in 0..200 {
         let p = publisher.publish("chat.order", serde_json::json!({ "i": i })).await.unwrap();
         assert_eq!(p.offset, i + 1);
@@ -79,8 +47,8 @@ async fn publishes_reach_every_subscriber_in_offset_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_client_recovers_exactly_what_it_missed() {
     let server = TestServer::start(&[]).await;
-    let mut publisher = Client::connect(&server.url).await.unwrap();
-    let mut client = Client::connect(&server.url).await.unwrap();
+    let mut publisher = Client::connect(&server.ws_url()).await.unwrap();
+    let mut client = Client::connect(&server.ws_url()).await.unwrap();
     let ack = client.subscribe(&["chat.rec"]).await.unwrap();
     let epoch = ack.get("chat.rec").unwrap().epoch.clone();
     for i in 0..3 {
@@ -94,7 +62,7 @@ async fn reconnecting_client_recovers_exactly_what_it_missed() {
     for i in 3..10 {
         publisher.publish("chat.rec", serde_json::json!(i)).await.unwrap();
     }
-    let mut client = Client::connect(&server.url).await.unwrap();
+    let mut client = Client::connect(&server.ws_url()).await.unwrap();
     let recover =
         [("chat.rec".to_string(), Position { epoch: epoch.clone(), offset: last })].into();
     let ack = client.subscribe_recover(&["chat.rec"], &recover).await.unwrap();
@@ -117,7 +85,7 @@ async fn missing_pong_closes_with_4009_in_paused_time() {
     let server =
         TestServer::start(&["server.ping_interval_ms=25000", "server.pong_timeout_ms=10000"]).await;
     let opts = ConnectOptions::default().auto_pong(false).timeout(Duration::from_secs(3600));
-    let mut client = Client::connect_with(&server.url, opts).await.unwrap();
+    let mut client = Client::connect_with(&server.ws_url(), opts).await.unwrap();
     let started = tokio::time::Instant::now();
     let mut pings = 0;
     let close = loop {
@@ -143,7 +111,7 @@ async fn answered_pings_keep_the_connection_open_in_paused_time() {
     let server =
         TestServer::start(&["server.ping_interval_ms=25000", "server.pong_timeout_ms=10000"]).await;
     let opts = ConnectOptions::default().timeout(Duration::from_secs(3600));
-    let mut client = Client::connect_with(&server.url, opts).await.unwrap();
+    let mut client = Client::connect_with(&server.ws_url(), opts).await.unwrap();
     let mut pings = 0;
     while pings < 10 {
         match client.next_event().await.expect("event") {
@@ -160,9 +128,9 @@ async fn answered_pings_keep_the_connection_open_in_paused_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reader_that_stops_reading_is_closed_4008_and_others_are_unaffected() {
     let server = TestServer::start(&["server.queue_max_bytes=16384"]).await;
-    let mut healthy = Client::connect(&server.url).await.unwrap();
+    let mut healthy = Client::connect(&server.ws_url()).await.unwrap();
     healthy.subscribe(&["ticks.SLOW"]).await.unwrap();
-    let mut stalled = Client::connect(&server.url).await.unwrap();
+    let mut stalled = Client::connect(&server.ws_url()).await.unwrap();
     stalled.subscribe(&["ticks.SLOW"]).await.unwrap();
     // Publish straight into the hub; the stalled client never reads, so the kernel buffers
     // fill, then its queue, and the disconnect policy of ticks.* closes it.
@@ -208,7 +176,7 @@ async fn graceful_shutdown_closes_every_client_with_1001_and_a_jittered_hint() {
             .await;
     let mut clients = Vec::new();
     for _ in 0..20 {
-        let mut c = Client::connect(&server.url).await.unwrap();
+        let mut c = Client::connect(&server.ws_url()).await.unwrap();
         c.subscribe(&["chat.drain"]).await.unwrap();
         clients.push(c);
     }

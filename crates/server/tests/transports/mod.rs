@@ -1,4 +1,4 @@
-//! Helpers shared by the SSE and Socket.IO integration tests: a real server on 127.0.0.1:0,
+//! Helpers shared by the transport integration tests (ws, SSE, Socket.IO): a real server on 127.0.0.1:0,
 //! and a deliberately small HTTP/1.1 client over raw TCP, so what is tested is the bytes a
 //! browser or proxy would see.
 
@@ -40,6 +40,11 @@ impl TestServer {
             let _ = stopped.await;
         }));
         TestServer { addr, app, stop: Some(stop), task }
+    }
+
+    /// The native WebSocket endpoint's URL.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
     }
 
     /// Starts draining without waiting for it to finish.
