@@ -23,18 +23,20 @@ use rand::Rng;
 use crate::history::HistoryRing;
 use crate::metrics::HubMetrics;
 use crate::namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
-use crate::queue::{ConnQueue, Outbound, PublishKind};
+use crate::queue::{ConnQueue, HistoryRead, HistorySource, Outbound, PublishKind, Replay};
 
 /// Tuning for the hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
     /// Number of registry shards (rounded up to a power of two).
     pub shards: usize,
+    /// The most channels held at once (`server.max_channels`); creating one more is refused.
+    pub max_channels: usize,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
-        HubOptions { shards: 64 }
+        HubOptions { shards: 64, max_channels: 100_000 }
     }
 }
 
@@ -50,6 +52,10 @@ pub struct Published {
 pub enum PublishError {
     #[error("invalid channel: {0}")]
     InvalidChannel(ChannelError),
+    #[error(
+        "the server holds {0} channels, its limit (server.max_channels); no channel can be created"
+    )]
+    ChannelLimit(usize),
 }
 
 /// A channel as listed by `GET /api/channels`.
@@ -59,6 +65,16 @@ pub struct ChannelInfo {
     pub subscribers: usize,
     pub offset: u64,
     pub epoch: String,
+}
+
+/// One page of `GET /api/channels`.
+#[derive(Debug, Clone)]
+pub struct ChannelPage {
+    pub channels: Vec<ChannelInfo>,
+    /// Channels held in all.
+    pub total: usize,
+    /// Pass as `after` to get the next page; `None` on the last one.
+    pub next: Option<String>,
 }
 
 /// Retained messages of a channel, as returned by the history API.
@@ -134,6 +150,12 @@ pub struct Hub {
     metrics: HubMetrics,
     demand: RwLock<Option<Arc<dyn DemandListener>>>,
     taps: RwLock<Vec<(String, Tap)>>,
+    max_channels: usize,
+    /// The epoch given to channels created from now on. It changes whenever a channel that
+    /// held messages is forgotten, so no later incarnation of that channel can be mistaken
+    /// for it; until then a channel forgotten while empty comes back under the same epoch,
+    /// and a client that subscribed to it before its first message still recovers exactly.
+    epoch_for_new: RwLock<Arc<str>>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -154,6 +176,8 @@ impl Hub {
             metrics: HubMetrics::default(),
             demand: RwLock::new(None),
             taps: RwLock::new(Vec::new()),
+            max_channels: options.max_channels,
+            epoch_for_new: RwLock::new(new_epoch()),
         }
     }
 
@@ -206,13 +230,20 @@ impl Hub {
         self.shard(channel).read().get(channel).cloned()
     }
 
-    fn lookup_or_create(&self, channel: &str) -> Arc<Mutex<Channel>> {
+    /// The channel, created if needed and the channel limit allows it.
+    fn lookup_or_create(&self, channel: &str) -> Result<Arc<Mutex<Channel>>, PublishError> {
         if let Some(ch) = self.lookup(channel) {
-            return ch;
+            return Ok(ch);
         }
         let mut shard = self.shard(channel).write();
         if let Some(ch) = shard.get(channel) {
-            return ch.clone();
+            return Ok(ch.clone());
+        }
+        // Counted under the shard lock only, so concurrent creations may overshoot the limit
+        // by at most one per shard.
+        if self.metrics.channels.load(Ordering::Relaxed) as usize >= self.max_channels {
+            HubMetrics::add(&self.metrics.channels_refused, 1);
+            return Err(PublishError::ChannelLimit(self.max_channels));
         }
         let ns = self.namespaces.for_channel(channel).clone();
         let max_age = (ns.history_ttl_ms > 0).then(|| Duration::from_millis(ns.history_ttl_ms));
@@ -220,7 +251,7 @@ impl Hub {
             id: self.next_channel_id.fetch_add(1, Ordering::Relaxed),
             history: HistoryRing::new(ns.history_size, max_age),
             ns,
-            epoch: new_epoch(),
+            epoch: self.epoch_for_new.read().clone(),
             top: 0,
             latest_ephemeral: None,
             subscribers: Vec::new(),
@@ -230,7 +261,7 @@ impl Hub {
         }));
         shard.insert(Arc::from(channel), ch.clone());
         self.metrics.channels.fetch_add(1, Ordering::Relaxed);
-        ch
+        Ok(ch)
     }
 
     /// Publishes `data` (one serialized JSON value) on `channel` and fans it out.
@@ -242,7 +273,7 @@ impl Hub {
     ) -> Result<Published, PublishError> {
         validate_channel(channel).map_err(PublishError::InvalidChannel)?;
         let published = loop {
-            let ch = self.lookup_or_create(channel);
+            let ch = self.lookup_or_create(channel)?;
             let mut c = ch.lock();
             if c.removed {
                 continue;
@@ -322,7 +353,26 @@ impl Hub {
             };
         }
         let (subscription, first) = loop {
-            let ch = self.lookup_or_create(channel);
+            let ch = match self.lookup(channel) {
+                Some(ch) => ch,
+                None if !self.namespaces.for_channel(channel).create_on_subscribe => {
+                    let result = ChannelResult::failed(
+                        ErrorCode::UnknownChannel,
+                        format!(
+                            "channel {channel:?} does not exist and namespace {:?} does not let a subscribe create it (create_on_subscribe = false)",
+                            ferrocast_protocol::namespace_of(channel)
+                        ),
+                    );
+                    return Subscription { result, added: false };
+                }
+                None => match self.lookup_or_create(channel) {
+                    Ok(ch) => ch,
+                    Err(e) => {
+                        let result = ChannelResult::failed(ErrorCode::ChannelLimit, e.to_string());
+                        return Subscription { result, added: false };
+                    }
+                },
+            };
             let mut c = ch.lock();
             if c.removed {
                 continue;
@@ -346,26 +396,21 @@ impl Hub {
             let mut snapshot = None;
             match recover {
                 Some(pos) if self.can_recover(&c, pos) => {
-                    let missed: Vec<Bytes> =
-                        c.history.since(pos.offset, usize::MAX).map(|e| e.frame.clone()).collect();
-                    HubMetrics::add(&self.metrics.replayed, missed.len() as u64);
+                    let missed = c.top - pos.offset;
+                    HubMetrics::add(&self.metrics.replayed, missed);
                     HubMetrics::add(&self.metrics.recoveries_ok, 1);
-                    replayed = Some(missed.len());
-                    for frame in missed {
-                        queue.push_unbudgeted(Outbound::history(frame, c.id));
-                    }
+                    replayed = Some(missed as usize);
                     // The forming bar (if any) is current state, not history: send it too.
-                    if let Some(frame) = c.latest_ephemeral.clone() {
-                        queue.push_unbudgeted(Outbound::history(frame, c.id));
-                    }
+                    let tail = c.latest_ephemeral.clone();
+                    self.push_history(&ch, &c, queue, pos.offset, tail, true);
                     recovered = Some(true);
                 }
                 Some(_) => {
                     HubMetrics::add(&self.metrics.recoveries_failed, 1);
                     recovered = Some(false);
-                    snapshot = self.send_snapshot(&c, queue);
+                    snapshot = self.send_snapshot(&ch, &c, queue);
                 }
-                None => snapshot = self.send_snapshot(&c, queue),
+                None => snapshot = self.send_snapshot(&ch, &c, queue),
             }
             let index = c.subscribers.len();
             c.subscribers.push(queue.clone());
@@ -389,6 +434,24 @@ impl Hub {
         subscription
     }
 
+    /// Queues a cursor over `c`'s history after `after` (up to its top), then `tail`. The
+    /// messages are read as the connection's writer drains, not copied now.
+    fn push_history(
+        &self,
+        ch: &Arc<Mutex<Channel>>,
+        c: &Channel,
+        queue: &ConnQueue,
+        after: u64,
+        tail: Option<Bytes>,
+        exact: bool,
+    ) {
+        if after >= c.top && tail.is_none() {
+            return;
+        }
+        let source: Arc<dyn HistorySource> = Arc::new(ChannelHistory(ch.clone()));
+        queue.push_replay(Replay { source, channel_id: c.id, after, until: c.top, tail, exact });
+    }
+
     fn can_recover(&self, c: &Channel, pos: &StreamPosition) -> bool {
         *pos.epoch == *c.epoch
             && pos.offset <= c.top
@@ -396,21 +459,23 @@ impl Hub {
             && c.history.covers_after(pos.offset, c.top)
     }
 
-    fn send_snapshot(&self, c: &Channel, queue: &ConnQueue) -> Option<SnapshotSent> {
-        let mut frames: Vec<Bytes> = match c.ns.snapshot {
+    fn send_snapshot(
+        &self,
+        ch: &Arc<Mutex<Channel>>,
+        c: &Channel,
+        queue: &ConnQueue,
+    ) -> Option<SnapshotSent> {
+        let held = c.history.len();
+        let from_history = match c.ns.snapshot {
             SnapshotMode::None => return None,
-            SnapshotMode::Latest if c.latest_ephemeral.is_some() => Vec::new(),
-            SnapshotMode::Latest => c.history.last(1).map(|e| e.frame.clone()).collect(),
-            SnapshotMode::Last => {
-                c.history.last(c.ns.snapshot_size).map(|e| e.frame.clone()).collect()
-            }
+            SnapshotMode::Latest if c.latest_ephemeral.is_some() => 0,
+            SnapshotMode::Latest => held.min(1),
+            SnapshotMode::Last => held.min(c.ns.snapshot_size),
         };
-        frames.extend(c.latest_ephemeral.clone());
-        let count = frames.len();
+        let tail = c.latest_ephemeral.clone();
+        let count = from_history + usize::from(tail.is_some());
         HubMetrics::add(&self.metrics.snapshot_messages, count as u64);
-        for frame in frames {
-            queue.push_unbudgeted(Outbound::history(frame, c.id));
-        }
+        self.push_history(ch, c, queue, c.top - from_history as u64, tail, false);
         Some(match c.ns.snapshot {
             SnapshotMode::Latest => SnapshotSent::Latest { count },
             _ => SnapshotSent::Last { count },
@@ -429,12 +494,34 @@ impl Hub {
         }
         c.last_active = Instant::now();
         let last = c.subscribers.is_empty();
+        let never_published = last && c.top == 0 && c.latest_ephemeral.is_none();
         drop(c);
         self.metrics.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        if never_published {
+            self.forget_if_unused(channel);
+        }
         if last {
             self.notify_demand(channel, false);
         }
         true
+    }
+
+    /// Removes `channel` at once if it has no subscriber and was never published to: such a
+    /// channel holds nothing worth keeping, and subscribe/unsubscribe churn must not mint
+    /// channels that linger for their TTL.
+    fn forget_if_unused(&self, channel: &str) {
+        let mut shard = self.shard(channel).write();
+        let Some(ch) = shard.get(channel) else { return };
+        let mut c = ch.lock();
+        if !(c.subscribers.is_empty() && c.top == 0 && c.latest_ephemeral.is_none()) {
+            return;
+        }
+        c.removed = true;
+        drop(c);
+        shard.remove(channel);
+        shrink_if_sparse(&mut shard);
+        self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+        HubMetrics::add(&self.metrics.channels_expired, 1);
     }
 
     fn notify_demand(&self, channel: &str, wanted: bool) {
@@ -444,22 +531,45 @@ impl Hub {
         }
     }
 
-    /// Every channel held, with subscriber counts and the top offset.
+    /// Every channel held, with subscriber counts and the top offset, sorted by name.
     pub fn channels(&self) -> Vec<ChannelInfo> {
-        let mut out = Vec::new();
+        self.channels_page(None, usize::MAX).channels
+    }
+
+    /// Up to `limit` channels whose names sort after `after`, with subscriber counts and the
+    /// top offset, sorted by name.
+    pub fn channels_page(&self, after: Option<&str>, limit: usize) -> ChannelPage {
+        let mut names: Vec<(Arc<str>, Arc<Mutex<Channel>>)> = Vec::new();
+        let mut total = 0;
         for shard in self.shards.iter() {
-            for (name, ch) in shard.read().iter() {
+            let map = shard.read();
+            total += map.len();
+            names.extend(
+                map.iter()
+                    .filter(|(name, _)| after.is_none_or(|a| &***name > a))
+                    .map(|(name, ch)| (name.clone(), ch.clone())),
+            );
+        }
+        let more = names.len() > limit;
+        if more {
+            names.select_nth_unstable_by(limit, |a, b| a.0.cmp(&b.0));
+            names.truncate(limit);
+        }
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let channels: Vec<ChannelInfo> = names
+            .into_iter()
+            .map(|(name, ch)| {
                 let c = ch.lock();
-                out.push(ChannelInfo {
+                ChannelInfo {
                     channel: name.to_string(),
                     subscribers: c.subscribers.len(),
                     offset: c.top,
                     epoch: c.epoch.to_string(),
-                });
-            }
-        }
-        out.sort_by(|a, b| a.channel.cmp(&b.channel));
-        out
+                }
+            })
+            .collect();
+        let next = if more { channels.last().map(|c| c.channel.clone()) } else { None };
+        ChannelPage { channels, total, next }
     }
 
     /// Retained messages of `channel` after `since`, at most `limit`.
@@ -484,19 +594,71 @@ impl Hub {
             map.retain(|_, ch| {
                 let mut c = ch.lock();
                 let ttl = Duration::from_millis(c.ns.channel_ttl_ms);
-                let idle = c.subscribers.is_empty() && now.duration_since(c.last_active) > ttl;
+                let never_published = c.top == 0 && c.latest_ephemeral.is_none();
+                let idle = c.subscribers.is_empty()
+                    && (never_published || now.duration_since(c.last_active) > ttl);
                 if idle {
                     c.removed = true;
                     removed += 1;
+                    if c.top > 0 {
+                        // Before the shard lock is released, so no new incarnation of this
+                        // channel can be created under its old epoch.
+                        *self.epoch_for_new.write() = new_epoch();
+                    }
                 } else {
                     c.history.expire(now);
                 }
                 !idle
             });
+            shrink_if_sparse(&mut map);
         }
         self.metrics.channels.fetch_sub(removed as u64, Ordering::Relaxed);
         HubMetrics::add(&self.metrics.channels_expired, removed as u64);
         removed
+    }
+}
+
+/// Gives a shard's table memory back once most of it is empty (after a sweep or churn).
+fn shrink_if_sparse<V>(map: &mut HashMap<Arc<str>, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+/// Reads one channel's history for a replay cursor (see [`Replay`]).
+struct ChannelHistory(Arc<Mutex<Channel>>);
+
+impl HistorySource for ChannelHistory {
+    fn read_after(
+        &self,
+        after: u64,
+        until: u64,
+        max_bytes: usize,
+        out: &mut Vec<Outbound>,
+    ) -> HistoryRead {
+        let mut c = self.0.lock();
+        if c.removed {
+            return HistoryRead { last: until, skipped: true };
+        }
+        c.history.expire(Instant::now());
+        let skipped = !c.history.covers_after(after, until);
+        let mut last = after;
+        let mut bytes = 0;
+        for entry in c.history.since(after, usize::MAX) {
+            if entry.offset > until {
+                break;
+            }
+            out.push(Outbound::history(entry.frame.clone(), c.id));
+            last = entry.offset;
+            bytes += entry.frame.len();
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        if last == after && skipped {
+            last = until;
+        }
+        HistoryRead { last, skipped }
     }
 }
 

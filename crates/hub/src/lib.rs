@@ -18,7 +18,9 @@ pub mod metrics;
 pub mod namespace;
 pub mod queue;
 
-pub use hub::{ChannelInfo, HistoryPage, Hub, HubOptions, PublishError, Published, Subscription};
+pub use hub::{
+    ChannelInfo, ChannelPage, HistoryPage, Hub, HubOptions, PublishError, Published, Subscription,
+};
 pub use metrics::HubMetrics;
 pub use namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
-pub use queue::{ConnQueue, Drained, Outbound, PublishKind};
+pub use queue::{ConnQueue, Drained, Outbound, PublishKind, PushOutcome};

@@ -27,8 +27,10 @@ pub struct HubMetrics {
     pub channels: AtomicU64,
     /// Live subscriptions.
     pub subscriptions: AtomicU64,
-    /// Channels forgotten after their idle TTL.
+    /// Channels forgotten after their idle TTL (or at once, when never published to).
     pub channels_expired: AtomicU64,
+    /// Channel creations refused because `server.max_channels` were held.
+    pub channels_refused: AtomicU64,
 }
 
 impl HubMetrics {

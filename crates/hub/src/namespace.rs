@@ -64,6 +64,10 @@ pub struct NamespaceConfig {
     /// Socket.IO: also emit each message's data under this event name (e.g. `price_update`);
     /// empty for none.
     pub socketio_event: String,
+    /// Whether a client's subscribe may create a channel that does not exist yet (has never
+    /// been published to, or was forgotten). With `false` such a subscribe is refused with
+    /// `unknown_channel`, so anonymous clients cannot mint channels.
+    pub create_on_subscribe: bool,
 }
 
 impl Default for NamespaceConfig {
@@ -78,6 +82,7 @@ impl Default for NamespaceConfig {
             snapshot_size: 0,
             max_replay: 10_000,
             socketio_event: String::new(),
+            create_on_subscribe: true,
         }
     }
 }

@@ -1,15 +1,27 @@
 //! A connection's outbound queue: bounded in bytes, never awaited by publishers.
 //!
-//! Publishers append with [`ConnQueue::push`], which takes a short lock and returns at once.
-//! When the queue would exceed its byte budget the message's overflow policy decides what
-//! gives way (see [`OverflowPolicy`]); a policy that forbids dropping marks the queue as
-//! overflowed and the connection's writer closes it with 4008. The writer takes everything
-//! queued in one [`ConnQueue::drain`] and writes it with one flush.
+//! Everything a connection causes to be queued counts against one byte budget
+//! (`queue_max_bytes`): live channel messages, replies to its requests (acks, errors, pongs),
+//! and the bookkeeping of replays and snapshots. Publishers append with [`ConnQueue::push`],
+//! which takes a short lock and returns at once. When the budget would be exceeded, the
+//! message's overflow policy decides what gives way (see [`OverflowPolicy`]); where nothing
+//! may give way the queue is marked overflowed and the connection's writer closes it with
+//! 4008, which frees its memory.
 //!
-//! Control frames (acks, errors, pongs) and replayed history are pushed outside the budget:
-//! they are bounded elsewhere (by the request rate and `max_replay`) and must never be lost.
+//! Making room is O(1) amortised whatever the queue holds: a conflating message replaces the
+//! pending message of its channel in place (found through a per-channel index), and
+//! drop-oldest pops the oldest droppable message from a FIFO of their positions. Removed
+//! messages leave a tombstone that the writer skips; tombstones are compacted away once
+//! they outnumber the live entries, so a queue nobody drains stays bounded too.
+//!
+//! Replays and snapshots are not copied into the queue: one [`ConnQueue::push_replay`] entry
+//! holds a cursor into the channel's history, and [`ConnQueue::drain_into`] reads it a chunk
+//! at a time as the writer asks for more, so a recovery larger than the budget streams as
+//! the socket drains and never materialises in full.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -18,6 +30,14 @@ use tokio::sync::Notify;
 
 use crate::namespace::OverflowPolicy;
 
+/// Bookkeeping counted for every queued entry on top of its bytes, so a flood of tiny replies
+/// is bounded by the budget too.
+pub const ENTRY_COST: usize = 64;
+/// Most bytes of history one drain reads from a replay cursor.
+const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
+/// Tombstones tolerated before a compaction is considered.
+const COMPACT_MIN_TOMBSTONES: usize = 64;
+
 /// Whether a published message is kept in history or is a transient, conflatable update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublishKind {
@@ -25,43 +45,82 @@ pub enum PublishKind {
     Ephemeral,
 }
 
-/// One frame waiting to be written.
+/// One frame ready to be written.
 #[derive(Debug, Clone)]
 pub struct Outbound {
     /// The encoded frame, shared with every other subscriber.
     pub bytes: Bytes,
-    /// The hub's id of the channel, for conflation; 0 for control frames.
+    /// The hub's id of the channel; 0 for control frames.
     pub channel_id: u64,
     /// When the message was published, for the publish-to-write latency histogram.
     pub published_at: Option<Instant>,
-    policy: Option<OverflowPolicy>,
-    /// Counted against the byte budget (live messages only).
-    budgeted: bool,
-    /// A reserved slot not yet filled: the writer stops here (see [`ConnQueue::reserve`]).
-    pending: bool,
 }
 
 impl Outbound {
-    /// A frame that is not a channel message (ack, error, pong, ping).
+    /// A frame that is not a channel message (ack, error, pong).
     pub fn control(bytes: Bytes) -> Self {
-        Outbound {
-            bytes,
-            channel_id: 0,
-            published_at: None,
-            policy: None,
-            budgeted: false,
-            pending: false,
-        }
+        Outbound { bytes, channel_id: 0, published_at: None }
     }
 
-    /// A replayed or snapshot message: delivered outside the byte budget.
+    /// A replayed or snapshot message.
     pub fn history(bytes: Bytes, channel_id: u64) -> Self {
-        Outbound { channel_id, ..Outbound::control(bytes) }
+        Outbound { bytes, channel_id, published_at: None }
     }
 
     /// Whether this frame is a channel message (as opposed to a control frame).
     pub fn is_message(&self) -> bool {
         self.channel_id != 0
+    }
+}
+
+/// Where a replay cursor reads retained messages from (a channel's history).
+pub trait HistorySource: Send + Sync {
+    /// Appends the retained frames with offsets in `(after, until]`, oldest first, stopping
+    /// once `max_bytes` have been appended (at least one frame is). When the history no
+    /// longer holds the message right after `after`, reads from its oldest message instead
+    /// and says so.
+    fn read_after(
+        &self,
+        after: u64,
+        until: u64,
+        max_bytes: usize,
+        out: &mut Vec<Outbound>,
+    ) -> HistoryRead;
+}
+
+/// What a [`HistorySource::read_after`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRead {
+    /// The offset of the last frame appended, or the position to go on from.
+    pub last: u64,
+    /// Messages right after `after` were no longer held and were skipped.
+    pub skipped: bool,
+}
+
+/// A replay or snapshot waiting in the queue: a cursor, not the messages.
+pub struct Replay {
+    pub source: Arc<dyn HistorySource>,
+    pub channel_id: u64,
+    /// The last offset already delivered.
+    pub after: u64,
+    /// The last offset to deliver (the channel's top when the subscription was made).
+    pub until: u64,
+    /// Sent once the replay is complete (the forming bar of a candle channel).
+    pub tail: Option<Bytes>,
+    /// A recovery must be exact: if history was trimmed past the cursor while it waited, the
+    /// connection is closed (4008) so the client recovers again and learns of the gap. A
+    /// snapshot just skips ahead.
+    pub exact: bool,
+}
+
+impl std::fmt::Debug for Replay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replay")
+            .field("channel_id", &self.channel_id)
+            .field("after", &self.after)
+            .field("until", &self.until)
+            .field("exact", &self.exact)
+            .finish_non_exhaustive()
     }
 }
 
@@ -72,7 +131,7 @@ pub struct PushOutcome {
     pub conflated: u32,
     /// Messages discarded to make room (including, possibly, the new one).
     pub dropped: u32,
-    /// The queue overflowed on a message that may not be dropped: close with 4008.
+    /// The budget was exhausted by something that may not be dropped: close with 4008.
     pub overflowed: bool,
 }
 
@@ -80,7 +139,7 @@ pub struct PushOutcome {
 #[derive(Debug)]
 pub struct Reservation(u64);
 
-/// The result of a [`ConnQueue::drain`].
+/// The result of a [`ConnQueue::drain_into`].
 #[derive(Debug, Default)]
 pub struct Drained {
     pub frames: Vec<Outbound>,
@@ -88,20 +147,212 @@ pub struct Drained {
     pub overflowed: bool,
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    items: VecDeque<Outbound>,
-    /// Bytes of budgeted items currently queued.
-    bytes: usize,
-    overflowed: bool,
-    /// Sequence number of the next reservation, and of the first item in `items`.
-    next_reservation: u64,
-    reservations: VecDeque<(u64, usize)>,
+/// Hasher for the per-channel index: channel ids are already unique integers.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Spread sequential ids over the table's buckets.
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
-/// The outbound queue of one connection. Shared between the hub (producers) and the
-/// connection's writer (the only consumer).
-#[derive(Debug)]
+type ChannelIndex = HashMap<u64, u64, BuildHasherDefault<IdHasher>>;
+
+enum Slot {
+    /// A live channel message, under its channel's overflow policy.
+    Live {
+        out: Outbound,
+        policy: OverflowPolicy,
+    },
+    /// A reply or other frame that must not be dropped.
+    Control(Outbound),
+    /// A position held for a frame computed later (see [`ConnQueue::reserve`]).
+    Reserved(u64),
+    Replay(Box<Replay>),
+    /// Removed to make room; skipped by the writer.
+    Gone,
+}
+
+impl Slot {
+    fn cost(&self) -> usize {
+        ENTRY_COST
+            + match self {
+                Slot::Live { out, .. } | Slot::Control(out) => out.bytes.len(),
+                Slot::Reserved(_) | Slot::Replay(_) | Slot::Gone => 0,
+            }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: VecDeque<Slot>,
+    /// Position of `slots[0]`. Positions grow as the writer pops, so the indexes below stay
+    /// valid across drains; a compaction renumbers everything and rebuilds them.
+    base: u64,
+    /// Budgeted bytes of everything queued.
+    cost: usize,
+    /// The part of `cost` that is not live messages: what the connection's own requests
+    /// caused (replies, reservations, replay cursors).
+    reply_cost: usize,
+    /// Tombstones among `slots`.
+    gone: usize,
+    /// Positions of live messages that may be dropped, oldest first; entries whose message
+    /// was drained or removed are skipped lazily.
+    droppable: VecDeque<u64>,
+    /// The newest queued conflating message of each channel.
+    latest: ChannelIndex,
+    /// Open reservations: (reservation id, position).
+    reservations: Vec<(u64, u64)>,
+    next_reservation: u64,
+    overflowed: bool,
+}
+
+impl Inner {
+    fn end(&self) -> u64 {
+        self.base + self.slots.len() as u64
+    }
+
+    fn slot_mut(&mut self, pos: u64) -> Option<&mut Slot> {
+        let index = pos.checked_sub(self.base)?;
+        self.slots.get_mut(index as usize)
+    }
+
+    fn push_slot(&mut self, slot: Slot) -> u64 {
+        let pos = self.end();
+        let cost = slot.cost();
+        self.cost += cost;
+        if !matches!(slot, Slot::Live { .. }) {
+            self.reply_cost += cost;
+        }
+        self.slots.push_back(slot);
+        pos
+    }
+
+    /// Replaces the queued conflating message of `channel_id`, if there is one, with `bytes`.
+    /// Gives `bytes` back when there is none.
+    fn conflate_in_place(
+        &mut self,
+        channel_id: u64,
+        bytes: Bytes,
+        published_at: Instant,
+    ) -> Result<(), Bytes> {
+        let Some(&pos) = self.latest.get(&channel_id) else { return Err(bytes) };
+        let Some(Slot::Live { out, .. }) = self.slot_mut(pos) else { return Err(bytes) };
+        let old = out.bytes.len();
+        let new = bytes.len();
+        out.bytes = bytes;
+        out.published_at = Some(published_at);
+        self.cost = self.cost + new - old;
+        Ok(())
+    }
+
+    /// Removes the live message at `pos` (a tombstone stays). Returns its policy.
+    fn remove_live(&mut self, pos: u64) -> Option<OverflowPolicy> {
+        let slot = self.slot_mut(pos)?;
+        let Slot::Live { out, policy } = slot else { return None };
+        let (channel_id, policy, cost) = (out.channel_id, *policy, ENTRY_COST + out.bytes.len());
+        *slot = Slot::Gone;
+        self.cost -= cost;
+        self.gone += 1;
+        if policy == OverflowPolicy::Conflate && self.latest.get(&channel_id) == Some(&pos) {
+            self.latest.remove(&channel_id);
+        }
+        Some(policy)
+    }
+
+    /// Frees room for `incoming` more bytes: first by replacing nothing (callers conflate),
+    /// then by dropping the oldest droppable messages. Returns whether it now fits.
+    fn evict_for(&mut self, incoming: usize, max: usize, outcome: &mut PushOutcome) -> bool {
+        while self.cost + incoming > max {
+            let Some(pos) = self.droppable.pop_front() else { return false };
+            match self.remove_live(pos) {
+                Some(OverflowPolicy::Conflate) => outcome.conflated += 1,
+                Some(_) => outcome.dropped += 1,
+                None => {}
+            }
+        }
+        self.maybe_compact();
+        true
+    }
+
+    /// Drops tombstones once they outnumber live entries, renumbering positions.
+    fn maybe_compact(&mut self) {
+        if self.gone < COMPACT_MIN_TOMBSTONES || self.gone * 2 < self.slots.len() {
+            return;
+        }
+        let old = std::mem::take(&mut self.slots);
+        self.slots.reserve(old.len() - self.gone);
+        self.droppable.clear();
+        self.latest.clear();
+        self.gone = 0;
+        for slot in old {
+            let pos = self.base + self.slots.len() as u64;
+            match &slot {
+                Slot::Gone => continue,
+                Slot::Live { out, policy } => {
+                    if matches!(policy, OverflowPolicy::Conflate | OverflowPolicy::DropOldest) {
+                        self.droppable.push_back(pos);
+                    }
+                    if *policy == OverflowPolicy::Conflate {
+                        self.latest.insert(out.channel_id, pos);
+                    }
+                }
+                Slot::Reserved(id) => {
+                    if let Some(r) = self.reservations.iter_mut().find(|r| r.0 == *id) {
+                        r.1 = pos;
+                    }
+                }
+                Slot::Control(_) | Slot::Replay(_) => {}
+            }
+            self.slots.push_back(slot);
+        }
+        if self.slots.capacity() > 4 * self.slots.len().max(16) {
+            self.slots.shrink_to_fit();
+        }
+    }
+
+    /// Pops the front slot, releasing its budget and index entries.
+    fn pop_front(&mut self) -> Option<Slot> {
+        let slot = self.slots.pop_front()?;
+        let pos = self.base;
+        self.base += 1;
+        let cost = slot.cost();
+        match &slot {
+            Slot::Gone => self.gone -= 1,
+            Slot::Live { out, policy } => {
+                self.cost -= cost;
+                if *policy == OverflowPolicy::Conflate
+                    && self.latest.get(&out.channel_id) == Some(&pos)
+                {
+                    self.latest.remove(&out.channel_id);
+                }
+            }
+            _ => {
+                self.cost -= cost;
+                self.reply_cost -= cost;
+            }
+        }
+        while self.droppable.front().is_some_and(|&p| p < self.base) {
+            self.droppable.pop_front();
+        }
+        Some(slot)
+    }
+}
+
+/// The outbound queue of one connection. Shared between the hub and the connection's own
+/// request handling (producers) and the connection's writer (the only consumer).
 pub struct ConnQueue {
     conn_id: u64,
     max_bytes: usize,
@@ -109,8 +360,17 @@ pub struct ConnQueue {
     notify: Notify,
 }
 
+impl std::fmt::Debug for ConnQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnQueue")
+            .field("conn_id", &self.conn_id)
+            .field("max_bytes", &self.max_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ConnQueue {
-    /// A queue for connection `conn_id` holding at most `max_bytes` of live messages.
+    /// A queue for connection `conn_id` holding at most `max_bytes` (see [`ENTRY_COST`]).
     pub fn new(conn_id: u64, max_bytes: usize) -> Self {
         ConnQueue { conn_id, max_bytes, inner: Mutex::new(Inner::default()), notify: Notify::new() }
     }
@@ -119,10 +379,15 @@ impl ConnQueue {
         self.conn_id
     }
 
-    /// Appends a live channel message under the byte budget, applying `policy` on overflow.
+    /// The byte budget.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// Appends a live channel message, applying `policy` when the budget is exhausted.
     pub fn push(
         &self,
-        bytes: Bytes,
+        mut bytes: Bytes,
         channel_id: u64,
         published_at: Instant,
         policy: OverflowPolicy,
@@ -133,31 +398,45 @@ impl ConnQueue {
             // The connection is being closed; it will recover what it missed on reconnect.
             return outcome;
         }
-        let len = bytes.len();
-        if q.bytes + len > self.max_bytes {
-            make_room(&mut q, self.max_bytes, len, channel_id, policy, &mut outcome);
-            if outcome.overflowed {
-                q.overflowed = true;
-                drop(q);
-                self.notify.notify_one();
-                return outcome;
+        let cost = ENTRY_COST + bytes.len();
+        if q.cost + cost > self.max_bytes {
+            // Conflation first: the channel's pending message is replaced where it stands.
+            if policy == OverflowPolicy::Conflate {
+                match q.conflate_in_place(channel_id, bytes, published_at) {
+                    Ok(()) => {
+                        outcome.conflated += 1;
+                        if q.cost > self.max_bytes {
+                            q.evict_for(0, self.max_bytes, &mut outcome);
+                        }
+                        return outcome;
+                    }
+                    Err(returned) => bytes = returned,
+                }
             }
-            if q.bytes + len > self.max_bytes {
-                // Nothing droppable left to evict and the new message may itself be dropped.
-                outcome.dropped += 1;
+            if !q.evict_for(cost, self.max_bytes, &mut outcome) {
+                if policy == OverflowPolicy::Disconnect {
+                    outcome.overflowed = true;
+                    q.overflowed = true;
+                    drop(q);
+                    self.notify.notify_one();
+                } else {
+                    // Nothing droppable is left and the new message may itself be dropped.
+                    outcome.dropped += 1;
+                }
                 return outcome;
             }
         }
-        let was_empty = q.items.is_empty();
-        q.bytes += len;
-        q.items.push_back(Outbound {
-            bytes,
-            channel_id,
-            published_at: Some(published_at),
-            policy: Some(policy),
-            budgeted: true,
-            pending: false,
+        let was_empty = q.slots.len() == q.gone;
+        let pos = q.push_slot(Slot::Live {
+            out: Outbound { bytes, channel_id, published_at: Some(published_at) },
+            policy,
         });
+        if matches!(policy, OverflowPolicy::Conflate | OverflowPolicy::DropOldest) {
+            q.droppable.push_back(pos);
+        }
+        if policy == OverflowPolicy::Conflate {
+            q.latest.insert(channel_id, pos);
+        }
         drop(q);
         if was_empty {
             self.notify.notify_one();
@@ -165,47 +444,74 @@ impl ConnQueue {
         outcome
     }
 
-    /// Appends a frame outside the byte budget: control frames and replayed history.
-    pub fn push_unbudgeted(&self, frame: Outbound) {
+    /// Appends a reply (ack, error, pong). Droppable live messages make room for it; when
+    /// none is left the queue overflows (the connection is not reading what it asks for) and
+    /// `false` is returned.
+    pub fn push_control(&self, bytes: Bytes) -> bool {
+        self.push_reply(Slot::Control(Outbound::control(bytes)))
+    }
+
+    /// Appends a replay or snapshot cursor, read as the writer drains (see [`Replay`]).
+    pub fn push_replay(&self, replay: Replay) -> bool {
+        self.push_reply(Slot::Replay(Box::new(replay)))
+    }
+
+    fn push_reply(&self, slot: Slot) -> bool {
         let mut q = self.inner.lock();
-        let was_empty = q.items.is_empty();
-        q.items.push_back(frame);
+        if q.overflowed {
+            return false;
+        }
+        let cost = slot.cost();
+        let mut outcome = PushOutcome::default();
+        if q.cost + cost > self.max_bytes && !q.evict_for(cost, self.max_bytes, &mut outcome) {
+            q.overflowed = true;
+            drop(q);
+            self.notify.notify_one();
+            return false;
+        }
+        let was_empty = q.slots.len() == q.gone;
+        q.push_slot(slot);
         drop(q);
         if was_empty {
             self.notify.notify_one();
         }
+        true
     }
 
     /// Reserves the next position in the queue for a frame that is computed later, such as
     /// a subscribe ack that must precede the replayed messages pushed after it. The writer
-    /// does not pass an unfilled reservation.
+    /// does not pass an unfilled reservation. Reservations count against the budget but never
+    /// overflow it: the reply that fills one is already accounted for by the request.
     pub fn reserve(&self) -> Reservation {
         let mut q = self.inner.lock();
-        let seq = q.next_reservation;
+        let id = q.next_reservation;
         q.next_reservation += 1;
-        let index = q.items.len();
-        q.reservations.push_back((seq, index));
-        q.items.push_back(Outbound {
-            bytes: Bytes::new(),
-            channel_id: 0,
-            published_at: None,
-            policy: None,
-            budgeted: false,
-            pending: true,
-        });
-        Reservation(seq)
+        let pos = q.push_slot(Slot::Reserved(id));
+        q.reservations.push((id, pos));
+        Reservation(id)
     }
 
-    /// Fills a reservation made with [`ConnQueue::reserve`].
+    /// Fills a reservation made with [`ConnQueue::reserve`] (an empty `bytes` just releases it).
     pub fn fill(&self, reservation: Reservation, bytes: Bytes) {
         let mut q = self.inner.lock();
-        let Some(pos) = q.reservations.iter().position(|(seq, _)| *seq == reservation.0) else {
+        let Some(index) = q.reservations.iter().position(|r| r.0 == reservation.0) else {
             return;
         };
-        let (_, index) = q.reservations.remove(pos).expect("position is in range");
-        let slot = &mut q.items[index];
-        slot.bytes = bytes;
-        slot.pending = false;
+        let (_, pos) = q.reservations.swap_remove(index);
+        let added = bytes.len();
+        let Some(slot) = q.slot_mut(pos) else { return };
+        *slot = if bytes.is_empty() { Slot::Gone } else { Slot::Control(Outbound::control(bytes)) };
+        if added == 0 {
+            q.cost -= ENTRY_COST;
+            q.reply_cost -= ENTRY_COST;
+            q.gone += 1;
+        } else {
+            q.cost += added;
+            q.reply_cost += added;
+            if q.cost > self.max_bytes {
+                q.overflowed = true;
+            }
+        }
         drop(q);
         self.notify.notify_one();
     }
@@ -216,22 +522,81 @@ impl ConnQueue {
         self.notify.notify_one();
     }
 
-    /// Takes every frame that can be written now, in order, appending to `out.frames`.
+    /// Takes every frame that can be written now, in order, appending to `out.frames`. A
+    /// replay cursor yields one chunk per call; the writer is woken again for the rest.
     pub fn drain_into(&self, out: &mut Drained) {
         let mut q = self.inner.lock();
-        let ready = q.items.iter().position(|i| i.pending).unwrap_or(q.items.len());
-        let mut freed = 0;
-        for item in q.items.drain(..ready) {
-            if item.budgeted {
-                freed += item.bytes.len();
+        loop {
+            match q.slots.front() {
+                None | Some(Slot::Reserved(_)) => break,
+                Some(Slot::Replay(_)) => {
+                    if !out.frames.is_empty() {
+                        self.notify.notify_one();
+                        break;
+                    }
+                    q = self.read_replay(q, out);
+                    if matches!(q.slots.front(), Some(Slot::Replay(_))) {
+                        // More to stream: come back once this chunk is written.
+                        self.notify.notify_one();
+                        break;
+                    }
+                }
+                Some(_) => {
+                    if let Some(Slot::Live { out: frame, .. } | Slot::Control(frame)) =
+                        q.pop_front()
+                    {
+                        out.frames.push(frame);
+                    }
+                }
             }
-            out.frames.push(item);
         }
-        q.bytes -= freed;
-        for r in q.reservations.iter_mut() {
-            r.1 -= ready;
+        if q.slots.is_empty() && q.slots.capacity() > 256 {
+            q.slots = VecDeque::new();
+            q.droppable = VecDeque::new();
         }
         out.overflowed = q.overflowed;
+    }
+
+    /// Reads the next chunk of the replay at the front. The history lock is taken with the
+    /// queue lock released: publishers take a channel lock and then queue locks, never the
+    /// other way round.
+    fn read_replay<'a>(
+        &'a self,
+        mut q: parking_lot::MutexGuard<'a, Inner>,
+        out: &mut Drained,
+    ) -> parking_lot::MutexGuard<'a, Inner> {
+        let Some(Slot::Replay(replay)) = q.slots.front() else { return q };
+        let (source, after, until) = (replay.source.clone(), replay.after, replay.until);
+        drop(q);
+        let already = out.frames.len();
+        let read = if after < until {
+            source.read_after(after, until, REPLAY_CHUNK_BYTES, &mut out.frames)
+        } else {
+            HistoryRead { last: until, skipped: false }
+        };
+        q = self.inner.lock();
+        // Only this consumer removes non-droppable slots, so the replay is still in front.
+        let Some(Slot::Replay(replay)) = q.slots.front_mut() else { return q };
+        if read.skipped && replay.exact {
+            out.frames.truncate(already);
+            tracing::info!(
+                conn = self.conn_id,
+                "history was trimmed past a recovery still waiting to be sent; closing with 4008"
+            );
+            q.pop_front();
+            q.overflowed = true;
+            return q;
+        }
+        // A snapshot whose oldest messages expired meanwhile just sends what is left.
+        if read.last < replay.until && read.last > replay.after {
+            replay.after = read.last;
+        } else {
+            if let Some(tail) = replay.tail.take() {
+                out.frames.push(Outbound::history(tail, replay.channel_id));
+            }
+            q.pop_front();
+        }
+        q
     }
 
     /// Takes every frame that can be written now.
@@ -246,91 +611,36 @@ impl ConnQueue {
         self.notify.notified().await
     }
 
-    /// Whether the queue overflowed on a message that may not be dropped.
+    /// Whether the queue overflowed on something that may not be dropped.
     pub fn is_overflowed(&self) -> bool {
         self.inner.lock().overflowed
     }
 
-    /// Bytes of live messages currently queued.
+    /// Budgeted bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
-        self.inner.lock().bytes
+        self.inner.lock().cost
     }
 
-    /// Frames currently queued.
+    /// Budgeted bytes queued because of the connection's own requests (replies, replays).
+    /// Transports stop reading a client's requests while this exceeds half the budget.
+    pub fn reply_backlog(&self) -> usize {
+        self.inner.lock().reply_cost
+    }
+
+    /// Whether the connection's own requests have filled half the budget (see
+    /// [`ConnQueue::reply_backlog`]).
+    pub fn replies_over_budget(&self) -> bool {
+        self.reply_backlog() > self.max_bytes / 2
+    }
+
+    /// Entries currently queued (tombstones excluded).
     pub fn len(&self) -> usize {
-        self.inner.lock().items.len()
+        let q = self.inner.lock();
+        q.slots.len() - q.gone
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Frees budget for a new message of `channel_id` under `policy`. Only ever removes budgeted
-/// messages whose own policy allows it, so a channel that must not drop never loses one
-/// silently: its subscriber is disconnected instead.
-fn make_room(
-    q: &mut Inner,
-    max_bytes: usize,
-    incoming: usize,
-    channel_id: u64,
-    policy: OverflowPolicy,
-    outcome: &mut PushOutcome,
-) {
-    let fits = |q: &Inner| q.bytes + incoming <= max_bytes;
-    // Conflation first: an older queued message of the same channel is superseded.
-    if policy == OverflowPolicy::Conflate {
-        remove_where(q, outcome, |i| {
-            i.channel_id == channel_id && i.policy == Some(OverflowPolicy::Conflate)
-        });
-        if fits(q) {
-            return;
-        }
-    }
-    // Then the oldest messages that may be dropped or conflated away, oldest first.
-    let mut index = 0;
-    while !fits(q) && index < q.items.len() {
-        let item = &q.items[index];
-        let droppable = item.budgeted
-            && !item.pending
-            && matches!(item.policy, Some(OverflowPolicy::DropOldest | OverflowPolicy::Conflate));
-        if droppable {
-            let removed = q.items.remove(index).expect("index is in range");
-            q.bytes -= removed.bytes.len();
-            shift_reservations(q, index);
-            if removed.policy == Some(OverflowPolicy::Conflate) {
-                outcome.conflated += 1;
-            } else {
-                outcome.dropped += 1;
-            }
-        } else {
-            index += 1;
-        }
-    }
-    if !fits(q) && policy == OverflowPolicy::Disconnect {
-        outcome.overflowed = true;
-    }
-}
-
-fn remove_where(q: &mut Inner, outcome: &mut PushOutcome, pred: impl Fn(&Outbound) -> bool) {
-    let mut index = 0;
-    while index < q.items.len() {
-        if q.items[index].budgeted && !q.items[index].pending && pred(&q.items[index]) {
-            let removed = q.items.remove(index).expect("index is in range");
-            q.bytes -= removed.bytes.len();
-            shift_reservations(q, index);
-            outcome.conflated += 1;
-        } else {
-            index += 1;
-        }
-    }
-}
-
-fn shift_reservations(q: &mut Inner, removed_index: usize) {
-    for r in q.reservations.iter_mut() {
-        if r.1 > removed_index {
-            r.1 -= 1;
-        }
     }
 }
 
@@ -342,9 +652,14 @@ mod tests {
         Bytes::from(vec![b'x'; n])
     }
 
+    /// Budget for `n` messages of `len` bytes.
+    fn room(n: usize, len: usize) -> usize {
+        n * (ENTRY_COST + len)
+    }
+
     #[test]
-    fn conflation_keeps_latest_per_channel() {
-        let q = ConnQueue::new(1, 100);
+    fn conflation_replaces_the_pending_message_in_place() {
+        let q = ConnQueue::new(1, room(2, 40));
         let now = Instant::now();
         assert_eq!(q.push(msg(40), 1, now, OverflowPolicy::Conflate), PushOutcome::default());
         q.push(msg(40), 2, now, OverflowPolicy::Conflate);
@@ -356,14 +671,14 @@ mod tests {
         );
         assert_eq!(o.conflated, 1);
         let d = q.drain();
-        assert_eq!(d.frames.iter().map(|f| f.channel_id).collect::<Vec<_>>(), vec![2, 1]);
-        assert!(d.frames[1].bytes.starts_with(b"latest"));
+        assert_eq!(d.frames.iter().map(|f| f.channel_id).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(d.frames[0].bytes.starts_with(b"latest"));
         assert_eq!(q.queued_bytes(), 0);
     }
 
     #[test]
     fn drop_oldest_evicts_from_the_front() {
-        let q = ConnQueue::new(1, 100);
+        let q = ConnQueue::new(1, room(3, 30));
         let now = Instant::now();
         for i in 0..5u8 {
             q.push(Bytes::from(vec![i; 30]), 7, now, OverflowPolicy::DropOldest);
@@ -375,7 +690,7 @@ mod tests {
 
     #[test]
     fn disconnect_policy_never_drops_silently() {
-        let q = ConnQueue::new(1, 100);
+        let q = ConnQueue::new(1, room(1, 60) + 10);
         let now = Instant::now();
         q.push(msg(60), 1, now, OverflowPolicy::Disconnect);
         let o = q.push(msg(60), 1, now, OverflowPolicy::Disconnect);
@@ -388,7 +703,7 @@ mod tests {
 
     #[test]
     fn disconnect_policy_evicts_droppable_messages_first() {
-        let q = ConnQueue::new(1, 100);
+        let q = ConnQueue::new(1, room(1, 60) + 10);
         let now = Instant::now();
         q.push(msg(60), 2, now, OverflowPolicy::Conflate);
         let o = q.push(msg(60), 1, now, OverflowPolicy::Disconnect);
@@ -400,22 +715,141 @@ mod tests {
     fn reservation_holds_back_later_frames_until_filled() {
         let q = ConnQueue::new(1, 1000);
         let r = q.reserve();
-        q.push_unbudgeted(Outbound::control(Bytes::from_static(b"replay")));
+        assert!(q.push_control(Bytes::from_static(b"replay")));
         assert!(q.drain().frames.is_empty());
         q.fill(r, Bytes::from_static(b"ack"));
         let d = q.drain();
         let got: Vec<_> = d.frames.iter().map(|f| f.bytes.clone()).collect();
         assert_eq!(got, vec![Bytes::from_static(b"ack"), Bytes::from_static(b"replay")]);
+        assert_eq!(q.queued_bytes(), 0);
+        assert_eq!(q.reply_backlog(), 0);
     }
 
     #[test]
-    fn control_frames_bypass_the_budget() {
-        let q = ConnQueue::new(1, 10);
-        q.push_unbudgeted(Outbound::control(msg(100)));
-        assert_eq!(q.queued_bytes(), 0);
+    fn replies_count_against_the_budget_and_overflow_it() {
+        let q = ConnQueue::new(1, room(10, 20));
+        let mut accepted = 0;
+        while q.push_control(msg(20)) {
+            accepted += 1;
+            assert!(accepted <= 10, "the budget bounds replies");
+        }
+        assert_eq!(accepted, 10);
+        assert!(q.is_overflowed());
+        assert!(q.replies_over_budget());
+        // Live messages are no longer queued once the queue overflowed.
         assert_eq!(
             q.push(msg(8), 1, Instant::now(), OverflowPolicy::Disconnect),
             PushOutcome::default()
         );
+        assert!(q.drain().overflowed);
+    }
+
+    #[test]
+    fn replies_push_out_droppable_messages_before_overflowing() {
+        let q = ConnQueue::new(1, room(2, 20));
+        let now = Instant::now();
+        q.push(msg(20), 5, now, OverflowPolicy::DropOldest);
+        q.push(msg(20), 5, now, OverflowPolicy::DropOldest);
+        assert!(q.push_control(msg(20)));
+        assert!(!q.is_overflowed());
+        let d = q.drain();
+        assert_eq!(d.frames.len(), 2);
+        assert!(!d.frames[1].is_message());
+    }
+
+    #[test]
+    fn an_undrained_queue_stays_bounded_however_many_messages_pass() {
+        let q = ConnQueue::new(1, room(100, 50));
+        let now = Instant::now();
+        for i in 0..100_000u64 {
+            q.push(msg(50), 1 + i % 7, now, OverflowPolicy::DropOldest);
+            q.push(msg(50), 100 + i % 3, now, OverflowPolicy::Conflate);
+        }
+        let inner = q.inner.lock();
+        assert!(inner.cost <= room(100, 50));
+        assert!(inner.slots.len() <= 2 * 100 + COMPACT_MIN_TOMBSTONES + 1, "{}", inner.slots.len());
+        assert!(inner.droppable.len() <= inner.slots.len());
+        assert!(inner.latest.len() <= 3);
+    }
+
+    /// A history of `n` frames of offsets 1..=n, each `len` bytes.
+    struct FakeHistory {
+        first: u64,
+        n: u64,
+        len: usize,
+    }
+
+    impl HistorySource for FakeHistory {
+        fn read_after(
+            &self,
+            after: u64,
+            until: u64,
+            max_bytes: usize,
+            out: &mut Vec<Outbound>,
+        ) -> HistoryRead {
+            let skipped = after + 1 < self.first;
+            let after = after.max(self.first - 1);
+            let mut bytes = 0;
+            let mut last = after;
+            for offset in after + 1..=until.min(self.n) {
+                out.push(Outbound::history(Bytes::from(offset.to_string()), 9));
+                bytes += self.len;
+                last = offset;
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            HistoryRead { last, skipped }
+        }
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_budget_streams_in_chunks() {
+        let q = ConnQueue::new(1, 4096);
+        let source = Arc::new(FakeHistory { first: 1, n: 10_000, len: 1000 });
+        assert!(q.push_replay(Replay {
+            source,
+            channel_id: 9,
+            after: 0,
+            until: 10_000,
+            tail: Some(Bytes::from_static(b"tail")),
+            exact: true,
+        }));
+        q.push(msg(10), 9, Instant::now(), OverflowPolicy::Disconnect);
+        let mut got = Vec::new();
+        let mut drains = 0;
+        loop {
+            let d = q.drain();
+            assert!(!d.overflowed);
+            if d.frames.is_empty() {
+                break;
+            }
+            drains += 1;
+            assert!(d.frames.len() <= REPLAY_CHUNK_BYTES / 1000 + 2);
+            got.extend(d.frames.into_iter().map(|f| f.bytes));
+        }
+        assert!(drains > 100);
+        assert_eq!(got.len(), 10_000 + 2);
+        assert_eq!(got[0], Bytes::from_static(b"1"));
+        assert_eq!(got[9_999], Bytes::from_static(b"10000"));
+        assert_eq!(got[10_000], Bytes::from_static(b"tail"));
+        assert_eq!(got[10_001].len(), 10, "live messages follow the replay");
+    }
+
+    #[test]
+    fn an_exact_replay_overtaken_by_trimming_overflows() {
+        let q = ConnQueue::new(1, 4096);
+        let source = Arc::new(FakeHistory { first: 50, n: 100, len: 10 });
+        q.push_replay(Replay {
+            source,
+            channel_id: 9,
+            after: 10,
+            until: 100,
+            tail: None,
+            exact: true,
+        });
+        let d = q.drain();
+        assert!(d.frames.is_empty());
+        assert!(d.overflowed);
     }
 }

@@ -18,15 +18,19 @@ fn hub_with(ns: &[(&str, NamespaceConfig)]) -> Hub {
     Hub::new(Namespaces::new(named, NamespaceConfig::default()), HubOptions::default())
 }
 
+/// Offsets of everything queued, draining until the queue is empty (replays come in chunks).
 fn offsets(q: &ConnQueue) -> Vec<u64> {
-    q.drain()
-        .frames
-        .iter()
-        .map(|f| {
+    let mut out = Vec::new();
+    loop {
+        let frames = q.drain().frames;
+        if frames.is_empty() {
+            return out;
+        }
+        out.extend(frames.iter().map(|f| {
             let v: serde_json::Value = serde_json::from_slice(&f.bytes).unwrap();
             v["offset"].as_u64().unwrap()
-        })
-        .collect()
+        }));
+    }
 }
 
 fn subscribed(r: &ChannelResult) -> (String, u64, Option<bool>) {

@@ -25,6 +25,10 @@ pub enum ErrorCode {
     UpstreamRejected,
     /// Unexpected failure inside the server.
     Internal,
+    /// The server holds `server.max_channels` channels and may not create another.
+    ChannelLimit,
+    /// The channel does not exist and its namespace does not let a subscribe create it.
+    UnknownChannel,
 }
 
 impl ErrorCode {
@@ -40,6 +44,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::UpstreamRejected => "upstream_rejected",
             ErrorCode::Internal => "internal",
+            ErrorCode::ChannelLimit => "channel_limit",
+            ErrorCode::UnknownChannel => "unknown_channel",
         }
     }
 }

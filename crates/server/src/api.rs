@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
-use ferrocast_hub::PublishKind;
+use ferrocast_hub::{PublishError, PublishKind};
 use ferrocast_protocol::validate_channel;
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -131,7 +131,20 @@ pub async fn publish(
         match app.hub.publish(&item.channel, item.data.get().as_bytes(), kind) {
             Ok(p) => results
                 .push(json!({"channel": item.channel, "offset": p.offset, "epoch": &*p.epoch})),
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string()),
+            Err(e @ PublishError::InvalidChannel(_)) => {
+                return refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
+            }
+            Err(e @ PublishError::ChannelLimit(_)) => {
+                let i = results.len();
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "channel_limit",
+                    format!(
+                        "message {i} ({}): {e}; the {i} before it were published",
+                        item.channel
+                    ),
+                );
+            }
         }
     }
     json_response(StatusCode::OK, json!({ "results": results }))
@@ -141,9 +154,29 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `GET /api/channels`.
-pub async fn channels(State(app): State<Arc<AppState>>) -> Response<Body> {
-    json_response(StatusCode::OK, json!({ "channels": app.hub.channels() }))
+#[derive(Deserialize)]
+pub struct ChannelsQuery {
+    /// Only channels whose names sort after this one (the previous page's `next`).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Channels per page of `GET /api/channels` unless `limit` says otherwise, and the most.
+const CHANNELS_PAGE_DEFAULT: usize = 1_000;
+const CHANNELS_PAGE_MAX: usize = 10_000;
+
+/// `GET /api/channels?after=NAME&limit=N`: one page of channels sorted by name, with the
+/// total and the `next` cursor (null on the last page).
+pub async fn channels(
+    State(app): State<Arc<AppState>>,
+    Query(q): Query<ChannelsQuery>,
+) -> Response<Body> {
+    let limit = q.limit.unwrap_or(CHANNELS_PAGE_DEFAULT).clamp(1, CHANNELS_PAGE_MAX);
+    let page = app.hub.channels_page(q.after.as_deref(), limit);
+    json_response(
+        StatusCode::OK,
+        json!({ "channels": page.channels, "total": page.total, "next": page.next }),
+    )
 }
 
 #[derive(Deserialize)]

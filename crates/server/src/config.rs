@@ -55,6 +55,9 @@ pub struct ServerConfig {
     pub max_channels_per_request: usize,
     /// Most subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// Most channels held at once, whoever creates them (publish or subscribe); creating one
+    /// more is refused with `channel_limit`.
+    pub max_channels: usize,
     /// Interval between server heartbeats (`{"type":"ping"}`), in milliseconds. Keep it well
     /// below your proxy's idle timeout (nginx `proxy_read_timeout` defaults to 60 s).
     pub ping_interval_ms: u64,
@@ -165,6 +168,7 @@ impl Default for ServerConfig {
             max_frame_bytes: 64 * 1024,
             max_channels_per_request: 100,
             max_subscriptions: 1_000,
+            max_channels: 100_000,
             ping_interval_ms: 25_000,
             pong_timeout_ms: 10_000,
             queue_max_bytes: 1024 * 1024,
@@ -386,6 +390,7 @@ impl Config {
             "must be at least 1".into(),
         );
         check(s.max_subscriptions >= 1, "server.max_subscriptions", "must be at least 1".into());
+        check(s.max_channels >= 1, "server.max_channels", "must be at least 1".into());
         check(
             (100..=3_600_000).contains(&s.ping_interval_ms),
             "server.ping_interval_ms",

@@ -78,7 +78,10 @@ impl AppState {
         let namespaces =
             Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
         Arc::new(AppState {
-            hub: Arc::new(Hub::new(namespaces, HubOptions::default())),
+            hub: Arc::new(Hub::new(
+                namespaces,
+                HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
+            )),
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),

@@ -182,6 +182,13 @@ impl ServerMetrics {
         let _ = writeln!(out, "ferrocast_channels_expired_total {}", g(&hub.channels_expired));
         family(
             &mut out,
+            "ferrocast_channels_refused_total",
+            "counter",
+            "Channel creations refused because server.max_channels channels were held.",
+        );
+        let _ = writeln!(out, "ferrocast_channels_refused_total {}", g(&hub.channels_refused));
+        family(
+            &mut out,
             "ferrocast_messages_in_total",
             "counter",
             "Messages published into the hub.",

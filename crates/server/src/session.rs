@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use ferrocast_hub::{ConnQueue, Outbound, PublishKind};
+use ferrocast_hub::{ConnQueue, PublishError, PublishKind};
 use ferrocast_protocol::server::{
     ChannelResult, PublishResult, SubscribeResults, encode_ack, encode_ack_with, encode_error,
     encode_pong,
@@ -100,8 +100,16 @@ impl Session {
         }
     }
 
+    /// Queues a reply. Replies count against the connection's byte budget: one that does
+    /// not fit overflows the queue, and the writer closes the connection with 4008.
     fn push_control(&self, frame: Bytes) {
-        self.queue.push_unbudgeted(Outbound::control(frame));
+        if !self.queue.push_control(frame) {
+            tracing::info!(
+                conn = self.conn_id,
+                transport = self.transport.as_str(),
+                "replies exceed the outbound budget (server.queue_max_bytes): the client is not reading; closing with 4008"
+            );
+        }
     }
 
     /// Encodes an error reply, counting it and logging it (a few per connection).
@@ -213,11 +221,14 @@ impl Session {
                 ),
             ));
         }
-        let published = self
-            .app
-            .hub
-            .publish(channel, data, PublishKind::Retained)
-            .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
+        let published =
+            self.app.hub.publish(channel, data, PublishKind::Retained).map_err(|e| {
+                let code = match e {
+                    PublishError::InvalidChannel(_) => ErrorCode::InvalidChannel,
+                    PublishError::ChannelLimit(_) => ErrorCode::ChannelLimit,
+                };
+                FrameError::new(None, code, e.to_string())
+            })?;
         Ok(PublishResult {
             channel: channel.to_owned(),
             offset: published.offset,

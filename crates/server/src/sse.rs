@@ -99,6 +99,8 @@ struct SseStream {
     session: Mutex<Option<Session>>,
     /// Where the client stands in each subscribed channel (the `id:` of each event).
     cursor: Mutex<Cursor>,
+    /// The session's outbound queue, readable without the session lock.
+    queue: Arc<ConnQueue>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -206,6 +208,7 @@ async fn stream(
         token,
         session: Mutex::new(Some(session)),
         cursor: Mutex::new(cursor),
+        queue: queue.clone(),
     });
     st.streams.by_id.lock().insert(id.clone(), shared.clone());
 
@@ -732,6 +735,18 @@ async fn control(State(st): State<SseState>, body: Bytes) -> Response<Body> {
             None,
             "forbidden",
             "wrong token for this session: use the token from the stream's welcome event",
+        );
+    }
+    if stream.queue.replies_over_budget() {
+        // The stream has not taken what earlier requests queued on it: stop taking more
+        // until it does (its queue closes it with 4008 if it never does).
+        app.metrics.frame_error("backpressure");
+        return control_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            "backpressure",
+            "this event stream has not read what earlier requests queued on it \
+             (server.queue_max_bytes); read the stream, then retry",
         );
     }
     let (status, reply) = match parse_client_frame(text) {

@@ -68,6 +68,9 @@ pub async fn run(
         stream,
         parts: VecDeque::new(),
         written: 0,
+        pending_bytes: 0,
+        pong_due: None,
+        paused_since: None,
         closing: None,
         close_code: None,
         discard_input: false,
@@ -96,6 +99,13 @@ struct Conn {
     parts: VecDeque<Part>,
     /// Bytes of the front part already written.
     written: usize,
+    /// Bytes of `parts` not yet written.
+    pending_bytes: usize,
+    /// The payload of the latest WebSocket ping not answered yet. Pings arriving before the
+    /// pong is queued share one answer (RFC 6455 5.5.3), so a ping flood costs nothing.
+    pong_due: Option<Vec<u8>>,
+    /// Since when reading has been paused because the client does not take our output.
+    paused_since: Option<TokioInstant>,
     /// Set once our close frame is queued: when to give up waiting for the client's.
     closing: Option<TokioInstant>,
     close_code: Option<u16>,
@@ -126,6 +136,7 @@ impl Conn {
             Admission::Accept => {
                 let welcome =
                     encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
+                self.pending_bytes += welcome.len() + 2;
                 self.parts.push_front(text_part(welcome));
             }
         }
@@ -159,11 +170,21 @@ impl Conn {
             {
                 return self.close_code.unwrap_or(1006);
             }
+            // A client that does not take what its own requests produce stops being read;
+            // it is closed if it stays that way.
+            let reading = self.closing.is_some() || !self.output_over_budget();
+            if reading {
+                self.paused_since = None;
+            } else if self.paused_since.is_none() {
+                self.paused_since = Some(TokioInstant::now());
+            }
+            let stall_deadline = self.paused_since.map(|since| since + pong_timeout);
             let timer = match (self.closing, pong_deadline) {
                 (Some(deadline), _) => deadline,
                 (None, Some(pong)) => pong.min(next_ping),
                 (None, None) => next_ping,
             };
+            let timer = stall_deadline.map_or(timer, |stall| stall.min(timer));
             if timer_sleep.deadline() != timer {
                 timer_sleep.as_mut().reset(timer);
             }
@@ -175,7 +196,7 @@ impl Conn {
                 continue;
             }
             tokio::select! {
-                ready = self.stream.readable() => {
+                ready = self.stream.readable(), if reading => {
                     if ready.is_err() {
                         return self.close_code.unwrap_or(1006);
                     }
@@ -216,6 +237,16 @@ impl Conn {
                         continue;
                     }
                     let now = TokioInstant::now();
+                    if stall_deadline.is_some_and(|d| now >= d) {
+                        tracing::info!(
+                            conn = conn_id,
+                            pending = self.pending_bytes + queue.reply_backlog(),
+                            "the client sends requests but does not read the replies; closing with 4008"
+                        );
+                        let code = CloseCode::SlowConsumer;
+                        self.start_close(code.code(), code.reason());
+                        continue;
+                    }
                     if self.session.pong_received {
                         self.session.pong_received = false;
                         pong_deadline = None;
@@ -274,11 +305,22 @@ impl Conn {
     }
 
     fn queue_text(&mut self, body: Bytes) {
-        self.parts.push_back(text_part(body));
+        let part = text_part(body);
+        self.pending_bytes += part.header_len as usize + part.body.len();
+        self.parts.push_back(part);
     }
 
     fn queue_raw(&mut self, frame: Vec<u8>) {
+        self.pending_bytes += frame.len();
         self.parts.push_back(Part { header: [0; 10], header_len: 0, body: Bytes::from(frame) });
+    }
+
+    /// Whether the client leaves so much of our output unread that its requests must wait:
+    /// replies it caused fill half the queue budget, or the bytes handed to the socket exceed
+    /// the whole budget.
+    fn output_over_budget(&self) -> bool {
+        let queue = &self.session.queue;
+        queue.replies_over_budget() || self.pending_bytes > queue.max_bytes()
     }
 
     /// Turns drained queue entries into frame parts, recording delivery latency.
@@ -322,6 +364,9 @@ impl Conn {
 
     /// Writes as much of the pending parts as the socket takes without blocking.
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(payload) = self.pong_due.take() {
+            self.queue_raw(frame::control_frame(frame::OP_PONG, &payload));
+        }
         while !self.parts.is_empty() {
             let mut slices: Vec<IoSlice<'_>> =
                 Vec::with_capacity(2 * FRAMES_PER_WRITE.min(self.parts.len()));
@@ -352,6 +397,7 @@ impl Conn {
     }
 
     fn advance(&mut self, mut n: usize) {
+        self.pending_bytes -= n;
         while n > 0 {
             let part = self.parts.front().expect("wrote more than was pending");
             let remaining = part.header_len as usize + part.body.len() - self.written;
@@ -398,9 +444,8 @@ impl Conn {
             match frame {
                 Incoming::Text(text) if self.closing.is_none() => self.session.handle_text(&text),
                 Incoming::Text(_) => {}
-                Incoming::Ping(payload) => {
-                    self.queue_raw(frame::control_frame(frame::OP_PONG, &payload))
-                }
+                Incoming::Ping(payload) if self.closing.is_none() => self.pong_due = Some(payload),
+                Incoming::Ping(_) => {}
                 Incoming::Pong => self.session.pong_received = true,
                 Incoming::Close(code) => {
                     if self.closing.is_none() {
