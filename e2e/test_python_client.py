@@ -13,9 +13,8 @@ import threading
 import time
 from typing import Any
 
-import pytest
-
 import ferrocast
+import pytest
 from ferrocast_e2e.procs import ManagedProcess, free_port, http_status
 from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
 
@@ -206,9 +205,8 @@ async def test_publisher_raises_typed_errors_with_the_server_code(start_server):
             wrong.publish("chat.err", 1)
     assert (e.value.status, e.value.code) == (401, "unauthorized"), e.value
     assert "API key" in e.value.message
-    with ferrocast.Publisher(server.base_url) as keyless:
-        with pytest.raises(ferrocast.PublishError) as e:
-            keyless.publish("chat.err", 1)
+    with ferrocast.Publisher(server.base_url) as keyless, pytest.raises(ferrocast.PublishError) as e:
+        keyless.publish("chat.err", 1)
     assert (e.value.status, e.value.code) == (401, "unauthorized"), e.value
 
     with ferrocast.Publisher(server.base_url, key="right-key") as publisher:
@@ -399,7 +397,7 @@ class FreezingRelay:
         self._server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> "FreezingRelay":
+    async def start(self) -> FreezingRelay:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -502,3 +500,40 @@ def test_sync_client_iterates_publishes_and_closes(server):
     assert not ending.is_alive()
     assert client.state == "disconnected"
     assert len(got) == 4
+
+
+# ---- refusals and pure helpers -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_refused_channel_fails_its_ready_and_emits_error(start_server, clients):
+    server = start_server("server.max_subscriptions=1")
+    client = clients(server)
+    events = Events(client)
+    await client.connect(timeout=5)
+    first = client.subscribe("chat.one")
+    await first.ready(5)
+    second = client.subscribe("chat.two")
+    with pytest.raises(ferrocast.FerrocastError) as e:
+        await second.ready(5)
+    assert e.value.code == "limit_exceeded", e.value
+    assert [(err.code, err.channels) for err in events.errors] == [("limit_exceeded", ("chat.two",))]
+    with pytest.raises(ValueError):
+        client.subscribe("no spaces allowed")
+    server.publish("chat.one", "kept")
+    assert (await first.get(5)).data == "kept"
+    assert client.state == "connected"
+
+
+def test_url_resolution_and_backoff_bounds():
+    assert ferrocast.resolve_ws_url("http://h:1") == "ws://h:1/ws"
+    assert ferrocast.resolve_ws_url("https://h/feed/") == "wss://h/feed/ws"
+    assert ferrocast.resolve_ws_url("ws://h:1/ws/price") == "ws://h:1/ws/price"
+    assert ferrocast.resolve_ws_url("ws://h:1", params={"token": "a b"}) == "ws://h:1/ws?token=a+b"
+    with pytest.raises(ValueError):
+        ferrocast.resolve_ws_url("ftp://h")
+    backoff = ferrocast.Backoff(base=0.5, max=4.0)
+    assert ferrocast.backoff_delay(0, backoff, lambda: 0.999) < 0.5
+    assert ferrocast.backoff_delay(3, backoff, lambda: 0.5) == 2.0
+    assert ferrocast.backoff_delay(50, backoff, lambda: 0.5) == 2.0  # capped at max
+    assert ferrocast.backoff_delay(2, backoff, lambda: 0.0) == 0.0

@@ -10,6 +10,7 @@ from .client import Client, Subscription, resolve_ws_url
 from .publisher import AsyncPublisher, BatchItem, Publisher
 from .sync import SyncClient, SyncSubscription
 from .types import (
+    DEFAULT_BACKOFF,
     STATES,
     TERMINAL_CLOSE_CODES,
     Backoff,
@@ -26,6 +27,7 @@ from .types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BACKOFF",
     "STATES",
     "TERMINAL_CLOSE_CODES",
     "AsyncPublisher",

@@ -16,12 +16,14 @@ import random as _random
 import re
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Self
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed
 
 from .types import (
+    DEFAULT_BACKOFF,
     TERMINAL_CLOSE_CODES,
     Backoff,
     ErrorEvent,
@@ -38,7 +40,7 @@ try:  # websockets >= 13: the asyncio implementation
 
     _HEADERS_ARG = "additional_headers"
 except ImportError:  # websockets 12: the legacy implementation
-    from websockets.legacy.client import connect as _ws_connect  # type: ignore[no-redef]
+    from websockets.legacy.client import connect as _ws_connect  # type: ignore[assignment,no-redef,unused-ignore]
 
     _HEADERS_ARG = "extra_headers"
 
@@ -101,7 +103,7 @@ class Subscription:
 
     def __init__(
         self,
-        client: "Client",
+        client: Client,
         channel: str,
         callback: MessageCallback | None,
         max_buffer: int,
@@ -182,7 +184,7 @@ class Subscription:
                 await self._arrived.wait()
         return self._buffer.popleft()
 
-    def __aiter__(self) -> "Subscription":
+    def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
@@ -202,7 +204,7 @@ class Subscription:
         self._client._remove(self)
         self._end()
 
-    async def __aenter__(self) -> "Subscription":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -212,7 +214,7 @@ class Subscription:
 class _Channel:
     """What the client knows about one channel it listens to."""
 
-    __slots__ = ("subs", "epoch", "last", "ack_offset", "recovering", "result")
+    __slots__ = ("ack_offset", "epoch", "last", "recovering", "result", "subs")
 
     def __init__(self) -> None:
         self.subs: dict[Subscription, None] = {}
@@ -230,9 +232,9 @@ class _Channel:
 
 
 class _Pending:
-    __slots__ = ("kind", "future", "channels", "timer", "sent_at")
+    __slots__ = ("channels", "future", "kind", "sent_at", "timer")
 
-    def __init__(self, kind: str, future: asyncio.Future | None, channels: list[str]) -> None:
+    def __init__(self, kind: str, future: asyncio.Future[Any] | None, channels: list[str]) -> None:
         self.kind = kind
         self.future = future
         self.channels = channels
@@ -267,7 +269,7 @@ class Client:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         origin: str | None = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         handshake_timeout: float = 10.0,
         ping_grace: float = 10.0,
         request_timeout: float = 10.0,
@@ -293,7 +295,7 @@ class Client:
         self._log = logger or _log
 
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._state = "disconnected"
         self._detail: dict[str, Any] = {}
         self._state_changed = asyncio.Event()
@@ -304,17 +306,17 @@ class Client:
         self._ws: Any = None
         self._welcome: dict[str, Any] | None = None
         self._outbox: asyncio.Queue[str] | None = None
-        self._writer: asyncio.Task | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._ping_interval = _DEFAULT_PING_INTERVAL
 
         self._next_id = 1
         self._pending: dict[int, _Pending] = {}
-        self._queue: deque[tuple[dict[str, Any], asyncio.Future]] = deque()
+        self._queue: deque[tuple[dict[str, Any], asyncio.Future[Any]]] = deque()
         self._channels: dict[str, _Channel] = {}
         self._server_subs: set[str] = set()
         self._reconcile_queued = False
         self._events: dict[str, list[Callable[..., Any]]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._counters = {"messages": 0, "duplicates": 0, "gaps": 0, "reconnects": 0, "dropped": 0}
         self._rtt: float | None = None
 
@@ -427,7 +429,7 @@ class Client:
                 await asyncio.gather(task, return_exceptions=True)
         self._halt(1000, "client closed")
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
@@ -483,9 +485,7 @@ class Client:
             sub._on_result(entry.result)
         return sub
 
-    async def publish(
-        self, channel: str, data: Any, *, timeout: float | None = None
-    ) -> PublishResult:
+    async def publish(self, channel: str, data: Any, *, timeout: float | None = None) -> PublishResult:
         """Publishes ``data`` on ``channel`` over the socket (where the namespace allows
         client publishing); returns the server's :class:`PublishResult`. While the client
         reconnects the publish waits in a bounded queue. Raises :class:`FerrocastError`:
@@ -494,7 +494,7 @@ class Client:
         _validate_channel(channel)
         json.dumps(data)  # fail here, in the caller, on data that is not JSON
         frame = {"op": "publish", "channel": channel, "data": data}
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[PublishResult] = asyncio.get_running_loop().create_future()
         if self._welcome is not None:
             self._request(frame, "publish", future)
         elif self._stopped:
@@ -515,7 +515,7 @@ class Client:
         """Sends ``{"op":"ping"}`` and returns the round-trip time in seconds."""
         if self._welcome is None:
             raise FerrocastError("closed", "client is not connected")
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._request({"op": "ping"}, "ping", future)
         async with asyncio.timeout(timeout):
             return await future
@@ -775,9 +775,7 @@ class Client:
                 sub._on_error(err)
             return
         if recovering and result.get("recovered") is False:
-            self._gap(
-                Gap(channel, "not_recovered", epoch=result.get("epoch"), previous_epoch=entry.epoch)
-            )
+            self._gap(Gap(channel, "not_recovered", epoch=result.get("epoch"), previous_epoch=entry.epoch))
             entry.last = None
         if isinstance(result.get("epoch"), str):
             entry.epoch = result["epoch"]
@@ -790,14 +788,21 @@ class Client:
 
     def _on_message(self, frame: dict[str, Any]) -> None:
         channel = frame.get("channel")
-        entry = self._channels.get(channel) if isinstance(channel, str) else None
+        if not isinstance(channel, str):
+            return
+        entry = self._channels.get(channel)
         if entry is None:
             return
         offset = frame.get("offset")
         offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else None
         ephemeral = frame.get("ephemeral") is True
         epoch = frame.get("epoch")
-        if isinstance(epoch, str) and entry.epoch is not None and epoch != entry.epoch and not entry.recovering:
+        if (
+            isinstance(epoch, str)
+            and entry.epoch is not None
+            and epoch != entry.epoch
+            and not entry.recovering
+        ):
             # The channel's history was reset under a live subscription: a new sequence starts.
             self._gap(Gap(channel, "epoch", epoch=epoch, previous_epoch=entry.epoch))
             entry.epoch = epoch
@@ -873,7 +878,7 @@ class Client:
         self,
         frame: dict[str, Any],
         kind: str,
-        future: asyncio.Future | None = None,
+        future: asyncio.Future[Any] | None = None,
         channels: list[str] | None = None,
     ) -> None:
         request_id = self._next_id
@@ -901,7 +906,7 @@ class Client:
 
     # ---- internals: callbacks ----
 
-    def _spawn(self, awaitable: Awaitable[Any]) -> asyncio.Task:
+    def _spawn(self, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(awaitable)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

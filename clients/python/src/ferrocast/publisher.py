@@ -7,16 +7,17 @@ server's answer as typed results, and its refusals as :class:`~ferrocast.Publish
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Union
+from collections.abc import Iterable, Mapping
+from typing import Any, Self
 
 import httpx
 
 from .types import FerrocastError, PublishError, PublishResult
 
-__all__ = ["Publisher", "AsyncPublisher", "BatchItem"]
+__all__ = ["AsyncPublisher", "BatchItem", "Publisher"]
 
 #: One message of a batch: ``(channel, data)`` or ``{"channel": C, "data": D, "ephemeral": bool}``.
-BatchItem = Union[tuple[str, Any], Mapping[str, Any]]
+BatchItem = tuple[str, Any] | Mapping[str, Any]
 
 
 def _publish_url(url: str) -> str:
@@ -124,7 +125,7 @@ class Publisher:
         if self._own:
             self._http.close()
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -168,7 +169,7 @@ class AsyncPublisher:
         if self._own:
             await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncPublisher":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

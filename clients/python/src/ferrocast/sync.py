@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from .client import Client, Subscription
 from .types import FerrocastError, Message, PublishResult, Stats
@@ -36,7 +37,7 @@ class SyncSubscription:
     subscription is dropped or the client stops) and ``sub.get(timeout)`` waits for one.
     """
 
-    def __init__(self, owner: "SyncClient", channel: str, max_buffer: int) -> None:
+    def __init__(self, owner: SyncClient, channel: str, max_buffer: int) -> None:
         self.channel = channel
         self._owner = owner
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -82,7 +83,7 @@ class SyncSubscription:
         if item is _END:
             self._ended = True
             raise FerrocastError("closed", f"subscription to {self.channel} ended")
-        return item
+        return cast(Message, item)
 
     def __iter__(self) -> Iterator[Message]:
         while True:
@@ -100,7 +101,7 @@ class SyncSubscription:
             self._owner._call(inner.unsubscribe)
         self._end()
 
-    def __enter__(self) -> "SyncSubscription":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -211,7 +212,7 @@ class SyncClient:
             self._thread.join(timeout=10)
             self._loop.close()
 
-    def __enter__(self) -> "SyncClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

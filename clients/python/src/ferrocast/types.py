@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random as _random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 #: Connection states, in the order a healthy client usually visits them (the JS client's
 #: names, without its SSE-only ``fallback``).
@@ -73,7 +74,7 @@ class PublishResult:
     epoch: str
 
     @classmethod
-    def from_json(cls, value: Mapping[str, Any], channel: str | None = None) -> "PublishResult":
+    def from_json(cls, value: Mapping[str, Any], channel: str | None = None) -> PublishResult:
         return cls(
             channel=str(value.get("channel", channel)),
             offset=int(value["offset"]),
@@ -120,15 +121,19 @@ class Backoff:
     max: float = 30.0
 
 
+#: The default reconnect backoff: base 0.5 s, at most 30 s.
+DEFAULT_BACKOFF = Backoff()
+
+
 def backoff_delay(
-    attempt: int, backoff: Backoff = Backoff(), random: Callable[[], float] = _random.random
+    attempt: int, backoff: Backoff = DEFAULT_BACKOFF, random: Callable[[], float] = _random.random
 ) -> float:
     """Reconnect delay with full jitter, in seconds: a uniform value in
     ``[0, min(backoff.max, backoff.base * 2**attempt))``; ``attempt`` counts consecutive
     failures from zero."""
     exponent = min(max(0, attempt), _MAX_BACKOFF_EXPONENT)
     cap = min(backoff.max, backoff.base * 2**exponent)
-    return random() * cap
+    return float(random() * cap)
 
 
 @dataclass(slots=True)
