@@ -362,6 +362,34 @@ async def test_origin_refusal_1008_is_terminal_and_does_not_loop(start_server, c
     assert good.state == "connected"
 
 
+@pytest.mark.timeout(30)
+async def test_without_a_server_it_backs_off_queues_publishes_and_close_stops_it(clients):
+    client = clients(
+        f"http://127.0.0.1:{free_port()}", backoff=ferrocast.Backoff(base=0.2, max=0.4), max_queue=1
+    )
+    events = Events(client)
+    await client.connect(wait=False)
+    first = asyncio.ensure_future(client.publish("chat.q", 1))
+    second = asyncio.ensure_future(client.publish("chat.q", 2))
+    with pytest.raises(ferrocast.FerrocastError) as e:
+        await asyncio.wait_for(first, 5)
+    assert e.value.code == "dropped", e.value  # max_queue=1: the oldest gives way
+    await events.until(lambda: events.names().count("reconnecting") >= 3, 10, "three failed attempts")
+    attempts = [d for _, s, d in events.states if s == "reconnecting"]
+    assert all(d["code"] is None and "Error" in d["reason"] for d in attempts), attempts
+    assert [d["attempt"] for d in attempts[:3]] == [1, 2, 3], attempts
+    assert all(0 <= d["delay"] < 0.4 for d in attempts), attempts
+    assert client.stats().queued == 1
+    await client.close()
+    with pytest.raises(ferrocast.FerrocastError) as e:
+        await asyncio.wait_for(second, 1)
+    assert e.value.code == "closed", e.value
+    assert client.state == "disconnected" and client.stats().queued == 0
+    count = len(events.states)
+    await asyncio.sleep(0.6)
+    assert len(events.states) == count, events.names()[count:]
+
+
 # ---- heartbeat and liveness ------------------------------------------------------------------------
 
 

@@ -415,15 +415,17 @@ class Client:
         self._stopped = True
         self._wake.set()
         ws = self._ws
+        task = self._task
         if ws is not None:
             try:
                 async with asyncio.timeout(self._close_timeout):
                     await ws.close(1000, "client closed")
             except Exception:  # noqa: BLE001 - a dead peer: drop the transport
                 ws.transport.abort()
-        task = self._task
         if task is not None and task is not asyncio.current_task():
-            done, _ = await asyncio.wait({task}, timeout=self._close_timeout)
+            # Connected: the session ends with the close handshake. Otherwise (connecting or
+            # waiting to reconnect) nothing is lost by cancelling at once.
+            done, _ = await asyncio.wait({task}, timeout=self._close_timeout if ws is not None else 0)
             if not done:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -590,6 +592,10 @@ class Client:
         except ConnectionClosed as e:
             code, reason = _close_info(e)
             return code, reason, False
+        except asyncio.CancelledError:  # close() while connecting
+            if ws is not None:
+                ws.transport.abort()
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to connect is retried
             if ws is not None:
                 ws.transport.abort()
