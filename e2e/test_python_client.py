@@ -9,14 +9,20 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
-import ferrocast
 import pytest
-from ferrocast_e2e.procs import ManagedProcess, free_port, http_status
+from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status
 from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
+
+# Test the client next to this file even when the venv's editable install (from
+# e2e/requirements.txt) points at another checkout, as a venv shared by worktrees may.
+sys.path.insert(0, str(REPO_ROOT / "clients" / "python" / "src"))
+
+import ferrocast  # noqa: E402
 
 FAST = ferrocast.Backoff(base=0.1, max=1.0)
 
@@ -565,3 +571,7 @@ def test_url_resolution_and_backoff_bounds():
     assert ferrocast.backoff_delay(3, backoff, lambda: 0.5) == 2.0
     assert ferrocast.backoff_delay(50, backoff, lambda: 0.5) == 2.0  # capped at max
     assert ferrocast.backoff_delay(2, backoff, lambda: 0.0) == 0.0
+
+
+def test_the_client_under_test_is_this_checkout():
+    assert ferrocast.__file__ == str(REPO_ROOT / "clients" / "python" / "src" / "ferrocast" / "__init__.py")
