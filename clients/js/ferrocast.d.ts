@@ -130,6 +130,31 @@ export interface ErrorEvent {
   channels: string[];
 }
 
+export interface SubscribedEvent {
+  channel: string;
+  epoch: string | null;
+  /** The channel's top offset when the subscription started (from the ack). */
+  offset: number | null;
+  /** For a resubscription with a recovery position: whether every missed message follows; null otherwise. */
+  recovered: boolean | null;
+  /** How many missed messages follow the ack, when the server says. */
+  replayed?: number;
+  /** What the server sends first instead of, or besides, recovery (a namespace's snapshot setting). */
+  snapshot?: { kind: 'last' | 'latest'; count: number };
+}
+
+/** What the client knows of one channel that has listeners (`client.subscription(channel)`). */
+export interface SubscriptionInfo {
+  channel: string;
+  /** Listeners registered with subscribe() and not yet disposed. */
+  listeners: number;
+  /** True once the server confirmed the subscription on the current connection. */
+  subscribed: boolean;
+  epoch: string | null;
+  /** Last retained offset seen, else the offset the subscribe ack reported. */
+  offset: number | null;
+}
+
 export interface UnsubscribedEvent {
   channel: string;
   reason: string | null;
@@ -143,6 +168,7 @@ export interface EventMap {
   disconnected: [DisconnectedDetail];
   state: [State, StateDetail];
   latency: [Latency];
+  subscribed: [SubscribedEvent];
   gap: [GapEvent];
   error: [ErrorEvent];
   unsubscribed: [UnsubscribedEvent];
@@ -155,6 +181,8 @@ export interface ClientStats extends Latency {
   channels: number;
   listeners: number;
   serverSubscriptions: number;
+  /** Server subscriptions the server has confirmed on the current connection. */
+  confirmedSubscriptions: number;
   pendingRequests: number;
   queued: number;
   eventListeners: number;
@@ -186,6 +214,8 @@ export class Ferrocast {
   off<E extends keyof EventMap>(event: E, listener: (...args: EventMap[E]) => void): void;
   subscribe<T = unknown>(channel: string, listener: (data: T, meta: MessageMeta) => void): () => void;
   publish(channel: string, data: unknown): Promise<Record<string, unknown>>;
+  /** null when the channel has no listener. */
+  subscription(channel: string): SubscriptionInfo | null;
   stats(): ClientStats;
 }
 

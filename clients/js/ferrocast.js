@@ -7,7 +7,10 @@ export const STATES = Object.freeze(['connecting', 'connected', 'reconnecting', 
 export const TERMINAL_CLOSE_CODES = Object.freeze([1008, 4001, 4003]);
 
 const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,255}$/;
+const WS_CONNECTING = 0;
 const WS_OPEN = 1;
+// How long a close event may lag behind an error on an open socket before the error alone ends it.
+const ERROR_CLOSE_GRACE_MS = 1_000;
 const DEFAULT_PING_INTERVAL_MS = 25_000;
 const FIRST_PING_MS = 1_000;
 const QUICK_PROBE_MS = 5_000;
@@ -157,11 +160,14 @@ class WsConnection {
   welcome = null;
   #ws = null;
   #done = false;
+  #errorTimer = null;
+  #clock;
   #onFrame;
   #onEnd;
   #log;
 
-  constructor(url, WebSocketImpl, { onFrame, onEnd, log }) {
+  constructor(url, WebSocketImpl, { clock, onFrame, onEnd, log }) {
+    this.#clock = clock;
     this.#onFrame = onFrame;
     this.#onEnd = onEnd;
     this.#log = log;
@@ -170,10 +176,37 @@ class WsConnection {
       ws.binaryType = 'arraybuffer';
       ws.onmessage = (event) => this.#receive(event.data);
       ws.onclose = (event) => this.#end({ code: event.code ?? null, reason: event.reason ?? '', wasClean: Boolean(event.wasClean) });
-      ws.onerror = noop; // a close event always follows an error
+      ws.onerror = () => this.#onError();
       this.#ws = ws;
     } catch (err) {
       queueMicrotask(() => this.#end({ code: null, reason: String(err?.message ?? err) }));
+    }
+  }
+
+  /**
+   * Browsers follow every error with a close event (1006), which carries the code. Node 20's
+   * built-in WebSocket (undici) fires only `error` after a refused connect and stays CONNECTING:
+   * waiting for a close, or for the handshake timeout, would hold every client for the same
+   * fixed time and bring them back in synchronized waves. So an error while CONNECTING ends
+   * the attempt at once, and one on an open socket does when no close follows shortly.
+   */
+  #onError() {
+    if (this.#done) return;
+    if (this.#ws.readyState === WS_CONNECTING) {
+      this.#fail('connection failed (error event while connecting)');
+    } else if (this.#errorTimer === null) {
+      this.#errorTimer = this.#clock.setTimeout(() => this.#fail('connection failed (error event without close)'), ERROR_CLOSE_GRACE_MS);
+    }
+  }
+
+  #fail(reason) {
+    const ws = this.#ws;
+    this.#end({ code: 1006, reason, wasClean: false });
+    ws.onerror = null;
+    try {
+      ws.close();
+    } catch (err) {
+      this.#log.debug('ferrocast: closing a failed WebSocket failed', err);
     }
   }
 
@@ -186,10 +219,12 @@ class WsConnection {
   close(code = 1000, reason = '') {
     if (this.#done) return;
     this.#done = true;
+    this.#cancelErrorTimer();
     const ws = this.#ws;
     if (!ws) return;
     ws.onmessage = null;
     ws.onclose = null;
+    ws.onerror = null;
     try {
       ws.close(code, reason);
     } catch (err) {
@@ -208,11 +243,18 @@ class WsConnection {
   #end(info) {
     if (this.#done) return;
     this.#done = true;
+    this.#cancelErrorTimer();
     if (this.#ws) {
       this.#ws.onmessage = null;
       this.#ws.onclose = null;
     }
     this.#onEnd(this, info);
+  }
+
+  #cancelErrorTimer() {
+    if (this.#errorTimer === null) return;
+    this.#clock.clearTimeout(this.#errorTimer);
+    this.#errorTimer = null;
   }
 }
 
@@ -400,6 +442,7 @@ export class Ferrocast {
   #events = new Map();
   #channels = new Map();
   #serverSubs = new Set();
+  #confirmed = new Set();
   #reconcileQueued = false;
 
   /**
@@ -483,7 +526,7 @@ export class Ferrocast {
 
   /**
    * Adds a listener for a client event; returns a function that removes it.
-   * Events: connecting, connected, reconnecting, fallback, disconnected, state, latency, gap, error, unsubscribed.
+   * Events: connecting, connected, reconnecting, fallback, disconnected, state, latency, subscribed, gap, error, unsubscribed.
    */
   on(event, listener) {
     if (typeof listener !== 'function') throw new TypeError('ferrocast: listener must be a function');
@@ -554,6 +597,24 @@ export class Ferrocast {
     });
   }
 
+  /**
+   * What the client knows of one channel: null without listeners, else `{channel, listeners,
+   * subscribed, epoch, offset}`. `subscribed` is true once the server has confirmed the
+   * subscription on the current connection (the `subscribed` event), false while it is pending,
+   * refused or lost; `offset` is the last retained offset seen (or the one the ack reported).
+   */
+  subscription(channel) {
+    const entry = this.#channels.get(channel);
+    if (!entry) return null;
+    return {
+      channel,
+      listeners: entry.listeners.size,
+      subscribed: this.#confirmed.has(channel),
+      epoch: entry.epoch,
+      offset: entry.last ?? entry.ackOffset,
+    };
+  }
+
   /** Sizes of every internal collection plus counters and link figures, for dashboards and leak tests. */
   stats() {
     let listeners = 0;
@@ -567,6 +628,7 @@ export class Ferrocast {
       channels: this.#channels.size,
       listeners,
       serverSubscriptions: this.#serverSubs.size,
+      confirmedSubscriptions: this.#confirmed.size,
       pendingRequests: this.#pending.size,
       queued: this.#queue.length,
       eventListeners,
@@ -605,6 +667,7 @@ export class Ferrocast {
 
   #openWs() {
     return new WsConnection(this.#endpoints.ws, this.#WebSocket, {
+      clock: this.#clock,
       onFrame: (conn, frame) => this.#onFrame(conn, frame),
       onEnd: (conn, info) => this.#onEnd(conn, info),
       log: this.#log,
@@ -716,6 +779,7 @@ export class Ferrocast {
   /** Forgets what the server knew about this client; keeps publishes pending when `err` is null. */
   #resetSession(err) {
     this.#serverSubs.clear();
+    this.#confirmed.clear();
     this.#rttPing = null;
     for (const entry of this.#channels.values()) entry.recovering = false;
     for (const [id, req] of this.#pending) {
@@ -849,6 +913,7 @@ export class Ferrocast {
         this.#onReply(frame);
         break;
       case 'unsubscribed':
+        this.#confirmed.delete(frame.channel);
         this.#emit('unsubscribed', { channel: frame.channel, reason: frame.reason ?? null });
         break;
       default:
@@ -883,6 +948,7 @@ export class Ferrocast {
     const recovering = entry.recovering;
     entry.recovering = false;
     if (result.error) {
+      this.#confirmed.delete(channel);
       this.#emit('error', { code: result.error.code ?? 'error', message: result.error.message ?? 'subscribe failed', id: null, channels: [channel] });
       return;
     }
@@ -892,6 +958,13 @@ export class Ferrocast {
     }
     entry.epoch = result.epoch ?? entry.epoch;
     entry.ackOffset = Number.isInteger(result.offset) ? result.offset : entry.ackOffset;
+    // Only a subscription this connection still holds counts (a late ack may follow an unsubscribe).
+    if (!this.#serverSubs.has(channel)) return;
+    this.#confirmed.add(channel);
+    const detail = { channel, epoch: entry.epoch, offset: entry.ackOffset, recovered: recovering ? result.recovered !== false : null };
+    if (Number.isInteger(result.replayed)) detail.replayed = result.replayed;
+    if (result.snapshot) detail.snapshot = result.snapshot;
+    this.#emit('subscribed', detail);
   }
 
   #onMessage(frame) {
@@ -952,7 +1025,10 @@ export class Ferrocast {
     if (!this.#conn?.welcome) return;
     const stale = [...this.#serverSubs].filter((channel) => !this.#channels.has(channel));
     if (stale.length) {
-      for (const channel of stale) this.#serverSubs.delete(channel);
+      for (const channel of stale) {
+        this.#serverSubs.delete(channel);
+        this.#confirmed.delete(channel);
+      }
       this.#request({ op: 'unsubscribe', channels: stale }, 'unsubscribe');
     }
     const wanted = [...this.#channels.keys()].filter((channel) => !this.#serverSubs.has(channel));

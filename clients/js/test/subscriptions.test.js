@@ -151,3 +151,72 @@ test('server-ended subscriptions and subscribe errors are reported, without a re
   assert.equal(ws.ops('subscribe').length, 1);
   client.close();
 });
+
+test('subscription(channel) and the subscribed event follow the server confirmation', async () => {
+  const { client, ws } = connected();
+  const events = [];
+  client.on('subscribed', (detail) => events.push(detail));
+  assert.equal(client.subscription('ticks.AAPL'), null);
+  const dispose = client.subscribe('ticks.AAPL', () => {});
+  assert.deepEqual(client.subscription('ticks.AAPL'), { channel: 'ticks.AAPL', listeners: 1, subscribed: false, epoch: null, offset: null });
+  await flush();
+  ackSubscribes(ws, { epoch: 'e7', offset: 41 });
+  assert.deepEqual(events, [{ channel: 'ticks.AAPL', epoch: 'e7', offset: 41, recovered: null }]);
+  assert.deepEqual(client.subscription('ticks.AAPL'), { channel: 'ticks.AAPL', listeners: 1, subscribed: true, epoch: 'e7', offset: 41 });
+  assert.equal(client.stats().confirmedSubscriptions, 1);
+  ws.push({ type: 'msg', channel: 'ticks.AAPL', offset: 42, epoch: 'e7', data: 1 });
+  assert.equal(client.subscription('ticks.AAPL').offset, 42);
+
+  ws.push({ type: 'unsubscribed', channel: 'ticks.AAPL', reason: 'expired' });
+  assert.equal(client.subscription('ticks.AAPL').subscribed, false, 'the server ended it');
+
+  ws.drop(1006);
+  assert.equal(client.stats().confirmedSubscriptions, 0, 'a lost connection confirms nothing');
+  dispose();
+  assert.equal(client.subscription('ticks.AAPL'), null);
+  client.close();
+});
+
+test('a refused subscribe is not confirmed; a resubscription after a reconnect reports recovered', async () => {
+  const harness = connected();
+  const { client, clock } = harness;
+  const events = [];
+  client.on('subscribed', (detail) => events.push(detail));
+  client.subscribe('ticks.AAPL', () => {});
+  await flush();
+  const frame = harness.ws.ops('subscribe')[0];
+  harness.ws.push({ type: 'ack', id: frame.id, result: { 'ticks.AAPL': { error: { code: 'limit_exceeded', message: 'too many' } } } });
+  assert.equal(client.subscription('ticks.AAPL').subscribed, false);
+  assert.equal(events.length, 0);
+
+  harness.ws.drop(1006);
+  clock.advance(client.stateDetail.delayMs);
+  harness.ws.accept();
+  ackSubscribes(harness.ws, { epoch: 'e1', offset: 3 });
+  assert.equal(client.subscription('ticks.AAPL').subscribed, true);
+  harness.ws.push({ type: 'msg', channel: 'ticks.AAPL', offset: 4, epoch: 'e1', data: 1 });
+
+  harness.ws.drop(1006);
+  clock.advance(client.stateDetail.delayMs);
+  harness.ws.accept();
+  assert.deepEqual(harness.ws.ops('subscribe')[0].recover, { 'ticks.AAPL': { epoch: 'e1', offset: 4 } });
+  ackSubscribes(harness.ws, { epoch: 'e1', offset: 4, recovered: true });
+  assert.deepEqual(events.at(-1), { channel: 'ticks.AAPL', epoch: 'e1', offset: 4, recovered: true });
+  client.close();
+});
+
+test('an ack that arrives after the unsubscribe went out confirms nothing', async () => {
+  const { client, ws } = connected();
+  const dispose = client.subscribe('ticks.AAPL', () => {});
+  await flush();
+  dispose();
+  await flush();
+  const again = client.subscribe('ticks.AAPL', () => {});
+  ackSubscribes(ws); // answers the first subscribe only; the second is not sent yet
+  assert.equal(client.subscription('ticks.AAPL').subscribed, false);
+  await flush();
+  ackSubscribes(ws);
+  assert.equal(client.subscription('ticks.AAPL').subscribed, true);
+  again();
+  client.close();
+});
