@@ -415,6 +415,7 @@ impl Conn {
     }
 
     /// Decodes and handles `bytes`. `Err` means the connection is finished.
+    ///
     /// Once our close frame is sent, nothing but the client's close frame matters: data and
     /// pings are ignored (RFC 6455 allows no frame after a close).
     fn feed(&mut self, bytes: &[u8]) -> Result<(), ReadOutcome> {
@@ -446,7 +447,8 @@ impl Conn {
         let Err(violation) = result else { return Ok(()) };
         let conn_id = self.session.conn_id;
         if self.failed {
-            tracing::debug!(conn = conn_id, "ignoring more bad input: {}", violation.reason);
+            // Already failed: a second violation just ends it.
+            tracing::debug!(conn = conn_id, "more bad input after failing: {}", violation.reason);
             return Err(ReadOutcome::Closed);
         }
         tracing::info!(
