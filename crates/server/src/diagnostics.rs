@@ -81,6 +81,13 @@ pub async fn handle(
     let (Some(key), None) = (key, &problem) else {
         return json_response(StatusCode::OK, report(&app, peer, &req, problem.as_deref()));
     };
+    if let Some(bad_key) = crate::ws::key_problem(Some(&key)) {
+        app.metrics.upgrade_rejected.fetch_add(1, Ordering::Relaxed);
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "bad_request", "message": bad_key}),
+        );
+    }
     if OPEN.fetch_add(1, Ordering::AcqRel) >= MAX_OPEN {
         OPEN.fetch_sub(1, Ordering::AcqRel);
         return json_response(

@@ -27,6 +27,9 @@ use crate::shutdown::ConnectionGuard;
 
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After failing a connection, how long to keep the half-closed socket for the client's close
+/// frame or FIN (so its last bytes do not meet a reset); the client sees our FIN at once.
+const FAILED_LINGER: Duration = Duration::from_millis(500);
 /// Most frames per vectored write (each takes two slices; Linux allows 1024).
 const FRAMES_PER_WRITE: usize = 256;
 /// Most reads handled per wake-up, so a flooding client cannot starve the others.
@@ -73,7 +76,8 @@ pub async fn run(
         paused_since: None,
         closing: None,
         close_code: None,
-        discard_input: false,
+        failed: false,
+        write_shut: false,
         app,
     };
     let conn_id = conn.session.conn_id;
@@ -109,9 +113,12 @@ struct Conn {
     /// Set once our close frame is queued: when to give up waiting for the client's.
     closing: Option<TokioInstant>,
     close_code: Option<u16>,
-    /// Set after a framing violation: the byte stream can no longer be parsed, so the rest of
-    /// what the client sends is read and ignored until it closes or the linger ends.
-    discard_input: bool,
+    /// Set after failing the connection (a protocol violation): our close frame is queued,
+    /// input is decoded only to find the client's close frame, and TCP is half-closed as soon
+    /// as our close frame is out.
+    failed: bool,
+    /// Our side of TCP is shut down (FIN sent).
+    write_shut: bool,
 }
 
 enum ReadOutcome {
@@ -162,6 +169,9 @@ impl Conn {
                 let hint = self.reconnect_hint();
                 self.start_close(CloseCode::GoingAway.code(), &hint);
                 continue;
+            }
+            if self.failed && !self.write_shut && self.parts.is_empty() {
+                self.half_close().await;
             }
             // Past the linger, give up on the client's close frame (and on a socket that
             // stopped taking our writes).
@@ -304,6 +314,23 @@ impl Conn {
         self.closing = Some(TokioInstant::now() + CLOSE_LINGER);
     }
 
+    /// Fails the connection: our close frame with the violation's code, then (once it is
+    /// flushed) a FIN, without the full linger a normal close allows.
+    fn fail(&mut self, code: u16, reason: &str) {
+        self.start_close(code, reason);
+        self.failed = true;
+    }
+
+    /// Shuts down our write side right after our close frame, so the client sees the close
+    /// and then EOF at once; the socket itself goes when the client's close frame or FIN
+    /// arrives, or after [`FAILED_LINGER`].
+    async fn half_close(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+        self.write_shut = true;
+        let deadline = TokioInstant::now() + FAILED_LINGER;
+        self.closing = Some(self.closing.map_or(deadline, |d| d.min(deadline)));
+    }
+
     fn queue_text(&mut self, body: Bytes) {
         let part = text_part(body);
         self.pending_bytes += part.header_len as usize + part.body.len();
@@ -364,7 +391,9 @@ impl Conn {
 
     /// Writes as much of the pending parts as the socket takes without blocking.
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(payload) = self.pong_due.take() {
+        if let Some(payload) = self.pong_due.take()
+            && self.closing.is_none()
+        {
             self.queue_raw(frame::control_frame(frame::OP_PONG, &payload));
         }
         while !self.parts.is_empty() {
@@ -434,10 +463,10 @@ impl Conn {
     }
 
     /// Decodes and handles `bytes`. `Err` means the connection is finished.
+    ///
+    /// Once our close frame is sent, nothing but the client's close frame matters: data and
+    /// pings are ignored (RFC 6455 allows no frame after a close).
     fn feed(&mut self, bytes: &[u8]) -> Result<(), ReadOutcome> {
-        if self.discard_input {
-            return Ok(());
-        }
         let mut incoming = Vec::new();
         let result = self.decoder.feed(bytes, &mut incoming);
         for frame in incoming {
@@ -449,31 +478,43 @@ impl Conn {
                 Incoming::Pong => self.session.pong_received = true,
                 Incoming::Close(code) => {
                     if self.closing.is_none() {
-                        // Echo the client's code, as RFC 6455 asks.
+                        // Echo the client's code (the decoder lets only codes valid on the
+                        // wire through); a close without a code is answered with 1000.
                         let echo = code.unwrap_or(1000);
                         self.close_code = Some(code.unwrap_or(1005));
                         self.queue_raw(frame::close_frame(echo, ""));
                     }
+                    // Both closes are exchanged: flush ours and close TCP, no linger.
+                    self.closing = Some(TokioInstant::now());
                     return Err(ReadOutcome::Closed);
                 }
             }
         }
-        if let Err(violation) = result {
-            self.discard_input = true;
-            tracing::info!(
-                conn = self.session.conn_id,
-                code = violation.code.code(),
-                "closing websocket: {}",
-                violation.reason
-            );
-            self.app.metrics.frame_error(match violation.code {
-                CloseCode::TooBig => "frame_too_big",
-                CloseCode::Unsupported => "binary_frame",
-                CloseCode::InvalidPayload => "invalid_utf8",
-                _ => "protocol_error",
-            });
-            self.start_close(violation.code.code(), &violation.reason);
+        let Err(violation) = result else { return Ok(()) };
+        let conn_id = self.session.conn_id;
+        if self.failed {
+            // Already failed: a second violation just ends it.
+            tracing::debug!(conn = conn_id, "more bad input after failing: {}", violation.reason);
+            return Err(ReadOutcome::Closed);
         }
-        Ok(())
+        tracing::info!(
+            conn = conn_id,
+            code = violation.code.code(),
+            label = violation.label,
+            "closing websocket: {}",
+            violation.reason
+        );
+        self.app.metrics.frame_error(violation.label);
+        if self.closing.is_some() {
+            // Our close frame is out already: there is nothing left to tell the client.
+            return Err(ReadOutcome::Closed);
+        }
+        self.fail(violation.code.code(), &violation.reason);
+        if violation.peer_closed {
+            self.closing = Some(TokioInstant::now());
+            return Err(ReadOutcome::Closed);
+        }
+        // The frames after the refused one (in this read) may hold the client's close.
+        self.feed(&[])
     }
 }

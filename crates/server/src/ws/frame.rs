@@ -3,6 +3,12 @@
 //! The decoder is a plain value fed with whatever bytes a read returned. A partial frame is a
 //! normal condition: the remainder is kept until the next read, and nothing is buffered once
 //! a frame completes, so an idle connection holds no buffer at all.
+//!
+//! Every rule of the RFC that a client can break is checked, and each failure names the close
+//! code to send and a metric label. Text is validated as UTF-8 fragment by fragment, so a bad
+//! byte sequence fails the connection when it arrives, not when the message ends. After a
+//! refused frame the decoder skips the rest of that frame and goes on decoding, so the
+//! connection can still recognise the client's close frame and end promptly.
 
 use ferrocast_protocol::CloseCode;
 
@@ -19,21 +25,108 @@ pub enum Incoming {
     Text(String),
     Ping(Vec<u8>),
     Pong,
-    /// The client's close frame: its code (if any).
+    /// The client's close frame: its code, if it sent one (always a code valid on the wire).
     Close(Option<u16>),
 }
 
-/// Why the connection must be closed, and with which code.
+/// Why the connection must be failed: the close code to send, the metric label and a reason
+/// for the log and the close frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
     pub code: CloseCode,
+    /// The `code` label of `ferrocast_frame_errors_total`.
+    pub label: &'static str,
     pub reason: String,
+    /// The refused frame was the client's close frame: the client is done, so nothing more
+    /// is to be waited for.
+    pub peer_closed: bool,
 }
 
 impl Violation {
-    fn new(code: CloseCode, reason: impl Into<String>) -> Self {
-        Violation { code, reason: reason.into() }
+    fn new(code: CloseCode, label: &'static str, reason: impl Into<String>) -> Self {
+        Violation { code, label, reason: reason.into(), peer_closed: false }
     }
+
+    fn protocol(reason: impl Into<String>) -> Self {
+        Violation::new(CloseCode::ProtocolError, "protocol_error", reason)
+    }
+
+    fn in_close_frame(mut self) -> Self {
+        self.peer_closed = true;
+        self
+    }
+}
+
+/// A refused frame, and how many bytes it spans (`None` when that is unknowable).
+struct Refused {
+    violation: Violation,
+    frame_len: Option<u64>,
+}
+
+/// Whether a close code received from a client is one RFC 6455 allows on the wire (1005,
+/// 1006 and 1015 are reserved for reporting, never sent; 1004 and 1016-2999 are unassigned
+/// or reserved for the RFC and its extensions).
+pub fn close_code_valid(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// A text message arriving in fragments, validated as it grows.
+#[derive(Debug, Default)]
+struct TextAssembly {
+    text: String,
+    /// The first bytes of a character split across fragments (at most 3).
+    carry: Vec<u8>,
+}
+
+impl TextAssembly {
+    fn len(&self) -> usize {
+        self.text.len() + self.carry.len()
+    }
+
+    /// Appends a fragment; fails on the first byte sequence that cannot be UTF-8 however the
+    /// message goes on. Each byte is scanned once (a split character's bytes at most twice).
+    fn push(&mut self, mut bytes: &[u8]) -> Result<(), Violation> {
+        if !self.carry.is_empty() {
+            let have = self.carry.len();
+            let take = bytes.len().min(4 - have);
+            let mut joined = [0u8; 4];
+            joined[..have].copy_from_slice(&self.carry);
+            joined[have..have + take].copy_from_slice(&bytes[..take]);
+            let done = match std::str::from_utf8(&joined[..have + take]) {
+                Ok(s) => s.len(),
+                Err(e) if e.valid_up_to() > 0 => e.valid_up_to(),
+                Err(e) if e.error_len().is_some() => return Err(invalid_utf8()),
+                // Still incomplete: the fragment was too short to finish the character.
+                Err(_) => {
+                    self.carry.extend_from_slice(&bytes[..take]);
+                    return Ok(());
+                }
+            };
+            let s = std::str::from_utf8(&joined[..done]).expect("checked prefix");
+            self.text.push_str(s);
+            self.carry.clear();
+            bytes = &bytes[done - have..];
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(s) => self.text.push_str(s),
+            Err(e) if e.error_len().is_some() => return Err(invalid_utf8()),
+            Err(e) => {
+                let (valid, rest) = bytes.split_at(e.valid_up_to());
+                self.text.push_str(std::str::from_utf8(valid).expect("checked prefix"));
+                self.carry.extend_from_slice(rest);
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole message, after its final fragment.
+    fn finish(self) -> Result<String, Violation> {
+        if self.carry.is_empty() { Ok(self.text) } else { Err(invalid_utf8()) }
+    }
+}
+
+fn invalid_utf8() -> Violation {
+    Violation::new(CloseCode::InvalidPayload, "invalid_utf8", CloseCode::InvalidPayload.reason())
 }
 
 /// Incremental decoder of client frames.
@@ -43,43 +136,80 @@ pub struct Decoder {
     /// Bytes of an incomplete frame carried over from the previous read.
     partial: Vec<u8>,
     /// A fragmented text message being assembled.
-    fragments: Option<Vec<u8>>,
+    fragments: Option<TextAssembly>,
+    /// Bytes still to arrive of a refused frame, skipped so decoding resumes after it.
+    skip: u64,
+    /// The stream can no longer be split into frames (a refused frame of unknowable length),
+    /// or the client's close frame has arrived: everything from now on is ignored.
+    done: bool,
 }
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Decoder { max_message, partial: Vec::new(), fragments: None }
+        Decoder { max_message, partial: Vec::new(), fragments: None, skip: 0, done: false }
     }
 
-    /// Decodes every complete frame in `input` (after any carried-over bytes).
+    /// Decodes every complete frame in `input` (after any carried-over bytes). After an
+    /// `Err`, feeding on (even with no new bytes) decodes the frames that followed the
+    /// refused one, so a caller can still find the client's close frame.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<Incoming>) -> Result<(), Violation> {
+        if self.done {
+            return Ok(());
+        }
+        let skipped = input.len().min(usize::try_from(self.skip).unwrap_or(usize::MAX));
+        self.skip -= skipped as u64;
+        let input = &input[skipped..];
         if self.partial.is_empty() {
-            let used = self.decode_all(input, out)?;
-            if used < input.len() {
+            let (used, result) = self.decode_all(input, out);
+            if used < input.len() && !self.done {
                 self.partial.extend_from_slice(&input[used..]);
             }
+            result
         } else {
             let mut data = std::mem::take(&mut self.partial);
             data.extend_from_slice(input);
-            let used = self.decode_all(&data, out)?;
-            if used < data.len() {
+            let (used, result) = self.decode_all(&data, out);
+            if used < data.len() && !self.done {
                 data.drain(..used);
                 self.partial = data;
             }
+            result
         }
-        Ok(())
     }
 
+    /// Decodes frames from the front of `input`; returns how many bytes were used up
+    /// (including those of a refused frame) and whether a frame was refused.
     fn decode_all(
         &mut self,
-        mut input: &[u8],
+        input: &[u8],
         out: &mut Vec<Incoming>,
-    ) -> Result<usize, Violation> {
-        let total = input.len();
-        while let Some(used) = self.decode_one(input, out)? {
-            input = &input[used..];
+    ) -> (usize, Result<(), Violation>) {
+        let mut used = 0;
+        while !self.done {
+            match self.decode_one(&input[used..], out) {
+                Ok(Some(n)) => used += n,
+                Ok(None) => break,
+                Err(Refused { violation, frame_len }) => {
+                    self.fragments = None;
+                    // A refused close frame still ends what the client has to say.
+                    self.done |= violation.peer_closed;
+                    let available = (input.len() - used) as u64;
+                    match frame_len {
+                        Some(n) if n <= available => used += n as usize,
+                        Some(n) => {
+                            self.skip = n - available;
+                            used = input.len();
+                        }
+                        None => {
+                            self.done = true;
+                            used = input.len();
+                        }
+                    }
+                    return (used, Err(violation));
+                }
+            }
         }
-        Ok(total - input.len())
+        (used, Ok(()))
     }
 
     /// Decodes one frame from the front of `input`; `None` when it is not complete yet.
@@ -87,22 +217,14 @@ impl Decoder {
         &mut self,
         input: &[u8],
         out: &mut Vec<Incoming>,
-    ) -> Result<Option<usize>, Violation> {
+    ) -> Result<Option<usize>, Refused> {
         if input.len() < 2 {
             return Ok(None);
         }
         let fin = input[0] & 0x80 != 0;
-        if input[0] & 0x70 != 0 {
-            return Err(Violation::new(
-                CloseCode::ProtocolError,
-                "reserved bits set without a negotiated extension",
-            ));
-        }
         let opcode = input[0] & 0x0F;
-        if input[1] & 0x80 == 0 {
-            return Err(Violation::new(CloseCode::ProtocolError, "client frames must be masked"));
-        }
-        let (len, mut pos) = match input[1] & 0x7F {
+        let masked = input[1] & 0x80 != 0;
+        let (len, header_len) = match input[1] & 0x7F {
             126 if input.len() >= 4 => (u16::from_be_bytes([input[2], input[3]]) as u64, 4),
             127 if input.len() >= 10 => {
                 (u64::from_be_bytes(input[2..10].try_into().expect("8 bytes")), 10)
@@ -110,17 +232,58 @@ impl Decoder {
             126 | 127 => return Ok(None),
             n => (n as u64, 2),
         };
-        let is_control = opcode & 0x8 != 0;
-        if is_control && (len > 125 || !fin) {
-            return Err(Violation::new(
-                CloseCode::ProtocolError,
-                "control frames must be final and at most 125 bytes",
-            ));
+        if len >> 63 != 0 {
+            // The RFC requires the most significant bit to be 0; such a frame has no length
+            // to skip, so nothing after it can be decoded.
+            return Err(Refused {
+                violation: Violation::protocol(
+                    "64-bit payload length with the most significant bit set",
+                ),
+                frame_len: None,
+            });
         }
-        let assembled = self.fragments.as_ref().map_or(0, Vec::len) as u64;
+        let frame_len = header_len as u64 + if masked { 4 } else { 0 } + len;
+        let refuse = |violation: Violation| Err(Refused { violation, frame_len: Some(frame_len) });
+        if input[0] & 0x70 != 0 {
+            return refuse(Violation::protocol("reserved bits set without a negotiated extension"));
+        }
+        if !masked {
+            return refuse(Violation::protocol("client frames must be masked"));
+        }
+        let is_control = opcode & 0x8 != 0;
+        match opcode {
+            OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG => {}
+            other => return refuse(Violation::protocol(format!("unknown opcode {other:#x}"))),
+        }
+        if is_control && len > 125 {
+            return refuse(Violation::protocol(format!(
+                "control frame of {len} bytes; at most 125 are allowed"
+            )));
+        }
+        if is_control && !fin {
+            return refuse(Violation::protocol("control frames must not be fragmented"));
+        }
+        match (opcode, &self.fragments) {
+            (OP_TEXT | OP_BINARY, Some(_)) => {
+                return refuse(Violation::protocol("new message started inside a fragmented one"));
+            }
+            (OP_CONTINUATION, None) => {
+                return refuse(Violation::protocol("continuation frame without a message"));
+            }
+            (OP_BINARY, None) => {
+                return refuse(Violation::new(
+                    CloseCode::Unsupported,
+                    "binary_frame",
+                    CloseCode::Unsupported.reason(),
+                ));
+            }
+            _ => {}
+        }
+        let assembled = self.fragments.as_ref().map_or(0, TextAssembly::len) as u64;
         if !is_control && assembled + len > self.max_message as u64 {
-            return Err(Violation::new(
+            return refuse(Violation::new(
                 CloseCode::TooBig,
+                "frame_too_big",
                 format!(
                     "message of {} bytes exceeds the {} byte limit",
                     assembled + len,
@@ -128,67 +291,82 @@ impl Decoder {
                 ),
             ));
         }
-        let len = len as usize;
-        if input.len() < pos + 4 + len {
+        let used = frame_len as usize;
+        if input.len() < used {
             return Ok(None);
         }
-        let mask: [u8; 4] = input[pos..pos + 4].try_into().expect("4 bytes");
-        pos += 4;
-        let mut payload = input[pos..pos + len].to_vec();
+        let pos = header_len + 4;
+        let mask: [u8; 4] = input[header_len..pos].try_into().expect("4 bytes");
+        let mut payload = input[pos..used].to_vec();
         unmask(&mut payload, mask);
-        let used = pos + len;
 
-        match opcode {
-            OP_TEXT | OP_BINARY if self.fragments.is_some() => {
-                return Err(Violation::new(
-                    CloseCode::ProtocolError,
-                    "new message started inside a fragmented one",
-                ));
+        let handled = match opcode {
+            OP_TEXT if fin => String::from_utf8(payload)
+                .map(|text| out.push(Incoming::Text(text)))
+                .map_err(|_| invalid_utf8()),
+            OP_TEXT => {
+                let mut text = TextAssembly::default();
+                let pushed = text.push(&payload);
+                self.fragments = Some(text);
+                pushed
             }
-            OP_TEXT if fin => out.push(Incoming::Text(to_text(payload)?)),
-            OP_TEXT => self.fragments = Some(payload),
-            OP_BINARY => {
-                return Err(Violation::new(
-                    CloseCode::Unsupported,
-                    CloseCode::Unsupported.reason(),
-                ));
-            }
-            OP_CONTINUATION => match self.fragments.as_mut() {
-                Some(buf) => {
-                    buf.extend_from_slice(&payload);
+            OP_CONTINUATION => {
+                let text = self.fragments.as_mut().expect("checked above");
+                text.push(&payload).and_then(|()| {
                     if fin {
-                        let text = self.fragments.take().expect("checked");
-                        out.push(Incoming::Text(to_text(text)?));
+                        let text = self.fragments.take().expect("checked above").finish()?;
+                        out.push(Incoming::Text(text));
                     }
-                }
-                None => {
-                    return Err(Violation::new(
-                        CloseCode::ProtocolError,
-                        "continuation frame without a message",
-                    ));
-                }
-            },
-            OP_CLOSE => {
-                let code =
-                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    Ok(())
+                })
+            }
+            OP_CLOSE => close_payload(&payload).map(|code| {
+                self.done = true;
                 out.push(Incoming::Close(code));
+            }),
+            OP_PING => {
+                out.push(Incoming::Ping(payload));
+                Ok(())
             }
-            OP_PING => out.push(Incoming::Ping(payload)),
-            OP_PONG => out.push(Incoming::Pong),
-            other => {
-                return Err(Violation::new(
-                    CloseCode::ProtocolError,
-                    format!("unknown opcode {other:#x}"),
-                ));
+            _ => {
+                out.push(Incoming::Pong);
+                Ok(())
             }
+        };
+        match handled {
+            Ok(()) => Ok(Some(used)),
+            Err(violation) => refuse(violation),
         }
-        Ok(Some(used))
     }
 }
 
-fn to_text(payload: Vec<u8>) -> Result<String, Violation> {
-    String::from_utf8(payload)
-        .map_err(|_| Violation::new(CloseCode::InvalidPayload, CloseCode::InvalidPayload.reason()))
+/// The code of a client's close frame, checked: a 1-byte payload or a code not allowed on
+/// the wire is a protocol error, a reason that is not UTF-8 an invalid payload.
+fn close_payload(payload: &[u8]) -> Result<Option<u16>, Violation> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(Violation::protocol("close frame with a 1-byte payload").in_close_frame()),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !close_code_valid(code) {
+                return Err(Violation::new(
+                    CloseCode::ProtocolError,
+                    "invalid_close_code",
+                    format!("close code {code} is not allowed on the wire"),
+                )
+                .in_close_frame());
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(Violation::new(
+                    CloseCode::InvalidPayload,
+                    "invalid_close_reason",
+                    "close reason is not valid UTF-8",
+                )
+                .in_close_frame());
+            }
+            Ok(Some(code))
+        }
+    }
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
@@ -322,6 +500,266 @@ mod tests {
             .feed(&client_frame(true, OP_CLOSE, &1000u16.to_be_bytes()), &mut out)
             .unwrap();
         assert_eq!(out, vec![Incoming::Close(Some(1000))]);
+    }
+
+    fn decode(d: &mut Decoder, bytes: &[u8]) -> (Vec<Incoming>, Result<(), Violation>) {
+        let mut out = Vec::new();
+        let result = d.feed(bytes, &mut out);
+        (out, result)
+    }
+
+    fn refused(bytes: &[u8]) -> Violation {
+        let (out, result) = decode(&mut Decoder::new(1 << 20), bytes);
+        let v = result.expect_err("frame should be refused");
+        assert!(out.is_empty(), "{out:?}");
+        v
+    }
+
+    fn close_with(payload: &[u8]) -> Vec<u8> {
+        client_frame(true, OP_CLOSE, payload)
+    }
+
+    #[test]
+    fn close_frame_with_one_byte_payload_is_a_protocol_error() {
+        let v = refused(&close_with(&[0x03]));
+        assert_eq!(
+            (v.code, v.label, v.peer_closed),
+            (CloseCode::ProtocolError, "protocol_error", true)
+        );
+    }
+
+    #[test]
+    fn close_codes_not_allowed_on_the_wire_are_refused() {
+        for code in [0u16, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            let v = refused(&close_with(&code.to_be_bytes()));
+            assert_eq!(
+                (v.code, v.label),
+                (CloseCode::ProtocolError, "invalid_close_code"),
+                "{code}"
+            );
+            assert!(v.peer_closed && v.reason.contains(&code.to_string()), "{v:?}");
+        }
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999,
+            4000, 4999,
+        ] {
+            let (out, result) = decode(&mut Decoder::new(64), &close_with(&code.to_be_bytes()));
+            assert_eq!((out, result), (vec![Incoming::Close(Some(code))], Ok(())), "{code}");
+        }
+        let (out, _) = decode(&mut Decoder::new(64), &close_with(&[]));
+        assert_eq!(out, vec![Incoming::Close(None)]);
+    }
+
+    #[test]
+    fn close_reason_must_be_utf8() {
+        let mut payload = 1000u16.to_be_bytes().to_vec();
+        payload.extend_from_slice("bye ✓".as_bytes());
+        let (out, _) = decode(&mut Decoder::new(64), &close_with(&payload));
+        assert_eq!(out, vec![Incoming::Close(Some(1000))]);
+        payload.extend_from_slice(&[
+            0xCE, 0xBA, 0xE1, 0xBD, 0xB9, 0xCF, 0x83, 0xCE, 0xBC, 0xCE, 0xB5, 0xED, 0xA0, 0x80,
+        ]);
+        let v = refused(&close_with(&payload));
+        assert_eq!(
+            (v.code, v.label, v.peer_closed),
+            (CloseCode::InvalidPayload, "invalid_close_reason", true)
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_fails_at_the_fragment_that_holds_it() {
+        let mut d = Decoder::new(1 << 20);
+        let (_, result) = decode(&mut d, &client_frame(false, OP_TEXT, b"ok \xff and more"));
+        assert_eq!(result.unwrap_err().label, "invalid_utf8");
+        // In a later fragment, after valid ones.
+        let mut d = Decoder::new(1 << 20);
+        assert_eq!(decode(&mut d, &client_frame(false, OP_TEXT, "κόσμε".as_bytes())).1, Ok(()));
+        assert_eq!(decode(&mut d, &client_frame(false, OP_CONTINUATION, b"fine")).1, Ok(()));
+        let v =
+            decode(&mut d, &client_frame(false, OP_CONTINUATION, b"\xed\xa0\x80")).1.unwrap_err();
+        assert_eq!((v.code, v.label), (CloseCode::InvalidPayload, "invalid_utf8"));
+    }
+
+    #[test]
+    fn impossible_sequence_at_a_fragment_end_fails_before_the_message_ends() {
+        // Each is a prefix no continuation can make valid: above U+10FFFF, a surrogate, an
+        // overlong form, a byte that never occurs in UTF-8.
+        for tail in [&b"\xf4\x90"[..], b"\xed\xa0", b"\xe0\x80", b"\xf5", b"\xc0"] {
+            let mut payload = b"abc".to_vec();
+            payload.extend_from_slice(tail);
+            let mut d = Decoder::new(1 << 20);
+            let v = decode(&mut d, &client_frame(false, OP_TEXT, &payload)).1.unwrap_err();
+            assert_eq!(v.code, CloseCode::InvalidPayload, "{tail:x?}");
+        }
+    }
+
+    #[test]
+    fn characters_split_across_fragments_are_accepted() {
+        // "€" (3 bytes) one byte per fragment, then a 4-byte character split 1 + 3.
+        let mut bytes = client_frame(false, OP_TEXT, b"\xe2");
+        bytes.extend(client_frame(false, OP_CONTINUATION, b"\x82"));
+        bytes.extend(client_frame(false, OP_CONTINUATION, b"\xac x \xf0"));
+        bytes.extend(client_frame(false, OP_CONTINUATION, b""));
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"\x9f\x98\x80!"));
+        let (out, result) = decode(&mut Decoder::new(64), &bytes);
+        assert_eq!((out, result), (vec![Incoming::Text("€ x 😀!".into())], Ok(())));
+    }
+
+    #[test]
+    fn incomplete_character_at_the_end_of_the_message_is_invalid() {
+        let mut d = Decoder::new(64);
+        assert_eq!(decode(&mut d, &client_frame(false, OP_TEXT, b"a\xe2\x82")).1, Ok(()));
+        let v = decode(&mut d, &client_frame(true, OP_CONTINUATION, b"")).1.unwrap_err();
+        assert_eq!(v.code, CloseCode::InvalidPayload);
+        let v = refused(&client_frame(true, OP_TEXT, b"a\xe2\x82"));
+        assert_eq!(v.code, CloseCode::InvalidPayload);
+    }
+
+    proptest::proptest! {
+        /// Fragment by fragment validation agrees with validating the whole message, and
+        /// fails at the first fragment after which no continuation could be valid.
+        #[test]
+        fn fragmented_utf8_matches_whole_message_validation(
+            bytes in proptest::collection::vec(proptest::prop_oneof![
+                proptest::num::u8::ANY, 0x80u8..0xC0, 0xE0u8..0xF5], 0..40),
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            cuts.push(bytes.len());
+            let mut d = Decoder::new(1 << 20);
+            let mut start = 0;
+            let mut got = None;
+            for (i, &end) in cuts.iter().enumerate() {
+                let last = i + 1 == cuts.len();
+                let op = if i == 0 { OP_TEXT } else { OP_CONTINUATION };
+                let (out, result) = decode(&mut d, &client_frame(last, op, &bytes[start..end]));
+                if let Err(v) = result {
+                    proptest::prop_assert_eq!(v.code, CloseCode::InvalidPayload);
+                    got = Some(Err(i));
+                    break;
+                }
+                if last {
+                    got = Some(Ok(out));
+                }
+                start = end;
+            }
+            let expected_fail = cuts.iter().position(|&end| {
+                matches!(std::str::from_utf8(&bytes[..end]), Err(e) if e.error_len().is_some())
+            });
+            match (std::str::from_utf8(&bytes), got.unwrap()) {
+                (Ok(text), Ok(out)) => proptest::prop_assert_eq!(out, vec![Incoming::Text(text.into())]),
+                (Err(_), Err(at)) => proptest::prop_assert_eq!(at, expected_fail.unwrap_or(cuts.len() - 1)),
+                (whole, got) => proptest::prop_assert!(false, "whole {:?}, fragments {:?}", whole, got),
+            }
+        }
+    }
+
+    #[test]
+    fn payload_length_with_the_top_bit_set_is_a_protocol_error() {
+        let mut frame = vec![0x80 | OP_TEXT, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        let mut d = Decoder::new(1 << 20);
+        let v = decode(&mut d, &frame).1.unwrap_err();
+        assert_eq!((v.code, v.label), (CloseCode::ProtocolError, "protocol_error"));
+        assert!(v.reason.contains("most significant bit"), "{}", v.reason);
+        // Nothing after it can be framed, so nothing is decoded (not even a close).
+        assert_eq!(decode(&mut d, &close_with(&1000u16.to_be_bytes())), (vec![], Ok(())));
+    }
+
+    #[test]
+    fn non_minimal_lengths_are_accepted() {
+        let mask = [9, 8, 7, 6];
+        let masked: Vec<u8> = b"hi".iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
+        let mut sixteen = vec![0x80 | OP_TEXT, 0x80 | 126, 0, 2];
+        sixteen.extend_from_slice(&mask);
+        sixteen.extend_from_slice(&masked);
+        let mut sixty_four = vec![0x80 | OP_TEXT, 0x80 | 127, 0, 0, 0, 0, 0, 0, 0, 2];
+        sixty_four.extend_from_slice(&mask);
+        sixty_four.extend_from_slice(&masked);
+        for frame in [sixteen, sixty_four] {
+            let (out, result) = decode(&mut Decoder::new(64), &frame);
+            assert_eq!((out, result), (vec![Incoming::Text("hi".into())], Ok(())));
+        }
+    }
+
+    #[test]
+    fn control_frames_ping_pong_and_their_limits() {
+        let payload = [7u8; 125];
+        let (out, _) = decode(&mut Decoder::new(64), &client_frame(true, OP_PING, &payload));
+        assert_eq!(out, vec![Incoming::Ping(payload.to_vec())]);
+        let (out, result) =
+            decode(&mut Decoder::new(64), &client_frame(true, OP_PONG, b"whatever"));
+        assert_eq!((out, result), (vec![Incoming::Pong], Ok(())));
+        for (fin, opcode, len) in [
+            (true, OP_PING, 126),
+            (true, OP_PONG, 126),
+            (true, OP_CLOSE, 126),
+            (false, OP_PING, 1),
+            (false, OP_CLOSE, 2),
+        ] {
+            let v = refused(&client_frame(fin, opcode, &vec![3; len]));
+            assert_eq!(v.code, CloseCode::ProtocolError, "fin {fin} opcode {opcode} len {len}");
+        }
+    }
+
+    #[test]
+    fn unknown_opcodes_and_reserved_bits_are_protocol_errors() {
+        for opcode in (0x3..=0x7).chain(0xB..=0xF) {
+            let v = refused(&client_frame(true, opcode, b"x"));
+            assert_eq!(v.code, CloseCode::ProtocolError, "opcode {opcode:#x}");
+            assert!(v.reason.contains("opcode"), "{}", v.reason);
+        }
+        for rsv in [0x40u8, 0x20, 0x10, 0x70] {
+            let mut frame = client_frame(true, OP_TEXT, b"x");
+            frame[0] |= rsv;
+            assert_eq!(refused(&frame).code, CloseCode::ProtocolError, "rsv {rsv:#x}");
+        }
+    }
+
+    #[test]
+    fn fragmentation_errors_are_protocol_errors() {
+        let v = refused(&client_frame(false, OP_CONTINUATION, b"x"));
+        assert_eq!(v.code, CloseCode::ProtocolError);
+        for second in [OP_TEXT, OP_BINARY] {
+            let mut bytes = client_frame(false, OP_TEXT, b"a");
+            bytes.extend(client_frame(true, second, b"b"));
+            let (out, result) = decode(&mut Decoder::new(64), &bytes);
+            assert!(out.is_empty());
+            assert_eq!(result.unwrap_err().code, CloseCode::ProtocolError, "opcode {second}");
+        }
+    }
+
+    #[test]
+    fn data_after_the_close_frame_is_ignored() {
+        let mut bytes = close_with(&1000u16.to_be_bytes());
+        bytes.extend(client_frame(true, OP_TEXT, b"late"));
+        bytes.extend([0xff; 8]);
+        let mut d = Decoder::new(64);
+        assert_eq!(decode(&mut d, &bytes), (vec![Incoming::Close(Some(1000))], Ok(())));
+        assert_eq!(decode(&mut d, &client_frame(true, OP_TEXT, b"later")), (vec![], Ok(())));
+        assert!(d.partial.is_empty());
+    }
+
+    #[test]
+    fn after_a_refused_frame_the_clients_close_is_still_found() {
+        // The refused frame and the close in one read.
+        let mut bytes = client_frame(true, OP_BINARY, b"bin");
+        bytes.extend(close_with(&1000u16.to_be_bytes()));
+        let mut d = Decoder::new(64);
+        let (out, result) = decode(&mut d, &bytes);
+        assert!(out.is_empty());
+        assert_eq!(result.unwrap_err().code, CloseCode::Unsupported);
+        assert_eq!(decode(&mut d, &[]), (vec![Incoming::Close(Some(1000))], Ok(())));
+        // A frame refused from its header alone: its payload is skipped as it arrives.
+        let big = client_frame(true, OP_TEXT, &[b'a'; 300]);
+        let mut d = Decoder::new(100);
+        assert_eq!(decode(&mut d, &big[..10]).1.unwrap_err().code, CloseCode::TooBig);
+        assert_eq!(decode(&mut d, &big[10..200]), (vec![], Ok(())));
+        let mut rest = big[200..].to_vec();
+        rest.extend(close_with(&4000u16.to_be_bytes()));
+        assert_eq!(decode(&mut d, &rest), (vec![Incoming::Close(Some(4000))], Ok(())));
     }
 
     #[test]

@@ -33,12 +33,17 @@ pub async fn upgrade(
         tracing::info!(%peer, path = req.uri().path(), "not a websocket upgrade: {problem}");
         return upgrade_required(req.uri().path(), &problem);
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            serde_json::json!({"error":"bad_request","message":"missing Sec-WebSocket-Key header"}),
-        );
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let key = match key_problem(key.as_ref()) {
+        None => key.expect("checked by key_problem"),
+        Some(problem) => {
+            app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%peer, path = req.uri().path(), "bad websocket handshake: {problem}");
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error":"bad_request","message":problem}),
+            );
+        }
     };
     let admission = admit(&app, headers);
     let guard = app.shutdown.track();
@@ -122,6 +127,24 @@ pub(crate) fn upgrade_problem(headers: &HeaderMap) -> Option<String> {
     }
 }
 
+/// What is wrong with a `Sec-WebSocket-Key`, if anything: RFC 6455 requires the base64
+/// encoding of 16 bytes.
+pub(crate) fn key_problem(key: Option<&HeaderValue>) -> Option<String> {
+    let Some(key) = key else { return Some("missing Sec-WebSocket-Key header".into()) };
+    match base64::engine::general_purpose::STANDARD.decode(key.as_bytes()) {
+        Ok(nonce) if nonce.len() == 16 => None,
+        Ok(nonce) => Some(format!(
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes; {:?} decodes to {} bytes",
+            String::from_utf8_lossy(key.as_bytes()),
+            nonce.len()
+        )),
+        Err(_) => Some(format!(
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes; {:?} is not base64",
+            String::from_utf8_lossy(key.as_bytes())
+        )),
+    }
+}
+
 fn upgrade_required(path: &str, problem: &str) -> Response<Body> {
     let body = serde_json::json!({
         "error": "upgrade_required",
@@ -165,6 +188,19 @@ mod tests {
     #[test]
     fn accept_key_matches_rfc_6455_example() {
         assert_eq!(accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn key_must_be_base64_of_16_bytes() {
+        let check = |k: &'static str| key_problem(Some(&HeaderValue::from_static(k)));
+        assert_eq!(check("dGhlIHNhbXBsZSBub25jZQ=="), None);
+        let problem = check("abc").expect("not base64 of 16 bytes");
+        assert!(problem.contains("\"abc\""), "{problem}");
+        // 15 and 17 bytes are well-formed base64 but the wrong size.
+        assert!(check("AAAAAAAAAAAAAAAAAAAA").unwrap().contains("15 bytes"));
+        assert!(check("AAAAAAAAAAAAAAAAAAAAAAA=").unwrap().contains("17 bytes"));
+        assert!(check("dGhlIHNhbXBsZSBub25jZQ").is_some(), "padding is required");
+        assert!(key_problem(None).unwrap().contains("missing"));
     }
 
     #[test]
