@@ -3,7 +3,12 @@
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ferrocast_hub::{ConnQueue, Hub, HubOptions, Namespaces, PublishKind};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ferrocast_hub::{
+    ConnQueue, Hub, HubOptions, NamespaceConfig, Namespaces, OverflowPolicy, PublishKind,
+};
 
 fn broadcast(c: &mut Criterion) {
     let data = br#"{"sym":"AAPL","price":189.52,"size":100,"ts":1732230000123,"src":"sim","pad":"xxxxxxxxxxxx"}"#;
@@ -37,5 +42,35 @@ fn broadcast(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, broadcast);
+/// A publish into a subscriber queue that is already full (a client that stopped reading),
+/// for each overflow policy that keeps the subscriber: the cost must not grow with what the
+/// queue holds (no scan of the queue under the channel lock).
+fn publish_into_full_queue(c: &mut Criterion) {
+    let data = br#"{"sym":"AAPL","bid":189.52,"ask":189.54,"ts":1732230000123}"#;
+    let mut g = c.benchmark_group("publish_into_full_queue");
+    for policy in [OverflowPolicy::Conflate, OverflowPolicy::DropOldest] {
+        for queued in [1_000usize, 10_000, 100_000] {
+            let ns = NamespaceConfig { overflow: policy, ..Default::default() };
+            let named = BTreeMap::from([("q".to_string(), ns)]);
+            let hub =
+                Hub::new(Namespaces::new(named, NamespaceConfig::default()), HubOptions::default());
+            // A budget that holds `queued` messages, filled by 1,000 other channels first.
+            let frame_cost = ferrocast_hub::queue::ENTRY_COST + 110;
+            let queue = Arc::new(ConnQueue::new(1, queued * frame_cost));
+            let now = Instant::now();
+            for i in 0..queued as u64 {
+                queue.push(bytes::Bytes::from(vec![b'x'; 110]), 1_000_000 + i % 1_000, now, policy);
+            }
+            hub.subscribe("q.AAPL", &queue, None);
+            g.bench_with_input(
+                BenchmarkId::new(policy.as_str(), queued),
+                &queued,
+                |b, _| b.iter(|| hub.publish("q.AAPL", data, PublishKind::Retained).unwrap()),
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, broadcast, publish_into_full_queue);
 criterion_main!(benches);

@@ -33,6 +33,10 @@ use crate::namespace::OverflowPolicy;
 /// Bookkeeping counted for every queued entry on top of its bytes, so a flood of tiny replies
 /// is bounded by the budget too.
 pub const ENTRY_COST: usize = 64;
+/// What a pending replay or snapshot counts against the budget: the cursor itself is small,
+/// but each one stands for a chunk of history the writer will hold, so a client cannot
+/// queue thousands of them without reading.
+pub const REPLAY_COST: usize = 2048;
 /// Most bytes of history one drain reads from a replay cursor.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 /// Tombstones tolerated before a compaction is considered.
@@ -190,7 +194,8 @@ impl Slot {
         ENTRY_COST
             + match self {
                 Slot::Live { out, .. } | Slot::Control(out) => out.bytes.len(),
-                Slot::Reserved(_) | Slot::Replay(_) | Slot::Gone => 0,
+                Slot::Replay(_) => REPLAY_COST,
+                Slot::Reserved(_) | Slot::Gone => 0,
             }
     }
 }

@@ -292,7 +292,12 @@ enum Ended {
     Stalled,
     /// Shutdown began while a write was waiting.
     Draining,
+    /// What the client's own control requests queued stayed over budget, unread.
+    Backlogged,
 }
+
+/// How often a blocked stream checks whether its client's requests are piling up.
+const BACKLOG_CHECK: Duration = Duration::from_millis(500);
 
 struct Writer {
     app: Arc<AppState>,
@@ -360,11 +365,29 @@ impl Writer {
     ) -> Result<(), Ended> {
         let server = &self.app.config.server;
         let stall = Duration::from_millis(server.ping_interval_ms + server.pong_timeout_ms);
-        tokio::select! {
-            sent = self.tx.send(chunk) => sent.map_err(|_| Ended::Gone)?,
-            _ = tokio::time::sleep(stall) => return Err(Ended::Stalled),
-            _ = drain_rx.wait_for(|d| *d), if !*drain_rx.borrow() => return Err(Ended::Draining),
-        }
+        let stall_at = TokioInstant::now() + stall;
+        // A client that keeps sending control requests while it reads nothing is given up on
+        // sooner: once what its requests queued stays over budget for a pong timeout.
+        let backlog_grace = Duration::from_millis(server.pong_timeout_ms);
+        let mut backlogged_since: Option<TokioInstant> = None;
+        let mut check = tokio::time::interval(BACKLOG_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let permit = loop {
+            tokio::select! {
+                permit = self.tx.reserve() => break permit.map_err(|_| Ended::Gone)?,
+                _ = sleep_until(stall_at) => return Err(Ended::Stalled),
+                _ = check.tick() => {
+                    let now = TokioInstant::now();
+                    if !self.queue.replies_over_budget() {
+                        backlogged_since = None;
+                    } else if now - *backlogged_since.get_or_insert(now) >= backlog_grace {
+                        return Err(Ended::Backlogged);
+                    }
+                }
+                _ = drain_rx.wait_for(|d| *d), if !*drain_rx.borrow() => return Err(Ended::Draining),
+            }
+        };
+        permit.send(chunk);
         self.last_write = TokioInstant::now();
         Ok(())
     }
@@ -379,6 +402,13 @@ impl Writer {
                     "client stopped reading the event stream; ending it with 4009"
                 );
                 CloseCode::HeartbeatTimeout.code()
+            }
+            Ended::Backlogged => {
+                tracing::info!(
+                    conn = self.conn_id,
+                    "client sends control requests but does not read the event stream; ending it with 4008"
+                );
+                CloseCode::SlowConsumer.code()
             }
         }
     }
