@@ -141,9 +141,9 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
     }
     // Deployment
     let low_port = if port < 1024 {
-        "\n      # The port is below 1024 and the process is not root: let unprivileged processes bind it.\n      \
-         sysctls:\n        \
-           - name: net.ipv4.ip_unprivileged_port_start\n          \
+        "\n        # The port is below 1024 and the process is not root: let unprivileged processes bind it.\n        \
+         sysctls:\n          \
+           - name: net.ipv4.ip_unprivileged_port_start\n            \
              value: \"0\""
     } else {
         ""
