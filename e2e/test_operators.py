@@ -560,9 +560,14 @@ def test_kubernetes_manifest_follows_the_settings():
 
 
 @needs_yaml
-def test_kubernetes_objects_pass_the_kubernetes_schema():
+def test_kubernetes_low_port_and_the_kubernetes_schema():
+    low = load_docs(gen("kubernetes", "--set", "server.listen=0.0.0.0:80", "--replicas", "1"))
+    check_manifest(low, namespace="ferrocast", host="push.example.com", replicas=1)
+    pod = by_kind(low)["Deployment"]["spec"]["template"]["spec"]
+    # Non-root cannot bind port 80 unless the pod lowers the unprivileged port range.
+    assert pod["securityContext"]["sysctls"] == [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
     schema_validate(load_docs(MANIFEST.read_text()))
-    schema_validate(load_docs(gen("kubernetes", "--set", "server.listen=0.0.0.0:80", "--replicas", "1")))
+    schema_validate(low)
 
 
 @needs_yaml
