@@ -41,7 +41,7 @@ import socketio
 from websockets.asyncio.client import connect
 
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status, tcp_connectable
-from ferrocast_e2e.server import clean_env, ferrocast_bin, parse_metrics, run_ferrocast
+from ferrocast_e2e.server import clean_env, ferrocast_bin, http_request, parse_metrics, run_ferrocast
 from ferrocast_e2e.wsclient import CONNECT_DEFAULTS
 
 try:
@@ -266,6 +266,7 @@ async def test_every_metric_the_dashboard_and_rules_use_is_exported(start_server
     text = await until("closes and frame errors counted", counted)
     types = families(text)
     samples = parse_metrics(text)
+    assert server.metric("ferrocast_ready") == 1  # /readyz answers 200
 
     referenced: dict[str, list[str]] = {}
     for source, exprs in (("dashboard", dashboard_exprs()), ("rules", rule_exprs())):
@@ -342,6 +343,7 @@ async def test_prometheus_evaluates_the_rules_and_the_dashboard_on_real_servers(
     await until("the good feed live", lambda: good.get("/readyz").status == 200)
     await until("the bad feed failed", lambda: "failed" in bad.get("/readyz").text)
     await exercise(good)
+    assert (good.metric("ferrocast_ready"), bad.metric("ferrocast_ready")) == (1, 0)
 
     prom_dir = artifacts / "prometheus"
     prom_dir.mkdir()
@@ -849,10 +851,44 @@ async def test_beanstalk_nginx_carries_websocket_sse_and_socketio(start_server, 
         assert checks[id_]["status"] == "pass", f"{id_}: {checks[id_]}"
     assert checks["headers"]["data"]["via_proxy"] is True, checks["headers"]
 
-    # Publishing and metrics stay on the instance: nginx is reached from loopback here, so
-    # both pass; the deny rules themselves are checked on the generated text.
-    server_conf = files[".platform/nginx/conf.d/elasticbeanstalk/ferrocast.conf"]
-    for loc in ("location = /api/publish {", "location = /metrics {"):
-        block = server_conf.split(loc, 1)[1].split("}", 1)[0]
-        assert "allow 127.0.0.1;" in block and "deny all;" in block, block
-    assert http_status(base + "/readyz") == 200  # Elastic Beanstalk's own location /
+    # Publishing and metrics stay on the instance. Through Elastic Beanstalk's own
+    # `location /` every request reaches ferrocast from nginx, i.e. from loopback, which may
+    # publish without a key: a client from another address (127.0.0.2 stands in for the load
+    # balancer) is refused by the bundle's locations, and still reaches the rest.
+    def from_elsewhere(method: str, path: str, body: bytes | None = None, via: int = port) -> int:
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", via, timeout=5, source_address=("127.0.0.2", 0))
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    publish = json.dumps({"channel": "chat.eb", "data": "from outside"}).encode()
+    assert from_elsewhere("POST", "/api/publish", publish) == 403
+    assert from_elsewhere("GET", "/metrics") == 403
+    assert from_elsewhere("GET", "/readyz") == 200  # Elastic Beanstalk's own location /
+    assert from_elsewhere("GET", "/api/stats") == 200
+    # From the instance itself both work.
+    assert http_request(base + "/api/publish", "POST", {"channel": "chat.eb", "data": 1}).status == 200
+    r = await asyncio.to_thread(
+        urllib.request.urlopen, urllib.request.Request(base + "/metrics"), None, 5
+    )
+    assert r.status == 200 and "ferrocast_connections" in r.read().decode()
+
+    # Without the bundle, Elastic Beanstalk's `location /` lets that outside client publish
+    # (ferrocast sees nginx's loopback address): what the bundle's locations prevent.
+    bare = artifacts / "nginx-bare"
+    (bare / "conf.d" / "elasticbeanstalk").mkdir(parents=True)
+    (bare / "tmp").mkdir()
+    (bare / "tmp").chmod(0o777)
+    bare_port = free_port()
+    (bare / "nginx.conf").write_text(beanstalk_nginx_conf(bare, bare_port, server.port))
+    proc = track_process(
+        ManagedProcess("nginx-eb-bare", [NGINX, "-p", bare, "-c", bare / "nginx.conf", "-g", "daemon off;"],
+                       bare / "nginx.log").start()
+    )
+    proc.wait_until(lambda: tcp_connectable(bare_port), 10, f"nginx listens on {bare_port}")
+    assert from_elsewhere("POST", "/api/publish", publish, via=bare_port) == 200
+    assert from_elsewhere("GET", "/metrics", via=bare_port) == 200
