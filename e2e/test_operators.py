@@ -10,14 +10,17 @@
 - Kubernetes: the manifest is what `gen kubernetes` writes, parses, and is consistent (kinds,
   probes, grace period above the drain, ingress annotations, ports and names from Deployment
   to Service to Ingress, a ConfigMap that `ferrocast config check` accepts and a real server
-  runs with); it follows the settings; with `kubernetes-validate` installed, every object
-  passes the Kubernetes schema. The Helm chart: every `.Values` reference exists in
+  runs with, and that server drains and exits within the grace period after SIGTERM); it
+  follows the settings; with `kubernetes-validate` installed, every object passes the
+  Kubernetes schema. The Helm chart: every `.Values` reference exists in
   values.yaml; with `helm-python-sdk` (Helm's own Go engine) installed, `helm lint` passes and
   the rendered chart passes the same checks as the generated manifest.
 - Elastic Beanstalk: the bundle is what `gen elastic-beanstalk` writes; its nginx files run
   in a real nginx laid out like Elastic Beanstalk's (conf.d/*.conf in http, conf.d/
   elasticbeanstalk/*.conf inside the server block next to its own `location /`), and a real
-  WebSocket client, SSE (unbuffered: the doctor's check) and python-socketio work through it.
+  WebSocket client, SSE (unbuffered: the doctor's check) and python-socketio work through it,
+  while /api/publish and /metrics are refused to clients from other addresses (which
+  Elastic Beanstalk's bare `location /` would let publish).
 
 PyYAML is needed for the Kubernetes and Elastic Beanstalk checks (skipped without it);
 promtool and prometheus come from Debian's prometheus package (e2e/system-packages.txt).
@@ -29,6 +32,7 @@ import asyncio
 import json
 import re
 import shutil
+import signal
 import subprocess
 import time
 import tomllib
@@ -39,6 +43,7 @@ from pathlib import Path
 import pytest
 import socketio
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status, tcp_connectable
 from ferrocast_e2e.server import clean_env, ferrocast_bin, http_request, parse_metrics, run_ferrocast
@@ -573,18 +578,44 @@ def test_kubernetes_low_port_and_the_kubernetes_schema():
 
 
 @needs_yaml
-async def test_configmap_configuration_runs_a_server(start_server, artifacts):
-    text = gen("kubernetes", "--set", "server.ping_interval_ms=7000", "--set", "log.format=json")
+async def test_configmap_configuration_runs_a_server_that_drains_within_the_grace_period(
+    start_server, artifacts
+):
+    text = gen(
+        "kubernetes",
+        "--set", "server.ping_interval_ms=7000",
+        "--set", "server.shutdown_grace_ms=2000",
+        "--set", "log.format=json",
+    )
+    docs = by_kind(load_docs(text))
     config = artifacts / "ferrocast.toml"
-    config.write_text(by_kind(load_docs(text))["ConfigMap"]["data"]["ferrocast.toml"])
-    # The pod's listen address is 0.0.0.0:8080; the test's --listen (a flag) wins over it.
-    server = start_server(config=config, simulator=True)
+    config.write_text(docs["ConfigMap"]["data"]["ferrocast.toml"])
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    pre_stop = int(pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
+    after_sigterm = pod["terminationGracePeriodSeconds"] - pre_stop
+    # As the pod runs it (the file's settings untouched); the pod's listen address is
+    # 0.0.0.0:8080, the test's --listen flag wins over it.
+    server = start_server(config=config, simulator=True, test_defaults=False)
     await until("ready", lambda: server.get("/readyz").status == 200)
+    assert server.get("/healthz").status == 200
     async with connect(server.ws_url("/ws"), **CONNECT_DEFAULTS) as ws:
         welcome = json.loads(await asyncio.wait_for(ws.recv(), 5))
-    assert welcome["type"] == "welcome" and welcome["ping_interval_ms"] == 7000, welcome
-    first_log_line = server.log().splitlines()[1]  # the first line is the command
-    assert json.loads(first_log_line)["level"] == "INFO", "log.format = json took effect"
+        assert welcome["type"] == "welcome" and welcome["ping_interval_ms"] == 7000, welcome
+        first_log_line = server.log().splitlines()[1]  # the first line is the command
+        assert json.loads(first_log_line)["level"] == "INFO", "log.format = json took effect"
+
+        # What the kubelet does after the preStop hook: SIGTERM, then SIGKILL once the grace
+        # period is over. The drain (readiness 503, clients closed with 1001) ends before.
+        started = time.monotonic()
+        server.process.signal(signal.SIGTERM)
+        await until("readiness 503", lambda: http_status(server.base_url + "/readyz") in (503, None), 5)
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), after_sigterm)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001, closed.value
+    code = await asyncio.to_thread(server.process.wait, after_sigterm)
+    assert code == 0, f"still running {time.monotonic() - started:.1f} s after SIGTERM, or failed: {code}"
+    assert time.monotonic() - started < after_sigterm
 
 
 # --- the Helm chart --------------------------------------------------------------------------
