@@ -1,12 +1,15 @@
-//! `ferrocast gen nginx|systemd|container`: deployment files written for the current
-//! settings (the same `--config`, `--set` and environment as `serve`), so the proxy's
-//! timeouts follow the heartbeat, the locations follow the WebSocket paths, and the unit's
-//! limits follow the connection limit. The examples in `deploy/` are this command's output
-//! (a test keeps them identical).
+//! `ferrocast gen nginx|systemd|container|kubernetes|elastic-beanstalk`: deployment files
+//! written for the current settings (the same `--config`, `--set` and environment as
+//! `serve`), so the proxy's timeouts follow the heartbeat, the locations follow the WebSocket
+//! paths, the unit's limits follow the connection limit and grace periods follow the drain.
+//! The examples in `deploy/` are this command's output (a test keeps them identical).
+
+mod beanstalk;
+mod kubernetes;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
@@ -22,6 +25,10 @@ pub enum GenCommand {
     Systemd(SystemdArgs),
     /// A Dockerfile (multi-stage build, unprivileged, health check).
     Container(ContainerArgs),
+    /// Kubernetes manifests: ConfigMap, Deployment (probes, drain), Service, ingress-nginx Ingress.
+    Kubernetes(KubernetesArgs),
+    /// An AWS Elastic Beanstalk bundle: nginx locations, load balancer settings, Procfile.
+    ElasticBeanstalk(ElasticBeanstalkArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -79,11 +86,55 @@ pub struct ContainerArgs {
     pub out: Output,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct KubernetesArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Container image (built from `ferrocast gen container`'s Dockerfile).
+    #[arg(long, default_value_t = kubernetes::default_image(), value_name = "IMAGE")]
+    pub image: String,
+    /// Namespace of every object.
+    #[arg(long, default_value = "ferrocast", value_name = "NAME")]
+    pub namespace: String,
+    /// Name of every object (and its app.kubernetes.io/name label).
+    #[arg(long, default_value = "ferrocast", value_name = "NAME")]
+    pub name: String,
+    /// Pods in the Deployment (more than one adds a PodDisruptionBudget).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub replicas: u32,
+    /// The public host name the Ingress answers for.
+    #[arg(long, default_value = "push.example.com", value_name = "NAME")]
+    pub host: String,
+    /// The Ingress class of the ingress-nginx controller.
+    #[arg(long, default_value = "nginx", value_name = "CLASS")]
+    pub ingress_class: String,
+    /// A TLS Secret (e.g. from cert-manager) for the Ingress host.
+    #[arg(long, value_name = "SECRET")]
+    pub tls_secret: Option<String>,
+    #[command(flatten)]
+    pub out: Output,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ElasticBeanstalkArgs {
+    #[command(flatten)]
+    pub flags: ConfigFlags,
+    /// Directory to write the bundle's files into (created if missing; the application
+    /// source bundle is this directory plus the ferrocast binary).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Address nginx connects to (default: 127.0.0.1 and the port of server.listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub upstream: Option<String>,
+}
+
 pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
     let (flags, out) = match &cmd {
-        GenCommand::Nginx(a) => (&a.flags, &a.out),
-        GenCommand::Systemd(a) => (&a.flags, &a.out),
-        GenCommand::Container(a) => (&a.flags, &a.out),
+        GenCommand::Nginx(a) => (&a.flags, Some(&a.out)),
+        GenCommand::Systemd(a) => (&a.flags, Some(&a.out)),
+        GenCommand::Container(a) => (&a.flags, Some(&a.out)),
+        GenCommand::Kubernetes(a) => (&a.flags, Some(&a.out)),
+        GenCommand::ElasticBeanstalk(a) => (&a.flags, None),
     };
     let config = match flags.load() {
         Ok((config, _)) => config,
@@ -93,7 +144,14 @@ pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
         GenCommand::Nginx(a) => nginx(&config, &NginxOptions::from(a)),
         GenCommand::Systemd(a) => systemd(&config, &a.binary, &a.config_path),
         GenCommand::Container(a) => container(&config, &a.rust_version),
+        GenCommand::Kubernetes(a) => kubernetes::kubernetes(&config, &KubernetesOptions::from(a)),
+        GenCommand::ElasticBeanstalk(a) => {
+            let files = beanstalk::elastic_beanstalk(&config, a.upstream.as_deref());
+            write_tree(&a.out, &files)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
+    let out = out.expect("every single-file target has -o");
     match &out.output {
         Some(path) => {
             std::fs::write(path, text)
@@ -103,6 +161,75 @@ pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `files` (paths relative to `dir`), creating directories as needed.
+fn write_tree(dir: &Path, files: &[(&str, String)]) -> anyhow::Result<()> {
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::fs::write(&path, text)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+pub use kubernetes::KubernetesOptions;
+
+impl From<&KubernetesArgs> for KubernetesOptions {
+    fn from(a: &KubernetesArgs) -> Self {
+        KubernetesOptions {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            image: a.image.clone(),
+            replicas: a.replicas,
+            host: a.host.clone(),
+            ingress_class: a.ingress_class.clone(),
+            tls_secret: a.tls_secret.clone(),
+        }
+    }
+}
+
+/// The configuration file for a cluster or platform: the settings that differ from the
+/// defaults, with `server.listen` set to `listen` and the API key left out (a secret, passed
+/// in the environment instead).
+pub fn cluster_config_toml(config: &Config, listen: &str) -> String {
+    let default = toml::Value::try_from(Config::default()).expect("defaults serialize");
+    let mut current = toml::Value::try_from(config).expect("config serializes");
+    prune_defaults(&mut current, &default);
+    let table = current.as_table_mut().expect("the configuration is a table");
+    let server = table
+        .entry("server")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .expect("server is a table");
+    server.insert("listen".into(), toml::Value::String(listen.into()));
+    if let Some(api) = table.get_mut("api").and_then(toml::Value::as_table_mut) {
+        api.remove("key");
+        if api.is_empty() {
+            table.remove("api");
+        }
+    }
+    toml::to_string(&current).expect("config serializes")
+}
+
+/// Removes from `value` every key whose value equals the one in `default`, recursively.
+fn prune_defaults(value: &mut toml::Value, default: &toml::Value) {
+    let (Some(table), Some(default)) = (value.as_table_mut(), default.as_table()) else {
+        return;
+    };
+    table.retain(|key, v| match default.get(key) {
+        Some(d) if v.is_table() && d.is_table() => {
+            prune_defaults(v, d);
+            v.as_table().is_some_and(|t| !t.is_empty())
+        }
+        Some(d) => v != d,
+        None => true,
+    });
 }
 
 /// The nginx generator's inputs besides the configuration.
@@ -532,6 +659,68 @@ mod tests {
             &systemd(&config, "/usr/local/bin/ferrocast", "/etc/ferrocast/ferrocast.toml"),
         );
         golden("deploy/container/Dockerfile", &container(&config, "1.95"));
+        golden(
+            "deploy/kubernetes/ferrocast.yaml",
+            &kubernetes::kubernetes(&config, &KubernetesOptions::default()),
+        );
+        for (rel, text) in beanstalk::elastic_beanstalk(&config, None) {
+            golden(&format!("deploy/elastic-beanstalk/{rel}"), &text);
+        }
+    }
+
+    #[test]
+    fn kubernetes_follows_the_settings() {
+        let c = config(&[
+            "server.listen=0.0.0.0:443",
+            "server.shutdown_grace_ms=30000",
+            "server.ping_interval_ms=40000",
+            "server.ws_paths=[\"/ws\",\"/ws/price\"]",
+            "api.key=secret",
+        ]);
+        let opts = KubernetesOptions { replicas: 1, ..Default::default() };
+        let text = kubernetes::kubernetes(&c, &opts);
+        assert!(text.contains("terminationGracePeriodSeconds: 40\n"), "{text}");
+        assert!(text.contains("proxy-read-timeout: \"120\""), "{text}");
+        assert!(text.contains("containerPort: 443\n"), "{text}");
+        assert!(text.contains("net.ipv4.ip_unprivileged_port_start"), "{text}");
+        assert!(text.contains("    listen = \"0.0.0.0:443\"\n"), "{text}");
+        assert!(text.contains("- path: \"/ws/price\"\n            pathType: Exact"), "{text}");
+        assert!(!text.contains("secret\n") && !text.contains("key = "), "{text}");
+        assert!(!text.contains("PodDisruptionBudget"), "one replica has no budget: {text}");
+        let defaults = kubernetes::kubernetes(&Config::default(), &KubernetesOptions::default());
+        assert!(!defaults.contains("ip_unprivileged_port_start"));
+        assert!(defaults.contains("kind: PodDisruptionBudget"));
+        let no_sio = kubernetes::kubernetes(
+            &config(&["socketio.enabled=false", "server.dashboard=false"]),
+            &KubernetesOptions::default(),
+        );
+        assert!(!no_sio.contains("/socket.io") && !no_sio.contains("/app.js"), "{no_sio}");
+    }
+
+    #[test]
+    fn cluster_config_keeps_only_changed_settings() {
+        let c = config(&["server.ping_interval_ms=5000", "api.key=k", "log.format=json"]);
+        let text = cluster_config_toml(&c, "0.0.0.0:8080");
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(parsed["server"]["ping_interval_ms"].as_integer(), Some(5000), "{text}");
+        assert_eq!(parsed["server"]["listen"].as_str(), Some("0.0.0.0:8080"));
+        assert_eq!(parsed["log"]["format"].as_str(), Some("json"));
+        assert!(parsed.get("api").is_none(), "the key is a secret: {text}");
+        assert!(parsed["server"].get("max_connections").is_none(), "{text}");
+    }
+
+    #[test]
+    fn elastic_beanstalk_follows_the_settings() {
+        let c = config(&["server.ping_interval_ms=50000", "server.listen=127.0.0.1:9000"]);
+        let files: std::collections::BTreeMap<_, _> =
+            beanstalk::elastic_beanstalk(&c, None).into_iter().collect();
+        assert!(files[beanstalk::HTTP_CONF].contains("server 127.0.0.1:9000;"));
+        let server = &files[beanstalk::SERVER_CONF];
+        assert!(server.contains("proxy_read_timeout 150s;"), "{server}");
+        assert!(!server.contains("location / "), "Elastic Beanstalk has its own: {server}");
+        let ext = &files[beanstalk::EBEXTENSION];
+        assert!(ext.contains("IdleTimeout: 150\n") && ext.contains("PORT: \"9000\""), "{ext}");
+        assert!(files[beanstalk::CONFIG_FILE].contains("listen = \"127.0.0.1:9000\""));
     }
 
     fn config(sets: &[&str]) -> Config {

@@ -47,7 +47,8 @@ enum Command {
     /// Check every hop between a client and a server (DNS, TCP, TLS, upgrade, proxy headers,
     /// protocol, latency, message size, idle timeout, SSE buffering); exit 0/1/2 = pass/warn/fail.
     Doctor(doctor::DoctorArgs),
-    /// Write deployment files for the current settings: nginx site, systemd unit, Dockerfile.
+    /// Write deployment files for the current settings: nginx site, systemd unit, Dockerfile,
+    /// Kubernetes manifests, AWS Elastic Beanstalk bundle.
     #[command(subcommand)]
     Gen(generate::GenCommand),
     /// Simulate an upstream market-data service (Massive, Binance, Coinbase) for tests and demos.

@@ -279,7 +279,16 @@ pub async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
 
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
-    let extra = app.feeds.render_metrics() + &app.candles.render_metrics();
+    let mut extra = app.feeds.render_metrics() + &app.candles.render_metrics();
+    // The same answer as /readyz, for alerting on instances that take no new connections.
+    let ready = !app.shutdown.is_draining() && app.feeds.not_ready_reason().is_none();
+    crate::metrics::family(
+        &mut extra,
+        "ferrocast_ready",
+        "gauge",
+        "1 when /readyz answers 200 (not draining, every required feed live).",
+    );
+    extra.push_str(&format!("ferrocast_ready {}\n", u8::from(ready)));
     let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")
