@@ -270,13 +270,30 @@ impl Config {
     /// Merges defaults, file, environment and flags, then validates. Returns every problem
     /// found, each naming its key.
     pub fn load(sources: &Sources<'_>) -> Result<Config, Vec<ConfigError>> {
+        Config::load_with_notes(sources).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], also returning notes about adjustments the loader made on the
+    /// user's behalf (one sentence each), for the caller to log once logging is set up.
+    pub fn load_with_notes(
+        sources: &Sources<'_>,
+    ) -> Result<(Config, Vec<String>), Vec<ConfigError>> {
         let mut merged = Value::try_from(Config::default()).expect("defaults serialize");
+        let mut simulator_explicit = false;
         if let Some((path, text)) = &sources.file {
             let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
                 vec![ConfigError::new(path.display().to_string(), format!("not valid TOML: {e}"))]
             })?;
-            merge(&mut merged, Value::Table(file));
+            let file = Value::Table(file);
+            simulator_explicit |= lookup(&file, SIMULATOR_ENABLED).is_some();
+            merge(&mut merged, file);
         }
+        let simulator_env = env_name(SIMULATOR_ENABLED);
+        simulator_explicit |= sources.env.iter().any(|(k, _)| *k == simulator_env);
+        simulator_explicit |= sources
+            .sets
+            .iter()
+            .any(|set| set.split_once('=').is_some_and(|(key, _)| key.trim() == SIMULATOR_ENABLED));
         fill_namespaces(&mut merged);
         let mut errors = Vec::new();
         apply_env(&mut merged, &sources.env, &mut errors);
@@ -298,15 +315,26 @@ impl Config {
             return Err(errors);
         }
         fill_namespaces(&mut merged);
-        let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
             vec![ConfigError::new(
                 if key == "." { "config".into() } else { key },
                 e.into_inner().to_string(),
             )]
         })?;
+        let mut notes = Vec::new();
+        if !config.feeds.is_empty() && config.simulator.enabled && !simulator_explicit {
+            // The simulator is on only by default (for the demo): a configured feed means
+            // real prices are wanted, so the demo steps aside instead of failing the start.
+            config.simulator.enabled = false;
+            notes.push(
+                "demo simulator turned off because [[feeds]] are configured (simulator.enabled \
+                 is not set explicitly)"
+                    .to_owned(),
+            );
+        }
         config.validate()?;
-        Ok(config)
+        Ok((config, notes))
     }
 
     /// The socket address to listen on (valid after [`Config::load`]).
@@ -495,15 +523,21 @@ impl Config {
         if !self.feeds.is_empty() && self.simulator.enabled {
             // The demo market publishes made-up prices on the same ticks.* and quotes.*
             // channels as the feeds; mixing them on a trading screen would be dangerous.
+            // Only an explicit `simulator.enabled = true` gets here: the default is turned
+            // off by `Config::load` when feeds are configured.
             errors.push(ConfigError::new(
                 "simulator.enabled",
                 "must be false when [[feeds]] are configured: the demo simulator would publish \
-                 made-up prices on the same ticks.* / quotes.* channels",
+                 made-up prices on the same ticks.* / quotes.* channels (remove the explicit \
+                 simulator.enabled = true)",
             ));
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
+
+/// The key that turns the demo simulator on or off.
+const SIMULATOR_ENABLED: &str = "simulator.enabled";
 
 /// Paths served by ferrocast itself (each also as a prefix), which a WebSocket alias may not
 /// take. Other paths under `/api/` are free, so `/api/socket` can be an alias.
@@ -769,10 +803,60 @@ mod tests {
         let text = "[[feeds]]\nname = \"s\"\nkind = \"massive\"\nurl = \"wss://socket.massive.com/stocks\"\nevents = [\"T\"]\nsubscribe = \"x\"\n";
         let e = load(Some(text), &[], &[]).unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["feeds[0].subscribe", "simulator.enabled"], "{e:?}");
+        assert_eq!(keys, ["feeds[0].subscribe"], "{e:?}");
 
         let e = load(Some("[[feeds]]\nname = \"s\"\nurll = \"x\"\n"), &[], &[]).unwrap_err();
         assert_eq!(e[0].key, "feeds[0].urll");
+    }
+
+    const ONE_FEED: &str = "[[feeds]]\nname = \"s\"\nkind = \"massive\"\nurl = \"wss://socket.massive.com/stocks\"\nevents = [\"T\"]\n";
+
+    #[test]
+    fn a_feed_turns_the_default_simulator_off_with_a_note() {
+        let (c, notes) = Config::load_with_notes(&Sources {
+            file: Some((Path::new("f.toml"), ONE_FEED.to_owned())),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.simulator.enabled);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("simulator"), "{notes:?}");
+
+        // Without feeds the default stays on and nothing is noted.
+        let (c, notes) = Config::load_with_notes(&Sources::default()).unwrap();
+        assert!(c.simulator.enabled);
+        assert!(notes.is_empty(), "{notes:?}");
+
+        // Explicitly off: no note needed.
+        let text = format!("[simulator]\nenabled = false\n{ONE_FEED}");
+        let (c, notes) = Config::load_with_notes(&Sources {
+            file: Some((Path::new("f.toml"), text)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.simulator.enabled);
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn an_explicit_simulator_with_feeds_is_still_refused() {
+        let in_file = format!("[simulator]\nenabled = true\n{ONE_FEED}");
+        let e = load(Some(&in_file), &[], &[]).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "simulator.enabled");
+        assert!(e[0].reason.contains("[[feeds]]"), "{}", e[0].reason);
+
+        let e = load(Some(ONE_FEED), &[("FERROCAST_SIMULATOR_ENABLED", "true")], &[]).unwrap_err();
+        assert_eq!(e[0].key, "simulator.enabled", "{e:?}");
+
+        let e = load(Some(ONE_FEED), &[], &[" simulator.enabled = true"]).unwrap_err();
+        assert_eq!(e[0].key, "simulator.enabled", "{e:?}");
+
+        // A feed given only through --set counts as configured too.
+        let sets = [
+            "feeds=[{name = \"s\", kind = \"massive\", url = \"wss://x.example/stocks\", events = [\"T\"]}]",
+        ];
+        assert!(!load(None, &[], &sets).unwrap().simulator.enabled);
     }
 
     #[test]
