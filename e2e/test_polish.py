@@ -168,3 +168,56 @@ def test_logs_have_no_colour_codes_off_a_terminal(artifacts, track_process):
     until("the listening line", lambda: "listening on" in forced.read_text())
     proc.stop(10)
     assert b"\x1b[" in forced.read_bytes()
+
+
+# --- item 12: bench's live line only on a terminal -----------------------------------------
+
+
+BENCH = ["--subscribers", "3", "--channels", "1", "--rate", "200", "--duration", "1",
+         "--warmup", "0.5", "--drain", "1", "--processes", "1"]
+
+
+def test_bench_json_and_piped_stderr_stay_clean(start_server):
+    server = start_server()
+    url = server.ws_url()
+    out = run_ferrocast(["bench", "--url", url, *BENCH, "--json"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["setup"]["connected"] == 3, report
+    assert out.stderr == "", repr(out.stderr)
+
+    # Human report, stderr still a pipe: no status line either.
+    out = run_ferrocast(["bench", "--url", url, *BENCH], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "\x1b[" not in out.stderr, repr(out.stderr)
+    assert out.stderr == "", repr(out.stderr)
+
+
+def test_bench_draws_a_live_line_on_a_terminal(start_server):
+    import os
+    import pty
+    import subprocess
+
+    server = start_server()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(ferrocast_bin()), "bench", "--url", server.ws_url(), *BENCH],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        seen += chunk
+    stdout, _ = proc.communicate(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0, seen
+    assert b"\r\x1b[2K" in seen, seen
+    assert b"measuring" in seen and b"conns 3" in seen and b"msgs " in seen, seen
+    assert seen.endswith(b"\r\x1b[2K"), "the line is cleared at the end"
+    assert stdout, "the report still goes to stdout"

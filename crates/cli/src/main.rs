@@ -8,6 +8,7 @@ mod bench;
 mod config_cmd;
 mod doctor;
 mod generate;
+mod progress;
 mod publish;
 mod serve;
 mod simulate;
