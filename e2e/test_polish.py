@@ -5,6 +5,7 @@ start with a backfilled past."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.request
@@ -221,3 +222,103 @@ def test_bench_draws_a_live_line_on_a_terminal(start_server):
     assert b"measuring" in seen and b"conns 3" in seen and b"msgs " in seen, seen
     assert seen.endswith(b"\r\x1b[2K"), "the line is cleared at the end"
     assert stdout, "the report still goes to stdout"
+
+
+# --- item 11: candle backfill -----------------------------------------------------------------
+
+
+def history(server, channel: str) -> list[dict]:
+    r = server.get(f"/api/channels/{channel}/history?limit=1000")
+    assert r.status == 200, (r.status, r.text)
+    return [m["data"] for m in r.json()["messages"]]
+
+
+def assert_aligned_past(bars: list[dict], interval_ms: int, src: str, at_least: int) -> None:
+    past = [b for b in bars if b["src"] == src]
+    assert len(past) >= at_least, (len(past), bars[:3])
+    # The backfill comes first, then live bars: one time-ordered series.
+    assert bars[: len(past)] == past, "backfilled bars precede live ones"
+    starts = [b["start"] for b in bars]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts), starts[:10]
+    for b in past:
+        assert b["start"] % interval_ms == 0 and b["end"] - b["start"] == interval_ms, b
+        assert b["forming"] is False, b
+        assert b["low"] <= min(b["open"], b["close"]) <= max(b["open"], b["close"]) <= b["high"], b
+    assert past[-1]["end"] <= time.time() * 1000 + 1, "only closed windows"
+
+
+async def test_demo_candles_start_with_a_past(start_server, ws):
+    server = start_server(simulator=True)
+    # Right after start: the history endpoint and a subscribe's snapshot both have a past.
+    for channel, step in (("candles.AAPL.1m", 60_000), ("candles.AAPL.1s", 1_000)):
+        bars = history(server, channel)
+        assert_aligned_past(bars, step, "sim", at_least=300)
+        # The past joins the live walk: the newest backfilled close is the starting price.
+        assert [b for b in bars if b["src"] == "sim"][-1]["close"] == 230.0
+
+    client = await ws(server)
+    await client.send({"op": "subscribe", "id": 1, "channels": ["candles.MSFT.1m"]})
+    snapshot = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(snapshot) < 300:
+        frame = await client.recv(timeout=5)
+        frames = frame if isinstance(frame, list) else [frame]
+        # Closed bars only: a forming bar of the live minute may arrive meanwhile.
+        snapshot += [
+            f["data"] for f in frames if f.get("type") == "msg" and not f["data"]["forming"]
+        ]
+    assert len(snapshot) >= 300, len(snapshot)
+    assert_aligned_past(snapshot, 60_000, "sim", at_least=300)
+    assert server.metric("ferrocast_candle_backfill_bars_total") == 20 * 2 * 300
+
+
+def test_no_demo_backfill_when_turned_off(start_server):
+    server = start_server("simulator.backfill_bars=0", simulator=True)
+    r = server.get("/api/channels/candles.AAPL.1m/history?limit=1000")
+    bars = r.json()["messages"] if r.status == 200 else []
+    assert not [m for m in bars if m["data"]["src"] == "sim"], bars[:3]
+    assert server.metric("ferrocast_candle_backfill_bars_total") == 0
+
+
+async def test_massive_feed_backfills_from_rest(massive_upstream, start_server, ws, artifacts):
+    up = massive_upstream()
+    server = start_server(
+        config=feed_config(
+            artifacts / "ferrocast.toml", up, "backfill_bars = 120"  # REST found at the WebSocket's host
+        ),
+        env={"MASSIVE_API_KEY": KEY},
+    )
+    client = await ws(server)
+    await client.subscribe_ok("candles.AAPL.1m")
+    until("the backfill", lambda: len(history(server, "candles.AAPL.1m")) >= 120, timeout=10)
+    bars = history(server, "candles.AAPL.1m")
+    assert_aligned_past(bars, 60_000, "massive", at_least=120)
+    assert len([b for b in bars if b["src"] == "massive"]) == 120
+    state = get_json(f"http://127.0.0.1:{up}/debug/subscriptions")
+    assert state["counters"].get("rest_aggs") == 1, state
+    assert server.metric("ferrocast_candle_backfill_bars_total") == 120
+    # Once per channel: a second subscriber does not fetch again.
+    other = await ws(server)
+    await other.subscribe_ok("candles.AAPL.1m")
+    await asyncio.sleep(0.3)
+    assert get_json(f"http://127.0.0.1:{up}/debug/subscriptions")["counters"]["rest_aggs"] == 1
+
+
+async def test_massive_backfill_errors_are_logged_and_counted(
+    massive_upstream, start_server, ws, artifacts
+):
+    up = massive_upstream()
+    # REST unreachable (nothing listens there); the WebSocket still goes live.
+    rest_port = free_port()  # nothing listens there
+    server = start_server(
+        config=feed_config(artifacts / "ferrocast.toml", up, f'rest_url = "http://127.0.0.1:{rest_port}"'),
+        env={"MASSIVE_API_KEY": KEY},
+    )
+    client = await ws(server)
+    await client.subscribe_ok("candles.AAPL.1m", "ticks.AAPL")
+    until("the error counted", lambda: server.metric("ferrocast_candle_backfill_errors_total") == 1)
+    assert "candle backfill failed" in server.log()
+    # Live data flows regardless.
+    frame = await client.recv(timeout=10)
+    frames = frame if isinstance(frame, list) else [frame]
+    assert any(f.get("type") == "msg" for f in frames), frames

@@ -104,6 +104,9 @@ pub struct SimulatorConfig {
     pub rate: f64,
     /// Symbols to simulate; empty uses the built-in list of about 20 well-known names.
     pub symbols: Vec<String>,
+    /// Closed candles of made-up past published at startup on each symbol's
+    /// `candles.SYM.1s` and `candles.SYM.1m`, so charts are not empty (0: none).
+    pub backfill_bars: usize,
 }
 
 /// The Socket.IO v4 endpoint (Engine.IO v4, through `socketioxide`). Heartbeat, payload and
@@ -190,7 +193,12 @@ impl Default for LogConfig {
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
-        SimulatorConfig { enabled: true, rate: 50.0, symbols: Vec::new() }
+        SimulatorConfig {
+            enabled: true,
+            rate: 50.0,
+            symbols: Vec::new(),
+            backfill_bars: ferrocast_feeds::backfill::DEFAULT_BACKFILL_BARS,
+        }
     }
 }
 
@@ -463,6 +471,15 @@ impl Config {
             sim.rate > 0.0 && sim.rate <= 1_000_000.0,
             "simulator.rate",
             format!("{} must be above 0 and at most 1000000 events per second", sim.rate),
+        );
+        check(
+            sim.backfill_bars <= ferrocast_feeds::backfill::MAX_BACKFILL_BARS,
+            "simulator.backfill_bars",
+            format!(
+                "{} is above {}",
+                sim.backfill_bars,
+                ferrocast_feeds::backfill::MAX_BACKFILL_BARS
+            ),
         );
         for (i, sym) in sim.symbols.iter().enumerate() {
             check(
@@ -787,6 +804,8 @@ mod tests {
             "backoff_initial_ms",
             "backoff_max_ms",
             "max_connections_backoff_ms",
+            "backfill_bars",
+            "rest_url",
         ] {
             assert!(block.contains(&format!("{key} = ")), "example [[feeds]] lacks {key}");
         }

@@ -13,20 +13,68 @@
 //! tickers to the stocks feed). The router also answers the hub's admission check, which is
 //! how a subscribe beyond an upstream limit (Massive's 1,000 option contracts with quotes)
 //! is refused with `upstream_rejected` instead of silently getting no data.
+//!
+//! The router also starts candle backfill: when a candle channel of a feed that offers
+//! history ([`Feed::backfill`], Massive's REST aggregates) gets its first subscriber, the
+//! bars are fetched in a task of their own (live data never waits for them) and published
+//! if the channel still has no history, at most once per channel per run.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 
-use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel};
+use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel, now_ms};
 use ferrocast_feeds::generic::{GenericConfig, GenericFeed};
 use ferrocast_feeds::massive::{MassiveConfig, MassiveFeed};
+use ferrocast_hub::Hub;
 use ferrocast_hub::hub::DemandListener;
+use parking_lot::Mutex;
 
 use crate::AppState;
-use crate::sources::HubSink;
+use crate::sources::{BackfillStats, HubSink, publish_backfill};
 
 /// Routes hub demand to the feed serving each channel.
 pub struct DemandRouter {
     feeds: Vec<Arc<dyn Feed>>,
+    backfill: Option<Backfiller>,
+}
+
+/// What the router needs to backfill candle channels.
+struct Backfiller {
+    /// Weak: the hub holds the router.
+    hub: Weak<Hub>,
+    stats: Arc<BackfillStats>,
+    /// Channels already backfilled (or tried) in this run.
+    attempted: Mutex<HashSet<String>>,
+}
+
+impl Backfiller {
+    fn start(
+        &self,
+        feed: &Arc<dyn Feed>,
+        channel: &str,
+        sym: &str,
+        interval: ferrocast_feeds::market::Interval,
+    ) {
+        let Some((source, count)) = feed.backfill() else { return };
+        if !self.attempted.lock().insert(channel.to_owned()) {
+            return;
+        }
+        let (hub, stats) = (self.hub.clone(), self.stats.clone());
+        let (channel, sym, name) = (channel.to_owned(), sym.to_owned(), feed.name().to_owned());
+        tokio::spawn(async move {
+            match source.bars(&sym, interval, count, now_ms()).await {
+                Ok(bars) => {
+                    let Some(hub) = hub.upgrade() else { return };
+                    let published = publish_backfill(&hub, &channel, &bars, &stats);
+                    tracing::info!(feed = %name, channel, bars = published, "candles backfilled");
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(feed = %name, channel, "candle backfill failed: {e}");
+                }
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for DemandRouter {
@@ -38,7 +86,17 @@ impl std::fmt::Debug for DemandRouter {
 impl DemandRouter {
     /// A router over `feeds`, in priority order.
     pub fn new(feeds: Vec<Arc<dyn Feed>>) -> Self {
-        DemandRouter { feeds }
+        DemandRouter { feeds, backfill: None }
+    }
+
+    /// Also backfills candle channels into `hub`, counting in `stats`.
+    pub fn with_backfill(mut self, hub: &Arc<Hub>, stats: Arc<BackfillStats>) -> Self {
+        self.backfill = Some(Backfiller {
+            hub: Arc::downgrade(hub),
+            stats,
+            attempted: Mutex::new(HashSet::new()),
+        });
+        self
     }
 
     /// The feed serving `channel`, if it is a market channel some feed claims.
@@ -52,6 +110,11 @@ impl DemandListener for DemandRouter {
     fn demand_changed(&self, channel: &str, wanted: bool) {
         if let Some(feed) = self.route(channel) {
             feed.demand(channel, wanted);
+            if let (true, Some(backfill), Some(MarketChannel::Candles(sym, interval))) =
+                (wanted, &self.backfill, MarketChannel::parse(channel))
+            {
+                backfill.start(feed, channel, sym, interval);
+            }
         }
     }
 
@@ -114,7 +177,8 @@ pub fn start(app: &Arc<AppState>) {
         }
         tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
     }
-    let router = Arc::new(DemandRouter::new(feeds));
+    let router =
+        Arc::new(DemandRouter::new(feeds).with_backfill(&app.hub, app.candles.backfill.clone()));
     app.hub.set_demand_listener(router.clone());
     // Replayed after installing the router, so no subscription falls in between; a channel
     // reported twice is simply wanted.
