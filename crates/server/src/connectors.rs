@@ -284,6 +284,54 @@ mod tests {
             .expect("valid config")
         }
 
+        /// The first subscriber of a candle channel makes the router fetch the feed's REST
+        /// aggregates (the simulator's, at the WebSocket's host) once; the bars land in the
+        /// channel's history in time order.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn candle_channels_are_backfilled_from_rest_once() {
+            let sim = Simulator::bind(
+                Protocol::Massive,
+                "127.0.0.1:0",
+                SimOptions { api_key: Some("k".into()), ..SimOptions::default() },
+            )
+            .await
+            .unwrap();
+            let app = AppState::new(config(&sim, "k"), None);
+            let server =
+                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+            let addr = server.local_addr();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async move {
+                let _ = stopped.await;
+            }));
+            eventually("ready", async || http_get(addr, "/readyz").await.0 == 200).await;
+
+            let mut client = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+            assert!(client.subscribe(&["candles.MSFT.1m"]).await.unwrap().is_ok());
+            let hub = app.hub.clone();
+            eventually("300 bars in history", async || {
+                hub.history("candles.MSFT.1m", 0, 1000).is_some_and(|p| p.messages.len() == 300)
+            })
+            .await;
+            let page = hub.history("candles.MSFT.1m", 0, 1000).unwrap();
+            let bars: Vec<ferrocast_feeds::market::Candle> =
+                page.messages.iter().map(|(_, d)| serde_json::from_slice(d).unwrap()).collect();
+            assert!(bars.windows(2).all(|w| w[1].start - w[0].start == 60_000));
+            assert!(bars.iter().all(|b| b.src == "massive" && !b.forming));
+            let stats = &app.candles.backfill;
+            assert_eq!(stats.bars.load(std::sync::atomic::Ordering::Relaxed), 300);
+
+            // A second subscriber after the first left: no second fetch.
+            drop(client);
+            let mut again = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+            assert!(again.subscribe(&["candles.MSFT.1m"]).await.unwrap().is_ok());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(sim.state().counter("rest_aggs"), 1);
+            assert_eq!(hub.history("candles.MSFT.1m", 0, 1000).unwrap().messages.len(), 300);
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn feeds_serve_clients_end_to_end() {
             let sim = Simulator::bind(
