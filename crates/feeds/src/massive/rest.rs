@@ -57,14 +57,20 @@ pub fn aggs_url(
         Interval::OneSecond => ("second", 4 * 86_400_000),
         Interval::OneMinute => ("minute", 7 * 86_400_000),
     };
-    let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    format!(
-        "{}/v2/aggs/ticker/{}/range/1/{timespan}/{}/{now_ms}?adjusted=true&sort=desc&limit={count}&apiKey={}",
-        base.trim_end_matches('/'),
-        enc(sym),
-        now_ms - lookback_ms,
-        enc(key)
-    )
+    let (from, to) = ((now_ms - lookback_ms).to_string(), now_ms.to_string());
+    let count = count.to_string();
+    let Ok(mut url) = url::Url::parse(base) else { return base.to_owned() };
+    if let Ok(mut path) = url.path_segments_mut() {
+        // The url crate percent-encodes what a path segment cannot hold; `O:SPY…` stays as is.
+        path.pop_if_empty()
+            .extend(["v2", "aggs", "ticker", sym, "range", "1", timespan, &from, &to]);
+    }
+    url.query_pairs_mut()
+        .append_pair("adjusted", "true")
+        .append_pair("sort", "desc")
+        .append_pair("limit", &count)
+        .append_pair("apiKey", key);
+    url.into()
 }
 
 #[derive(Deserialize)]
@@ -184,13 +190,19 @@ mod tests {
     #[test]
     fn url_asks_for_the_newest_bars() {
         let u =
-            aggs_url("https://api.massive.com/", "O:SPY 1", Interval::OneMinute, 300, NOW, "k&y");
+            aggs_url("https://api.massive.com/", "O:SPY/1", Interval::OneMinute, 300, NOW, "k&y");
         assert_eq!(
             u,
             format!(
-                "https://api.massive.com/v2/aggs/ticker/O%3ASPY+1/range/1/minute/{}/{NOW}?adjusted=true&sort=desc&limit=300&apiKey=k%26y",
+                "https://api.massive.com/v2/aggs/ticker/O:SPY%2F1/range/1/minute/{}/{NOW}?adjusted=true&sort=desc&limit=300&apiKey=k%26y",
                 NOW - 7 * 86_400_000
             )
+        );
+        let prefixed =
+            aggs_url("http://relay.example/massive", "AAPL", Interval::OneMinute, 1, NOW, "k");
+        assert!(
+            prefixed.starts_with("http://relay.example/massive/v2/aggs/ticker/AAPL/"),
+            "{prefixed}"
         );
         assert!(
             aggs_url("http://h", "A", Interval::OneSecond, 5, NOW, "k")

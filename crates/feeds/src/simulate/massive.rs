@@ -389,10 +389,12 @@ pub(crate) fn aggregates(state: &SimState, target: &str) -> (&'static str, Strin
         Some(Ok(n)) if (1..=50_000).contains(&n) => n,
         Some(_) => return error("400 Bad Request", "limit must be 1 to 50000"),
     };
-    let sym: String = url::form_urlencoded::parse(format!("s={ticker}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default();
+    // Percent-decoded; a `+` in a path is itself, not a space.
+    let sym: String =
+        url::form_urlencoded::parse(format!("s={}", ticker.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
     let end = to.min(now_ms());
     let step = interval.millis();
     let newest_end = interval.window_start(end);
@@ -459,6 +461,9 @@ mod tests {
             assert!(bars.windows(2).all(|w| w[1].start - w[0].start == interval.millis()));
         }
         assert_eq!(state.counter("rest_aggs"), 2);
+        let url = aggs_url("http://sim", "O:SPY241220P00720000", Interval::OneMinute, 3, now, "k");
+        let (_, body) = aggregates(&state, url.strip_prefix("http://sim").unwrap());
+        assert!(body.contains(r#""ticker":"O:SPY241220P00720000""#), "{body}");
     }
 
     #[test]
