@@ -284,7 +284,9 @@ async def test_massive_feed_backfills_from_rest(massive_upstream, start_server, 
     up = massive_upstream()
     server = start_server(
         config=feed_config(
-            artifacts / "ferrocast.toml", up, "backfill_bars = 120"  # REST found at the WebSocket's host
+            # REST is found at the WebSocket's host; SPY is always subscribed upstream.
+            artifacts / "ferrocast.toml", up, 'backfill_bars = 120\nalways = ["SPY"]'
+
         ),
         env={"MASSIVE_API_KEY": KEY},
     )
@@ -294,14 +296,19 @@ async def test_massive_feed_backfills_from_rest(massive_upstream, start_server, 
     bars = history(server, "candles.AAPL.1m")
     assert_aligned_past(bars, 60_000, "massive", at_least=120)
     assert len([b for b in bars if b["src"] == "massive"]) == 120
-    state = get_json(f"http://127.0.0.1:{up}/debug/subscriptions")
-    assert state["counters"].get("rest_aggs") == 1, state
-    assert server.metric("ferrocast_candle_backfill_bars_total") == 120
+    assert server.metric("ferrocast_candle_backfill_bars_total") >= 120
+    # `always` symbols are backfilled at startup, with no subscriber.
+    until("SPY's backfill", lambda: len(history(server, "candles.SPY.1s")) >= 120, timeout=10)
+    for channel, step in (("candles.SPY.1m", 60_000), ("candles.SPY.1s", 1_000)):
+        assert_aligned_past(history(server, channel), step, "massive", at_least=120)
+    aggs = get_json(f"http://127.0.0.1:{up}/debug/subscriptions")["counters"]["rest_aggs"]
+    assert aggs == 3, aggs
     # Once per channel: a second subscriber does not fetch again.
     other = await ws(server)
     await other.subscribe_ok("candles.AAPL.1m")
     await asyncio.sleep(0.3)
-    assert get_json(f"http://127.0.0.1:{up}/debug/subscriptions")["counters"]["rest_aggs"] == 1
+    assert get_json(f"http://127.0.0.1:{up}/debug/subscriptions")["counters"]["rest_aggs"] == 3
+    assert server.metric("ferrocast_candle_backfill_bars_total") == 3 * 120
 
 
 async def test_massive_backfill_errors_are_logged_and_counted(

@@ -17,7 +17,9 @@
 //! The router also starts candle backfill: when a candle channel of a feed that offers
 //! history ([`Feed::backfill`], Massive's REST aggregates) gets its first subscriber, the
 //! bars are fetched in a task of their own (live data never waits for them) and published
-//! if the channel still has no history, at most once per channel per run.
+//! if the channel still has no history, at most once per channel per run. A feed's named
+//! `always` symbols are backfilled at startup, since their channels fill with live bars
+//! before anyone subscribes.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
@@ -89,6 +91,15 @@ impl DemandRouter {
         DemandRouter { feeds, backfill: None }
     }
 
+    /// Starts the backfill of `channel` (a candle channel) if its feed offers history.
+    fn backfill_channel(&self, channel: &str) {
+        if let (Some(backfill), Some(feed), Some(MarketChannel::Candles(sym, interval))) =
+            (&self.backfill, self.route(channel), MarketChannel::parse(channel))
+        {
+            backfill.start(feed, channel, sym, interval);
+        }
+    }
+
     /// Also backfills candle channels into `hub`, counting in `stats`.
     pub fn with_backfill(mut self, hub: &Arc<Hub>, stats: Arc<BackfillStats>) -> Self {
         self.backfill = Some(Backfiller {
@@ -110,10 +121,8 @@ impl DemandListener for DemandRouter {
     fn demand_changed(&self, channel: &str, wanted: bool) {
         if let Some(feed) = self.route(channel) {
             feed.demand(channel, wanted);
-            if let (true, Some(backfill), Some(MarketChannel::Candles(sym, interval))) =
-                (wanted, &self.backfill, MarketChannel::parse(channel))
-            {
-                backfill.start(feed, channel, sym, interval);
+            if wanted {
+                self.backfill_channel(channel);
             }
         }
     }
@@ -180,6 +189,17 @@ pub fn start(app: &Arc<AppState>) {
     let router =
         Arc::new(DemandRouter::new(feeds).with_backfill(&app.hub, app.candles.backfill.clone()));
     app.hub.set_demand_listener(router.clone());
+    for cfg in &app.config.feeds {
+        for sym in cfg.always.iter().filter(|s| ferrocast_feeds::market::is_valid_symbol(s)) {
+            for interval in ferrocast_feeds::market::Interval::ALL {
+                let channel = ferrocast_feeds::market::channel_for_candle(sym, interval);
+                // Only where this feed is the one serving the channel.
+                if router.route(&channel).is_some_and(|f| f.name() == cfg.name) {
+                    router.backfill_channel(&channel);
+                }
+            }
+        }
+    }
     // Replayed after installing the router, so no subscription falls in between; a channel
     // reported twice is simply wanted.
     for channel in app.hub.demanded_channels() {
