@@ -85,6 +85,11 @@ pub struct BackfillStats {
 /// Publishes `bars` (oldest first) on `channel` as retained candles, unless the channel
 /// already has history: backfill must come before live bars, and the hub's history is in
 /// publish order. Returns how many were published.
+///
+/// The check and the publishes are not one atomic step: a live bar landing in between (the
+/// backfill of a feed's channel arrives within milliseconds of its first subscriber, a live
+/// bar at a window's end) would come before the past. The window is small, and a client
+/// that orders bars by `start`, as the dashboard does, still draws the right chart.
 pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &BackfillStats) -> usize {
     if bars.is_empty() {
         return 0;
