@@ -354,6 +354,9 @@ function drawChart() {
 
   const { bars } = chart;
   canvas.dataset.bars = String(bars.length);
+  // The newest bar's start: with a backfilled past the count stays at MAX_BARS, so tests
+  // (and curious people) watch this move instead.
+  canvas.dataset.lastStart = String(bars.at(-1)?.start ?? '');
   const status = $('#chart-status');
   status.hidden = bars.length > 0;
   if (!bars.length) {

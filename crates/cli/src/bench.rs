@@ -27,10 +27,13 @@
 //!
 //! The last one needs more than one process under a 20,000 open-file limit; `--processes 0`
 //! (the default) picks enough automatically.
+//!
+//! On a terminal a live status line (phase, elapsed, connections, messages/s) is redrawn on
+//! stderr and cleared before the report; with `--json` or stderr redirected nothing is drawn.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{IsTerminal, Write as _};
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::process::ExitCode;
 use std::str::FromStr;
@@ -47,6 +50,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 
 use histogram::Histogram;
+
+use crate::progress::{Progress, human_rate, status_line};
 
 mod recovery;
 
@@ -500,12 +505,18 @@ impl Shard {
                 },
                 _ = tick.tick() => {
                     if let Some(p) = progress {
-                        let secs = self.started.elapsed().as_secs_f64();
-                        p.show(&format!(
-                            "connecting {}/{total} ({:.0}/s), {} failed",
+                        let elapsed = self.started.elapsed();
+                        p.show(&status_line(
+                            "connecting",
+                            elapsed,
+                            None,
                             report.connected,
-                            report.connected as f64 / secs.max(1e-9),
-                            report.failed
+                            0.0,
+                            &format!(
+                                "of {total} ({:.0}/s) | failed {}",
+                                report.connected as f64 / elapsed.as_secs_f64().max(1e-9),
+                                report.failed
+                            ),
                         ));
                     }
                 }
@@ -1115,7 +1126,7 @@ fn emit(event: &str, data: &impl Serialize) -> anyhow::Result<()> {
 
 /// The parent: children, own shard, publishers, the measurement clock and the report.
 async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
-    let progress = Progress::new(!plan.json || std::io::stderr().is_terminal());
+    let progress = Progress::new(plan.json);
     let server_before = plan.server_pid.map(|pid| proc_stats(&pid.to_string())).transpose()?;
     let tcp_before = tcp_counters();
 
@@ -1164,7 +1175,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
 
     if plan.idle {
         // Let the server finish per-connection allocations before sampling memory.
-        pace(&progress, Duration::from_secs(2), "settling", String::new).await;
+        pace(&progress, Duration::from_secs(2), "settling", setup.connected, &pubs).await;
         idle = Some(sample_server()?);
     } else {
         let per_publisher = match plan.rate {
@@ -1174,7 +1185,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
         for _ in 0..plan.publishers {
             publishers.spawn(publisher(Arc::clone(&pubs), per_publisher));
         }
-        pace(&progress, plan.warmup, "warmup", || live_line(&pubs)).await;
+        pace(&progress, plan.warmup, "warmup", setup.connected, &pubs).await;
     }
 
     // Measurement window.
@@ -1188,7 +1199,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
     let bench_cpu0 = proc_stats("self").map_or(0.0, |s| s.cpu_secs);
     let window_started = Instant::now();
     let label = if plan.idle { "holding" } else { "measuring" };
-    pace(&progress, plan.duration, label, || live_line(&pubs)).await;
+    pace(&progress, plan.duration, label, setup.connected, &pubs).await;
     let end_ns = unix_ns();
     let elapsed = window_started.elapsed().as_secs_f64();
     shard.set_window_end(end_ns);
@@ -1241,22 +1252,33 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
 }
 
 /// Sleeps `total`, refreshing the live line every second.
-async fn pace(progress: &Progress, total: Duration, label: &str, line: impl Fn() -> String) {
+async fn pace(
+    progress: &Progress,
+    total: Duration,
+    label: &str,
+    connections: u64,
+    pubs: &PubShared,
+) {
     let started = Instant::now();
     while started.elapsed() < total {
         let left = total.saturating_sub(started.elapsed());
         tokio::time::sleep(left.min(Duration::from_secs(1))).await;
-        progress.show(&format!(
-            "{label} {:.0}/{:.0}s {}",
-            started.elapsed().as_secs_f64(),
-            total.as_secs_f64(),
-            line()
-        ));
+        if progress.active() {
+            let (received_per_sec, extra) = live_rates(pubs);
+            progress.show(&status_line(
+                label,
+                started.elapsed(),
+                Some(total),
+                connections,
+                received_per_sec,
+                &extra,
+            ));
+        }
     }
 }
 
-/// The live status line: rates since the previous call.
-fn live_line(pubs: &PubShared) -> String {
+/// Received messages per second since the previous call, and the rest of the live line.
+fn live_rates(pubs: &PubShared) -> (f64, String) {
     static PREVIOUS: Mutex<Option<(Instant, u64, u64)>> = Mutex::new(None);
     let stats = merged_stats();
     let published = pubs.published.load(Relaxed);
@@ -1271,54 +1293,15 @@ fn live_line(pubs: &PubShared) -> String {
     };
     *previous = Some((now, stats.delivered_total, published));
     let mut line = format!(
-        "| pub {:.0}/s | recv {:.0}/s | lost {} | errors {}",
-        published_rate,
-        delivered_rate,
+        "published {}/s | lost {} | errors {}",
+        human_rate(published_rate),
         stats.gaps,
         pubs.errors.load(Relaxed)
     );
     if stats.latency.count() > 0 {
         let _ = write!(line, " | p99 {}", fmt_ns(stats.latency.value_at_quantile(0.99)));
     }
-    line
-}
-
-/// Live progress on stderr: rewritten in place on a terminal, a line every few seconds
-/// otherwise.
-struct Progress {
-    enabled: bool,
-    tty: bool,
-    last_plain: Mutex<Option<Instant>>,
-}
-
-impl Progress {
-    fn new(enabled: bool) -> Progress {
-        Progress { enabled, tty: std::io::stderr().is_terminal(), last_plain: Mutex::new(None) }
-    }
-
-    fn show(&self, text: &str) {
-        if !self.enabled {
-            return;
-        }
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let _ = write!(err, "\r\x1b[2K{text}");
-        } else {
-            let mut last = lock(&self.last_plain);
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(5)) {
-                return;
-            }
-            *last = Some(Instant::now());
-            let _ = writeln!(err, "{text}");
-        }
-        let _ = err.flush();
-    }
-
-    fn clear(&self) {
-        if self.enabled && self.tty {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
-        }
-    }
+    (delivered_rate, line)
 }
 
 fn merge_setup(setups: &[SetupReport]) -> SetupReport {

@@ -1,12 +1,14 @@
 //! The `ferrocast` binary: parses flags and dispatches to one module per subcommand.
 //!
 //! `ferrocast` with no subcommand runs `serve` with the built-in defaults: the gateway on
-//! 127.0.0.1:8080, the demo market simulator and the live dashboard.
+//! 127.0.0.1:8080, the demo market simulator and the live dashboard. The flags of `serve`
+//! work there too (`ferrocast --listen 0.0.0.0:8080`).
 
 mod bench;
 mod config_cmd;
 mod doctor;
 mod generate;
+mod progress;
 mod publish;
 mod serve;
 mod simulate;
@@ -23,10 +25,15 @@ use clap::{Parser, Subcommand};
     about = "A standalone real-time push gateway: WebSocket, SSE and Socket.IO fan-out with \
              recovery, heartbeats, bounded memory and metrics.",
     after_help = "Run with no subcommand to serve with the built-in defaults \
-                  (http://127.0.0.1:8080: demo market feed, dashboard, /ws, /api).\n\
-                  Configuration keys, environment variables and close codes: docs/configuration.md, docs/protocol.md."
+                  (http://127.0.0.1:8080: demo market feed, dashboard, /ws, /api); \
+                  the serve flags above apply then, e.g. `ferrocast --listen 0.0.0.0:8080`.\n\
+                  Configuration keys, environment variables and close codes: docs/configuration.md, docs/protocol.md.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// The flags of `serve`, for running it without naming the subcommand.
+    #[command(flatten)]
+    serve: serve::ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -57,7 +64,7 @@ enum Command {
 
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or_else(|| Command::Serve(serve::ServeArgs::default()));
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     match command {
         Command::Config(cmd) => Ok(config_cmd::run(cmd)),
         Command::Gen(cmd) => generate::run(cmd),
@@ -74,5 +81,30 @@ fn main() -> anyhow::Result<ExitCode> {
                 }
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn serve_flags_work_without_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["ferrocast", "--listen", "127.0.0.1:9000", "--no-simulator"])
+                .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.flags.listen.as_deref(), Some("127.0.0.1:9000"));
+        assert!(cli.serve.flags.no_simulator);
+
+        let cli =
+            Cli::try_parse_from(["ferrocast", "serve", "--listen", "127.0.0.1:9001"]).unwrap();
+        let Some(Command::Serve(args)) = cli.command else { panic!("not serve") };
+        assert_eq!(args.flags.listen.as_deref(), Some("127.0.0.1:9001"));
+
+        // Top-level serve flags do not mix with another subcommand.
+        assert!(Cli::try_parse_from(["ferrocast", "--listen", "127.0.0.1:1", "sub", "x"]).is_err());
+        Cli::command().debug_assert();
     }
 }

@@ -1,6 +1,7 @@
 //! `ferrocast serve`: load and validate the configuration, bind, serve until SIGTERM or
 //! SIGINT, then drain and exit 0.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,9 +38,18 @@ pub struct ServeArgs {
     pub flags: ConfigFlags,
 }
 
+/// A loaded configuration, the environment it was read from, and the loader's notes.
+pub type LoadedConfig = (Config, Vec<(String, String)>, Vec<String>);
+
 impl ConfigFlags {
     /// Loads the configuration these flags describe, or prints every problem found.
     pub fn load(&self) -> Result<(Config, Vec<(String, String)>), ExitCode> {
+        self.load_with_notes().map(|(config, env, _)| (config, env))
+    }
+
+    /// [`ConfigFlags::load`], also returning the loader's notes (see
+    /// [`Config::load_with_notes`]) for `serve` to log.
+    pub fn load_with_notes(&self) -> Result<LoadedConfig, ExitCode> {
         let env: Vec<(String, String)> = std::env::vars().collect();
         let file = match &self.config {
             Some(path) => match std::fs::read_to_string(path) {
@@ -65,8 +75,8 @@ impl ConfigFlags {
             sets.push("simulator.enabled=false".into());
         }
         sets.extend(self.sets.iter().cloned());
-        match Config::load(&Sources { file, env: env.clone(), sets }) {
-            Ok(config) => Ok((config, env)),
+        match Config::load_with_notes(&Sources { file, env: env.clone(), sets }) {
+            Ok((config, notes)) => Ok((config, env, notes)),
             Err(errors) => {
                 eprintln!("ferrocast: invalid configuration:");
                 for e in errors {
@@ -79,11 +89,14 @@ impl ConfigFlags {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let (config, env) = match args.flags.load() {
+    let (config, env, notes) = match args.flags.load_with_notes() {
         Ok(loaded) => loaded,
         Err(code) => return Ok(code),
     };
     init_logging(&config);
+    for note in notes {
+        tracing::info!("{note}");
+    }
     let api_key = config.api_key(&env);
     if !config.api.key_env.is_empty() && api_key.is_none() && config.api.key.is_empty() {
         eprintln!("ferrocast: api.key_env names {:?}, which is not set", config.api.key_env);
@@ -115,12 +128,30 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = use_colour(std::io::stderr().is_terminal(), |name| std::env::var_os(name));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     if config.log.format == "json" {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// Whether log lines get ANSI colours: only on a terminal (not under systemd, into a file or
+/// a container's log), and never with `NO_COLOR` set to a non-empty value (no-color.org).
+/// `FORCE_COLOR` (non-empty, not `0`) colours even when stderr is not a terminal.
+fn use_colour(stderr_is_terminal: bool, var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let set = |name: &str| var(name).is_some_and(|v| !v.is_empty());
+    if set("NO_COLOR") {
+        return false;
+    }
+    if var("FORCE_COLOR").is_some_and(|v| !v.is_empty() && v != "0") {
+        return true;
+    }
+    stderr_is_terminal
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -138,5 +169,27 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::use_colour;
+    use std::ffi::OsString;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_without_no_color() {
+        assert!(use_colour(true, env(&[])));
+        assert!(!use_colour(false, env(&[])));
+        assert!(!use_colour(true, env(&[("NO_COLOR", "1")])));
+        // An empty NO_COLOR does not count (no-color.org).
+        assert!(use_colour(true, env(&[("NO_COLOR", "")])));
+        assert!(use_colour(false, env(&[("FORCE_COLOR", "1")])));
+        assert!(!use_colour(false, env(&[("FORCE_COLOR", "0")])));
+        assert!(!use_colour(false, env(&[("FORCE_COLOR", "1"), ("NO_COLOR", "1")])));
     }
 }

@@ -5,7 +5,9 @@
 //! The simulator logs every connection, authentication and subscription on stderr, prints
 //! one `listening on ...` line on stdout once it accepts connections, and answers the
 //! control API described in `ferrocast_feeds::simulate` on the same port
-//! (`GET /debug/subscriptions`, `POST /debug/stall`, ...). It runs until SIGINT or SIGTERM.
+//! (`GET /debug/subscriptions`, `POST /debug/stall`, ...). The Massive one also answers
+//! Massive's REST aggregates (`GET /v2/aggs/ticker/...`) for candle backfill. It runs until
+//! SIGINT or SIGTERM.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +21,7 @@ pub struct SimulateArgs {
     /// Which upstream to simulate.
     #[arg(value_enum)]
     pub protocol: SimProtocol,
-    /// Address to listen on (WebSocket and control API).
+    /// Address to listen on (WebSocket, control API and, for Massive, REST aggregates).
     #[arg(long, default_value = "127.0.0.1:9100", value_name = "HOST:PORT")]
     pub listen: String,
     /// Data events per second per connection, spread over its subscriptions.
@@ -52,7 +54,8 @@ pub struct SimulateArgs {
 /// `ferrocast simulate` protocols.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum SimProtocol {
-    /// Massive (Polygon.io) stocks/options clusters at /stocks and /options.
+    /// Massive (Polygon.io) stocks/options clusters at /stocks and /options, and REST
+    /// aggregates at /v2/aggs/ticker/... (candle backfill).
     Massive,
     /// Binance spot combined streams at /stream.
     Binance,

@@ -1,13 +1,15 @@
 //! `ferrocast sub URL CHANNEL...`: subscribe over the native WebSocket protocol and print each
 //! message as one JSON line on stdout (a protocol-aware `websocat`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferrocast_client::{Client, ConnectOptions, Event, Position};
 use serde_json::value::RawValue;
+
+use crate::progress::{Progress, RateMeter, status_line};
 
 /// Subscribe to channels and print messages as JSON lines.
 #[derive(clap::Args, Debug)]
@@ -101,6 +103,14 @@ pub async fn run(args: SubArgs) -> anyhow::Result<ExitCode> {
 
     let mut seen = 0u64;
     let stdout = std::io::stdout();
+    // A status line only when messages go to a file or pipe and a person watches stderr; on
+    // a terminal the messages themselves show progress, and --verbose writes to stderr.
+    let progress = Progress::with_terminal(
+        !args.verbose && !stdout.is_terminal() && std::io::stderr().is_terminal(),
+    );
+    let started = Instant::now();
+    let mut meter = RateMeter::new(0);
+    let mut redraw = tokio::time::interval(Duration::from_millis(500));
     loop {
         if args.count.is_some_and(|n| seen >= n) {
             let _ = client.close().await;
@@ -108,6 +118,13 @@ pub async fn run(args: SubArgs) -> anyhow::Result<ExitCode> {
         }
         let event = tokio::select! {
             event = client.next_event() => event,
+            _ = redraw.tick(), if progress.active() => {
+                let extra = format!("{seen} received");
+                progress.show(&status_line(
+                    "receiving", started.elapsed(), None, 1, meter.rate(seen), &extra,
+                ));
+                continue;
+            }
             _ = tokio::signal::ctrl_c() => {
                 let _ = client.close().await;
                 return Ok(ExitCode::SUCCESS);
@@ -133,8 +150,12 @@ pub async fn run(args: SubArgs) -> anyhow::Result<ExitCode> {
                 }
                 seen += 1;
             }
-            Some(Event::Error(e)) => eprintln!("server error: {e}"),
+            Some(Event::Error(e)) => {
+                progress.clear();
+                eprintln!("server error: {e}");
+            }
             Some(Event::Unsubscribed { channel, reason }) => {
+                progress.clear();
                 eprintln!("server unsubscribed {channel}: {reason}");
             }
             Some(Event::Ping) if args.verbose => eprintln!("ping"),
@@ -145,6 +166,7 @@ pub async fn run(args: SubArgs) -> anyhow::Result<ExitCode> {
                 if close.code == 1000 {
                     return Ok(ExitCode::SUCCESS);
                 }
+                progress.clear();
                 eprintln!("ferrocast sub: server closed the connection: {close}");
                 return Ok(ExitCode::FAILURE);
             }

@@ -61,6 +61,12 @@ pub struct FeedConfig {
     /// Massive: most symbols with quotes (`Q`) on one connection. Options default to 1000,
     /// Massive's per-connection limit; a client subscribing beyond it is refused.
     pub quote_limit: Option<usize>,
+    /// Massive: REST base URL for candle backfill (aggregates); empty uses
+    /// `https://api.massive.com` for Massive's hosts, else the WebSocket's host and port.
+    pub rest_url: String,
+    /// Massive: closed bars fetched from REST for a candle channel with no history yet, when
+    /// its first client subscribes (0: no backfill).
+    pub backfill_bars: usize,
 
     /// Generic: message sent right after connecting, e.g. an auth request (`{api_key}`).
     pub auth: String,
@@ -155,6 +161,8 @@ impl Default for FeedConfig {
             max_connections_backoff_ms: 60_000,
             quote_size_multiplier: None,
             quote_limit: None,
+            rest_url: String::new(),
+            backfill_bars: crate::backfill::DEFAULT_BACKFILL_BARS,
             auth: String::new(),
             auth_ok: Matcher::new(),
             auth_failed: Matcher::new(),
@@ -327,6 +335,8 @@ impl FeedConfig {
             ),
             ("quote_size_multiplier", self.quote_size_multiplier.is_some()),
             ("quote_limit", self.quote_limit.is_some()),
+            ("rest_url", self.rest_url != d.rest_url),
+            ("backfill_bars", self.backfill_bars != d.backfill_bars),
         ];
         for (key, is_set) in set {
             if is_set {

@@ -248,6 +248,11 @@ pub trait Feed: Send + Sync {
     fn admit(&self, channel: &str) -> Result<(), String>;
     /// `channel` gained its first subscriber (`wanted`) or lost its last one.
     fn demand(&self, channel: &str, wanted: bool);
+    /// Where this feed's historical candles come from, and how many bars per channel to
+    /// fetch; `None` when it has none (or backfill is off).
+    fn backfill(&self) -> Option<(Arc<dyn crate::backfill::Backfill>, usize)> {
+        None
+    }
 }
 
 /// A market-data channel, split into its parts.

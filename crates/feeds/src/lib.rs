@@ -9,11 +9,13 @@
 //! | --- | --- |
 //! | [`market`] | the normalised market-data schema (trades, quotes, candles) shared by every source, and the channel names it is published on |
 //! | [`simulator`] | the built-in demo market that `ferrocast serve` runs by default: random-walk trades and quotes for a set of symbols |
+//! | [`backfill`] | historical candles for a fresh channel: the [`backfill::Backfill`] trait and a plausible random-walk past |
 //! | [`candles`] | OHLCV bars built from trades: a pure state machine the server feeds with trades and a clock |
 //! | [`config`] | the `[[feeds]]` configuration of upstream connectors and its validation |
 //! | [`feed`] | what connectors share: link state, counters, the demand interface, upstream-bar marks |
 //! | [`interest`] | demand tracking: which channels a connector serves, with linger |
 //! | [`backoff`] | reconnect delays: exponential with full jitter |
+//! | [`http`] | one bounded HTTP(S) GET, for REST calls such as backfill |
 //! | [`link`] | WebSocket plumbing: connect (ws/wss) with headers and deadlines |
 //! | [`massive`] | the Massive (Polygon) connector: stocks and options clusters |
 //! | [`generic`] | the generic JSON WebSocket connector, described by configuration |
@@ -21,11 +23,13 @@
 
 #![warn(missing_docs)]
 
+pub mod backfill;
 pub mod backoff;
 pub mod candles;
 pub mod config;
 pub mod feed;
 pub mod generic;
+pub mod http;
 pub mod interest;
 pub mod link;
 pub mod market;

@@ -29,7 +29,7 @@ const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Installs rustls' `ring` provider once per process, so TLS works even when another crate
 /// in the build enables a second provider (rustls then refuses to guess).
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // An error means a provider is installed already, which is just as good.

@@ -323,10 +323,7 @@ impl Market {
 
 impl Instrument {
     fn new(sym: &str) -> Self {
-        let start = DEFAULT_SYMBOLS
-            .iter()
-            .find(|&&(known, _)| known == sym)
-            .map_or_else(|| made_up_price(sym), |&(_, price)| price);
+        let start = starting_price(sym);
         Instrument {
             trade_channel: market::channel_for_trade(sym),
             quote_channel: market::channel_for_quote(sym),
@@ -361,6 +358,38 @@ impl Instrument {
     }
 }
 
+/// The price `sym` starts at: a plausible one for the well-known symbols, otherwise
+/// [`made_up_price`]. The backfilled past ends here, so charts join the live walk.
+pub fn starting_price(sym: &str) -> f64 {
+    DEFAULT_SYMBOLS
+        .iter()
+        .find(|&&(known, _)| known == sym)
+        .map_or_else(|| made_up_price(sym), |&(_, price)| price)
+}
+
+/// A plausible past for `sym`: `count` closed `interval` bars (`src: "sim"`) ending just
+/// before `now_ms`'s window at the symbol's starting price, with the volatility the live
+/// walk has at `events_per_sec` events for this symbol.
+pub fn backfill(
+    sym: &str,
+    interval: crate::market::Interval,
+    count: usize,
+    now_ms: i64,
+    events_per_sec: f64,
+) -> Vec<crate::market::Candle> {
+    let events_per_bar = events_per_sec * interval.millis() as f64 / 1000.0;
+    let walk = crate::backfill::Walk {
+        sym,
+        interval,
+        count,
+        now_ms,
+        last_close: starting_price(sym),
+        volatility: crate::backfill::bar_volatility(VOLATILITY, events_per_bar),
+        src: SRC_SIMULATOR,
+    };
+    crate::backfill::random_walk(&walk, &mut rand::rng())
+}
+
 /// A starting price between 10.00 and 509.99 derived from the symbol, stable across runs
 /// and platforms (FNV-1a), so a custom symbol opens where it did last time.
 fn made_up_price(sym: &str) -> f64 {
@@ -390,6 +419,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::market::Interval;
 
     /// Keeps everything published, for inspection.
     #[derive(Default)]
@@ -435,6 +465,21 @@ mod tests {
     fn is_cents(price: f64) -> bool {
         let cents = price * 100.0;
         (cents - cents.round()).abs() < 1e-6
+    }
+
+    #[test]
+    fn backfill_ends_at_the_starting_price() {
+        let now = 1_760_000_123_456;
+        for (sym, interval) in [("AAPL", Interval::OneMinute), ("ZZZZ", Interval::OneSecond)] {
+            let bars = backfill(sym, interval, 50, now, 2.5);
+            assert_eq!(bars.len(), 50);
+            let last = bars.last().unwrap();
+            assert_eq!(last.close, (starting_price(sym) * 100.0).round() / 100.0);
+            assert_eq!(last.end, interval.window_start(now));
+            assert!(bars.iter().all(|b| b.src == SRC_SIMULATOR && b.sym == sym && !b.forming));
+        }
+        assert_eq!(starting_price("AAPL"), 230.0);
+        assert_eq!(starting_price("ZZZZ"), made_up_price("ZZZZ"));
     }
 
     #[test]

@@ -107,6 +107,9 @@ pub struct SimulatorConfig {
     pub rate: f64,
     /// Symbols to simulate; empty uses the built-in list of about 20 well-known names.
     pub symbols: Vec<String>,
+    /// Closed candles of made-up past published at startup on each symbol's
+    /// `candles.SYM.1s` and `candles.SYM.1m`, so charts are not empty (0: none).
+    pub backfill_bars: usize,
 }
 
 /// The Socket.IO v4 endpoint (Engine.IO v4, through `socketioxide`). Heartbeat, payload and
@@ -194,7 +197,12 @@ impl Default for LogConfig {
 
 impl Default for SimulatorConfig {
     fn default() -> Self {
-        SimulatorConfig { enabled: true, rate: 50.0, symbols: Vec::new() }
+        SimulatorConfig {
+            enabled: true,
+            rate: 50.0,
+            symbols: Vec::new(),
+            backfill_bars: ferrocast_feeds::backfill::DEFAULT_BACKFILL_BARS,
+        }
     }
 }
 
@@ -274,13 +282,30 @@ impl Config {
     /// Merges defaults, file, environment and flags, then validates. Returns every problem
     /// found, each naming its key.
     pub fn load(sources: &Sources<'_>) -> Result<Config, Vec<ConfigError>> {
+        Config::load_with_notes(sources).map(|(config, _)| config)
+    }
+
+    /// [`Config::load`], also returning notes about adjustments the loader made on the
+    /// user's behalf (one sentence each), for the caller to log once logging is set up.
+    pub fn load_with_notes(
+        sources: &Sources<'_>,
+    ) -> Result<(Config, Vec<String>), Vec<ConfigError>> {
         let mut merged = Value::try_from(Config::default()).expect("defaults serialize");
+        let mut simulator_explicit = false;
         if let Some((path, text)) = &sources.file {
             let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
                 vec![ConfigError::new(path.display().to_string(), format!("not valid TOML: {e}"))]
             })?;
-            merge(&mut merged, Value::Table(file));
+            let file = Value::Table(file);
+            simulator_explicit |= lookup(&file, SIMULATOR_ENABLED).is_some();
+            merge(&mut merged, file);
         }
+        let simulator_env = env_name(SIMULATOR_ENABLED);
+        simulator_explicit |= sources.env.iter().any(|(k, _)| *k == simulator_env);
+        simulator_explicit |= sources
+            .sets
+            .iter()
+            .any(|set| set.split_once('=').is_some_and(|(key, _)| key.trim() == SIMULATOR_ENABLED));
         fill_namespaces(&mut merged);
         let mut errors = Vec::new();
         apply_env(&mut merged, &sources.env, &mut errors);
@@ -302,15 +327,26 @@ impl Config {
             return Err(errors);
         }
         fill_namespaces(&mut merged);
-        let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
+        let mut config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
             vec![ConfigError::new(
                 if key == "." { "config".into() } else { key },
                 e.into_inner().to_string(),
             )]
         })?;
+        let mut notes = Vec::new();
+        if !config.feeds.is_empty() && config.simulator.enabled && !simulator_explicit {
+            // The simulator is on only by default (for the demo): a configured feed means
+            // real prices are wanted, so the demo steps aside instead of failing the start.
+            config.simulator.enabled = false;
+            notes.push(
+                "demo simulator turned off because [[feeds]] are configured (simulator.enabled \
+                 is not set explicitly)"
+                    .to_owned(),
+            );
+        }
         config.validate()?;
-        Ok(config)
+        Ok((config, notes))
     }
 
     /// The socket address to listen on (valid after [`Config::load`]).
@@ -441,6 +477,15 @@ impl Config {
             "simulator.rate",
             format!("{} must be above 0 and at most 1000000 events per second", sim.rate),
         );
+        check(
+            sim.backfill_bars <= ferrocast_feeds::backfill::MAX_BACKFILL_BARS,
+            "simulator.backfill_bars",
+            format!(
+                "{} is above {}",
+                sim.backfill_bars,
+                ferrocast_feeds::backfill::MAX_BACKFILL_BARS
+            ),
+        );
         for (i, sym) in sim.symbols.iter().enumerate() {
             check(
                 ferrocast_protocol::validate_channel(&format!("ticks.{sym}")).is_ok()
@@ -500,15 +545,21 @@ impl Config {
         if !self.feeds.is_empty() && self.simulator.enabled {
             // The demo market publishes made-up prices on the same ticks.* and quotes.*
             // channels as the feeds; mixing them on a trading screen would be dangerous.
+            // Only an explicit `simulator.enabled = true` gets here: the default is turned
+            // off by `Config::load` when feeds are configured.
             errors.push(ConfigError::new(
                 "simulator.enabled",
                 "must be false when [[feeds]] are configured: the demo simulator would publish \
-                 made-up prices on the same ticks.* / quotes.* channels",
+                 made-up prices on the same ticks.* / quotes.* channels (remove the explicit \
+                 simulator.enabled = true)",
             ));
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
+
+/// The key that turns the demo simulator on or off.
+const SIMULATOR_ENABLED: &str = "simulator.enabled";
 
 /// Paths served by ferrocast itself (each also as a prefix), which a WebSocket alias may not
 /// take. Other paths under `/api/` are free, so `/api/socket` can be an alias.
@@ -758,6 +809,8 @@ mod tests {
             "backoff_initial_ms",
             "backoff_max_ms",
             "max_connections_backoff_ms",
+            "backfill_bars",
+            "rest_url",
         ] {
             assert!(block.contains(&format!("{key} = ")), "example [[feeds]] lacks {key}");
         }
@@ -774,10 +827,60 @@ mod tests {
         let text = "[[feeds]]\nname = \"s\"\nkind = \"massive\"\nurl = \"wss://socket.massive.com/stocks\"\nevents = [\"T\"]\nsubscribe = \"x\"\n";
         let e = load(Some(text), &[], &[]).unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["feeds[0].subscribe", "simulator.enabled"], "{e:?}");
+        assert_eq!(keys, ["feeds[0].subscribe"], "{e:?}");
 
         let e = load(Some("[[feeds]]\nname = \"s\"\nurll = \"x\"\n"), &[], &[]).unwrap_err();
         assert_eq!(e[0].key, "feeds[0].urll");
+    }
+
+    const ONE_FEED: &str = "[[feeds]]\nname = \"s\"\nkind = \"massive\"\nurl = \"wss://socket.massive.com/stocks\"\nevents = [\"T\"]\n";
+
+    #[test]
+    fn a_feed_turns_the_default_simulator_off_with_a_note() {
+        let (c, notes) = Config::load_with_notes(&Sources {
+            file: Some((Path::new("f.toml"), ONE_FEED.to_owned())),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.simulator.enabled);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("simulator"), "{notes:?}");
+
+        // Without feeds the default stays on and nothing is noted.
+        let (c, notes) = Config::load_with_notes(&Sources::default()).unwrap();
+        assert!(c.simulator.enabled);
+        assert!(notes.is_empty(), "{notes:?}");
+
+        // Explicitly off: no note needed.
+        let text = format!("[simulator]\nenabled = false\n{ONE_FEED}");
+        let (c, notes) = Config::load_with_notes(&Sources {
+            file: Some((Path::new("f.toml"), text)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!c.simulator.enabled);
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn an_explicit_simulator_with_feeds_is_still_refused() {
+        let in_file = format!("[simulator]\nenabled = true\n{ONE_FEED}");
+        let e = load(Some(&in_file), &[], &[]).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].key, "simulator.enabled");
+        assert!(e[0].reason.contains("[[feeds]]"), "{}", e[0].reason);
+
+        let e = load(Some(ONE_FEED), &[("FERROCAST_SIMULATOR_ENABLED", "true")], &[]).unwrap_err();
+        assert_eq!(e[0].key, "simulator.enabled", "{e:?}");
+
+        let e = load(Some(ONE_FEED), &[], &[" simulator.enabled = true"]).unwrap_err();
+        assert_eq!(e[0].key, "simulator.enabled", "{e:?}");
+
+        // A feed given only through --set counts as configured too.
+        let sets = [
+            "feeds=[{name = \"s\", kind = \"massive\", url = \"wss://x.example/stocks\", events = [\"T\"]}]",
+        ];
+        assert!(!load(None, &[], &sets).unwrap().simulator.enabled);
     }
 
     #[test]

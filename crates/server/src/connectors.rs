@@ -13,20 +13,70 @@
 //! tickers to the stocks feed). The router also answers the hub's admission check, which is
 //! how a subscribe beyond an upstream limit (Massive's 1,000 option contracts with quotes)
 //! is refused with `upstream_rejected` instead of silently getting no data.
+//!
+//! The router also starts candle backfill: when a candle channel of a feed that offers
+//! history ([`Feed::backfill`], Massive's REST aggregates) gets its first subscriber, the
+//! bars are fetched in a task of their own (live data never waits for them) and published
+//! if the channel still has no history, at most once per channel per run. A feed's named
+//! `always` symbols are backfilled at startup, since their channels fill with live bars
+//! before anyone subscribes.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
 
-use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel};
+use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel, now_ms};
 use ferrocast_feeds::generic::{GenericConfig, GenericFeed};
 use ferrocast_feeds::massive::{MassiveConfig, MassiveFeed};
+use ferrocast_hub::Hub;
 use ferrocast_hub::hub::DemandListener;
+use parking_lot::Mutex;
 
 use crate::AppState;
-use crate::sources::HubSink;
+use crate::sources::{BackfillStats, HubSink, publish_backfill};
 
 /// Routes hub demand to the feed serving each channel.
 pub struct DemandRouter {
     feeds: Vec<Arc<dyn Feed>>,
+    backfill: Option<Backfiller>,
+}
+
+/// What the router needs to backfill candle channels.
+struct Backfiller {
+    /// Weak: the hub holds the router.
+    hub: Weak<Hub>,
+    stats: Arc<BackfillStats>,
+    /// Channels already backfilled (or tried) in this run.
+    attempted: Mutex<HashSet<String>>,
+}
+
+impl Backfiller {
+    fn start(
+        &self,
+        feed: &Arc<dyn Feed>,
+        channel: &str,
+        sym: &str,
+        interval: ferrocast_feeds::market::Interval,
+    ) {
+        let Some((source, count)) = feed.backfill() else { return };
+        if !self.attempted.lock().insert(channel.to_owned()) {
+            return;
+        }
+        let (hub, stats) = (self.hub.clone(), self.stats.clone());
+        let (channel, sym, name) = (channel.to_owned(), sym.to_owned(), feed.name().to_owned());
+        tokio::spawn(async move {
+            match source.bars(&sym, interval, count, now_ms()).await {
+                Ok(bars) => {
+                    let Some(hub) = hub.upgrade() else { return };
+                    let published = publish_backfill(&hub, &channel, &bars, &stats);
+                    tracing::info!(feed = %name, channel, bars = published, "candles backfilled");
+                }
+                Err(e) => {
+                    stats.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(feed = %name, channel, "candle backfill failed: {e}");
+                }
+            }
+        });
+    }
 }
 
 impl std::fmt::Debug for DemandRouter {
@@ -38,7 +88,26 @@ impl std::fmt::Debug for DemandRouter {
 impl DemandRouter {
     /// A router over `feeds`, in priority order.
     pub fn new(feeds: Vec<Arc<dyn Feed>>) -> Self {
-        DemandRouter { feeds }
+        DemandRouter { feeds, backfill: None }
+    }
+
+    /// Starts the backfill of `channel` (a candle channel) if its feed offers history.
+    fn backfill_channel(&self, channel: &str) {
+        if let (Some(backfill), Some(feed), Some(MarketChannel::Candles(sym, interval))) =
+            (&self.backfill, self.route(channel), MarketChannel::parse(channel))
+        {
+            backfill.start(feed, channel, sym, interval);
+        }
+    }
+
+    /// Also backfills candle channels into `hub`, counting in `stats`.
+    pub fn with_backfill(mut self, hub: &Arc<Hub>, stats: Arc<BackfillStats>) -> Self {
+        self.backfill = Some(Backfiller {
+            hub: Arc::downgrade(hub),
+            stats,
+            attempted: Mutex::new(HashSet::new()),
+        });
+        self
     }
 
     /// The feed serving `channel`, if it is a market channel some feed claims.
@@ -52,6 +121,9 @@ impl DemandListener for DemandRouter {
     fn demand_changed(&self, channel: &str, wanted: bool) {
         if let Some(feed) = self.route(channel) {
             feed.demand(channel, wanted);
+            if wanted {
+                self.backfill_channel(channel);
+            }
         }
     }
 
@@ -114,8 +186,20 @@ pub fn start(app: &Arc<AppState>) {
         }
         tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
     }
-    let router = Arc::new(DemandRouter::new(feeds));
+    let router =
+        Arc::new(DemandRouter::new(feeds).with_backfill(&app.hub, app.candles.backfill.clone()));
     app.hub.set_demand_listener(router.clone());
+    for cfg in &app.config.feeds {
+        for sym in cfg.always.iter().filter(|s| ferrocast_feeds::market::is_valid_symbol(s)) {
+            for interval in ferrocast_feeds::market::Interval::ALL {
+                let channel = ferrocast_feeds::market::channel_for_candle(sym, interval);
+                // Only where this feed is the one serving the channel.
+                if router.route(&channel).is_some_and(|f| f.name() == cfg.name) {
+                    router.backfill_channel(&channel);
+                }
+            }
+        }
+    }
     // Replayed after installing the router, so no subscription falls in between; a channel
     // reported twice is simply wanted.
     for channel in app.hub.demanded_channels() {
@@ -218,6 +302,54 @@ mod tests {
                 ..Default::default()
             })
             .expect("valid config")
+        }
+
+        /// The first subscriber of a candle channel makes the router fetch the feed's REST
+        /// aggregates (the simulator's, at the WebSocket's host) once; the bars land in the
+        /// channel's history in time order.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn candle_channels_are_backfilled_from_rest_once() {
+            let sim = Simulator::bind(
+                Protocol::Massive,
+                "127.0.0.1:0",
+                SimOptions { api_key: Some("k".into()), ..SimOptions::default() },
+            )
+            .await
+            .unwrap();
+            let app = AppState::new(config(&sim, "k"), None);
+            let server =
+                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+            let addr = server.local_addr();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(server.run(async move {
+                let _ = stopped.await;
+            }));
+            eventually("ready", async || http_get(addr, "/readyz").await.0 == 200).await;
+
+            let mut client = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+            assert!(client.subscribe(&["candles.MSFT.1m"]).await.unwrap().is_ok());
+            let hub = app.hub.clone();
+            eventually("300 bars in history", async || {
+                hub.history("candles.MSFT.1m", 0, 1000).is_some_and(|p| p.messages.len() == 300)
+            })
+            .await;
+            let page = hub.history("candles.MSFT.1m", 0, 1000).unwrap();
+            let bars: Vec<ferrocast_feeds::market::Candle> =
+                page.messages.iter().map(|(_, d)| serde_json::from_slice(d).unwrap()).collect();
+            assert!(bars.windows(2).all(|w| w[1].start - w[0].start == 60_000));
+            assert!(bars.iter().all(|b| b.src == "massive" && !b.forming));
+            let stats = &app.candles.backfill;
+            assert_eq!(stats.bars.load(std::sync::atomic::Ordering::Relaxed), 300);
+
+            // A second subscriber after the first left: no second fetch.
+            drop(client);
+            let mut again = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+            assert!(again.subscribe(&["candles.MSFT.1m"]).await.unwrap().is_ok());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(sim.state().counter("rest_aggs"), 1);
+            assert_eq!(hub.history("candles.MSFT.1m", 0, 1000).unwrap().messages.len(), 300);
+            let _ = stop.send(());
+            let _ = task.await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

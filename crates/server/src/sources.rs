@@ -1,13 +1,15 @@
-//! Built-in sources wired to the hub: the market simulator, and candles built from every
-//! trade published on `ticks.*`, whatever its origin.
+//! Built-in sources wired to the hub: the market simulator, candles built from every
+//! trade published on `ticks.*`, whatever its origin, and candle backfill (historical bars
+//! published into a candle channel that has no history yet).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
 use ferrocast_feeds::feed::UpstreamBars;
-use ferrocast_feeds::market::{self, Trade};
+use ferrocast_feeds::market::{self, Candle, Interval, Trade};
 use ferrocast_feeds::simulator::{self, SimulatorConfig};
 use ferrocast_hub::{Hub, PublishKind};
 use std::fmt::Write;
@@ -41,6 +43,20 @@ pub fn start_simulator(app: &Arc<AppState>) {
         sim.symbols = cfg.symbols.clone();
     }
     app.feeds.set("sim", "simulator", false, LinkState::Live, None);
+    if cfg.backfill_bars > 0 {
+        // Before the accept loop starts, so the first dashboard already sees a past.
+        let now = now_ms();
+        let per_symbol = sim.rate / sim.symbols.len().max(1) as f64;
+        let mut published = 0;
+        for sym in &sim.symbols {
+            for interval in Interval::ALL {
+                let bars = simulator::backfill(sym, interval, cfg.backfill_bars, now, per_symbol);
+                let channel = market::channel_for_candle(sym, interval);
+                published += publish_backfill(&app.hub, &channel, &bars, &app.candles.backfill);
+            }
+        }
+        tracing::info!(bars = published, "demo candles backfilled with a made-up past");
+    }
     tracing::info!(
         symbols = sim.symbols.len(),
         rate = sim.rate,
@@ -55,15 +71,64 @@ pub fn start_simulator(app: &Arc<AppState>) {
     });
 }
 
-/// The server's candle builder, shared by the trade tap and the clock task.
+/// Counters of candle backfill, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct BackfillStats {
+    /// Bars published into candle channels.
+    pub bars: AtomicU64,
+    /// Backfill requests that failed (upstream error, timeout, bad answer).
+    pub errors: AtomicU64,
+    /// Backfills not published because the channel had history by the time they arrived.
+    pub skipped: AtomicU64,
+}
+
+/// Publishes `bars` (oldest first) on `channel` as retained candles, unless the channel
+/// already has history: backfill must come before live bars, and the hub's history is in
+/// publish order. Returns how many were published.
+///
+/// The check and the publishes are not one atomic step: a live bar landing in between (the
+/// backfill of a feed's channel arrives within milliseconds of its first subscriber, a live
+/// bar at a window's end) would come before the past. The window is small, and a client
+/// that orders bars by `start`, as the dashboard does, still draws the right chart.
+pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &BackfillStats) -> usize {
+    if bars.is_empty() {
+        return 0;
+    }
+    let has_history = hub.history(channel, 0, 1).is_some_and(|page| !page.messages.is_empty());
+    if has_history {
+        stats.skipped.fetch_add(1, Relaxed);
+        tracing::debug!(channel, "backfill skipped: the channel already has history");
+        return 0;
+    }
+    let mut published = 0;
+    for bar in bars {
+        match hub.publish(channel, &market::encode(bar), PublishKind::Retained) {
+            Ok(_) => published += 1,
+            Err(e) => {
+                tracing::warn!(channel, "backfill publish failed: {e}");
+                break;
+            }
+        }
+    }
+    stats.bars.fetch_add(published as u64, Relaxed);
+    published
+}
+
+/// The server's candle builder, shared by the trade tap and the clock task, and the
+/// backfill counters.
 #[derive(Debug)]
 pub struct Candles {
     builder: Arc<Mutex<CandleBuilder>>,
+    /// Backfill counters, shared with the feed router.
+    pub backfill: Arc<BackfillStats>,
 }
 
 impl Default for Candles {
     fn default() -> Self {
-        Candles { builder: Arc::new(Mutex::new(CandleBuilder::new(CandleConfig::default()))) }
+        Candles {
+            builder: Arc::new(Mutex::new(CandleBuilder::new(CandleConfig::default()))),
+            backfill: Arc::default(),
+        }
     }
 }
 
@@ -89,6 +154,27 @@ impl Candles {
             "Trades left out of a candle: invalid, too late to correct, or late under the drop policy.",
         );
         let _ = writeln!(out, "ferrocast_candle_dropped_trades_total {dropped}");
+        let b = &self.backfill;
+        for (name, help, value) in [
+            (
+                "ferrocast_candle_backfill_bars_total",
+                "Historical bars published into candle channels that had no history (backfill).",
+                b.bars.load(Relaxed),
+            ),
+            (
+                "ferrocast_candle_backfill_errors_total",
+                "Candle backfill requests that failed (upstream error, timeout, unreadable answer).",
+                b.errors.load(Relaxed),
+            ),
+            (
+                "ferrocast_candle_backfill_skipped_total",
+                "Candle backfills left out because the channel had live history by the time they arrived.",
+                b.skipped.load(Relaxed),
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
         out
     }
 }

@@ -27,6 +27,7 @@
 //! `quote_size_multiplier`.
 
 pub mod protocol;
+pub mod rest;
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -154,6 +155,10 @@ pub struct MassiveConfig {
     pub quote_size_multiplier: f64,
     /// Most symbols with quotes.
     pub quote_limit: Option<usize>,
+    /// REST base URL for backfill.
+    pub rest_url: String,
+    /// Bars to backfill per candle channel (0: none).
+    pub backfill_bars: usize,
 }
 
 impl MassiveConfig {
@@ -219,6 +224,21 @@ impl MassiveConfig {
         if cfg.max_connections_backoff_ms > 3_600_000 {
             problems.push(("max_connections_backoff_ms".into(), "must be at most 3600000".into()));
         }
+        if !cfg.rest_url.is_empty() {
+            match url::Url::parse(&cfg.rest_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+                _ => problems.push((
+                    "rest_url".into(),
+                    format!("{:?} is not an http:// or https:// URL with a host", cfg.rest_url),
+                )),
+            }
+        }
+        if cfg.backfill_bars > crate::backfill::MAX_BACKFILL_BARS {
+            problems.push((
+                "backfill_bars".into(),
+                format!("must be at most {}", crate::backfill::MAX_BACKFILL_BARS),
+            ));
+        }
         problems
     }
 
@@ -267,6 +287,12 @@ impl MassiveConfig {
             quote_limit: cfg
                 .quote_limit
                 .or((market == Market::Options).then_some(OPTIONS_QUOTE_LIMIT)),
+            rest_url: if cfg.rest_url.is_empty() {
+                rest::default_rest_url(&cfg.url)
+            } else {
+                cfg.rest_url.clone()
+            },
+            backfill_bars: cfg.backfill_bars,
         }
     }
 }
@@ -827,5 +853,13 @@ impl Feed for MassiveFeed {
 
     fn demand(&self, channel: &str, wanted: bool) {
         self.interest.set(channel, wanted);
+    }
+
+    fn backfill(&self) -> Option<(Arc<dyn crate::backfill::Backfill>, usize)> {
+        let key = self.cfg.api_key.as_ref().ok()?;
+        (self.cfg.backfill_bars > 0).then(|| {
+            let rest = rest::RestBackfill { base: self.cfg.rest_url.clone(), key: key.clone() };
+            (Arc::new(rest) as Arc<dyn crate::backfill::Backfill>, self.cfg.backfill_bars)
+        })
     }
 }

@@ -3,7 +3,9 @@
 //! server answers), batched arrays of mixed `T`/`Q` events for subscribed symbols only,
 //! `A` bars every second and `AM` bars every [`SimOptions::minute_bar_every`],
 //! `max_connections` eviction in both modes, `auth_timeout`, the options rules (no `Q.*`,
-//! at most 1,000 contracts with quotes), and the test controls of [`super`].
+//! at most 1,000 contracts with quotes), and the test controls of [`super`]. On the same
+//! port it answers Massive's REST aggregates request ([`aggregates`]) with generated bars,
+//! for candle backfill.
 //!
 //! [`SimOptions::minute_bar_every`]: super::SimOptions::minute_bar_every
 
@@ -339,4 +341,147 @@ fn bar_frame(s: &mut Session, ev: &str, window_ms: i64) -> Option<Message> {
         })
         .collect();
     Some(Message::text(Value::from(bars).to_string()))
+}
+
+/// Massive's REST aggregates, `GET /v2/aggs/ticker/SYM/range/1/{second|minute}/FROM/TO`
+/// with `apiKey` (checked like the WebSocket's key), `limit` (default 5000, at most 50000)
+/// and `sort` (`asc` default, or `desc`). `FROM` and `TO` are Unix ms. The bars are a random
+/// walk ending at the symbol's starting price (where the WebSocket's prices start), one per
+/// window up to the last closed window before `min(TO, now)` and not before `FROM`. Other
+/// multipliers, timespans and date-formatted bounds answer 400.
+pub(crate) fn aggregates(state: &SimState, target: &str) -> (&'static str, String) {
+    let error = |status: &'static str, message: &str| {
+        (status, json!({"status": "ERROR", "request_id": "sim", "error": message}).to_string())
+    };
+    let key = super::query_param(target, "apiKey").unwrap_or("");
+    let key_ok = match &state.opts.api_key {
+        Some(expected) => key == expected,
+        None => !key.is_empty(),
+    };
+    if !key_ok {
+        state.count("rest_auth_failed");
+        return error("401 Unauthorized", "Unknown API Key");
+    }
+    let path = target.split('?').next().unwrap_or("");
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let ["v2", "aggs", "ticker", ticker, "range", multiplier, timespan, from, to] = parts[..]
+    else {
+        return error(
+            "400 Bad Request",
+            "expected /v2/aggs/ticker/SYM/range/MULT/TIMESPAN/FROM/TO",
+        );
+    };
+    let interval = match (multiplier, timespan) {
+        ("1", "second") => crate::market::Interval::OneSecond,
+        ("1", "minute") => crate::market::Interval::OneMinute,
+        _ => {
+            return error(
+                "400 Bad Request",
+                "the simulator serves multiplier 1, timespan second or minute",
+            );
+        }
+    };
+    let (Ok(from), Ok(to)) = (from.parse::<i64>(), to.parse::<i64>()) else {
+        return error("400 Bad Request", "the simulator takes FROM and TO as Unix milliseconds");
+    };
+    let limit = match super::query_param(target, "limit").map(str::parse::<usize>) {
+        None => 5_000,
+        Some(Ok(n)) if (1..=50_000).contains(&n) => n,
+        Some(_) => return error("400 Bad Request", "limit must be 1 to 50000"),
+    };
+    // Percent-decoded; a `+` in a path is itself, not a space.
+    let sym: String =
+        url::form_urlencoded::parse(format!("s={}", ticker.replace('+', "%2B")).as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+    let end = to.min(now_ms());
+    let step = interval.millis();
+    let newest_end = interval.window_start(end);
+    let in_range = ((newest_end - from.max(0)) / step).max(0) as usize;
+    let walk = crate::backfill::Walk {
+        sym: &sym,
+        interval,
+        count: limit.min(in_range),
+        now_ms: end,
+        last_close: super::start_price(&sym),
+        volatility: crate::backfill::bar_volatility(0.0005, step as f64 / 1000.0),
+        src: "massive",
+    };
+    let mut bars = crate::backfill::random_walk(&walk, &mut rand::rng());
+    if super::query_param(target, "sort") == Some("desc") {
+        bars.reverse();
+    }
+    state.count("rest_aggs");
+    let results: Vec<Value> = bars
+        .iter()
+        .map(|b| {
+            json!({"o": b.open, "h": b.high, "l": b.low, "c": b.close, "v": b.volume,
+                   "vw": b.vwap, "n": b.trades, "t": b.start})
+        })
+        .collect();
+    tracing::info!(sym, interval = %interval, bars = results.len(), "simulator: REST aggregates");
+    let body = json!({
+        "ticker": sym, "adjusted": true, "queryCount": results.len(),
+        "resultsCount": results.len(), "status": "OK", "request_id": "sim", "results": results,
+    });
+    ("200 OK", body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Protocol, SimOptions};
+    use super::*;
+    use crate::market::Interval;
+    use crate::massive::rest::{aggs_url, parse_aggs};
+
+    fn sim() -> Arc<SimState> {
+        SimState::new(
+            Protocol::Massive,
+            SimOptions { api_key: Some("k".into()), ..SimOptions::default() },
+        )
+    }
+
+    /// The connector's own request, answered by the simulator and parsed by the connector.
+    #[test]
+    fn aggregates_answer_the_connector_s_request() {
+        let state = sim();
+        let now = now_ms();
+        for interval in Interval::ALL {
+            let url = aggs_url("http://sim", "AAPL", interval, 120, now, "k");
+            let target = url.strip_prefix("http://sim").unwrap();
+            let (status, body) = aggregates(&state, target);
+            assert_eq!(status, "200 OK", "{body}");
+            let bars = parse_aggs(200, body.as_bytes(), "AAPL", interval, 120, now).unwrap();
+            assert_eq!(bars.len(), 120, "{interval}");
+            let last = bars.last().unwrap();
+            // The walk ends where the WebSocket's prices start.
+            assert_eq!(last.close, (super::super::start_price("AAPL") * 100.0).round() / 100.0);
+            assert!(last.end <= interval.window_start(now) + interval.millis());
+            assert!(bars.windows(2).all(|w| w[1].start - w[0].start == interval.millis()));
+        }
+        assert_eq!(state.counter("rest_aggs"), 2);
+        let url = aggs_url("http://sim", "O:SPY241220P00720000", Interval::OneMinute, 3, now, "k");
+        let (_, body) = aggregates(&state, url.strip_prefix("http://sim").unwrap());
+        assert!(body.contains(r#""ticker":"O:SPY241220P00720000""#), "{body}");
+    }
+
+    #[test]
+    fn aggregates_check_the_key_and_the_request() {
+        let state = sim();
+        let (status, body) = aggregates(&state, "/v2/aggs/ticker/A/range/1/minute/0/1?apiKey=no");
+        assert_eq!(status, "401 Unauthorized");
+        assert!(body.contains("Unknown API Key"));
+        assert_eq!(state.counter("rest_auth_failed"), 1);
+        let bad = aggregates(&state, "/v2/aggs/ticker/A/range/5/minute/0/1?apiKey=k");
+        assert_eq!(bad.0, "400 Bad Request");
+        let dates =
+            aggregates(&state, "/v2/aggs/ticker/A/range/1/minute/2024-01-01/2024-01-02?apiKey=k");
+        assert_eq!(dates.0, "400 Bad Request");
+        // A range in the distant past before FROM holds nothing.
+        let (status, body) =
+            aggregates(&state, "/v2/aggs/ticker/A/range/1/minute/100000/100000?apiKey=k");
+        assert_eq!(status, "200 OK");
+        assert!(body.contains("\"resultsCount\":0"), "{body}");
+    }
 }

@@ -12,6 +12,7 @@
 //! | `POST /debug/malformed?every=N` | every Nth data frame is replaced by a malformed one (0: off) |
 //! | `POST /debug/disconnect?status=slow_consumer` | Massive: send that status to every connection and close it; others: close |
 //! | `POST /debug/drop` | close every connection at once |
+//! | `GET /v2/aggs/ticker/SYM/range/1/second\|minute/FROM/TO?apiKey=K&limit=N&sort=asc\|desc` | Massive: REST aggregates (see [`massive::aggregates`]) |
 //!
 //! Subscriptions and authentications are also logged (target `ferrocast_feeds::simulate`),
 //! one line each, for people watching a terminal.
@@ -447,6 +448,9 @@ fn control(state: &SimState, request_line: &str) -> (&'static str, String) {
     let path = target.split('?').next().unwrap_or("");
     let ok = |v: serde_json::Value| ("200 OK", v.to_string());
     match (method, path) {
+        ("GET", p) if state.protocol == Protocol::Massive && p.starts_with("/v2/aggs/ticker/") => {
+            massive::aggregates(state, target)
+        }
         ("GET", "/debug/subscriptions") => ok(state.snapshot_json()),
         ("POST" | "GET", "/debug/stall") => {
             let on = query_param(target, "on").is_none_or(|v| v != "0" && v != "false");
@@ -512,7 +516,7 @@ impl Prices {
 }
 
 /// A stable starting price per symbol between 10 and 510.
-fn start_price(sym: &str) -> f64 {
+pub(crate) fn start_price(sym: &str) -> f64 {
     let hash = sym
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
