@@ -213,6 +213,7 @@ impl Session {
                 ),
             ));
         }
+        self.app.check_data_depth(data)?;
         let published = self
             .app
             .hub

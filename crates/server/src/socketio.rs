@@ -155,7 +155,7 @@ fn admit(state: &SioState, s: &SocketRef) -> Result<(), String> {
         s.req_parts().headers.get(header::ORIGIN),
     ) {
         Some((CloseCode::PolicyViolation, "this Origin is not in server.allowed_origins"))
-    } else if app.shutdown.active_connections() >= app.config.server.max_connections {
+    } else if app.connections.over_client_limit(app.config.server.max_connections) {
         Some((CloseCode::TryAgainLater, "connection limit reached; try again later"))
     } else {
         None

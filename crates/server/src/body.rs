@@ -1,0 +1,189 @@
+//! Request bodies within limits of time and size.
+//!
+//! A layer on every route gives each request body a deadline, `server.body_read_timeout_ms`
+//! from the moment its headers were read, so a client trickling a body a byte a second holds
+//! its connection (and the memory behind it) for that long at most, whichever handler reads
+//! it (Socket.IO's polling included). Handlers that take a body read it with [`read`], which
+//! also enforces their byte limit, and answer a refusal as JSON: `408 request_timeout` or
+//! `413 payload_too_large`, each logged with the peer and counted.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
+use axum::middleware::Next;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::{Frame, SizeHint};
+use serde_json::json;
+use tokio::time::Sleep;
+
+use crate::AppState;
+use crate::ws::json_response;
+
+/// The layer: wraps every request body that is not empty in a [`DeadlineBody`].
+pub async fn deadline(
+    State(app): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response<Body> {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|ConnectInfo(p)| *p);
+    let timeout = Duration::from_millis(app.config.server.body_read_timeout_ms);
+    let req = req.map(|inner| {
+        Body::new(DeadlineBody {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            app: app.clone(),
+            peer,
+            expired: false,
+        })
+    });
+    next.run(req).await
+}
+
+/// The error a body reports once its deadline has passed.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within server.body_read_timeout_ms")]
+pub struct BodyTimedOut;
+
+/// A request body that fails with [`BodyTimedOut`] when it has not ended by its deadline.
+struct DeadlineBody {
+    inner: Body,
+    sleep: Pin<Box<Sleep>>,
+    app: Arc<AppState>,
+    peer: Option<SocketAddr>,
+    expired: bool,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        if this.expired {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))));
+        }
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if this.sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.expired = true;
+        this.app.connections.counters.body_timeouts.fetch_add(1, Relaxed);
+        let timeout_ms = this.app.config.server.body_read_timeout_ms;
+        match this.peer {
+            Some(peer) => tracing::info!(
+                %peer,
+                timeout_ms,
+                "request body still incomplete at server.body_read_timeout_ms; closing"
+            ),
+            None => tracing::info!(
+                timeout_ms,
+                "request body still incomplete at server.body_read_timeout_ms; closing"
+            ),
+        }
+        Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Why a body was not read: the status, error code and message to answer with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    /// `{"error":code,"message":...}`; the connection closes after it, since the rest of the
+    /// body was not read.
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp =
+            json_response(self.status, json!({ "error": self.code, "message": self.message }));
+        if self.status != StatusCode::BAD_REQUEST {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+}
+
+/// Reads a whole request body of at most `limit` bytes (`option` names the setting, for the
+/// message). A declared `Content-Length` above the limit is refused before reading anything.
+pub async fn read(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    option: &'static str,
+) -> Result<Bytes, Refusal> {
+    let too_large = |size: Option<u64>| {
+        app.connections.counters.payload_too_large.fetch_add(1, Relaxed);
+        let size = size.map(|s| format!("of {s} bytes ")).unwrap_or_default();
+        tracing::info!(%peer, limit, option, "request body {size}refused: too large");
+        Refusal {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "payload_too_large",
+            message: format!(
+                "the request body {size}is too large: the limit is {limit} bytes ({option})"
+            ),
+        }
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large(declared));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large(None)),
+        Err(e) if caused_by_timeout(&*e) => Err(Refusal {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "request_timeout",
+            message: format!(
+                "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
+                app.config.server.body_read_timeout_ms
+            ),
+        }),
+        Err(e) => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: format!("the request body could not be read: {e}"),
+        }),
+    }
+}
+
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        if e.is::<BodyTimedOut>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
