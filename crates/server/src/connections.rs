@@ -284,8 +284,9 @@ impl AsyncWrite for CountedStream {
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
-    /// An open `/dev/null`, given up for a moment to accept one connection at the fd limit.
-    reserve: Option<File>,
+    /// An open `/dev/null`, given up for a moment to accept one connection at the fd limit;
+    /// the task answering that connection takes it back once the connection is closed.
+    reserve: Arc<Mutex<Option<File>>>,
     backoff: Duration,
     warning: Warning,
 }
@@ -294,14 +295,14 @@ impl Acceptor {
     pub fn new(listener: TcpListener) -> Self {
         Acceptor {
             listener,
-            reserve: open_reserve(),
+            reserve: Arc::new(Mutex::new(open_reserve())),
             backoff: Duration::ZERO,
             warning: Warning::default(),
         }
     }
 
     /// The next connection to serve.
-    pub async fn accept(&mut self, app: &AppState) -> (TcpStream, SocketAddr) {
+    pub async fn accept(&mut self, app: &Arc<AppState>) -> (TcpStream, SocketAddr) {
         loop {
             match self.listener.accept().await {
                 Ok(accepted) => {
@@ -325,8 +326,7 @@ impl Acceptor {
                         );
                     });
                     if fd_limit && self.shed_one(app).await {
-                        // Let other tasks run while a full backlog is answered.
-                        tokio::task::yield_now().await;
+                        self.backoff = Duration::ZERO;
                         continue;
                     }
                     self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
@@ -336,26 +336,28 @@ impl Acceptor {
         }
     }
 
-    /// At the fd limit: frees the reserve descriptor, accepts one pending connection with it,
-    /// answers and closes that connection, and takes the reserve back. Returns whether a
-    /// connection was answered.
-    async fn shed_one(&mut self, app: &AppState) -> bool {
-        let Some(reserve) = self.reserve.take() else {
-            // Taken by an earlier attempt that could not get it back; try again now.
-            self.reserve = open_reserve();
-            return false;
-        };
+    /// At the fd limit: frees the reserve descriptor and accepts one pending connection in
+    /// its place, to be answered by a task of its own (see [`answer_at_fd_limit`]), which
+    /// takes the reserve back once that connection has closed. Returns whether a connection
+    /// was taken.
+    async fn shed_one(&mut self, app: &Arc<AppState>) -> bool {
+        let Some(reserve) = self.reserve.lock().take() else { return false };
         drop(reserve);
-        let accepted = tokio::time::timeout(Duration::from_millis(5), self.listener.accept()).await;
-        let answered = match accepted {
+        match tokio::time::timeout(Duration::from_millis(5), self.listener.accept()).await {
             Ok(Ok((stream, peer))) => {
-                answer_at_fd_limit(app, stream, peer);
+                let reserve = self.reserve.clone();
+                let app = app.clone();
+                tokio::spawn(async move {
+                    answer_at_fd_limit(&app, stream, peer).await;
+                    reopen(&reserve);
+                });
                 true
             }
-            _ => false,
-        };
-        self.reserve = open_reserve();
-        answered
+            _ => {
+                reopen(&self.reserve);
+                false
+            }
+        }
     }
 }
 
@@ -363,28 +365,38 @@ fn open_reserve() -> Option<File> {
     File::open("/dev/null").ok()
 }
 
+/// Takes the reserve descriptor back, if it is not held already.
+fn reopen(reserve: &Mutex<Option<File>>) {
+    let mut reserve = reserve.lock();
+    if reserve.is_none() {
+        *reserve = open_reserve();
+    }
+}
+
 fn is_fd_limit(e: &io::Error) -> bool {
     // EMFILE (the process's limit) and ENFILE (the system's).
     matches!(e.raw_os_error(), Some(24) | Some(23))
 }
 
-/// Answers one connection taken with the reserve descriptor, without waiting for anything:
-/// whatever request already arrived is read; a health check gets its answer, anything else a
-/// 503. Then the connection is closed.
-fn answer_at_fd_limit(app: &AppState, stream: TcpStream, peer: SocketAddr) {
-    use std::io::{Read, Write};
-    // Plain non-blocking reads and writes: tokio's `try_read` would wait for the reactor to
-    // report the new socket readable first.
-    let Ok(mut stream) = stream.into_std() else { return };
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    // Read what the client already sent, so closing does not reset the connection under it.
-    while request.len() < 64 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
+/// How long a connection taken at the fd limit has to send its request head.
+const FD_LIMIT_REQUEST_WAIT: Duration = Duration::from_millis(250);
+
+/// Answers one connection taken with the reserve descriptor: a health check (whose request
+/// head arrives within [`FD_LIMIT_REQUEST_WAIT`]) gets its answer, anything else a 503.
+/// Then the connection is closed, which frees the reserve.
+async fn answer_at_fd_limit(app: &AppState, mut stream: TcpStream, peer: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = Vec::with_capacity(1024);
+    let read_head = async {
+        let mut buf = [0u8; 2048];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 16 * 1024 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(FD_LIMIT_REQUEST_WAIT, read_head).await;
     let path = request_path(&request);
     let (status, body) = match path {
         Some("/healthz") => (StatusCode::OK, json!({ "status": "ok" }).to_string()),
@@ -415,8 +427,11 @@ fn answer_at_fd_limit(app: &AppState, stream: TcpStream, peer: SocketAddr) {
         status.canonical_reason().unwrap_or(""),
         body.len()
     );
-    // A fresh socket's send buffer takes a response this small at once.
-    let _ = stream.write(response.as_bytes());
+    let write = async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    };
+    let _ = tokio::time::timeout(FD_LIMIT_REQUEST_WAIT, write).await;
 }
 
 /// The path of a request's first line (`GET /healthz HTTP/1.1`), without its query.
