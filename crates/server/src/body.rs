@@ -214,3 +214,77 @@ fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
     }
     false
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A body whose client never sends another byte.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    fn app() -> Arc<AppState> {
+        AppState::new(crate::Config::default(), None)
+    }
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:9".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_up_to_the_limit_and_refuses_beyond() {
+        let app = app();
+        let none = HeaderMap::new();
+        let got = read(&app, peer(), &none, Body::from(vec![b'a'; 100]), 100, "x").await;
+        assert_eq!(got.unwrap().len(), 100);
+        let e = read(&app, peer(), &none, Body::from(vec![b'a'; 101]), 100, "api.max_body_bytes")
+            .await
+            .unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"));
+        assert!(e.message.contains("the limit is 100 bytes (api.max_body_bytes)"), "{e:?}");
+        assert_eq!(app.connections.counters.payload_too_large.load(Relaxed), 1);
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_far_over_the_limit_is_refused_without_reading() {
+        let app = app();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1000000000000"));
+        // The body never arrives: only the declared length can have refused it.
+        let e = read(&app, peer(), &headers, Body::new(Stalled), 1024, "x").await.unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("of 1000000000000 bytes"), "{e:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_times_out_with_408() {
+        let app = app();
+        let timeout = Duration::from_millis(app.config.server.body_read_timeout_ms);
+        let body = Body::new(DeadlineBody {
+            inner: Body::new(Stalled),
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            app: app.clone(),
+            peer: Some(peer()),
+            expired: false,
+        });
+        let started = tokio::time::Instant::now();
+        let e = read(&app, peer(), &HeaderMap::new(), body, 1024, "x").await.unwrap_err();
+        assert_eq!((e.status, e.code), (StatusCode::REQUEST_TIMEOUT, "request_timeout"));
+        assert_eq!(started.elapsed(), timeout);
+        assert!(e.message.contains("server.body_read_timeout_ms"), "{e:?}");
+        assert_eq!(app.connections.counters.body_timeouts.load(Relaxed), 1);
+    }
+}
