@@ -341,6 +341,9 @@ impl Acceptor {
     /// takes the reserve back once that connection has closed. Returns whether a connection
     /// was taken.
     async fn shed_one(&mut self, app: &Arc<AppState>) -> bool {
+        // Lost if an earlier attempt was cancelled, or taken by a connection that has closed
+        // since but whose descriptor went elsewhere: get it back when a descriptor is free.
+        reopen(&self.reserve);
         let Some(reserve) = self.reserve.lock().take() else { return false };
         drop(reserve);
         match tokio::time::timeout(Duration::from_millis(5), self.listener.accept()).await {
