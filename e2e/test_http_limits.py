@@ -258,7 +258,10 @@ async def test_plain_http_connections_count_toward_max_connections(start_server,
     max_conns, headroom = 20, 64
     server = start_server(f"server.max_connections={max_conns}")
     bird = await canary(server)  # 2 connections: the canary and its publisher
-    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(max_conns - 2)]
+    # A Socket.IO websocket keeps counting after its upgrade, like the canary's WebSocket.
+    sio = socketio.AsyncClient(reconnection=False)
+    await sio.connect(server.base_url, transports=["websocket"], wait_timeout=5)
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(max_conns - 3)]
 
     async def wait_open(count: int) -> None:
         deadline = time.monotonic() + 5
@@ -292,6 +295,8 @@ async def test_plain_http_connections_count_toward_max_connections(start_server,
     # The flood leaves: everyone gets in again.
     for s in idle:
         s.close()
+    await wait_open(3)
+    await sio.disconnect()
     await wait_open(2)
     again = await ws(server)
     assert again.welcome["type"] == "welcome"
