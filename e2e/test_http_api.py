@@ -107,7 +107,7 @@ async def test_publish_body_limit(start_server):
     server = start_server("api.max_body_bytes=1024")
     r = server.post_publish({"channel": "chat.big", "data": "x" * 2000})
     assert r.status == 413, r.text
-    assert r.json()["error"] == "too_large"
+    assert r.json()["error"] == "payload_too_large"
     assert server.post_publish({"channel": "chat.big", "data": "x" * 500}).status == 200
 
 

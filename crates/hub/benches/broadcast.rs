@@ -62,11 +62,9 @@ fn publish_into_full_queue(c: &mut Criterion) {
                 queue.push(bytes::Bytes::from(vec![b'x'; 110]), 1_000_000 + i % 1_000, now, policy);
             }
             hub.subscribe("q.AAPL", &queue, None);
-            g.bench_with_input(
-                BenchmarkId::new(policy.as_str(), queued),
-                &queued,
-                |b, _| b.iter(|| hub.publish("q.AAPL", data, PublishKind::Retained).unwrap()),
-            );
+            g.bench_with_input(BenchmarkId::new(policy.as_str(), queued), &queued, |b, _| {
+                b.iter(|| hub.publish("q.AAPL", data, PublishKind::Retained).unwrap())
+            });
         }
     }
     g.finish();

@@ -173,4 +173,19 @@ mod tests {
         let ClientFrame::Unsubscribe { id, channels } = f else { panic!("{f:?}") };
         assert_eq!((id, channels), (None, vec![Cow::from("a.b")]));
     }
+
+    #[test]
+    fn deep_data_and_deep_unknown_fields_parse_without_recursion() {
+        // serde_json skips raw values and ignored fields iteratively: a million levels parse
+        // on the test thread's stack. The depth of `data` is checked by the caller.
+        let deep = "[".repeat(1_000_000) + &"]".repeat(1_000_000);
+        let text = format!(r#"{{"op":"publish","channel":"chat.a","data":{deep},"x":{deep}}}"#);
+        let ClientFrame::Publish { data, .. } = parse_client_frame(&text).unwrap() else {
+            panic!()
+        };
+        assert_eq!(crate::nesting_depth(data.get().as_bytes()), 1_000_000);
+        // Typed fields keep serde_json's recursion limit: a deep `recover` is a bad request.
+        let text = format!(r#"{{"op":"subscribe","channels":[],"recover":{deep}}}"#);
+        assert_eq!(parse_client_frame(&text).unwrap_err().code, ErrorCode::BadRequest);
+    }
 }

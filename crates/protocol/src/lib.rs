@@ -5,7 +5,8 @@
 //! - [`channel`]: channel-name rules and namespaces;
 //! - [`client`]: parsing client frames (`subscribe`, `unsubscribe`, `publish`, `ping`, `pong`);
 //! - [`server`]: encoding server frames (`welcome`, `ack`, `msg`, `error`, `ping`, `pong`, …);
-//! - [`close`]: WebSocket close codes and what each means.
+//! - [`close`]: WebSocket close codes and what each means;
+//! - [`depth`]: how deeply JSON `data` nests, checked without recursion.
 //!
 //! Parsing and encoding are plain functions over byte slices, so they are easy to fuzz and to
 //! benchmark, and the same code serves every transport.
@@ -14,12 +15,14 @@
 pub mod channel;
 pub mod client;
 pub mod close;
+pub mod depth;
 pub mod error;
 pub mod server;
 
 pub use channel::{ChannelError, namespace_of, validate_channel};
 pub use client::{ClientFrame, StreamPosition, parse_client_frame};
 pub use close::CloseCode;
+pub use depth::{TooDeep, check_depth, nesting_depth};
 pub use error::{ErrorCode, FrameError};
 
 /// Version number announced in the welcome frame.

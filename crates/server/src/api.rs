@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
 use ferrocast_hub::{PublishError, PublishKind};
@@ -47,13 +47,14 @@ fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     json_response(status, json!({ "error": code, "message": message.into() }))
 }
 
-/// `POST /api/publish`: one message or a batch. Every channel is checked before any is
-/// published, so a bad batch publishes nothing.
+/// `POST /api/publish`: one message or a batch. Every message is checked (channel, nesting
+/// depth of `data`) before any is published, so a bad batch publishes nothing. The body is
+/// read here, not by an extractor, so `api.max_body_bytes` is the only size limit.
 pub async fn publish(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response<Body> {
     app.metrics.http_publish_requests.fetch_add(1, Relaxed);
     let refuse = |status, code, message: String| {
@@ -86,17 +87,15 @@ pub async fn publish(
         }
         None => {}
     }
-    if body.len() > app.config.api.max_body_bytes {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "body of {} bytes exceeds api.max_body_bytes ({})",
-                body.len(),
-                app.config.api.max_body_bytes
-            ),
-        );
-    }
+    let limit = app.config.api.max_body_bytes;
+    let body =
+        match crate::body::read(&app, peer, &headers, body, limit, "api.max_body_bytes").await {
+            Ok(body) => body,
+            Err(refusal) => {
+                app.metrics.http_publish_rejected.fetch_add(1, Relaxed);
+                return refusal.into_response();
+            }
+        };
     let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -123,6 +122,13 @@ pub async fn publish(
     for (i, item) in items.iter().enumerate() {
         if let Err(e) = validate_channel(&item.channel) {
             return refuse(StatusCode::BAD_REQUEST, "invalid_channel", format!("message {i}: {e}"));
+        }
+        if let Err(e) = app.check_data_depth(item.data.get().as_bytes()) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("message {i}: {}", e.message),
+            );
         }
     }
     let mut results = Vec::with_capacity(items.len());
@@ -262,24 +268,29 @@ pub async fn healthz() -> Response<Body> {
 
 /// `GET /readyz`: 503 with a reason while draining or while a required feed is down.
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response<Body> {
+    let (status, body) = readiness(&app);
+    json_response(status, body)
+}
+
+/// The status and body of `/readyz` (also answered at the file-descriptor limit).
+pub fn readiness(app: &AppState) -> (StatusCode, serde_json::Value) {
     if app.shutdown.is_draining() {
-        return json_response(
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({ "ready": false, "reason": "draining for shutdown" }),
         );
     }
     if let Some(reason) = app.feeds.not_ready_reason() {
-        return json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({ "ready": false, "reason": reason }),
-        );
+        return (StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "reason": reason }));
     }
-    json_response(StatusCode::OK, json!({ "ready": true }))
+    (StatusCode::OK, json!({ "ready": true }))
 }
 
 /// `GET /metrics`.
 pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
-    let mut extra = app.feeds.render_metrics() + &app.candles.render_metrics();
+    let mut extra = app.feeds.render_metrics()
+        + &app.candles.render_metrics()
+        + &app.connections.render_metrics();
     // The same answer as /readyz, for alerting on instances that take no new connections.
     let ready = !app.shutdown.is_draining() && app.feeds.not_ready_reason().is_none();
     crate::metrics::family(

@@ -74,6 +74,13 @@ pub struct ServerConfig {
     pub reconnect_after_ms: u64,
     /// Serve the live dashboard at `/` and the browser client at `/client.js`.
     pub dashboard: bool,
+    /// How long a connection may take to send a request's headers, in milliseconds; the wait
+    /// for the next request on an idle keep-alive connection counts too.
+    pub header_read_timeout_ms: u64,
+    /// How long a request's whole body may take to arrive, in milliseconds (408 beyond).
+    pub body_read_timeout_ms: u64,
+    /// Deepest nesting of arrays and objects accepted in published `data` (`bad_request`).
+    pub max_data_depth: usize,
 }
 
 /// The HTTP publish API.
@@ -179,6 +186,9 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             reconnect_after_ms: 1_000,
             dashboard: true,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            max_data_depth: 64,
         }
     }
 }
@@ -441,6 +451,21 @@ impl Config {
             s.queue_max_bytes >= 1024,
             "server.queue_max_bytes",
             format!("{} is too small; use at least 1024", s.queue_max_bytes),
+        );
+        check(
+            (100..=3_600_000).contains(&s.header_read_timeout_ms),
+            "server.header_read_timeout_ms",
+            format!("{} is outside 100..=3600000", s.header_read_timeout_ms),
+        );
+        check(
+            (100..=3_600_000).contains(&s.body_read_timeout_ms),
+            "server.body_read_timeout_ms",
+            format!("{} is outside 100..=3600000", s.body_read_timeout_ms),
+        );
+        check(
+            (1..=1024).contains(&s.max_data_depth),
+            "server.max_data_depth",
+            format!("{} is outside 1..=1024", s.max_data_depth),
         );
         check(
             (1024..=256 * 1024 * 1024).contains(&self.api.max_body_bytes),

@@ -9,6 +9,8 @@
 //! | [`socketio`] | Socket.IO v4 (polling, websocket, upgrade) through `socketioxide` |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
+//! | [`body`] | request bodies within limits of time (408) and size (413) |
+//! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
 //! | [`metrics`] | counters and the Prometheus exposition |
 //! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
 //! | [`sources`] | built-in sources wired to the hub: simulator and candles |
@@ -22,7 +24,9 @@
 
 pub mod api;
 pub mod assets;
+pub mod body;
 pub mod config;
+pub mod connections;
 pub mod connectors;
 pub mod diagnostics;
 pub mod feedboard;
@@ -34,22 +38,25 @@ pub mod sources;
 pub mod sse;
 pub mod ws;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::routing::{any, get, post};
 use ferrocast_hub::{Hub, HubOptions, Namespaces};
+use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rand::Rng;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tower::ServiceExt;
+
+use connections::{Acceptor, Connections, CountedStream};
 
 pub use config::Config;
 use feedboard::FeedBoard;
@@ -66,6 +73,8 @@ pub struct AppState {
     /// Candles built from trades on `ticks.*`.
     pub candles: sources::Candles,
     pub shutdown: Shutdown,
+    /// Every open TCP connection, and the HTTP layer's counters.
+    pub connections: Connections,
     /// The publish API key, if one is configured.
     pub api_key: Option<String>,
     pub started: Instant,
@@ -87,9 +96,24 @@ impl AppState {
             feeds: FeedBoard::default(),
             candles: sources::Candles::default(),
             shutdown: Shutdown::default(),
+            connections: Connections::default(),
             api_key,
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Checks that published `data` nests at most `server.max_data_depth` levels, counting a
+    /// refusal; every ingress calls it before publishing.
+    pub fn check_data_depth(&self, data: &[u8]) -> Result<(), FrameError> {
+        let max = self.config.server.max_data_depth;
+        ferrocast_protocol::check_depth(data, max).map_err(|e| {
+            self.connections.counters.data_too_deep.fetch_add(1, Relaxed);
+            FrameError::new(
+                None,
+                ErrorCode::BadRequest,
+                format!("\"data\" {e} (server.max_data_depth)"),
+            )
         })
     }
 }
@@ -130,7 +154,7 @@ pub fn router(app: Arc<AppState>) -> Router {
             r = r.route(path, get(move || async move { assets::serve(path) }));
         }
     }
-    r.with_state(app)
+    r.layer(axum::middleware::from_fn_with_state(app.clone(), body::deadline)).with_state(app)
 }
 
 /// Pending-connection queue length requested from the kernel.
@@ -174,17 +198,13 @@ impl Server {
         connectors::start(&app);
         spawn_sweeper(&app);
         let router = router(app.clone());
+        let mut acceptor = Acceptor::new(listener);
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => spawn_http(stream, peer, router.clone(), app.clone()),
-                    Err(e) => {
-                        // Usually EMFILE: back off briefly instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
+                (stream, peer) = acceptor.accept(&app) => {
+                    spawn_http(stream, peer, router.clone(), app.clone());
+                }
                 _ = &mut stop => break,
             }
         }
@@ -212,42 +232,66 @@ impl Server {
         loop {
             tokio::select! {
                 _ = &mut drained => break,
-                accepted = listener.accept() => {
-                    if let Ok((stream, peer)) = accepted {
-                        spawn_http(stream, peer, router.clone(), app.clone());
-                    }
+                (stream, peer) = acceptor.accept(&app) => {
+                    spawn_http(stream, peer, router.clone(), app.clone());
                 }
             }
         }
     }
 }
 
-/// Serves one TCP connection's HTTP/1.1 requests (and hands WebSocket upgrades over).
+/// Serves one TCP connection's HTTP/1.1 requests (and hands WebSocket upgrades over). The
+/// connection counts toward the total from here until its socket closes, upgrades included.
 fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppState>) {
     let _ = stream.set_nodelay(true);
+    let (count, open) = app.connections.count();
+    let max = app.config.server.max_connections;
+    let http_allowed = Connections::http_allowed(open, max);
+    let stream = CountedStream::new(stream, count);
     tokio::spawn(async move {
-        let service = router.map_request(move |mut req: hyper::Request<Incoming>| {
+        let service_app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            req
+            let router = router.clone();
+            let app = service_app.clone();
+            async move {
+                let path = req.uri().path();
+                if !http_allowed && !connections::ALWAYS_ANSWERED.contains(&path) {
+                    return Ok::<_, Infallible>(app.connections.overloaded(peer, max));
+                }
+                router.oneshot(req).await
+            }
         });
-        // A connection accepted while draining serves one request (e.g. /readyz) and closes.
+        // A connection accepted while draining serves one request (e.g. /readyz) and closes;
+        // so does one beyond the limit.
         let draining = app.shutdown.is_draining();
+        let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .keep_alive(!draining)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .header_read_timeout(header_timeout)
+            .keep_alive(!draining && http_allowed)
+            .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         tokio::pin!(conn);
-        if draining {
-            let _ = conn.await;
-            return;
-        }
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            _ = app.shutdown.draining() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        let result = if draining {
+            conn.await
+        } else {
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = app.shutdown.draining() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(e) = result {
+            if e.is_timeout() {
+                // Also how idle keep-alive connections end: hyper times the wait for the
+                // next request's headers too.
+                app.connections.counters.header_timeouts.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "closing connection: no complete request headers in time");
+            } else {
+                tracing::debug!(%peer, "connection ended with an error: {e}");
             }
         }
     });

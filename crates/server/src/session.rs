@@ -221,6 +221,7 @@ impl Session {
                 ),
             ));
         }
+        self.app.check_data_depth(data)?;
         let published =
             self.app.hub.publish(channel, data, PublishKind::Retained).map_err(|e| {
                 let code = match e {

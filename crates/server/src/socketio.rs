@@ -155,7 +155,7 @@ fn admit(state: &SioState, s: &SocketRef) -> Result<(), String> {
         s.req_parts().headers.get(header::ORIGIN),
     ) {
         Some((CloseCode::PolicyViolation, "this Origin is not in server.allowed_origins"))
-    } else if app.shutdown.active_connections() >= app.config.server.max_connections {
+    } else if app.connections.over_client_limit(app.config.server.max_connections) {
         Some((CloseCode::TryAgainLater, "connection limit reached; try again later"))
     } else {
         None
@@ -263,10 +263,22 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
         let Ok(TryData(payload)) =
             TryData::<serde_json::Value>::from_message_parts(&s, &mut v, &ack_id);
         let Ok(ack) = AckSender::<LocalAdapter>::from_message_parts(&s, &mut v, &ack_id);
-        let payload = payload.unwrap_or(serde_json::Value::Null);
         let conn = &self.conn;
         let mut guard = conn.session.lock();
         let Some(session) = guard.as_mut() else { return };
+        let payload = match payload {
+            Ok(payload) => payload,
+            Err(e) if matches!(self.op, Op::Publish) => {
+                // socketioxide parses the payload with serde_json, which gives up beyond 128
+                // levels of nesting, before server.max_data_depth can apply.
+                let e = bad_request(format!("the event's payload could not be read: {e}"));
+                let reply = refused(session, e);
+                drop(guard);
+                send_ack(conn, ack, &reply);
+                return;
+            }
+            Err(_) => serde_json::Value::Null,
+        };
         let reply = match self.op {
             Op::Subscribe => {
                 // The ack must reach the client before the replay the subscribe queues: hold

@@ -132,7 +132,8 @@ async fn stream(
     }
     let refusal = if app.shutdown.is_draining() {
         Some(CloseCode::GoingAway)
-    } else if app.shutdown.active_connections() >= app.config.server.max_connections {
+    } else if app.connections.over_client_limit(app.config.server.max_connections) {
+        // Every TCP connection counts, this one included.
         Some(CloseCode::TryAgainLater)
     } else {
         None
@@ -147,7 +148,10 @@ async fn stream(
         app.metrics.connection_closed(Transport::Sse, code.code());
         let mut out = BytesMut::new();
         put_close(&mut out, code.code(), &reason, after_ms);
-        return event_stream_response(Body::from(out.freeze()));
+        // The connection closes too, so it stops counting toward the limit.
+        let mut resp = event_stream_response(Body::from(out.freeze()));
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
 
     let guard = app.shutdown.track();
@@ -718,21 +722,26 @@ struct ControlAuth<'a> {
 /// `POST /sse/control`: one native request (`subscribe`, `unsubscribe`, `publish`, `ping`)
 /// for a live stream, with the stream's `session` id and `token`. The reply frame is the
 /// response body; replayed messages go onto the stream.
-async fn control(State(st): State<SseState>, body: Bytes) -> Response<Body> {
+async fn control(
+    State(st): State<SseState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response<Body> {
     let app = &st.app;
-    if body.len() > app.config.server.max_frame_bytes {
-        app.metrics.frame_error("frame_too_big");
-        return control_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            None,
-            "too_large",
-            &format!(
-                "request of {} bytes exceeds server.max_frame_bytes ({})",
-                body.len(),
-                app.config.server.max_frame_bytes
-            ),
-        );
-    }
+    let limit = app.config.server.max_frame_bytes;
+    let body =
+        match crate::body::read(app, peer, &headers, body, limit, "server.max_frame_bytes").await {
+            Ok(body) => body,
+            Err(refusal) => {
+                if refusal.status == StatusCode::PAYLOAD_TOO_LARGE {
+                    app.metrics.frame_error("frame_too_big");
+                }
+                let mut resp = control_error(refusal.status, None, refusal.code, &refusal.message);
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
+            }
+        };
     let Ok(text) = std::str::from_utf8(&body) else {
         return control_error(StatusCode::BAD_REQUEST, None, "bad_request", "body is not UTF-8");
     };

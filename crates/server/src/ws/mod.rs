@@ -13,9 +13,9 @@ use base64::Engine;
 use ferrocast_protocol::CloseCode;
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
-use tokio::net::TcpStream;
 
 use crate::AppState;
+use crate::connections::CountedStream;
 use conn::Admission;
 
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -57,9 +57,10 @@ pub async fn upgrade(
                 return;
             }
         };
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        match upgraded.downcast::<TokioIo<CountedStream>>() {
             Ok(parts) => {
-                let stream = parts.io.into_inner();
+                // The connection keeps its place in the total until the socket closes.
+                let (stream, _counted) = parts.io.into_inner().into_parts();
                 conn::run(task_app, stream, parts.read_buf, admission, peer.to_string(), guard)
                     .await;
             }
@@ -90,7 +91,8 @@ fn admit(app: &AppState, headers: &HeaderMap) -> Admission {
     if !origin_allowed(&app.config.server.allowed_origins, headers.get(header::ORIGIN)) {
         return Admission::Refuse(CloseCode::PolicyViolation);
     }
-    if app.shutdown.active_connections() >= app.config.server.max_connections {
+    // Every TCP connection counts, this one included.
+    if app.connections.over_client_limit(app.config.server.max_connections) {
         return Admission::Refuse(CloseCode::TryAgainLater);
     }
     Admission::Accept
