@@ -384,3 +384,53 @@ async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(sta
     conflated = (await server.ametric("ferrocast_queue_overflows_total", policy="conflate") or 0) - conflated_before
     # The non-reader's queue was full for most of the flood: most publishes conflated there.
     assert conflated > stats["published"] / 4, (conflated, stats)
+
+
+async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
+    """Subscribe/unsubscribe churn over fresh channel names leaves nothing behind: a channel
+    that was never published to is forgotten when its last subscriber leaves."""
+    server = start_server()
+    good = await healthy(server)
+    baseline = rss(server.process.pid)
+    c = await ws(server)
+    for batch in range(200):
+        channels = [f"churn.b{batch}c{i}" for i in range(100)]
+        reply = await c.request({"op": "subscribe", "channels": channels})
+        assert all("epoch" in r for r in reply["result"].values()), reply
+        await c.request({"op": "unsubscribe", "channels": channels})
+    held = await server.ametric("ferrocast_channels")
+    # Only the canary's channel (and none of the 20,000 churned ones) is left.
+    assert held is not None and held <= 2, held
+    assert rss(server.process.pid) - baseline < 32 * 1024 * 1024
+    await good.check()
+
+
+async def test_the_channel_limit_ends_publish_churn_with_a_precise_error(start_server, ws, healthy):
+    server = start_server("server.max_channels=500")
+    good = await healthy(server)
+    c = await ws(server)
+    refused = None
+    for i in range(1000):
+        reply = await c.request({"op": "publish", "channel": f"chat.mint{i}", "data": i})
+        if reply["type"] == "error":
+            refused = (i, reply)
+            break
+    assert refused is not None, "500 channels were allowed past the limit"
+    i, reply = refused
+    assert reply["code"] == "channel_limit", reply
+    assert "server.max_channels" in reply["message"], reply
+    assert 490 <= i <= 500, i
+    # One HTTP batch cannot mint channels past the limit either.
+    resp = server.post_publish(
+        {"messages": [{"channel": f"chat.batch{i}", "data": i} for i in range(5000)]}
+    )
+    assert resp.status == 503, resp.text
+    assert resp.json()["error"] == "channel_limit", resp.text
+    # Existing channels keep working, the limit is counted, and the listing pages.
+    assert server.publish("chat.mint0", "again")["offset"] == 2
+    assert (await server.ametric("ferrocast_channels_refused_total") or 0) >= 2
+    first = server.get("/api/channels?limit=100").json()
+    assert len(first["channels"]) == 100 and first["total"] <= 501, first["total"]
+    second = server.get(f"/api/channels?limit=100&after={first['next']}").json()
+    assert second["channels"][0]["channel"] > first["channels"][-1]["channel"]
+    await good.check()

@@ -225,3 +225,88 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn channels_never_published_are_forgotten_when_their_last_subscriber_leaves() {
+    let hub = hub_with(&[]);
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    for i in 0..10_000 {
+        let channel = format!("churn.c{i}");
+        assert!(hub.subscribe(&channel, &q, None).added);
+        assert!(hub.unsubscribe(&channel, 1));
+    }
+    assert_eq!(hub.channels().len(), 0);
+    assert_eq!(hub.metrics().channels.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A subscriber that arrived before the first message still recovers exactly after the
+    // empty channel was forgotten and then published to.
+    let r = hub.subscribe("churn.early", &q, None);
+    let (epoch, offset, _) = subscribed(&r.result);
+    hub.unsubscribe("churn.early", 1);
+    hub.publish("churn.early", b"1", PublishKind::Retained).unwrap();
+    hub.publish("churn.early", b"2", PublishKind::Retained).unwrap();
+    let r = hub.subscribe("churn.early", &q, Some(&StreamPosition { epoch, offset }));
+    assert_eq!(subscribed(&r.result).2, Some(true));
+    assert_eq!(offsets(&q), vec![1, 2]);
+}
+
+#[test]
+fn the_channel_limit_refuses_creation_by_publish_and_subscribe() {
+    let hub = Hub::new(
+        Namespaces::new(BTreeMap::new(), NamespaceConfig::default()),
+        HubOptions { max_channels: 3, ..HubOptions::default() },
+    );
+    for i in 0..3 {
+        hub.publish(&format!("lim.c{i}"), b"1", PublishKind::Retained).unwrap();
+    }
+    let err = hub.publish("lim.c3", b"1", PublishKind::Retained).unwrap_err();
+    assert!(matches!(err, ferrocast_hub::PublishError::ChannelLimit(3)), "{err}");
+    // Existing channels still take messages.
+    assert_eq!(hub.publish("lim.c0", b"2", PublishKind::Retained).unwrap().offset, 2);
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    let r = hub.subscribe("lim.c9", &q, None);
+    assert!(!r.added);
+    assert!(
+        matches!(&r.result, ChannelResult::Failed { error } if error.code.as_str() == "channel_limit"),
+        "{:?}",
+        r.result
+    );
+    assert_eq!(hub.metrics().channels_refused.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_namespace_may_forbid_subscribes_that_create_channels() {
+    let ns = NamespaceConfig { create_on_subscribe: false, ..Default::default() };
+    let hub = hub_with(&[("closed", ns)]);
+    let q = Arc::new(ConnQueue::new(1, 1 << 20));
+    let r = hub.subscribe("closed.x", &q, None);
+    assert!(!r.added);
+    assert!(
+        matches!(&r.result, ChannelResult::Failed { error } if error.code.as_str() == "unknown_channel"),
+        "{:?}",
+        r.result
+    );
+    hub.publish("closed.x", b"1", PublishKind::Retained).unwrap();
+    assert!(hub.subscribe("closed.x", &q, None).added);
+}
+
+#[test]
+fn channel_pages_cover_every_channel_once_in_order() {
+    let hub = hub_with(&[]);
+    for i in 0..250 {
+        hub.publish(&format!("page.c{i:03}"), b"1", PublishKind::Retained).unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = hub.channels_page(after.as_deref(), 100);
+        assert_eq!(page.total, 250);
+        seen.extend(page.channels.iter().map(|c| c.channel.clone()));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..250).map(|i| format!("page.c{i:03}")).collect();
+    assert_eq!(seen, expected);
+}
