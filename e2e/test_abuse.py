@@ -280,8 +280,9 @@ async def test_websocket_ping_flood_from_a_non_reader(start_server, ws):
     def step(a: NonReader, n: int) -> bytes:
         return a.frame(0x9, payload) * 20
 
-    stats = await run_attack(server, ws, step)
-    assert stats["blocked"] >= 1, "the server never stopped reading the flood"
+    await run_attack(server, ws, step)
+    # Closed because it stopped being read (its pongs piled up), not by chance.
+    assert "does not read the replies; closing with 4008" in server.log()
 
 
 class SseNonReader:

@@ -26,26 +26,12 @@ import { spawn } from 'node:child_process';
 import { chmodSync, createWriteStream, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { chromium } from 'playwright-core';
+import { CHROMIUM, launchChromium } from './lib/browser.mjs';
 import { Ferrocast, REPO_ROOT, freePort, waitFor } from './lib/server.mjs';
 
-const CHROMIUM = process.env.FERROCAST_CHROMIUM || '/usr/bin/chromium';
 const NGINX = ['/usr/sbin/nginx', '/usr/bin/nginx'].find((p) => existsSync(p));
 const ARTIFACTS = path.join(REPO_ROOT, 'e2e', 'artifacts', 'browser');
 
-// The first three are the design's Chromium flags; the rest keep it off the network and quiet
-// (no QUIC, first-run, component or sync traffic). Playwright gives each launch a fresh
-// --user-data-dir.
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 
 const SYMBOLS = ['AAPL', 'AMZN', 'GOOGL', 'META', 'MSFT', 'NVDA', 'TSLA', 'V'];
 
@@ -393,7 +379,7 @@ const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from
 describe('the dashboard in headless Chromium', { skip }, () => {
   before(async () => {
     mkdirSync(ARTIFACTS, { recursive: true });
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, timeout: 30000 });
+    browser = await launchChromium();
   });
 
   after(async () => {

@@ -19,29 +19,18 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:http';
-import { createWriteStream, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { after, before, describe, test } from 'node:test';
 import { build } from 'esbuild';
-import { chromium } from 'playwright-core';
+import { chromiumMissing, launchChromium } from './lib/browser.mjs';
 import { Ferrocast, REPO_ROOT, freePort, waitFor } from './lib/server.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const CHROMIUM = process.env.FERROCAST_CHROMIUM || '/usr/bin/chromium';
 const ARTIFACTS = path.join(REPO_ROOT, 'e2e', 'artifacts', 'react');
 const CLIENT_JS = path.join(REPO_ROOT, 'clients', 'js', 'ferrocast.js');
 const REACT_DIR = path.join(REPO_ROOT, 'clients', 'react');
-const CHROMIUM_ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-];
 const PAGE = '<!doctype html><meta charset="utf-8"><title>react</title><div id="root"></div><script type="module" src="/app.js"></script>';
 const FAST = ['server.ping_interval_ms=1000', 'server.reconnect_after_ms=200'];
 
@@ -92,7 +81,7 @@ async function subscribers(server) {
   return Object.fromEntries(channels.map((c) => [c.channel, c.subscribers]));
 }
 
-const skip = existsSync(CHROMIUM) ? false : `chromium not installed (${CHROMIUM})`;
+const skip = chromiumMissing();
 
 describe('@ferrocast/react in Chromium', { skip }, () => {
   let browser;
@@ -111,7 +100,7 @@ describe('@ferrocast/react in Chromium', { skip }, () => {
     });
     await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
     site = `http://127.0.0.1:${http.address().port}`;
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+    browser = await launchChromium();
   });
 
   after(async () => {
