@@ -81,6 +81,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .req_path(config.path.clone())
         .ping_interval(Duration::from_millis(server.ping_interval_ms))
         .ping_timeout(Duration::from_millis(server.pong_timeout_ms))
+        // socketioxide closes (with an Engine.IO `1` close packet) a session that has not
+        // sent CONNECT in time: exactly the reference server's `connectTimeout`.
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
         .max_payload(server.max_frame_bytes as u64)
         .ws_max_message_size(server.max_frame_bytes)
         .ws_max_frame_size(server.max_frame_bytes)
