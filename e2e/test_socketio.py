@@ -160,3 +160,184 @@ async def test_python_socketio_is_refused_over_the_connection_limit(start_server
     refusal = await asyncio.wait_for(errors.get(), 5)
     assert "1013" in refusal["message"], refusal
     assert (await first.call("subscribe", "chat.pylimit"))["chat.pylimit"]["offset"] == 0
+
+
+# --- drain, connect timeout and heartbeat timing -------------------------------------------
+
+
+def start_on_port(port: int, sets, artifacts, track_process, name: str):
+    """A new server at the address of one that drained: what a restart looks like."""
+    from ferrocast_e2e.procs import ManagedProcess, http_status
+    from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
+
+    argv = serve_argv(port, sets)
+    proc = ManagedProcess("ferrocast", argv, artifacts / f"{name}.log", clean_env()).start()
+    track_process(proc)
+    server = FerrocastServer(port, proc, argv, None, list(sets))
+    proc.wait_until(
+        lambda: http_status(server.base_url + "/healthz", timeout=0.5) == 200,
+        20,
+        f"/healthz on port {port} answered 200",
+    )
+    return server
+
+
+class ReconnectingClient:
+    """A python-socketio AsyncClient with its library's own reconnection on, which (like an
+    app) subscribes in its connect handler."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.sio = socketio.AsyncClient(reconnection_delay=0.2, reconnection_delay_max=0.5)
+        self.subscribed: asyncio.Queue = asyncio.Queue()
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.closes: asyncio.Queue = asyncio.Queue()
+        self.disconnects: asyncio.Queue = asyncio.Queue()
+        self.sio.on("message", self.messages.put_nowait)
+        self.sio.on("close", self.closes.put_nowait)
+        self.sio.on("connect", self._on_connect)
+        self.sio.on("disconnect", self.disconnects.put_nowait)
+
+    async def _on_connect(self) -> None:
+        async def subscribe() -> None:
+            self.subscribed.put_nowait(await self.sio.call("subscribe", self.channel, timeout=5))
+
+        # The connect handler must return before the library handles the ack.
+        asyncio.get_running_loop().create_task(subscribe())
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_python_socketio_reconnects_by_itself_after_a_drain(
+    start_server, artifacts, track_process, transport
+):
+    """python-socketio reads an Engine.IO close packet or a Socket.IO DISCONNECT as "the
+    server meant it" and never reconnects; a drain must drop the transport instead."""
+    import signal
+
+    sets = ("server.reconnect_after_ms=200",)
+    server = start_server(*sets)
+    channel = f"chat.pydrain{transport}"
+    client = ReconnectingClient(channel)
+    await client.sio.connect(server.base_url, transports=[transport], wait_timeout=5)
+    try:
+        assert client.sio.transport() == transport
+        await asyncio.wait_for(client.subscribed.get(), 5)
+        await server.apublish(channel, {"n": 1})
+        assert (await asyncio.wait_for(client.messages.get(), 5))["data"] == {"n": 1}
+
+        server.process.signal(signal.SIGTERM)
+        close = await asyncio.wait_for(client.closes.get(), 5)
+        assert close["code"] == 1001 and '"reconnect":true' in close["reason"], close
+        reason = await asyncio.wait_for(client.disconnects.get(), 5)
+        # Not "server disconnect": the library keeps trying.
+        assert reason == client.sio.reason.TRANSPORT_ERROR, reason
+        assert await asyncio.to_thread(server.process.wait, 10) == 0
+
+        nxt = start_on_port(server.port, sets, artifacts, track_process, "next")
+        # Only the library's own reconnect subscribes a second time.
+        again = await asyncio.wait_for(client.subscribed.get(), 10)
+        assert again[channel]["offset"] == 0, again
+        assert client.sio.transport() == transport
+        await nxt.apublish(channel, {"n": 2})
+        assert (await asyncio.wait_for(client.messages.get(), 5))["data"] == {"n": 2}
+    finally:
+        await client.sio.shutdown()
+
+
+def eio_poll(server, path: str, method: str = "GET", body: bytes | None = None):
+    from ferrocast_e2e.server import http_request
+
+    return http_request(server.base_url + path, method, body, None, 10)
+
+
+async def test_a_session_that_never_connects_is_closed_after_connect_timeout(start_server):
+    """A raw Engine.IO client that opens a session and never sends the Socket.IO CONNECT
+    (`40`) is closed after socketio.connect_timeout_ms."""
+    import json as jsonlib
+    import time
+
+    server = start_server("socketio.connect_timeout_ms=600", "server.ping_interval_ms=5000")
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    assert opened.status == 200 and opened.text.startswith("0{"), opened.text
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    started = time.monotonic()
+    # Long-polls until the session ends: a `1` close packet, or an error for an unknown sid.
+    ended = None
+    while time.monotonic() - started < 5:
+        r = await asyncio.to_thread(eio_poll, server, path)
+        if r.status != 200:
+            ended = f"status {r.status}"
+            break
+        packets = r.text.split("\x1e")
+        if "1" in packets:
+            ended = "close packet"
+            break
+        assert all(p in ("2", "6") for p in packets), packets
+    elapsed = time.monotonic() - started
+    assert ended is not None, "the session stayed open"
+    assert elapsed >= 0.3, elapsed  # not closed at once: the timeout applies
+    # A client that did send CONNECT within the timeout stays.
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"40")).status == 200
+    await asyncio.sleep(1.0)
+    r = await asyncio.to_thread(eio_poll, server, path)
+    assert r.status == 200 and "1" not in r.text.split("\x1e"), r.text
+    assert any(p.startswith("40{") for p in r.text.split("\x1e")), r.text
+
+
+async def test_first_engineio_ping_comes_after_ping_interval_over_websocket(start_server):
+    import time
+
+    import websockets
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    url = f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket"
+    async with websockets.connect(url) as ws:
+        opened = await asyncio.wait_for(ws.recv(), 5)
+        started = time.monotonic()
+        assert opened.startswith("0{") and '"pingInterval":1500' in opened, opened
+        await ws.send("40")
+        seen = []
+        pings = []
+        while len(pings) < 2:
+            packet = await asyncio.wait_for(ws.recv(), 5)
+            if packet == "2":
+                pings.append(time.monotonic() - started)
+                await ws.send("3")
+            else:
+                seen.append(packet)
+        assert any(p.startswith("40{") for p in seen), seen
+    # The first ping one interval after the handshake (not at it), the next one after another.
+    assert pings[0] >= 0.8 * interval, pings
+    assert pings[1] - pings[0] >= 0.8 * interval, pings
+
+
+async def test_first_engineio_ping_comes_after_ping_interval_over_polling(start_server):
+    import json as jsonlib
+    import time
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    started = time.monotonic()
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"40")).status == 200
+    seen = []
+    first_ping = None
+    while first_ping is None and time.monotonic() - started < 5:
+        r = await asyncio.to_thread(eio_poll, server, path)
+        assert r.status == 200, r.text
+        for packet in r.text.split("\x1e"):
+            if packet == "2":
+                first_ping = time.monotonic() - started
+            else:
+                seen.append(packet)
+    assert any(p.startswith("40{") for p in seen), seen
+    assert first_ping is not None and first_ping >= 0.8 * interval, first_ping
+    # Answering it keeps the session open.
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"3")).status == 200
