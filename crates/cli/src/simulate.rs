@@ -1,6 +1,6 @@
 //! `ferrocast simulate massive|binance|coinbase --listen ADDR`: a local stand-in for an
 //! upstream market-data service, to try feeds without an account and to test failure
-//! handling (rejected keys, evictions, stalls, malformed frames).
+//! handling (rejected keys, evictions, stalls, malformed frames, a silent upstream).
 //!
 //! The simulator logs every connection, authentication and subscription on stderr, prints
 //! one `listening on ...` line on stdout once it accepts connections, and answers the
@@ -44,6 +44,10 @@ pub struct SimulateArgs {
     /// Replace every Nth data frame with a malformed one.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub malformed_every: u64,
+    /// Send no market data at all (authentication, pings, heartbeats and acks go on): a
+    /// connected but silent upstream. POST /debug/silent?on=0 resumes data.
+    #[arg(long)]
+    pub silent: bool,
     /// Binance: interval of server pings, in ms.
     #[arg(long, default_value_t = 20_000, value_name = "MS")]
     pub ping_interval_ms: u64,
@@ -95,6 +99,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         minute_bar_every: Duration::from_millis(args.minute_bar_every_ms.max(100)),
         stall_after: args.stall_after_ms.map(Duration::from_millis),
         malformed_every: args.malformed_every,
+        silent: args.silent,
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(100)),
         ..SimOptions::default()
     };

@@ -856,6 +856,7 @@ mod tests {
             "connect_timeout_ms",
             "ping_interval_ms",
             "read_timeout_ms",
+            "stale_after_ms",
             "backoff_initial_ms",
             "backoff_max_ms",
             "max_connections_backoff_ms",
