@@ -341,3 +341,40 @@ async def test_first_engineio_ping_comes_after_ping_interval_over_polling(start_
     assert first_ping is not None and first_ping >= 0.8 * interval, first_ping
     # Answering it keeps the session open.
     assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"3")).status == 200
+
+
+@pytest.mark.parametrize(
+    "transports", [["polling"], ["websocket"], None], ids=["polling", "websocket", "upgrade"]
+)
+async def test_python_socketio_sees_the_first_ping_after_ping_interval(start_server, transports):
+    """The same timing through python-socketio's own Engine.IO client, including its
+    polling-then-upgrade path (which upgrades before its first poll)."""
+    import time
+
+    from engineio import packet as eio_packet
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    sio = socketio.AsyncClient(reconnection=False)
+    pings: list[float] = []
+    started = time.monotonic()
+    receive = sio.eio._receive_packet
+
+    async def spy(pkt):
+        if pkt.packet_type == eio_packet.PING:
+            pings.append(time.monotonic() - started)
+        await receive(pkt)
+
+    sio.eio._receive_packet = spy
+    await sio.connect(server.base_url, transports=transports, wait_timeout=5)
+    try:
+        deadline = time.monotonic() + 3 * interval + 2
+        while len(pings) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if transports is None:
+            assert sio.transport() == "websocket"
+        assert len(pings) >= 2, pings
+        assert pings[0] >= 0.8 * interval, pings
+        assert sio.connected, "the held-back first ping was answered: no heartbeat timeout"
+    finally:
+        await sio.disconnect()

@@ -698,10 +698,12 @@ fn apply_env(merged: &mut Value, env: &[(String, String)], errors: &mut Vec<Conf
 pub const NON_CONFIG_ENV: &[&str] = &[
     // `serve` / `config show`: the configuration file (`--config`).
     "FERROCAST_CONFIG",
-    // The test suites: the binary under test, skipped stages, where artifacts go.
+    // The test suites: the binary under test, skipped stages, where artifacts go, which
+    // Chromium the browser tests drive.
     "FERROCAST_BIN",
     "FERROCAST_TEST_SKIP",
     "FERROCAST_E2E_ARTIFACTS",
+    "FERROCAST_CHROMIUM",
 ];
 
 /// Refuses `FERROCAST_*` variables that name no configuration key (a misspelling would

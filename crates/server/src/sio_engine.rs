@@ -199,15 +199,22 @@ where
     {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (parts, _) = req.into_parts();
-        // A websocket opened after polling had its first ping over polling.
-        let hold_first_ping = q.sid.is_none();
+        // A new websocket session holds its first ping back. An upgraded polling session
+        // does too if that ping was not polled yet (python-socketio upgrades before its
+        // first poll): the library then flushes it over the websocket.
+        let first_ping = match q.sid {
+            None => Some(None),
+            Some(sid) if state.first_ping.lock().contains_key(&sid) => {
+                Some(Some((state.clone(), sid)))
+            }
+            Some(_) => None,
+        };
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => return tracing::debug!("socket.io upgrade did not complete: {e}"),
             };
-            let stream =
-                EioStream::new(TokioIo::new(upgraded), state.cut_signal(), hold_first_ping);
+            let stream = EioStream::new(TokioIo::new(upgraded), state.cut_signal(), first_ping);
             let req = Request::from_parts(parts, ());
             let call = async {
                 ServiceExt::<(UpgradedStream, Request<()>)>::ready(&mut inner).await?;
@@ -250,8 +257,11 @@ where
         let Some(ping) = packets.iter().position(|p| *p == "2") else {
             return Response::from_parts(head, Body::from(bytes));
         };
+        if state.first_ping.lock().remove(&sid).is_none() {
+            // An upgrade to websocket took (and answered) it meanwhile: this is a later ping.
+            return Response::from_parts(head, Body::from(bytes));
+        }
         packets.remove(ping);
-        state.first_ping.lock().remove(&sid);
         let pong = Request::builder()
             .method(Method::POST)
             .uri(parts.uri.clone())
@@ -346,6 +356,9 @@ pub struct EioStream<S> {
     cut: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Still looking for the first ping among the server's frames.
     watching: bool,
+    /// For an upgraded polling session: its id among the sessions whose first ping is still
+    /// due, which the polling side may have taken meanwhile.
+    upgraded: Option<(Arc<FrontState>, String)>,
     /// Server bytes not yet a whole frame (while watching).
     partial: Vec<u8>,
     frames_seen: usize,
@@ -370,11 +383,18 @@ impl<S> std::fmt::Debug for EioStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
-    fn new(inner: S, cut: Pin<Box<dyn Future<Output = ()> + Send>>, hold_first_ping: bool) -> Self {
+    /// `first_ping`: `None` to pass every frame; `Some(None)` to hold the first ping back;
+    /// `Some(Some((state, sid)))` to hold it back unless the polling side took it first.
+    fn new(
+        inner: S,
+        cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+        first_ping: Option<Option<(Arc<FrontState>, String)>>,
+    ) -> Self {
         EioStream {
             inner: Some(inner),
             cut,
-            watching: hold_first_ping,
+            watching: first_ping.is_some(),
+            upgraded: first_ping.flatten(),
             partial: Vec::new(),
             frames_seen: 0,
             out: Vec::new(),
@@ -401,12 +421,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
     /// Sorts whole server frames out of `partial`: the first ping is held back.
     fn sort_frames(&mut self) {
         while let Some(len) = frame_len(&self.partial).filter(|n| *n <= self.partial.len()) {
-            if self.partial[..len] == PING_FRAME {
+            let first = self.partial[..len] == PING_FRAME
+                && match self.upgraded.take() {
+                    None => true,
+                    Some((state, sid)) => state.first_ping.lock().remove(&sid).is_some(),
+                };
+            if first {
                 self.watching = false;
                 self.pong_left = PONG_FRAME.len();
                 if let Some(w) = self.read_waker.take() {
                     w.wake();
                 }
+            } else if self.partial[..len] == PING_FRAME {
+                // The polling side had it: a later ping, passed on.
+                self.watching = false;
+                self.out.extend_from_slice(&self.partial[..len]);
             } else {
                 self.out.extend_from_slice(&self.partial[..len]);
             }
@@ -613,7 +642,7 @@ mod tests {
     async fn first_ping_is_held_and_answered() {
         let (lib_side, mut client) = tokio::io::duplex(1024);
         let never: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
-        let mut stream = EioStream::new(lib_side, never, true);
+        let mut stream = EioStream::new(lib_side, never, Some(None));
         let open = [0x81, 0x03, b'0', b'{', b'}'];
         // The client's `40`, masked with zeros, arrives split around the ping.
         client.write_all(&[0x81, 0x82, 0, 0]).await.unwrap();
