@@ -999,4 +999,28 @@ mod tests {
         let e = load(None, &[("FERROCAST_NAMESPACES_NEWS_HISTORY_SIZE", "5")], &[]).unwrap_err();
         assert!(e[0].reason.contains("[namespaces.NAME]"), "{e:?}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// No path configuration that passes validation can make building the router panic
+        /// (which would happen after binding the port).
+        #[test]
+        fn every_valid_path_configuration_builds_the_router(
+            ws in proptest::collection::vec("/[a-z._~-]{0,3}(/[a-z:*{}._-]{0,3}){0,2}/?", 1..4),
+            sio in "/[a-z.-]{1,5}(/[a-z:*{}]{0,3})?",
+            dashboard in proptest::bool::ANY,
+            socketio in proptest::bool::ANY,
+        ) {
+            let sets = [
+                format!("server.ws_paths={}", serde_json::to_string(&ws).unwrap()),
+                format!("socketio.path={sio}"),
+                format!("server.dashboard={dashboard}"),
+                format!("socketio.enabled={socketio}"),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            if let Ok(c) = load(None, &[], &sets) {
+                let _ = crate::router(crate::AppState::new(c, None));
+            }
+        }
+    }
 }
