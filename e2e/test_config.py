@@ -235,3 +235,13 @@ def test_invalid_log_filter_is_refused():
         ["config", "check", str(EXAMPLE), "--set", "log.level=warn,ferrocast_server=debug"]
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_simulate_refuses_an_invalid_rust_log():
+    out = run_ferrocast(
+        ["simulate", "massive", "--listen", f"127.0.0.1:{free_port()}"],
+        env={"RUST_LOG": "info,foo=bar=baz"},
+        timeout=10,
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "RUST_LOG" in out.stderr and "not a log filter" in out.stderr, out.stderr

@@ -6,6 +6,7 @@
 //! one `listening on ...` line on stdout once it accepts connections, and answers the
 //! control API described in `ferrocast_feeds::simulate` on the same port
 //! (`GET /debug/subscriptions`, `POST /debug/stall`, ...). It runs until SIGINT or SIGTERM.
+//! Its log filter is `RUST_LOG` (default `info`), checked as strictly as `log.level`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,8 +76,13 @@ pub enum SimEviction {
 
 /// Runs the simulator until SIGINT or SIGTERM.
 pub async fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // RUST_LOG sets the simulator's log filter; an invalid one is refused, as `log.level` is.
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if let Err(reason) = ferrocast_server::config::check_log_filter(&level) {
+        eprintln!("ferrocast simulate: RUST_LOG: {reason}");
+        return Ok(ExitCode::from(2));
+    }
+    let filter = tracing_subscriber::EnvFilter::new(&level);
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     if !(args.rate > 0.0 && args.rate <= 100_000.0) {
