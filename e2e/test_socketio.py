@@ -1,7 +1,9 @@
 """Socket.IO interop with `python-socketio`'s AsyncClient (a client we did not write), over
 long-polling only, websocket only and the default polling-then-upgrade: subscribe with an
 ack, `message` and per-namespace events, publish where allowed (refused elsewhere), recovery,
-and a clean disconnect that the server's metrics see."""
+a clean disconnect that the server's metrics see, a drain after which the library reconnects
+by itself to the next server, the Socket.IO connect timeout, and the first Engine.IO ping
+coming one pingInterval after the handshake."""
 
 from __future__ import annotations
 
