@@ -259,11 +259,13 @@ async def test_a_session_that_never_connects_is_closed_after_connect_timeout(sta
     import time
 
     server = start_server("socketio.connect_timeout_ms=600", "server.ping_interval_ms=5000")
+    # Taken before the handshake, so the time measured here is never shorter than the
+    # server's own timer.
+    started = time.monotonic()
     opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
     assert opened.status == 200 and opened.text.startswith("0{"), opened.text
     sid = jsonlib.loads(opened.text[1:])["sid"]
     path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
-    started = time.monotonic()
     # Long-polls until the session ends: a `1` close packet, or an error for an unknown sid.
     ended = None
     while time.monotonic() - started < 5:
@@ -278,7 +280,7 @@ async def test_a_session_that_never_connects_is_closed_after_connect_timeout(sta
         assert all(p in ("2", "6") for p in packets), packets
     elapsed = time.monotonic() - started
     assert ended is not None, "the session stayed open"
-    assert elapsed >= 0.3, elapsed  # not closed at once: the timeout applies
+    assert elapsed >= 0.5, elapsed  # not closed at once: the timeout applies
     # A client that did send CONNECT within the timeout stays.
     opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
     sid = jsonlib.loads(opened.text[1:])["sid"]
@@ -298,9 +300,10 @@ async def test_first_engineio_ping_comes_after_ping_interval_over_websocket(star
     interval = 1.5
     server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
     url = f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket"
+    # Taken before the handshake, so a slow client cannot make the ping look early.
+    started = time.monotonic()
     async with websockets.connect(url) as ws:
         opened = await asyncio.wait_for(ws.recv(), 5)
-        started = time.monotonic()
         assert opened.startswith("0{") and '"pingInterval":1500' in opened, opened
         await ws.send("40")
         seen = []
@@ -313,9 +316,10 @@ async def test_first_engineio_ping_comes_after_ping_interval_over_websocket(star
             else:
                 seen.append(packet)
         assert any(p.startswith("40{") for p in seen), seen
-    # The first ping one interval after the handshake (not at it), the next one after another.
+    # The first ping one interval after the handshake (not at it), the next one about an
+    # interval later (loose: a late first delivery on a busy machine shortens the gap).
     assert pings[0] >= 0.8 * interval, pings
-    assert pings[1] - pings[0] >= 0.8 * interval, pings
+    assert pings[1] - pings[0] >= 0.4 * interval, pings
 
 
 async def test_first_engineio_ping_comes_after_ping_interval_over_polling(start_server):
@@ -324,8 +328,8 @@ async def test_first_engineio_ping_comes_after_ping_interval_over_polling(start_
 
     interval = 1.5
     server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
-    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
     started = time.monotonic()
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
     sid = jsonlib.loads(opened.text[1:])["sid"]
     path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
     assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"40")).status == 200
@@ -377,6 +381,8 @@ async def test_python_socketio_sees_the_first_ping_after_ping_interval(start_ser
             assert sio.transport() == "websocket"
         assert len(pings) >= 2, pings
         assert pings[0] >= 0.8 * interval, pings
+        # Not a regular ping taken for the early one (which would put the first at 2x).
+        assert pings[0] < 1.9 * interval, pings
         assert sio.connected, "the held-back first ping was answered: no heartbeat timeout"
     finally:
         await sio.disconnect()

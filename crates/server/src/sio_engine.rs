@@ -54,6 +54,9 @@ const SEPARATOR: char = '\u{1e}';
 /// forgotten (the library has closed it by then).
 const FIRST_POLL_WINDOW: Duration = Duration::from_secs(120);
 
+/// A polling session being upgraded: the front's state and the session id.
+type UpgradedSession = (Arc<FrontState>, String);
+
 /// The websocket connection the library gets from ferrocast's own upgrade.
 pub type UpgradedStream = EioStream<TokioIo<Upgraded>>;
 
@@ -69,15 +72,31 @@ struct FrontState {
     app: Arc<AppState>,
     /// Whether the websocket transport is offered (otherwise the library refuses upgrades).
     websocket: bool,
-    /// Polling sessions whose first ping has not been held back yet, with their handshake time.
+    /// Polling sessions whose first ping has not been held back yet, with the end of the
+    /// window in which a ping is the library's early one (see [`early_window`]).
     first_ping: Mutex<HashMap<String, Instant>>,
+    /// `server.ping_interval_ms`.
+    ping_interval: Duration,
     /// Turns true when the drain notice is over and every transport is dropped.
     cut: watch::Sender<bool>,
     /// Whether the task that turns `cut` on has been started.
     cutter: AtomicBool,
 }
 
+/// A ping sent before this much of `pingInterval` has passed since the handshake is the
+/// library's early one (the regular pings come a whole interval apart); later, a `2` is a
+/// regular ping and passes, whether or not the early one was seen.
+fn early_window(interval: Duration) -> Duration {
+    interval / 2
+}
+
 impl FrontState {
+    /// Takes the session `sid` off the list of those whose early ping is due: whether a ping
+    /// seen now is that early ping.
+    fn take_early_ping(&self, sid: &str) -> bool {
+        self.first_ping.lock().remove(sid).is_some_and(|until| Instant::now() < until)
+    }
+
     /// Starts (once, from inside the runtime) the task that cuts every transport after the
     /// drain notice.
     fn start_cutter(&self) {
@@ -109,6 +128,7 @@ impl FrontState {
 impl<S> EngineFront<S> {
     pub fn new(inner: S, app: Arc<AppState>, websocket: bool) -> Self {
         let state = FrontState {
+            ping_interval: Duration::from_millis(app.config.server.ping_interval_ms),
             app,
             websocket,
             first_ping: Mutex::default(),
@@ -202,12 +222,13 @@ where
         // A new websocket session holds its first ping back. An upgraded polling session
         // does too if that ping was not polled yet (python-socketio upgrades before its
         // first poll): the library then flushes it over the websocket.
+        let early_until = Instant::now() + early_window(state.ping_interval);
         let first_ping = match q.sid {
-            None => Some(None),
-            Some(sid) if state.first_ping.lock().contains_key(&sid) => {
-                Some(Some((state.clone(), sid)))
+            None => Some((early_until, None)),
+            Some(sid) => {
+                let until = state.first_ping.lock().get(&sid).copied();
+                until.map(|until| (until, Some((state.clone(), sid))))
             }
-            Some(_) => None,
         };
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
@@ -257,8 +278,8 @@ where
         let Some(ping) = packets.iter().position(|p| *p == "2") else {
             return Response::from_parts(head, Body::from(bytes));
         };
-        if state.first_ping.lock().remove(&sid).is_none() {
-            // An upgrade to websocket took (and answered) it meanwhile: this is a later ping.
+        if !state.take_early_ping(&sid) {
+            // A regular ping (the early one went over an upgrade, or never came).
             return Response::from_parts(head, Body::from(bytes));
         }
         packets.remove(ping);
@@ -316,8 +337,8 @@ async fn note_handshake(state: &FrontState, res: Response) -> Response {
     {
         let now = Instant::now();
         let mut pending = state.first_ping.lock();
-        pending.retain(|_, at| now.duration_since(*at) < FIRST_POLL_WINDOW);
-        pending.insert(sid, now);
+        pending.retain(|_, until| now < *until + FIRST_POLL_WINDOW);
+        pending.insert(sid, now + early_window(state.ping_interval));
     }
     Response::from_parts(head, Body::from(bytes))
 }
@@ -356,9 +377,11 @@ pub struct EioStream<S> {
     cut: Pin<Box<dyn Future<Output = ()> + Send>>,
     /// Still looking for the first ping among the server's frames.
     watching: bool,
+    /// Until when a ping frame is the library's early one.
+    early_until: Instant,
     /// For an upgraded polling session: its id among the sessions whose first ping is still
     /// due, which the polling side may have taken meanwhile.
-    upgraded: Option<(Arc<FrontState>, String)>,
+    upgraded: Option<UpgradedSession>,
     /// Server bytes not yet a whole frame (while watching).
     partial: Vec<u8>,
     frames_seen: usize,
@@ -383,18 +406,24 @@ impl<S> std::fmt::Debug for EioStream<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
-    /// `first_ping`: `None` to pass every frame; `Some(None)` to hold the first ping back;
-    /// `Some(Some((state, sid)))` to hold it back unless the polling side took it first.
+    /// `first_ping`: `None` to pass every frame; `Some((until, None))` to hold back a ping
+    /// written before `until`; `Some((until, Some((state, sid))))` the same, unless the
+    /// polling side took that ping first.
     fn new(
         inner: S,
         cut: Pin<Box<dyn Future<Output = ()> + Send>>,
-        first_ping: Option<Option<(Arc<FrontState>, String)>>,
+        first_ping: Option<(Instant, Option<UpgradedSession>)>,
     ) -> Self {
+        let (early_until, upgraded) = match first_ping {
+            Some((until, upgraded)) => (until, upgraded),
+            None => (Instant::now(), None),
+        };
         EioStream {
             inner: Some(inner),
             cut,
-            watching: first_ping.is_some(),
-            upgraded: first_ping.flatten(),
+            watching: first_ping_due(&early_until),
+            early_until,
+            upgraded,
             partial: Vec::new(),
             frames_seen: 0,
             out: Vec::new(),
@@ -421,10 +450,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
     /// Sorts whole server frames out of `partial`: the first ping is held back.
     fn sort_frames(&mut self) {
         while let Some(len) = frame_len(&self.partial).filter(|n| *n <= self.partial.len()) {
-            let first = self.partial[..len] == PING_FRAME
+            let is_ping = self.partial[..len] == PING_FRAME;
+            let first = is_ping
                 && match self.upgraded.take() {
-                    None => true,
-                    Some((state, sid)) => state.first_ping.lock().remove(&sid).is_some(),
+                    None => Instant::now() < self.early_until,
+                    Some((state, sid)) => state.take_early_ping(&sid),
                 };
             if first {
                 self.watching = false;
@@ -432,8 +462,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
                 if let Some(w) = self.read_waker.take() {
                     w.wake();
                 }
-            } else if self.partial[..len] == PING_FRAME {
-                // The polling side had it: a later ping, passed on.
+            } else if is_ping {
+                // A regular ping (the early one went over polling, or never came).
                 self.watching = false;
                 self.out.extend_from_slice(&self.partial[..len]);
             } else {
@@ -444,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
             if !self.watching {
                 break;
             }
-            if self.frames_seen >= FRAMES_BEFORE_PING {
+            if self.frames_seen >= FRAMES_BEFORE_PING || !first_ping_due(&self.early_until) {
                 self.watching = false;
             }
         }
@@ -483,6 +513,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
             Poll::Pending => Poll::Pending,
         }
     }
+}
+
+/// Whether the early ping may still come.
+fn first_ping_due(until: &Instant) -> bool {
+    Instant::now() < *until
 }
 
 fn cut_error() -> io::Error {
@@ -642,7 +677,8 @@ mod tests {
     async fn first_ping_is_held_and_answered() {
         let (lib_side, mut client) = tokio::io::duplex(1024);
         let never: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
-        let mut stream = EioStream::new(lib_side, never, Some(None));
+        let until = Instant::now() + Duration::from_secs(60);
+        let mut stream = EioStream::new(lib_side, never, Some((until, None)));
         let open = [0x81, 0x03, b'0', b'{', b'}'];
         // The client's `40`, masked with zeros, arrives split around the ping.
         client.write_all(&[0x81, 0x82, 0, 0]).await.unwrap();
