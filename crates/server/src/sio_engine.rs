@@ -12,8 +12,8 @@
 //!   Every Socket.IO client library reads these as a transport error and reconnects by itself.
 //! - **First heartbeat.** engineioxide sends its first ping right at the handshake (its
 //!   heartbeat task does not wait for the first interval); Engine.IO says the server pings
-//!   after `pingInterval`. ferrocast holds that first ping back from the client and answers it
-//!   itself, so the library's pong timeout is satisfied and the client's first ping comes one
+//!   after `pingInterval`. ferrocast holds that first ping (a ping within half an interval of
+//!   the handshake) back from the client and answers it itself, so the library's pong timeout is satisfied and the client's first ping comes one
 //!   interval after the handshake, then every interval. Over polling this filters the first
 //!   poll's payload; over websocket ferrocast performs the upgrade and gives the library the
 //!   connection through an [`EioStream`] (socketioxide's `(stream, request)` service), which
