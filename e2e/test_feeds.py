@@ -323,7 +323,11 @@ async def test_a_silent_upstream_turns_the_feed_stale_then_live_again(
         return next(f for f in server.get("/api/feeds").json()["feeds"] if f["name"] == "stocks")
 
     feed = await until("stale in /api/feeds", lambda: (f := stocks())["state"] == "stale" and f)
-    assert "no market data for 800 ms" in feed["reason"], feed
+    # The first reason, or the one after an already-made reconnect that is still silent.
+    assert (
+        "no market data for 800 ms" in feed["reason"]
+        or "reconnected after going stale" in feed["reason"]
+    ), feed
     ready = server.get("/readyz")
     assert ready.status == 503, ready.text
     assert "stocks" in ready.json()["reason"] and "stale" in ready.json()["reason"], ready.text
@@ -338,7 +342,7 @@ async def test_a_silent_upstream_turns_the_feed_stale_then_live_again(
         "counted as a stale disconnect",
         lambda: server.metric("ferrocast_feed_disconnects_total", feed="stocks", reason="stale"),
     )
-    assert "stale" in server.log()
+    assert "no market data for 800 ms" in server.log()
 
     up.control("/debug/silent?on=0")
     await until("live again", lambda: stocks()["state"] == "live", 10)
