@@ -328,10 +328,17 @@ async def test_a_silent_upstream_turns_the_feed_stale_then_live_again(
         "no market data for 800 ms" in feed["reason"]
         or "reconnected after going stale" in feed["reason"]
     ), feed
-    ready = server.get("/readyz")
-    assert ready.status == 503, ready.text
-    assert "stocks" in ready.json()["reason"] and "stale" in ready.json()["reason"], ready.text
-    assert server.metric("ferrocast_feed_state", feed="stocks", kind="massive", state="stale") == 1
+    # (Each reconnect passes through connecting for a moment, hence the polling.)
+    ready = await until(
+        "readyz 503 naming the stale feed",
+        lambda: (r := server.get("/readyz")).status == 503 and "is stale" in r.text and r,
+    )
+    assert "stocks" in ready.json()["reason"], ready.text
+    await until(
+        "the state gauge",
+        lambda: server.metric("ferrocast_feed_state", feed="stocks", kind="massive", state="stale")
+        == 1,
+    )
     assert server.metric("ferrocast_feed_state", feed="stocks", kind="massive", state="live") == 0
     # It reconnects by itself (the simulator sees a new connection, subscribed again).
     await until("a reconnect", lambda: up.counter("connections") >= 2)
