@@ -148,3 +148,100 @@ def test_config_show_prints_the_effective_config():
     shown = tomllib.loads(out.stdout)
     assert shown["server"]["max_connections"] == 7
     assert shown["server"]["ping_interval_ms"] == 999
+
+
+BAD_ROUTE_VALUES = [
+    ("server.ws_paths", '["/ws/:id"]', "server.ws_paths[0]"),
+    ("server.ws_paths", '["/ws/*rest"]', "server.ws_paths[0]"),
+    ("server.ws_paths", '["/ws/{"]', "server.ws_paths[0]"),
+    ("server.ws_paths", '["/ws", "/ws/{id}"]', "server.ws_paths[1]"),
+    ("socketio.path", '"/sio/:ns"', "socketio.path"),
+    ("socketio.path", '"/sio/{x}"', "socketio.path"),
+]
+
+
+def test_route_syntax_in_paths_is_refused_by_check_and_serve(tmp_path):
+    """Route patterns used to pass `config check` and then panic `serve` after binding."""
+    for key, value, named in BAD_ROUTE_VALUES:
+        section, field = key.split(".")
+        cfg = tmp_path / "routes.toml"
+        cfg.write_text(f"[{section}]\n{field} = {value}\n")
+        out = run_ferrocast(["config", "check", str(cfg)])
+        assert out.returncode == 2, (value, out.stdout, out.stderr)
+        assert named in out.stderr and "route patterns" in out.stderr, (value, out.stderr)
+        # serve refuses it before binding: with the port taken, a bind first would say
+        # "cannot listen"; a panic would exit 101.
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            out = run_ferrocast(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"])
+        assert out.returncode == 2, (value, out.returncode, out.stderr)
+        assert named in out.stderr, (value, out.stderr)
+        assert "cannot listen" not in out.stderr and "panicked" not in out.stderr, out.stderr
+
+
+async def test_literal_alias_paths_serve(start_server, ws):
+    server = start_server("server.ws_paths=/ws,/v1/stream.ws,/a-b_c~d")
+    for path in ("/v1/stream.ws", "/a-b_c~d"):
+        c = await ws(server, path=path)
+        assert c.welcome["type"] == "welcome", c.welcome
+
+
+def test_misspelled_environment_variable_is_refused_with_a_suggestion():
+    out = run_ferrocast(
+        ["config", "check", str(EXAMPLE)], env={"FERROCAST_SERVER_PING_INTERVAL": "1000"}
+    )
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "FERROCAST_SERVER_PING_INTERVAL:" in out.stderr, out.stderr
+    assert "did you mean FERROCAST_SERVER_PING_INTERVAL_MS?" in out.stderr, out.stderr
+    port = free_port()
+    out = run_ferrocast(
+        ["serve", "--listen", f"127.0.0.1:{port}"], env={"FERROCAST_SIMULATR_ENABLED": "false"}
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "FERROCAST_SIMULATOR_ENABLED" in out.stderr, out.stderr
+    assert port_is_free(port)
+
+
+def test_documented_non_config_variables_are_allowed(tmp_path):
+    cfg = tmp_path / "f.toml"
+    cfg.write_text('[api]\nkey_env = "FERROCAST_PUBLISH_KEY"\n')
+    out = run_ferrocast(
+        ["config", "check", str(cfg)],
+        env={
+            "FERROCAST_BIN": "/usr/bin/ferrocast",
+            "FERROCAST_TEST_SKIP": "fmt",
+            "FERROCAST_E2E_ARTIFACTS": str(tmp_path),
+            "FERROCAST_PUBLISH_KEY": "secret",
+            "FERROCAST_API_KEY": "k",
+        },
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_invalid_log_filter_is_refused():
+    for level in ("verbose", "info,foo=bar=baz"):
+        out = run_ferrocast(["config", "check", str(EXAMPLE), "--set", f"log.level={level}"])
+        assert out.returncode == 2, (level, out.stdout, out.stderr)
+        assert "log.level" in out.stderr and "not a log filter" in out.stderr, out.stderr
+        assert repr(level).strip("'") in out.stderr, out.stderr
+        port = free_port()
+        out = run_ferrocast(["serve", "--listen", f"127.0.0.1:{port}", "--log-level", level])
+        assert out.returncode == 2, (level, out.returncode, out.stderr)
+        assert "log.level" in out.stderr, out.stderr
+        assert port_is_free(port)
+    out = run_ferrocast(
+        ["config", "check", str(EXAMPLE), "--set", "log.level=warn,ferrocast_server=debug"]
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_simulate_refuses_an_invalid_rust_log():
+    out = run_ferrocast(
+        ["simulate", "massive", "--listen", f"127.0.0.1:{free_port()}"],
+        env={"RUST_LOG": "info,foo=bar=baz"},
+        timeout=10,
+    )
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "RUST_LOG" in out.stderr and "not a log filter" in out.stderr, out.stderr

@@ -297,3 +297,61 @@ async def test_binance_example_config(upstream, start_server, ws, artifacts):
     await until("ETHUSDT unsubscribed", lambda: "ethusdt@trade" not in up.subscriptions(), 15)
     assert up.counter("rate_limited") == 0
     assert up.counter("pong_timeouts") == 0
+
+
+async def test_a_silent_upstream_turns_the_feed_stale_then_live_again(
+    upstream, start_server, ws, artifacts
+):
+    """An upstream that authenticates and answers pings but sends no data used to stay
+    `live` (and /readyz 200) forever."""
+    up = upstream("massive", "--api-key", KEY, "--rate", "100", "--silent")
+    server = start_server(
+        config=massive_config(artifacts / "ferrocast.toml", up.port, stale_after_ms="800"),
+        env={"MASSIVE_API_KEY": KEY},
+    )
+    # Nothing subscribed yet: a quiet upstream is not stale.
+    await until("ready", lambda: server.get("/readyz").status == 200)
+    await asyncio.sleep(1.2)
+    assert server.get("/readyz").status == 200
+    assert up.counter("connections") == 1
+
+    client = await ws(server)
+    await client.subscribe_ok("ticks.AAPL")
+    await until("subscribed upstream", lambda: up.subscriptions() == {"T.AAPL"})
+
+    def stocks() -> dict:
+        return next(f for f in server.get("/api/feeds").json()["feeds"] if f["name"] == "stocks")
+
+    feed = await until("stale in /api/feeds", lambda: (f := stocks())["state"] == "stale" and f)
+    # The first reason, or the one after an already-made reconnect that is still silent.
+    assert (
+        "no market data for 800 ms" in feed["reason"]
+        or "reconnected after going stale" in feed["reason"]
+    ), feed
+    # (Each reconnect passes through connecting for a moment, hence the polling.)
+    ready = await until(
+        "readyz 503 naming the stale feed",
+        lambda: (r := server.get("/readyz")).status == 503 and "is stale" in r.text and r,
+    )
+    assert "stocks" in ready.json()["reason"], ready.text
+    await until(
+        "the state gauge",
+        lambda: server.metric("ferrocast_feed_state", feed="stocks", kind="massive", state="stale")
+        == 1,
+    )
+    assert server.metric("ferrocast_feed_state", feed="stocks", kind="massive", state="live") == 0
+    # It reconnects by itself (the simulator sees a new connection, subscribed again).
+    await until("a reconnect", lambda: up.counter("connections") >= 2)
+    await until("the new connection subscribed", lambda: any(
+        c["id"] > 1 and "T.AAPL" in c["subscriptions"] for c in up.state()["connections"]
+    ))
+    await until(
+        "counted as a stale disconnect",
+        lambda: server.metric("ferrocast_feed_disconnects_total", feed="stocks", reason="stale"),
+    )
+    assert "no market data for 800 ms" in server.log()
+
+    up.control("/debug/silent?on=0")
+    await until("live again", lambda: stocks()["state"] == "live", 10)
+    assert server.get("/readyz").status == 200
+    assert await until("data reaches the client", lambda: collect(client, 0.5), 10)

@@ -1,7 +1,9 @@
 """Socket.IO interop with `python-socketio`'s AsyncClient (a client we did not write), over
 long-polling only, websocket only and the default polling-then-upgrade: subscribe with an
 ack, `message` and per-namespace events, publish where allowed (refused elsewhere), recovery,
-and a clean disconnect that the server's metrics see."""
+a clean disconnect that the server's metrics see, a drain after which the library reconnects
+by itself to the next server, the Socket.IO connect timeout, and the first Engine.IO ping
+coming one pingInterval after the handshake."""
 
 from __future__ import annotations
 
@@ -160,3 +162,227 @@ async def test_python_socketio_is_refused_over_the_connection_limit(start_server
     refusal = await asyncio.wait_for(errors.get(), 5)
     assert "1013" in refusal["message"], refusal
     assert (await first.call("subscribe", "chat.pylimit"))["chat.pylimit"]["offset"] == 0
+
+
+# --- drain, connect timeout and heartbeat timing -------------------------------------------
+
+
+def start_on_port(port: int, sets, artifacts, track_process, name: str):
+    """A new server at the address of one that drained: what a restart looks like."""
+    from ferrocast_e2e.procs import ManagedProcess, http_status
+    from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
+
+    argv = serve_argv(port, sets)
+    proc = ManagedProcess("ferrocast", argv, artifacts / f"{name}.log", clean_env()).start()
+    track_process(proc)
+    server = FerrocastServer(port, proc, argv, None, list(sets))
+    proc.wait_until(
+        lambda: http_status(server.base_url + "/healthz", timeout=0.5) == 200,
+        20,
+        f"/healthz on port {port} answered 200",
+    )
+    return server
+
+
+class ReconnectingClient:
+    """A python-socketio AsyncClient with its library's own reconnection on, which (like an
+    app) subscribes in its connect handler."""
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.sio = socketio.AsyncClient(reconnection_delay=0.2, reconnection_delay_max=0.5)
+        self.subscribed: asyncio.Queue = asyncio.Queue()
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.closes: asyncio.Queue = asyncio.Queue()
+        self.disconnects: asyncio.Queue = asyncio.Queue()
+        self.sio.on("message", self.messages.put_nowait)
+        self.sio.on("close", self.closes.put_nowait)
+        self.sio.on("connect", self._on_connect)
+        self.sio.on("disconnect", self.disconnects.put_nowait)
+
+    async def _on_connect(self) -> None:
+        async def subscribe() -> None:
+            self.subscribed.put_nowait(await self.sio.call("subscribe", self.channel, timeout=5))
+
+        # The connect handler must return before the library handles the ack.
+        asyncio.get_running_loop().create_task(subscribe())
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_python_socketio_reconnects_by_itself_after_a_drain(
+    start_server, artifacts, track_process, transport
+):
+    """python-socketio reads an Engine.IO close packet or a Socket.IO DISCONNECT as "the
+    server meant it" and never reconnects; a drain must drop the transport instead."""
+    import signal
+
+    sets = ("server.reconnect_after_ms=200",)
+    server = start_server(*sets)
+    channel = f"chat.pydrain{transport}"
+    client = ReconnectingClient(channel)
+    await client.sio.connect(server.base_url, transports=[transport], wait_timeout=5)
+    try:
+        assert client.sio.transport() == transport
+        await asyncio.wait_for(client.subscribed.get(), 5)
+        await server.apublish(channel, {"n": 1})
+        assert (await asyncio.wait_for(client.messages.get(), 5))["data"] == {"n": 1}
+
+        server.process.signal(signal.SIGTERM)
+        close = await asyncio.wait_for(client.closes.get(), 5)
+        assert close["code"] == 1001 and '"reconnect":true' in close["reason"], close
+        reason = await asyncio.wait_for(client.disconnects.get(), 5)
+        # Not "server disconnect": the library keeps trying.
+        assert reason == client.sio.reason.TRANSPORT_ERROR, reason
+        assert await asyncio.to_thread(server.process.wait, 10) == 0
+
+        nxt = start_on_port(server.port, sets, artifacts, track_process, "next")
+        # Only the library's own reconnect subscribes a second time.
+        again = await asyncio.wait_for(client.subscribed.get(), 10)
+        assert again[channel]["offset"] == 0, again
+        assert client.sio.transport() == transport
+        await nxt.apublish(channel, {"n": 2})
+        assert (await asyncio.wait_for(client.messages.get(), 5))["data"] == {"n": 2}
+    finally:
+        await client.sio.shutdown()
+
+
+def eio_poll(server, path: str, method: str = "GET", body: bytes | None = None):
+    from ferrocast_e2e.server import http_request
+
+    return http_request(server.base_url + path, method, body, None, 10)
+
+
+async def test_a_session_that_never_connects_is_closed_after_connect_timeout(start_server):
+    """A raw Engine.IO client that opens a session and never sends the Socket.IO CONNECT
+    (`40`) is closed after socketio.connect_timeout_ms."""
+    import json as jsonlib
+    import time
+
+    server = start_server("socketio.connect_timeout_ms=600", "server.ping_interval_ms=5000")
+    # Taken before the handshake, so the time measured here is never shorter than the
+    # server's own timer.
+    started = time.monotonic()
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    assert opened.status == 200 and opened.text.startswith("0{"), opened.text
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    # Long-polls until the session ends: a `1` close packet, or an error for an unknown sid.
+    ended = None
+    while time.monotonic() - started < 5:
+        r = await asyncio.to_thread(eio_poll, server, path)
+        if r.status != 200:
+            ended = f"status {r.status}"
+            break
+        packets = r.text.split("\x1e")
+        if "1" in packets:
+            ended = "close packet"
+            break
+        assert all(p in ("2", "6") for p in packets), packets
+    elapsed = time.monotonic() - started
+    assert ended is not None, "the session stayed open"
+    assert elapsed >= 0.5, elapsed  # not closed at once: the timeout applies
+    # A client that did send CONNECT within the timeout stays.
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"40")).status == 200
+    await asyncio.sleep(1.0)
+    r = await asyncio.to_thread(eio_poll, server, path)
+    assert r.status == 200 and "1" not in r.text.split("\x1e"), r.text
+    assert any(p.startswith("40{") for p in r.text.split("\x1e")), r.text
+
+
+async def test_first_engineio_ping_comes_after_ping_interval_over_websocket(start_server):
+    import time
+
+    import websockets
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    url = f"ws://127.0.0.1:{server.port}/socket.io/?EIO=4&transport=websocket"
+    # Taken before the handshake, so a slow client cannot make the ping look early.
+    started = time.monotonic()
+    async with websockets.connect(url) as ws:
+        opened = await asyncio.wait_for(ws.recv(), 5)
+        assert opened.startswith("0{") and '"pingInterval":1500' in opened, opened
+        await ws.send("40")
+        seen = []
+        pings = []
+        while len(pings) < 2:
+            packet = await asyncio.wait_for(ws.recv(), 5)
+            if packet == "2":
+                pings.append(time.monotonic() - started)
+                await ws.send("3")
+            else:
+                seen.append(packet)
+        assert any(p.startswith("40{") for p in seen), seen
+    # The first ping one interval after the handshake (not at it), the next one about an
+    # interval later (loose: a late first delivery on a busy machine shortens the gap).
+    assert pings[0] >= 0.8 * interval, pings
+    assert pings[1] - pings[0] >= 0.4 * interval, pings
+
+
+async def test_first_engineio_ping_comes_after_ping_interval_over_polling(start_server):
+    import json as jsonlib
+    import time
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    started = time.monotonic()
+    opened = await asyncio.to_thread(eio_poll, server, "/socket.io/?EIO=4&transport=polling")
+    sid = jsonlib.loads(opened.text[1:])["sid"]
+    path = f"/socket.io/?EIO=4&transport=polling&sid={sid}"
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"40")).status == 200
+    seen = []
+    first_ping = None
+    while first_ping is None and time.monotonic() - started < 5:
+        r = await asyncio.to_thread(eio_poll, server, path)
+        assert r.status == 200, r.text
+        for packet in r.text.split("\x1e"):
+            if packet == "2":
+                first_ping = time.monotonic() - started
+            else:
+                seen.append(packet)
+    assert any(p.startswith("40{") for p in seen), seen
+    assert first_ping is not None and first_ping >= 0.8 * interval, first_ping
+    # Answering it keeps the session open.
+    assert (await asyncio.to_thread(eio_poll, server, path, "POST", b"3")).status == 200
+
+
+@pytest.mark.parametrize(
+    "transports", [["polling"], ["websocket"], None], ids=["polling", "websocket", "upgrade"]
+)
+async def test_python_socketio_sees_the_first_ping_after_ping_interval(start_server, transports):
+    """The same timing through python-socketio's own Engine.IO client, including its
+    polling-then-upgrade path (which upgrades before its first poll)."""
+    import time
+
+    from engineio import packet as eio_packet
+
+    interval = 1.5
+    server = start_server(f"server.ping_interval_ms={int(interval * 1000)}")
+    sio = socketio.AsyncClient(reconnection=False)
+    pings: list[float] = []
+    started = time.monotonic()
+    receive = sio.eio._receive_packet
+
+    async def spy(pkt):
+        if pkt.packet_type == eio_packet.PING:
+            pings.append(time.monotonic() - started)
+        await receive(pkt)
+
+    sio.eio._receive_packet = spy
+    await sio.connect(server.base_url, transports=transports, wait_timeout=5)
+    try:
+        deadline = time.monotonic() + 3 * interval + 2
+        while len(pings) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if transports is None:
+            assert sio.transport() == "websocket"
+        assert len(pings) >= 2, pings
+        assert pings[0] >= 0.8 * interval, pings
+        # Not a regular ping taken for the early one (which would put the first at 2x).
+        assert pings[0] < 1.9 * interval, pings
+        assert sio.connected, "the held-back first ping was answered: no heartbeat timeout"
+    finally:
+        await sio.disconnect()

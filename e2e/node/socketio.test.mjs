@@ -136,27 +136,51 @@ describe('socket.io-client', () => {
   });
 });
 
-test('a drain says close 1001 and the client reconnects by itself', async () => {
-  const server = await Ferrocast.start({ sets: ['server.reconnect_after_ms=200'], name: 'socketio-drain' });
-  const socket = io(server.url, {
-    transports: ['websocket'],
-    reconnectionDelay: 100,
-    reconnectionDelayMax: 200,
-    timeout: 2000,
+for (const transports of [['websocket'], ['polling']]) {
+  test(`a drain says close 1001 and the client reconnects by itself to the next server: ${transports}`, async () => {
+    const sets = ['server.reconnect_after_ms=200'];
+    const server = await Ferrocast.start({ sets, name: 'socketio-drain' });
+    const channel = `chat.nodedrain${transports[0]}`;
+    const socket = io(server.url, {
+      transports,
+      reconnectionDelay: 100,
+      reconnectionDelayMax: 300,
+      timeout: 2000,
+    });
+    const closes = new Inbox();
+    const disconnects = new Inbox();
+    const subscribed = new Inbox();
+    const messages = new Inbox();
+    socket.on('close', (c) => closes.push(c));
+    socket.on('disconnect', (reason) => disconnects.push(reason));
+    socket.on('message', (m) => messages.push(m));
+    // The app subscribes on every connect, as apps do: only a reconnect by the library
+    // itself subscribes a second time.
+    socket.on('connect', async () => {
+      subscribed.push(await socket.timeout(5000).emitWithAck('subscribe', channel));
+    });
+    await subscribed.next(5000, 'the first subscribe');
+    await server.publish(channel, { n: 1 });
+    assert.deepEqual((await messages.next(5000, 'a message')).data, { n: 1 });
+    server.drain();
+    const close = await closes.next(5000, 'a close event');
+    assert.equal(close.code, 1001);
+    assert.equal(JSON.parse(close.reason).reconnect, true);
+    // A transport loss, not "io server disconnect": socket.io-client retries on its own.
+    const reason = await disconnects.next(5000, 'a disconnect');
+    assert.ok(['transport close', 'transport error'].includes(reason), reason);
+    assert.equal(socket.active, true, 'the client keeps trying to reconnect');
+    assert.equal(await server.exited, 0);
+    // A new server at the same address: the client comes back by itself.
+    const next = await Ferrocast.start({ sets, port: server.port, name: 'socketio-drain-next' });
+    try {
+      await subscribed.next(10000, 'a subscribe after reconnecting');
+      assert.equal(socket.io.engine.transport.name, transports[0]);
+      await next.publish(channel, { n: 2 });
+      assert.deepEqual((await messages.next(5000, 'a message from the new server')).data, { n: 2 });
+    } finally {
+      socket.close();
+      await next.stop();
+    }
   });
-  const closes = new Inbox();
-  const disconnects = new Inbox();
-  socket.on('close', (c) => closes.push(c));
-  socket.on('disconnect', (reason) => disconnects.push(reason));
-  await new Promise((resolve) => socket.once('connect', resolve));
-  await socket.timeout(5000).emitWithAck('subscribe', 'chat.nodedrain');
-  server.drain();
-  const close = await closes.next(5000, 'a close event');
-  assert.equal(close.code, 1001);
-  assert.equal(JSON.parse(close.reason).reconnect, true);
-  // A transport close, not "io server disconnect": socket.io-client retries on its own.
-  assert.equal(await disconnects.next(5000, 'a disconnect'), 'transport close');
-  assert.equal(socket.active, true, 'the client keeps trying to reconnect');
-  await server.exited;
-  socket.close();
-});
+}

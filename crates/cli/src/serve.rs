@@ -125,9 +125,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Starts the logger with `log.level`, which validation has already checked strictly (the
+/// binary does not read `RUST_LOG`).
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
     let ansi = use_colour(std::io::stderr().is_terminal(), |name| std::env::var_os(name));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

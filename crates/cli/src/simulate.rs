@@ -1,13 +1,14 @@
 //! `ferrocast simulate massive|binance|coinbase --listen ADDR`: a local stand-in for an
 //! upstream market-data service, to try feeds without an account and to test failure
-//! handling (rejected keys, evictions, stalls, malformed frames).
+//! handling (rejected keys, evictions, stalls, malformed frames, a silent upstream).
 //!
 //! The simulator logs every connection, authentication and subscription on stderr, prints
 //! one `listening on ...` line on stdout once it accepts connections, and answers the
 //! control API described in `ferrocast_feeds::simulate` on the same port
 //! (`GET /debug/subscriptions`, `POST /debug/stall`, ...). The Massive one also answers
 //! Massive's REST aggregates (`GET /v2/aggs/ticker/...`) for candle backfill. It runs until
-//! SIGINT or SIGTERM.
+//! SIGINT or SIGTERM. Its log filter is `RUST_LOG` (default `info`), checked as strictly as
+//! `log.level`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,6 +47,10 @@ pub struct SimulateArgs {
     /// Replace every Nth data frame with a malformed one.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub malformed_every: u64,
+    /// Send no market data at all (authentication, pings, heartbeats and acks go on): a
+    /// connected but silent upstream. POST /debug/silent?on=0 resumes data.
+    #[arg(long)]
+    pub silent: bool,
     /// Binance: interval of server pings, in ms.
     #[arg(long, default_value_t = 20_000, value_name = "MS")]
     pub ping_interval_ms: u64,
@@ -74,8 +79,13 @@ pub enum SimEviction {
 
 /// Runs the simulator until SIGINT or SIGTERM.
 pub async fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // RUST_LOG sets the simulator's log filter; an invalid one is refused, as `log.level` is.
+    let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if let Err(reason) = ferrocast_server::config::check_log_filter(&level) {
+        eprintln!("ferrocast simulate: RUST_LOG: {reason}");
+        return Ok(ExitCode::from(2));
+    }
+    let filter = tracing_subscriber::EnvFilter::new(&level);
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     if !(args.rate > 0.0 && args.rate <= 100_000.0) {
@@ -98,6 +108,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         minute_bar_every: Duration::from_millis(args.minute_bar_every_ms.max(100)),
         stall_after: args.stall_after_ms.map(Duration::from_millis),
         malformed_every: args.malformed_every,
+        silent: args.silent,
         ping_interval: Duration::from_millis(args.ping_interval_ms.max(100)),
         ..SimOptions::default()
     };

@@ -42,6 +42,10 @@ pub struct FeedConfig {
     /// With nothing received (data, heartbeat or pong) for this long, in ms, the connection is
     /// presumed dead and replaced.
     pub read_timeout_ms: u64,
+    /// With at least one symbol subscribed upstream and no market data for this long, in ms
+    /// (counted from the first subscription), the feed is `stale`: connected and answering
+    /// pings but sending nothing. It is marked so, then reconnected (0: never).
+    pub stale_after_ms: u64,
     /// First reconnect delay ceiling, in ms; it doubles per failure (with full jitter).
     pub backoff_initial_ms: u64,
     /// Largest reconnect delay ceiling, in ms.
@@ -154,6 +158,7 @@ impl Default for FeedConfig {
             connect_timeout_ms: 10_000,
             ping_interval_ms: 10_000,
             read_timeout_ms: 30_000,
+            stale_after_ms: 30_000,
             backoff_initial_ms: 500,
             backoff_max_ms: 30_000,
             headers: BTreeMap::new(),
@@ -235,6 +240,11 @@ impl FeedConfig {
             (100..=300_000).contains(&self.connect_timeout_ms),
             "connect_timeout_ms",
             format!("{} is outside 100..=300000", self.connect_timeout_ms),
+        );
+        check(
+            self.stale_after_ms == 0 || (100..=86_400_000).contains(&self.stale_after_ms),
+            "stale_after_ms",
+            format!("{} must be 0 (never stale) or within 100..=86400000", self.stale_after_ms),
         );
         check(
             (100..=3_600_000).contains(&self.read_timeout_ms),

@@ -28,6 +28,10 @@ pub enum LinkState {
     Authenticating,
     /// Authenticated (or needing no auth) and receiving data.
     Live,
+    /// Connected, but no market data for `stale_after_ms` while symbols are subscribed
+    /// (an upstream that authenticates and answers pings but sends nothing). The connector
+    /// reconnects; the state stays `stale` until data flows again.
+    Stale,
     /// Waiting before the next connection attempt.
     BackingOff,
     /// Gave up: retrying cannot help (rejected credentials, missing key). Needs an operator.
@@ -38,10 +42,11 @@ pub enum LinkState {
 
 impl LinkState {
     /// Every state, for metrics that export one series per state.
-    pub const ALL: [LinkState; 6] = [
+    pub const ALL: [LinkState; 7] = [
         LinkState::Connecting,
         LinkState::Authenticating,
         LinkState::Live,
+        LinkState::Stale,
         LinkState::BackingOff,
         LinkState::Failed,
         LinkState::Stopped,
@@ -53,6 +58,7 @@ impl LinkState {
             LinkState::Connecting => "connecting",
             LinkState::Authenticating => "authenticating",
             LinkState::Live => "live",
+            LinkState::Stale => "stale",
             LinkState::BackingOff => "backing_off",
             LinkState::Failed => "failed",
             LinkState::Stopped => "stopped",
@@ -208,6 +214,57 @@ impl FeedStats {
 
     pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+}
+
+/// Watches one connection for staleness: symbols subscribed upstream, yet no market data for
+/// `limit`. The window opens at the first subscription (so a new subscription has the whole
+/// limit to produce data) and restarts with every data event; it closes while nothing is
+/// subscribed.
+#[derive(Debug, Clone)]
+pub struct Staleness {
+    limit: Option<std::time::Duration>,
+    since: Option<tokio::time::Instant>,
+}
+
+/// The metric tag (`ferrocast_feed_disconnects_total{reason}`) of a stale reconnect.
+pub const STALE_TAG: &str = "stale";
+
+impl Staleness {
+    /// A watch with `stale_after_ms` (0: never stale).
+    pub fn new(stale_after_ms: u64) -> Self {
+        let limit = (stale_after_ms > 0).then(|| std::time::Duration::from_millis(stale_after_ms));
+        Staleness { limit, since: None }
+    }
+
+    /// The upstream subscriptions changed; `any` says whether at least one is held.
+    pub fn subscribed(&mut self, any: bool, now: tokio::time::Instant) {
+        match (any, self.since) {
+            (true, None) => self.since = Some(now),
+            (false, _) => self.since = None,
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// Market data arrived.
+    pub fn data(&mut self, now: tokio::time::Instant) {
+        if self.since.is_some() {
+            self.since = Some(now);
+        }
+    }
+
+    /// When the connection becomes stale, if nothing arrives before.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        Some(self.since? + self.limit?)
+    }
+
+    /// The reason recorded when the deadline passes.
+    pub fn reason(&self, subscriptions: usize) -> String {
+        format!(
+            "no market data for {} ms with {subscriptions} upstream subscription(s): the upstream \
+             is connected but silent; reconnecting",
+            self.limit.unwrap_or_default().as_millis()
+        )
     }
 }
 

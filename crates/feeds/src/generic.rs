@@ -25,6 +25,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -35,7 +36,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::PublishKind;
 use crate::backoff::Backoff;
 use crate::config::{FeedConfig, MatchValue, Problem, RouteConfig};
-use crate::feed::{Feed, FeedContext, FeedStats, LinkState, MarketChannel, SymbolFilter, now_ms};
+use crate::feed::{
+    Feed, FeedContext, FeedStats, LinkState, MarketChannel, STALE_TAG, Staleness, SymbolFilter,
+    now_ms,
+};
 use crate::interest::Interest;
 use crate::link::{self, Message, Throttle, WsTx, close_text, sleep_until_opt, tick};
 use crate::market::{self, Quote, Trade};
@@ -354,6 +358,8 @@ pub struct GenericConfig {
     pub ping_interval: Option<Duration>,
     /// Silence after which the connection is presumed dead.
     pub read_timeout: Duration,
+    /// No market data this long, in ms, with symbols subscribed: `stale` (0: never).
+    pub stale_after_ms: u64,
     /// Reconnect backoff start.
     pub backoff_initial: Duration,
     /// Reconnect backoff cap.
@@ -509,6 +515,7 @@ impl GenericConfig {
             connect_timeout: ms(cfg.connect_timeout_ms),
             ping_interval: (cfg.ping_interval_ms > 0).then(|| ms(cfg.ping_interval_ms)),
             read_timeout: ms(cfg.read_timeout_ms),
+            stale_after_ms: cfg.stale_after_ms,
             backoff_initial: ms(cfg.backoff_initial_ms),
             backoff_max: ms(cfg.backoff_max_ms),
             auth,
@@ -741,6 +748,8 @@ pub struct GenericFeed {
     /// Symbols subscribed upstream on the live connection.
     upstream: Mutex<BTreeSet<String>>,
     log: Mutex<Throttle>,
+    /// The last session ended stale: the feed stays `stale` until market data flows again.
+    stale: AtomicBool,
 }
 
 impl std::fmt::Debug for GenericFeed {
@@ -764,6 +773,7 @@ impl GenericFeed {
             ctx,
             upstream: Mutex::new(BTreeSet::new()),
             log: Mutex::new(Throttle::new(5)),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -833,7 +843,9 @@ impl GenericFeed {
             t.set_missed_tick_behavior(MissedTickBehavior::Delay);
             t
         });
+        let mut staleness = Staleness::new(self.cfg.stale_after_ms);
         loop {
+            staleness.subscribed(authenticated && !self.upstream.lock().is_empty(), Instant::now());
             let linger_deadline = if authenticated { self.interest.next_deadline() } else { None };
             let silence_deadline =
                 if authenticated { last_rx + self.cfg.read_timeout } else { auth_deadline };
@@ -844,7 +856,16 @@ impl GenericFeed {
                         None => return End::Retry("closed", "connection closed by upstream".into()),
                         Some(Err(e)) => return End::Retry("read_failed", format!("read failed: {e}")),
                         Some(Ok(Message::Text(text))) => {
-                            match self.on_message(&text, authenticated) {
+                            let published = FeedStats::get(&stats.published);
+                            let step = self.on_message(&text, authenticated);
+                            if FeedStats::get(&stats.published) > published {
+                                staleness.data(last_rx);
+                                if self.stale.swap(false, Relaxed) {
+                                    stats.set_state(LinkState::Live, None);
+                                    tracing::info!(feed = %self.cfg.name, "feed live again: market data is flowing");
+                                }
+                            }
+                            match step {
                                 Step::Continue => {}
                                 Step::Authenticated => {
                                     authenticated = true;
@@ -870,6 +891,12 @@ impl GenericFeed {
                         End::Retry("auth_timeout", format!(
                             "no message matching auth_ok within {} ms", self.cfg.read_timeout.as_millis()))
                     };
+                }
+                () = sleep_until_opt(staleness.deadline()) => {
+                    let reason = staleness.reason(self.upstream.lock().len());
+                    self.stale.store(true, Relaxed);
+                    stats.set_state(LinkState::Stale, Some(reason.clone()));
+                    return End::Retry(STALE_TAG, reason);
                 }
                 _ = tick(&mut ping) => {
                     if let Err(e) = link::send(&mut tx, Message::Ping(Default::default()), self.cfg.read_timeout).await {
@@ -902,8 +929,16 @@ impl GenericFeed {
             self.send(tx, requests, msg).await?;
         }
         *live_since = Some(Instant::now());
-        self.ctx.stats.set_state(LinkState::Live, None);
-        tracing::info!(feed = %self.cfg.name, url = %self.cfg.url, "feed live");
+        if self.stale.load(Relaxed) {
+            self.ctx.stats.set_state(
+                LinkState::Stale,
+                Some("reconnected after going stale; waiting for market data".into()),
+            );
+            tracing::info!(feed = %self.cfg.name, "feed reconnected, still stale until data flows");
+        } else {
+            self.ctx.stats.set_state(LinkState::Live, None);
+            tracing::info!(feed = %self.cfg.name, url = %self.cfg.url, "feed live");
+        }
         self.reconcile(tx, requests).await
     }
 

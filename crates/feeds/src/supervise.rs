@@ -90,8 +90,14 @@ pub async fn supervise(
                     retry_in_ms = delay.as_millis() as u64,
                     "upstream connection lost: {reason}"
                 );
+                // A stale feed stays `stale` (not merely backing off) until data flows again.
+                let state = if tag == crate::feed::STALE_TAG {
+                    LinkState::Stale
+                } else {
+                    LinkState::BackingOff
+                };
                 stats.set_state(
-                    LinkState::BackingOff,
+                    state,
                     Some(format!("{reason}; retrying in {} ms", delay.as_millis())),
                 );
                 tokio::select! {

@@ -234,3 +234,35 @@ fn generic_validation_names_the_key() {
     assert!(keys.contains(&"subscribe"), "{problems:?}");
     assert!(keys.contains(&"routes[0].fields.price"), "{problems:?}");
 }
+
+/// A Coinbase upstream that keeps sending heartbeats but no tickers: heartbeats keep the
+/// read timeout quiet, yet with symbols subscribed the feed turns `stale`, reconnects, and
+/// is `live` again once tickers flow.
+#[tokio::test]
+async fn a_silent_upstream_with_heartbeats_turns_the_feed_stale() {
+    let sim = Simulator::bind(
+        Protocol::Coinbase,
+        "127.0.0.1:0",
+        SimOptions { rate: 100.0, silent: true, ..SimOptions::default() },
+    )
+    .await
+    .unwrap();
+    let mut cfg = fast(example_feed("coinbase.toml"));
+    cfg.url = format!("ws://{}/", sim.addr());
+    cfg.stale_after_ms = 500;
+    let (h, _feed) = start(cfg);
+    // The example keeps BTC-USD subscribed (`always`), so staleness applies at once.
+    let reason = h.wait_state(LinkState::Stale, SECS(5)).await.unwrap_or_default();
+    assert!(
+        reason.contains("no market data for 500 ms") || reason.contains("after going stale"),
+        "{reason}"
+    );
+    let stats = h.stats.clone();
+    wait_for("stale counted", SECS(5), || stats.disconnects().contains_key("stale")).await;
+    let state = sim.state().clone();
+    wait_for("a reconnect", SECS(5), || state.counter("connections") >= 2).await;
+    assert!(!h.stats.disconnects().contains_key("read_timeout"), "heartbeats kept it alive");
+    sim.state().set_silent(false);
+    h.wait_state(LinkState::Live, SECS(5)).await;
+    h.stop();
+}

@@ -389,3 +389,56 @@ async fn option_and_wildcard_rules_of_the_simulator() {
     assert!(texts[2].contains("\"error\"") && texts[2].contains("wildcard"), "{texts:?}");
     assert!(texts[3].contains("subscribed to: T.*"), "{texts:?}");
 }
+
+/// An upstream that authenticates and answers pings but sends no data: with a symbol
+/// subscribed, the feed turns `stale` after `stale_after_ms`, reconnects, stays `stale` while
+/// the new connection is silent too, and is `live` again once data flows.
+#[tokio::test]
+async fn a_silent_upstream_turns_the_feed_stale_until_data_flows() {
+    let sim = simulator(SimOptions { rate: 50.0, silent: true, ..SimOptions::default() }).await;
+    let cfg = FeedConfig { stale_after_ms: 400, ..feed_config(&sim, "stocks", &["T"]) };
+    let (h, feed) = start(cfg);
+    h.wait_state(LinkState::Live, SECS(5)).await;
+    // Nothing subscribed: silence is normal, the feed stays live.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(h.state().0, LinkState::Live);
+    assert_eq!(sim.state().counter("connections"), 1);
+
+    h.watch(&*feed, "ticks.AAPL", true);
+    let reason = h.wait_state(LinkState::Stale, SECS(5)).await.unwrap_or_default();
+    // The first reason, or the one after an already-made (still silent) reconnect.
+    assert!(
+        reason.contains("no market data for 400 ms") || reason.contains("after going stale"),
+        "{reason}"
+    );
+    // It reconnects by itself, and the new (still silent) connection keeps it stale.
+    let state = sim.state().clone();
+    wait_for("a reconnect", SECS(5), || state.counter("connections") >= 2).await;
+    let stats = h.stats.clone();
+    wait_for("stale counted", SECS(5), || stats.disconnects().contains_key("stale")).await;
+    wait_for("the new connection subscribed", SECS(5), || {
+        state.connections().iter().any(|c| c.id > 1 && c.subscriptions.contains("T.AAPL"))
+    })
+    .await;
+    // Never live again while the upstream stays silent.
+    assert_ne!(h.state().0, LinkState::Live, "{:?}", h.state());
+
+    sim.state().set_silent(false);
+    h.wait_state(LinkState::Live, SECS(5)).await;
+    let capture = h.capture.clone();
+    wait_for("data", SECS(5), || !capture.on("ticks.AAPL").is_empty()).await;
+    h.stop();
+}
+
+#[tokio::test]
+async fn stale_after_zero_never_goes_stale() {
+    let sim = simulator(SimOptions { silent: true, ..SimOptions::default() }).await;
+    let cfg = FeedConfig { stale_after_ms: 0, ..feed_config(&sim, "stocks", &["T"]) };
+    let (h, feed) = start(cfg);
+    h.wait_state(LinkState::Live, SECS(5)).await;
+    h.watch(&*feed, "ticks.AAPL", true);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.state().0, LinkState::Live);
+    assert_eq!(sim.state().counter("connections"), 1);
+    h.stop();
+}

@@ -130,6 +130,9 @@ pub struct SocketIoConfig {
     pub path: String,
     /// Engine.IO transports offered: `polling`, `websocket` or both (polling then upgrade).
     pub transports: Vec<String>,
+    /// How long an Engine.IO session may go without sending the Socket.IO CONNECT packet
+    /// before it is closed, in milliseconds (the reference server's `connectTimeout`).
+    pub connect_timeout_ms: u64,
 }
 
 /// The diagnostics endpoint (`GET /api/diagnostics`), which reports what the server received
@@ -164,6 +167,7 @@ impl Default for SocketIoConfig {
             enabled: true,
             path: "/socket.io".into(),
             transports: vec!["polling".into(), "websocket".into()],
+            connect_timeout_ms: 45_000,
         }
     }
 }
@@ -333,6 +337,7 @@ impl Config {
                 _ => errors.push(ConfigError::new(set.clone(), "expected KEY=VALUE")),
             }
         }
+        check_unknown_env(&merged, &sources.env, &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -398,11 +403,9 @@ impl Config {
         check(!s.ws_paths.is_empty(), "server.ws_paths", "at least one path is needed".into());
         for (i, path) in s.ws_paths.iter().enumerate() {
             let key = format!("server.ws_paths[{i}]");
-            check(
-                path.starts_with('/') && path.len() > 1,
-                &key,
-                format!("{path:?} must start with / and name a path"),
-            );
+            if let Err(reason) = check_route_path(path) {
+                check(false, &key, reason);
+            }
             check(
                 !collides_with_builtin(path),
                 &key,
@@ -482,15 +485,9 @@ impl Config {
             "server.reconnect_after_ms",
             format!("{} is outside 1..=600000", s.reconnect_after_ms),
         );
-        check(
-            ["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str())
-                || self.log.level.contains('='),
-            "log.level",
-            format!(
-                "{:?} is not a level (error, warn, info, debug, trace) or a filter directive",
-                self.log.level
-            ),
-        );
+        if let Err(reason) = check_log_filter(&self.log.level) {
+            check(false, "log.level", reason);
+        }
         check(
             ["text", "json"].contains(&self.log.format.as_str()),
             "log.format",
@@ -520,13 +517,18 @@ impl Config {
             );
         }
         let sio = &self.socketio;
+        if let Err(reason) = check_route_path(&sio.path) {
+            check(false, "socketio.path", reason);
+        }
         check(
-            sio.path.starts_with('/') && sio.path.len() > 1 && !sio.path.ends_with('/'),
+            !sio.path.ends_with('/'),
             "socketio.path",
-            format!("{:?} must start with / and name a path, without a trailing /", sio.path),
+            format!("{:?} must not end with /", sio.path),
         );
         check(
-            sio.path == "/socket.io" || !collides_with_builtin(&sio.path),
+            sio.path == "/socket.io"
+                || !(collides_with_builtin(&sio.path)
+                    || BUILTIN_PATHS.iter().any(|b| b.starts_with(&format!("{}/", sio.path)))),
             "socketio.path",
             format!(
                 "{:?} collides with a built-in endpoint ({})",
@@ -540,6 +542,11 @@ impl Config {
             }),
             "socketio.path",
             format!("{:?} is also a WebSocket path (server.ws_paths)", sio.path),
+        );
+        check(
+            (100..=600_000).contains(&sio.connect_timeout_ms),
+            "socketio.connect_timeout_ms",
+            format!("{} is outside 100..=600000", sio.connect_timeout_ms),
         );
         check(!sio.transports.is_empty(), "socketio.transports", "at least one is needed".into());
         for (i, t) in sio.transports.iter().enumerate() {
@@ -604,6 +611,56 @@ const BUILTIN_PATHS: &[&str] = &[
     "/app.js",
     "/app.css",
 ];
+
+/// Checks a configured route path (`server.ws_paths`, `socketio.path`): it is matched
+/// literally, so it must not contain the router's pattern syntax (`:id`, `*rest`, `{id}`),
+/// which would otherwise make `serve` fail after binding.
+fn check_route_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.len() < 2 {
+        return Err(format!("{path:?} must start with / and name a path"));
+    }
+    if path.len() > 256 {
+        return Err(format!("{path:?} is longer than 256 characters"));
+    }
+    if let Some(c) = path.chars().find(|c| !(c.is_ascii_alphanumeric() || "/-._~".contains(*c))) {
+        return Err(format!(
+            "{path:?} contains {c:?}: a path is literal and uses only A-Z a-z 0-9 / - . _ ~ \
+             (no route patterns such as :id, *rest or {{id}})"
+        ));
+    }
+    let inner = path.strip_suffix('/').unwrap_or(path);
+    if inner[1..].split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
+        return Err(format!("{path:?} has an empty, \".\" or \"..\" segment"));
+    }
+    Ok(())
+}
+
+/// Checks `log.level` strictly: every comma-separated directive must be a level
+/// (`off error warn info debug trace`) or `target=level`, as `tracing`'s filter syntax reads
+/// it. A bare word would otherwise be taken as a target name and quietly log nothing else.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |s: &str| LEVELS.contains(&s.to_ascii_lowercase().as_str());
+    for directive in filter.split(',').map(str::trim) {
+        let ok = if directive.is_empty() {
+            false
+        } else if let Some((target, level)) = directive.rsplit_once('=') {
+            is_level(level) && !target.is_empty() && !target.contains('=')
+        } else {
+            is_level(directive)
+        };
+        if !ok {
+            return Err(format!(
+                "{filter:?} is not a log filter: {directive:?} must be a level (off, error, warn, \
+                 info, debug, trace) or TARGET=LEVEL such as ferrocast_server=debug"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(|_| ())
+        .map_err(|e| format!("{filter:?} is not a log filter: {e}"))
+}
 
 fn collides_with_builtin(path: &str) -> bool {
     BUILTIN_PATHS.iter().any(|b| path == *b || (*b != "/" && path.starts_with(&format!("{b}/"))))
@@ -714,6 +771,57 @@ fn apply_env(merged: &mut Value, env: &[(String, String)], errors: &mut Vec<Conf
                 errors.push(ConfigError::new(format!("{path} (from {name})"), reason));
             }
         }
+    }
+}
+
+/// `FERROCAST_*` variables that are not configuration keys but are read by the binary, its
+/// tests or its deployment files, so an environment that sets them is not refused.
+pub const NON_CONFIG_ENV: &[&str] = &[
+    // `serve` / `config show`: the configuration file (`--config`).
+    "FERROCAST_CONFIG",
+    // The test suites: the binary under test, skipped stages, where artifacts go, which
+    // Chromium the browser tests drive.
+    "FERROCAST_BIN",
+    "FERROCAST_TEST_SKIP",
+    "FERROCAST_E2E_ARTIFACTS",
+    "FERROCAST_CHROMIUM",
+];
+
+/// Refuses `FERROCAST_*` variables that name no configuration key (a misspelling would
+/// otherwise be ignored), suggesting the closest known name. Allowed besides the keys:
+/// [`NON_CONFIG_ENV`] and the variables `api.key_env` and each feed's `api_key_env` name.
+fn check_unknown_env(merged: &Value, env: &[(String, String)], errors: &mut Vec<ConfigError>) {
+    let mut paths = Vec::new();
+    leaf_paths(merged, "", &mut paths);
+    let mut known: Vec<String> = paths.iter().map(|p| env_name(p)).collect();
+    known.extend(NON_CONFIG_ENV.iter().map(|s| s.to_string()));
+    let named_by = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
+    known.extend(named_by(lookup(merged, "api.key_env")));
+    if let Some(Value::Array(feeds)) = merged.get("feeds") {
+        known.extend(feeds.iter().filter_map(|f| named_by(f.get("api_key_env"))));
+    }
+    for (name, _) in env {
+        if !name.starts_with("FERROCAST_") || known.iter().any(|k| k == name) {
+            continue;
+        }
+        let closest = known
+            .iter()
+            .map(|k| (strsim::levenshtein(k, name), k))
+            .min()
+            .filter(|(d, _)| *d <= name.len() / 3 + 2)
+            .map(|(_, k)| format!("; did you mean {k}?"))
+            .unwrap_or_default();
+        let hint = if name.starts_with("FERROCAST_NAMESPACES_") {
+            " (a namespace's variables exist once the file has its [namespaces.NAME] table)"
+        } else if name.starts_with("FERROCAST_FEEDS") {
+            " ([[feeds]] blocks are configured in the file only)"
+        } else {
+            ""
+        };
+        errors.push(ConfigError::new(
+            name.clone(),
+            format!("unknown FERROCAST_ variable: it names no configuration key{hint}{closest}"),
+        ));
     }
 }
 
@@ -831,6 +939,7 @@ mod tests {
             "connect_timeout_ms",
             "ping_interval_ms",
             "read_timeout_ms",
+            "stale_after_ms",
             "backoff_initial_ms",
             "backoff_max_ms",
             "max_connections_backoff_ms",
@@ -956,5 +1065,95 @@ mod tests {
         .unwrap_err();
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, vec!["server.ws_paths[0]", "namespaces.candles.snapshot_size"]);
+    }
+
+    #[test]
+    fn route_paths_are_literal() {
+        for bad in [
+            "/ws/:id",
+            "/ws/*rest",
+            "/ws/{",
+            "/ws/{id}",
+            "ws",
+            "/",
+            "/ws//x",
+            "/a b",
+            "/ws/..",
+            "/ws?x",
+        ] {
+            let e = load(None, &[], &[&format!("server.ws_paths=[\"{bad}\"]")]).unwrap_err();
+            assert_eq!(e[0].key, "server.ws_paths[0]", "{bad}: {e:?}");
+        }
+        for bad in ["/sio/:id", "/sio/{x}", "/api", "/sio/"] {
+            let e = load(None, &[], &[&format!("socketio.path={bad}")]).unwrap_err();
+            assert_eq!(e[0].key, "socketio.path", "{bad}: {e:?}");
+        }
+        let ok = ["/ws", "/ws/price", "/api/socket", "/v1/stream.ws", "/a-b_c~d/"];
+        let c = load(None, &[], &[&format!("server.ws_paths={}", ok.join(","))]).unwrap();
+        assert_eq!(c.server.ws_paths, ok);
+        // Every accepted combination builds the router without panicking.
+        let c =
+            load(None, &[], &["socketio.path=/rt/sio", "server.ws_paths=/ws,/rt,/rt/ws/"]).unwrap();
+        let _ = crate::router(crate::AppState::new(c, None));
+    }
+
+    #[test]
+    fn log_filter_is_strict() {
+        for ok in ["info", "WARN", "off", "info,ferrocast_server=debug", "tower_http=trace"] {
+            assert!(check_log_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["verbose", "info,foo=bar=baz", "", "info,", "foo=loud", "=info"] {
+            let e = load(None, &[], &[&format!("log.level={bad}")]).unwrap_err();
+            assert_eq!(e[0].key, "log.level", "{bad}");
+            assert!(e[0].reason.contains("not a log filter"), "{bad}: {}", e[0].reason);
+        }
+    }
+
+    #[test]
+    fn unknown_env_vars_are_refused_with_a_suggestion() {
+        let e = load(None, &[("FERROCAST_SERVER_PING_INTERVAL", "1000")], &[]).unwrap_err();
+        assert_eq!(e[0].key, "FERROCAST_SERVER_PING_INTERVAL");
+        assert!(e[0].reason.contains("did you mean FERROCAST_SERVER_PING_INTERVAL_MS?"), "{e:?}");
+        // Non-config variables in use, and the variables the config names, are allowed.
+        let c = load(
+            Some("[api]\nkey_env = \"FERROCAST_PUBLISH_KEY\"\n"),
+            &[
+                ("FERROCAST_BIN", "/x"),
+                ("FERROCAST_API_KEY", "k"),
+                ("FERROCAST_CONFIG", "/etc/f.toml"),
+                ("FERROCAST_PUBLISH_KEY", "k2"),
+                ("OTHER_VAR", "1"),
+            ],
+            &[],
+        )
+        .unwrap();
+        // FERROCAST_API_KEY is also the variable of `api.key`.
+        assert_eq!(c.api.key, "k");
+        let e = load(None, &[("FERROCAST_NAMESPACES_NEWS_HISTORY_SIZE", "5")], &[]).unwrap_err();
+        assert!(e[0].reason.contains("[namespaces.NAME]"), "{e:?}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// No path configuration that passes validation can make building the router panic
+        /// (which would happen after binding the port).
+        #[test]
+        fn every_valid_path_configuration_builds_the_router(
+            ws in proptest::collection::vec("/[a-z._~-]{0,3}(/[a-z:*{}._-]{0,3}){0,2}/?", 1..4),
+            sio in "/[a-z.-]{1,5}(/[a-z:*{}]{0,3})?",
+            dashboard in proptest::bool::ANY,
+            socketio in proptest::bool::ANY,
+        ) {
+            let sets = [
+                format!("server.ws_paths={}", serde_json::to_string(&ws).unwrap()),
+                format!("socketio.path={sio}"),
+                format!("server.dashboard={dashboard}"),
+                format!("socketio.enabled={socketio}"),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            if let Ok(c) = load(None, &[], &sets) {
+                let _ = crate::router(crate::AppState::new(c, None));
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@
 //! | [`ws`] | the native WebSocket endpoint: upgrade, framing, one task per connection |
 //! | [`sse`] | Server-Sent Events at `/sse`, with `POST /sse/control` and `Last-Event-ID` resume |
 //! | [`socketio`] | Socket.IO v4 (polling, websocket, upgrade) through `socketioxide` |
+//! | [`sio_engine`] | Engine.IO's HTTP side in front of `socketioxide`: drain cut-off, first ping |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
 //! | [`body`] | request bodies within limits of time (408) and size (413) |
@@ -33,6 +34,7 @@ pub mod feedboard;
 pub mod metrics;
 pub mod session;
 pub mod shutdown;
+pub mod sio_engine;
 pub mod socketio;
 pub mod sources;
 pub mod sse;

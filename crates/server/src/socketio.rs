@@ -18,8 +18,9 @@
 //! ones), and, where the channel's namespace sets `socketio_event` (e.g. `price_update`), that
 //! event too with the data alone, so apps written for another Socket.IO server keep their
 //! handlers. Before the server ends a socket it emits `close` with `{code, reason}`: 1001 with a
-//! reconnect hint when draining (the transport is then closed, and clients reconnect by
-//! themselves), 4008 when the socket's queue overflowed (the socket is then disconnected).
+//! reconnect hint when draining (the transport is then dropped without an Engine.IO close
+//! packet, see [`crate::sio_engine`], and clients reconnect by themselves), 4008 when the
+//! socket's queue overflowed (the socket is then disconnected).
 //!
 //! Events are handled synchronously, in arrival order, by [`Event`] (socketioxide would
 //! otherwise run each handler in a task of its own, so an `unsubscribe` could overtake the
@@ -30,7 +31,6 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -55,6 +55,7 @@ use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::Session;
 use crate::shutdown::ConnectionGuard;
+use crate::sio_engine::EngineFront;
 use crate::sse::MsgView;
 use crate::ws::origin_allowed;
 
@@ -64,11 +65,9 @@ const ENGINE_BUFFER_PACKETS: usize = 1024;
 /// Retry delays while the engine's buffer is full.
 const MIN_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
-/// How long, once draining starts, sockets have to emit their `close` event before every
-/// transport is closed.
-const DRAIN_NOTICE: Duration = Duration::from_millis(200);
-/// When a draining socket's writer ends its session. socketioxide does not run disconnect
-/// handlers for the sockets its `close` shuts, so the writer does not wait for one.
+/// When a draining socket's writer ends its session: after
+/// [`crate::sio_engine::DRAIN_NOTICE`], when the
+/// transports are dropped, without waiting on the library's disconnect handler.
 const DRAIN_EXIT: Duration = Duration::from_millis(500);
 
 /// The Socket.IO routes (the configured path and everything under it), to merge into the
@@ -81,6 +80,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .req_path(config.path.clone())
         .ping_interval(Duration::from_millis(server.ping_interval_ms))
         .ping_timeout(Duration::from_millis(server.pong_timeout_ms))
+        // socketioxide closes (with an Engine.IO `1` close packet) a session that has not
+        // sent CONNECT in time: exactly the reference server's `connectTimeout`.
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
         .max_payload(server.max_frame_bytes as u64)
         .ws_max_message_size(server.max_frame_bytes)
         .ws_max_frame_size(server.max_frame_bytes)
@@ -93,8 +95,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         _ => builder.transports([TransportType::Polling, TransportType::Websocket]),
     };
     let (service, io) = builder.build_svc();
-    let state =
-        Arc::new(SioState { app: app.clone(), io: io.clone(), closer: AtomicBool::new(false) });
+    // ferrocast's front handles the drain cut-off and the first heartbeat (sio_engine).
+    let service = EngineFront::new(service, app.clone(), websocket);
+    let state = Arc::new(SioState { app: app.clone() });
     let admit_state = state.clone();
     // The middleware runs before socketioxide sends the connect packet, the handler after it
     // (socketioxide spawns the future the handler returns). So the event handlers are
@@ -118,30 +121,12 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .layer(axum::middleware::from_fn_with_state(app.clone(), crate::sse::cors))
 }
 
+/// State shared by the namespace's handlers. On drain nothing here closes sockets through
+/// socketioxide (its close sends packets that stop clients from reconnecting): each writer
+/// emits `close`, and [`EngineFront`] then drops the transports.
 #[derive(Debug)]
 struct SioState {
     app: Arc<AppState>,
-    io: SocketIo,
-    /// Whether the task that closes every transport on drain has been started.
-    closer: AtomicBool,
-}
-
-impl SioState {
-    /// Starts (once, from inside the runtime) the task that closes every Engine.IO transport
-    /// when draining begins. Closing the transport, rather than disconnecting the namespace,
-    /// is what makes Socket.IO clients reconnect by themselves (to another server).
-    fn start_closer(&self) {
-        if self.closer.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let shutdown = self.app.shutdown.clone();
-        let io = self.io.clone();
-        tokio::spawn(async move {
-            shutdown.draining().await;
-            tokio::time::sleep(DRAIN_NOTICE).await;
-            io.close().await;
-        });
-    }
 }
 
 /// Admission, before the socket joins the namespace: the same rules as a `/ws` upgrade. A
@@ -209,7 +194,6 @@ fn prepare(state: &SioState, s: &SocketRef) {
 /// A socket joined the namespace: start its writer.
 fn on_connect(state: Arc<SioState>, s: SocketRef) {
     let Some(conn) = s.extensions.remove::<Arc<Conn>>() else { return };
-    state.start_closer();
     let app = &state.app;
     let guard = app.shutdown.track();
     app.metrics.connection_opened(Transport::SocketIo);
@@ -498,6 +482,10 @@ impl Writer {
     }
 
     fn disconnect_code(&self) -> u16 {
+        if self.conn.app.shutdown.is_draining() {
+            // The drain dropped the transport on purpose.
+            return CloseCode::GoingAway.code();
+        }
         match *self.conn.reason.lock() {
             Some(DisconnectReason::ClosingServer) => CloseCode::GoingAway.code(),
             Some(DisconnectReason::HeartbeatTimeout) => CloseCode::HeartbeatTimeout.code(),

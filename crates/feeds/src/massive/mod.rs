@@ -8,7 +8,9 @@
 //! 2. subscribe to everything in demand plus `always`, as `T.AAPL,Q.AAPL,...`;
 //! 3. read batched frames, publish each event; ping every `ping_interval_ms`; follow demand
 //!    changes with `subscribe` / `unsubscribe`; a connection silent for `read_timeout_ms`
-//!    (no data, no pong) is presumed dead and replaced;
+//!    (no data, no pong) is presumed dead and replaced; one that sends no market data for
+//!    `stale_after_ms` while symbols are subscribed (but still answers pings) is marked
+//!    `stale` and replaced, and stays `stale` until data flows again;
 //! 4. on loss, back off (exponential, full jitter) and start again at 1, which resubscribes
 //!    everything in demand.
 //!
@@ -32,6 +34,7 @@ pub mod rest;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -42,7 +45,8 @@ use crate::PublishKind;
 use crate::backoff::Backoff;
 use crate::config::{FeedConfig, Problem};
 use crate::feed::{
-    Feed, FeedContext, FeedStats, LinkState, MarketChannel, SymbolFilter, UpstreamBars, now_ms,
+    Feed, FeedContext, FeedStats, LinkState, MarketChannel, STALE_TAG, Staleness, SymbolFilter,
+    UpstreamBars, now_ms,
 };
 use crate::interest::{Demand, Interest};
 use crate::link::{self, Message, Throttle, WsTx, close_text, sleep_until_opt, tick};
@@ -145,6 +149,8 @@ pub struct MassiveConfig {
     pub ping_interval: Option<Duration>,
     /// Silence after which the connection is presumed dead.
     pub read_timeout: Duration,
+    /// No market data this long, in ms, with symbols subscribed: `stale` (0: never).
+    pub stale_after_ms: u64,
     /// Reconnect backoff.
     pub backoff_initial: Duration,
     /// Reconnect backoff cap.
@@ -277,6 +283,7 @@ impl MassiveConfig {
             connect_timeout: ms(cfg.connect_timeout_ms),
             ping_interval: (cfg.ping_interval_ms > 0).then(|| ms(cfg.ping_interval_ms)),
             read_timeout: ms(cfg.read_timeout_ms),
+            stale_after_ms: cfg.stale_after_ms,
             backoff_initial: ms(cfg.backoff_initial_ms),
             backoff_max: ms(cfg.backoff_max_ms),
             max_connections_backoff: ms(cfg.max_connections_backoff_ms),
@@ -348,6 +355,8 @@ pub struct MassiveFeed {
     /// Params currently subscribed upstream on the live connection.
     upstream: Mutex<BTreeSet<String>>,
     parse_log: Mutex<Throttle>,
+    /// The last session ended stale: the feed stays `stale` until market data flows again.
+    stale: AtomicBool,
 }
 
 impl std::fmt::Debug for MassiveFeed {
@@ -370,6 +379,7 @@ impl MassiveFeed {
             normaliser,
             upstream: Mutex::new(BTreeSet::new()),
             parse_log: Mutex::new(Throttle::new(5)),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -510,11 +520,21 @@ impl MassiveFeed {
 
         let now = Instant::now();
         *live_since = Some(now);
-        stats.set_state(LinkState::Live, None);
-        tracing::info!(feed = name, url = %self.cfg.url, "feed live: authenticated");
+        if self.stale.load(Relaxed) {
+            stats.set_state(
+                LinkState::Stale,
+                Some("reconnected after going stale; waiting for market data".into()),
+            );
+            tracing::info!(feed = name, url = %self.cfg.url, "feed reconnected: authenticated, still stale until data flows");
+        } else {
+            stats.set_state(LinkState::Live, None);
+            tracing::info!(feed = name, url = %self.cfg.url, "feed live: authenticated");
+        }
         if let Err(end) = self.reconcile(&mut tx).await {
             return end;
         }
+        let mut staleness = Staleness::new(self.cfg.stale_after_ms);
+        staleness.subscribed(!self.upstream.lock().is_empty(), Instant::now());
 
         let mut ping = self.cfg.ping_interval.map(|period| {
             let mut t = tokio::time::interval_at(now + period, period);
@@ -531,8 +551,16 @@ impl MassiveFeed {
                         None => return retry("closed", "connection closed by upstream"),
                         Some(Err(e)) => return retry("read_failed", format!("read failed: {e}")),
                         Some(Ok(Message::Text(text))) => {
+                            let published = FeedStats::get(&stats.published);
                             if let Some(end) = self.on_frame(&text) {
                                 return end;
+                            }
+                            if FeedStats::get(&stats.published) > published {
+                                staleness.data(last_rx);
+                                if self.stale.swap(false, Relaxed) {
+                                    stats.set_state(LinkState::Live, None);
+                                    tracing::info!(feed = name, "feed live again: market data is flowing");
+                                }
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
@@ -552,6 +580,12 @@ impl MassiveFeed {
                         ),
                     );
                 }
+                () = sleep_until_opt(staleness.deadline()) => {
+                    let reason = staleness.reason(self.upstream.lock().len());
+                    self.stale.store(true, Relaxed);
+                    stats.set_state(LinkState::Stale, Some(reason.clone()));
+                    return retry(STALE_TAG, reason);
+                }
                 _ = tick(&mut ping) => {
                     if let Err(e) = link::send(&mut tx, Message::Ping(Default::default()), self.cfg.read_timeout).await {
                         return retry("write_failed", e);
@@ -561,11 +595,13 @@ impl MassiveFeed {
                     if let Err(end) = self.reconcile(&mut tx).await {
                         return end;
                     }
+                    staleness.subscribed(!self.upstream.lock().is_empty(), Instant::now());
                 }
                 () = sleep_until_opt(linger_deadline) => {
                     if let Err(end) = self.reconcile(&mut tx).await {
                         return end;
                     }
+                    staleness.subscribed(!self.upstream.lock().is_empty(), Instant::now());
                 }
             }
         }

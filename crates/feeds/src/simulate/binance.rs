@@ -91,6 +91,7 @@ pub(crate) async fn serve(ws: SimWs, path: &str, query: &str, state: Arc<SimStat
                 credit += state.opts.rate * TICK.as_secs_f64();
                 let n = credit.floor() as usize;
                 credit -= n as f64;
+                let n = if state.is_silent() { 0 } else { n };
                 events(&subs, n, &mut prices, &mut trade_id, &mut update_id)
                     .into_iter()
                     .map(|(stream, data)| {

@@ -73,6 +73,7 @@ pub(crate) async fn serve(ws: SimWs, state: Arc<SimState>) {
                 credit += state.opts.rate * TICK.as_secs_f64();
                 let n = credit.floor() as usize;
                 credit -= n as f64;
+                let n = if state.is_silent() { 0 } else { n };
                 let products: Vec<&String> = subs.iter().filter(|(c, _)| c == "ticker").map(|(_, p)| p).collect();
                 let mut rng = rand::rng();
                 let mut out = Vec::new();

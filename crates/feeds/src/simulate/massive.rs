@@ -102,10 +102,10 @@ pub(crate) async fn serve(ws: SimWs, path: &str, state: Arc<SimState>) {
                 credit += state.opts.rate * TICK.as_secs_f64();
                 let n = credit.floor() as usize;
                 credit -= n as f64;
-                data_frames(&mut s, &state, n)
+                if state.is_silent() { Vec::new() } else { data_frames(&mut s, &state, n) }
             }
-            _ = second_bars.tick(), if s.authenticated => bar_frame(&mut s, "A", 1_000).into_iter().collect(),
-            _ = minute_bars.tick(), if s.authenticated => bar_frame(&mut s, "AM", 60_000).into_iter().collect(),
+            _ = second_bars.tick(), if s.authenticated && !state.is_silent() => bar_frame(&mut s, "A", 1_000).into_iter().collect(),
+            _ = minute_bars.tick(), if s.authenticated && !state.is_silent() => bar_frame(&mut s, "AM", 60_000).into_iter().collect(),
             cmd = commands.recv() => match cmd {
                 Some(Command::Disconnect(st)) => {
                     state.count("disconnects_sent");

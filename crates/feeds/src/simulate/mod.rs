@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | `GET /debug/subscriptions` | JSON: every connection with its subscriptions, the union of them, and counters |
 //! | `POST /debug/stall` (`?on=0` to undo) | connections open now stop reading and writing, without closing (a frozen upstream) |
+//! | `POST /debug/silent` (`?on=0` to undo) | market data stops (auth, pings, heartbeats and acks go on): a connected but silent upstream |
 //! | `POST /debug/malformed?every=N` | every Nth data frame is replaced by a malformed one (0: off) |
 //! | `POST /debug/disconnect?status=slow_consumer` | Massive: send that status to every connection and close it; others: close |
 //! | `POST /debug/drop` | close every connection at once |
@@ -24,7 +25,7 @@ pub mod massive;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::SinkExt;
@@ -80,6 +81,9 @@ pub struct SimOptions {
     pub stall_after: Option<Duration>,
     /// Every Nth data frame is malformed (0: never).
     pub malformed_every: u64,
+    /// Send no market data (authentication, pings, heartbeats and acks go on): a silent
+    /// upstream. Also switchable at run time with `POST /debug/silent?on=1|0`.
+    pub silent: bool,
     /// Binance: interval of server pings.
     pub ping_interval: Duration,
     /// Binance: a client that does not answer a ping this long is disconnected.
@@ -101,6 +105,7 @@ impl Default for SimOptions {
             minute_bar_every: Duration::from_secs(60),
             stall_after: None,
             malformed_every: 0,
+            silent: false,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
             max_incoming_per_sec: 5,
@@ -145,6 +150,7 @@ pub struct SimState {
     /// Connections with an id up to this value are stalled (0: none).
     stall_upto: watch::Sender<u64>,
     malformed_every: AtomicU64,
+    silent: AtomicBool,
     frames: AtomicU64,
     counters: Mutex<BTreeMap<&'static str, u64>>,
     /// Completes every connection when the simulator shuts down.
@@ -162,6 +168,7 @@ impl SimState {
         Arc::new(SimState {
             protocol,
             malformed_every: AtomicU64::new(opts.malformed_every),
+            silent: AtomicBool::new(opts.silent),
             opts,
             next_id: AtomicU64::new(1),
             conns: Mutex::new(BTreeMap::new()),
@@ -240,6 +247,16 @@ impl SimState {
     /// Sets how often data frames are malformed (0: never).
     pub fn set_malformed_every(&self, every: u64) {
         self.malformed_every.store(every, Relaxed);
+    }
+
+    /// Stops (`true`) or resumes market data on every connection.
+    pub fn set_silent(&self, on: bool) {
+        self.silent.store(on, Relaxed);
+    }
+
+    /// Whether market data is withheld.
+    pub(crate) fn is_silent(&self) -> bool {
+        self.silent.load(Relaxed)
     }
 
     /// Massive: sends every connection the disconnect `status` (`slow_consumer`,
@@ -458,6 +475,12 @@ fn control(state: &SimState, request_line: &str) -> (&'static str, String) {
             tracing::info!(on, "simulator: stall");
             ok(json!({"stalled": on}))
         }
+        ("POST" | "GET", "/debug/silent") => {
+            let on = query_param(target, "on").is_none_or(|v| v != "0" && v != "false");
+            state.set_silent(on);
+            tracing::info!(on, "simulator: silent (no market data)");
+            ok(json!({"silent": on}))
+        }
         ("POST" | "GET", "/debug/malformed") => {
             let every = query_param(target, "every").and_then(|v| v.parse().ok()).unwrap_or(1);
             state.set_malformed_every(every);
@@ -478,7 +501,7 @@ fn control(state: &SimState, request_line: &str) -> (&'static str, String) {
             "404 Not Found",
             json!({"error": "unknown control endpoint", "endpoints": [
                 "GET /debug/subscriptions", "POST /debug/stall?on=1|0",
-                "POST /debug/malformed?every=N", "POST /debug/disconnect?status=S", "POST /debug/drop"
+                "POST /debug/malformed?every=N", "POST /debug/silent?on=1|0", "POST /debug/disconnect?status=S", "POST /debug/drop"
             ]})
             .to_string(),
         ),
