@@ -12,14 +12,20 @@ nginx runs the site `ferrocast gen nginx --upstream A --upstream B --upstream C`
   (each node's /api/stats); `ferrocast doctor` passes its sticky-session check;
 - the same site with the Socket.IO/SSE upstream turned into round robin breaks a real
   polling client, and the doctor fails with the "Session ID unknown" diagnosis and the
-  fixes for nginx, HAProxy and AWS.
+  fixes for nginx, HAProxy and AWS;
+- deploy/nginx/ferrocast-nodes.conf itself, with TLS from a private CA and the example
+  nodes swapped for the real ones, keeps polling sessions over HTTPS, and the doctor's
+  sticky-session check passes through it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shutil
 import socket
+import ssl
 import urllib.request
 
 import aiohttp
@@ -27,10 +33,10 @@ import pytest
 import socketio
 from websockets.asyncio.client import connect
 
-from ferrocast_e2e.procs import free_port
+from ferrocast_e2e.procs import REPO_ROOT, free_port
 from ferrocast_e2e.server import FerrocastServer, run_ferrocast
 from ferrocast_e2e.wsclient import CONNECT_DEFAULTS
-from test_doctor_nginx import NGINX, describe, doctor, start_nginx
+from test_doctor_nginx import NGINX, describe, doctor, make_ca_and_certificate, start_nginx
 
 pytestmark = [
     pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)"),
@@ -38,6 +44,7 @@ pytestmark = [
 ]
 
 NODES = 3
+DEPLOY_NODES = REPO_ROOT / "deploy" / "nginx" / "ferrocast-nodes.conf"
 
 
 def start_nodes(start_server) -> list[FerrocastServer]:
@@ -66,22 +73,27 @@ def connections(node: FerrocastServer, transport: str) -> int:
     return node.get("/api/stats").json()["connections"][transport]
 
 
-def polling_client(source: str) -> tuple[socketio.AsyncClient, aiohttp.ClientSession]:
+def polling_client(
+    source: str, ca: ssl.SSLContext | None = None
+) -> tuple[socketio.AsyncClient, aiohttp.ClientSession]:
     """A python-socketio client whose requests come from the address `source`."""
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0)))
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), ssl=ca if ca is not None else True)
+    session = aiohttp.ClientSession(connector=connector)
     return socketio.AsyncClient(reconnection=False, http_session=session), session
 
 
-async def polling_exchange(port: int, source: str, rounds: int) -> None:
+async def polling_exchange(
+    port: int, source: str, rounds: int, scheme: str = "http", ca: ssl.SSLContext | None = None
+) -> None:
     """A polling-only Socket.IO client from `source`: subscribes, then publishes `rounds`
     messages one after another and receives each (every publish is a POST, every ack and
     message a long-poll GET answered by the node that holds the session)."""
-    sio, session = polling_client(source)
+    sio, session = polling_client(source, ca)
     got: asyncio.Queue = asyncio.Queue()
     sio.on("message", got.put_nowait)
     channel = f"chat.poll-{source.replace('.', '-')}"
     try:
-        await sio.connect(f"http://127.0.0.1:{port}", transports=["polling"], wait_timeout=5)
+        await sio.connect(f"{scheme}://127.0.0.1:{port}", transports=["polling"], wait_timeout=5)
         assert sio.transport() == "polling"
         ack = await sio.call("subscribe", [channel], timeout=5)
         assert channel in ack, ack
@@ -237,3 +249,36 @@ async def test_non_sticky_front_breaks_polling_and_the_doctor_says_why(
     # The rest of the path is fine: only stickiness fails.
     for id_ in ("upgrade", "headers", "fallbacks"):
         assert checks[id_]["status"] == "pass", describe(checks)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_deploy_example_for_several_nodes_keeps_sessions_over_tls(
+    start_server, artifacts, track_process
+):
+    nodes = start_nodes(start_server)
+    ca, cert, key = make_ca_and_certificate(artifacts / "tls")
+    tls_port, http_port = free_port(), free_port()
+    site = DEPLOY_NODES.read_text()
+    for i, node in enumerate(nodes, start=1):
+        example = f"server 10.0.0.{i}:8080 "
+        assert site.count(example) == 2, example  # in both upstreams
+        site = site.replace(example, f"server 127.0.0.1:{node.port} ")
+    site = site.replace("    listen [::]:443 ssl;\n", "").replace("    listen [::]:80;\n", "")
+    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+    site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/fullchain\.pem", str(cert), site)
+    site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/privkey\.pem", str(key), site)
+    site = site.replace("server_name push.example.com;", "server_name 127.0.0.1 localhost;")
+    start_nginx(artifacts, track_process, site, tls_port)
+
+    context = ssl.create_default_context(cafile=str(ca))
+    await asyncio.gather(
+        *(polling_exchange(tls_port, s, 10, "https", context) for s in loopback_aliases(4))
+    )
+
+    code, checks, _ = await asyncio.to_thread(
+        doctor, f"https://127.0.0.1:{tls_port}/", "--ca-file", str(ca)
+    )
+    assert checks["tls"]["status"] == "pass", describe(checks)
+    assert checks["sticky"]["status"] == "pass", describe(checks)
+    assert checks["sticky"]["data"]["socketio"]["requests"] >= 4 * 5, checks["sticky"]
