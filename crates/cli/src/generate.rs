@@ -457,7 +457,15 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
             nginx_size(s.max_frame_bytes)
         );
     }
-    if no_api_key {
+    if no_api_key && several {
+        let _ = writeln!(
+            w,
+            "\n    # No API key is configured: ferrocast then accepts publishes from loopback only, and\n    \
+             # this location lets only clients on this host through. Set api.key (on every node) to\n    \
+             # publish from elsewhere.\n    \
+             location = /api/publish {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}"
+        );
+    } else if no_api_key {
         let _ = writeln!(
             w,
             "\n    # No API key is configured, and ferrocast then accepts publishes from loopback, which\n    \
