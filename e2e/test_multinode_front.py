@@ -13,6 +13,9 @@ nginx runs the site `ferrocast gen nginx --upstream A --upstream B --upstream C`
 - the same site with the Socket.IO/SSE upstream turned into round robin breaks a real
   polling client, and the doctor fails with the "Session ID unknown" diagnosis and the
   fixes for nginx, HAProxy and AWS;
+- a front that is sticky by a cookie it sets (as HAProxy `cookie … insert` or an AWS ALB
+  is; here nginx names the node in a cookie and routes by it) passes the doctor's check,
+  which sends cookies back like a browser and says that clients must keep them;
 - deploy/nginx/ferrocast-nodes.conf itself, with TLS from a private CA and the example
   nodes swapped for the real ones, keeps polling sessions over HTTPS, and the doctor's
   sticky-session check passes through it.
@@ -26,6 +29,7 @@ import re
 import shutil
 import socket
 import ssl
+import urllib.error
 import urllib.request
 
 import aiohttp
@@ -282,3 +286,56 @@ async def test_deploy_example_for_several_nodes_keeps_sessions_over_tls(
     assert checks["tls"]["status"] == "pass", describe(checks)
     assert checks["sticky"]["status"] == "pass", describe(checks)
     assert checks["sticky"]["data"]["socketio"]["requests"] >= 4 * 5, checks["sticky"]
+
+
+def sticky_by_cookie(nodes: list[FerrocastServer]):
+    """Edits the site so the session paths are sticky by a cookie the front sets: the first
+    request goes round robin, its answer sets `fcnode=<the node's address>`, and requests
+    carrying that cookie go to that node (an unknown value: round robin again)."""
+
+    def edit(site: str) -> str:
+        servers = "".join(f"    server 127.0.0.1:{n.port};\n" for n in nodes)
+        known = "".join(f"    127.0.0.1:{n.port} 127.0.0.1:{n.port};\n" for n in nodes)
+        head = (
+            f"upstream ferrocast_rr {{\n{servers}}}\n"
+            f"map $cookie_fcnode $fc_node {{\n    default ferrocast_rr;\n{known}}}\n"
+        )
+        assert site.count("proxy_pass http://ferrocast_sticky;") == 3
+        site = site.replace(
+            "proxy_pass http://ferrocast_sticky;",
+            'proxy_pass http://$fc_node;\n        add_header Set-Cookie "fcnode=$upstream_addr; Path=/";',
+        )
+        return head + site
+
+    return edit
+
+
+async def test_cookie_sticky_front_passes_with_cookies_sent_back(
+    start_server, artifacts, track_process
+):
+    nodes = start_nodes(start_server)
+    port = front(artifacts, track_process, nodes, edit=sticky_by_cookie(nodes))
+
+    # Without the cookie the front is round robin: a bare follow-up misses the session.
+    def handshake_then_bare_polls() -> list[int]:
+        base = f"http://127.0.0.1:{port}/socket.io/?EIO=4&transport=polling"
+        with urllib.request.urlopen(base, timeout=5) as resp:
+            assert resp.headers["Set-Cookie"].startswith("fcnode=127.0.0.1:"), resp.headers
+            sid = json.loads(resp.read().decode()[1:])["sid"]
+        statuses = []
+        for _ in range(3):
+            req = urllib.request.Request(f"{base}&sid={sid}", data=b"40", method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    statuses.append(r.status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        return statuses
+
+    assert 400 in await asyncio.to_thread(handshake_then_bare_polls)
+
+    code, checks, _ = await asyncio.to_thread(doctor, f"http://127.0.0.1:{port}/")
+    sticky = checks["sticky"]
+    assert sticky["status"] == "pass", describe(checks)
+    assert sticky["data"]["socketio"]["unknown"] == 0 and sticky["data"]["sse"]["unknown"] == 0
+    assert any("sticky by cookie (fcnode)" in d for d in sticky.get("details", [])), sticky
