@@ -240,7 +240,7 @@ def make_ca_and_certificate(dir: Path) -> tuple[Path, Path, Path]:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_deploy_example_with_tls_passes_every_check(start_server, artifacts, track_process):
     """deploy/nginx/ferrocast.conf itself (TLS), with ports and certificate paths swapped
-    for test ones: all eleven checks pass, the certificate included."""
+    for test ones: every check passes, the certificate included."""
     server = start_server()
     ca, cert, key = make_ca_and_certificate(artifacts / "tls")
     tls_port, http_port = free_port(), free_port()

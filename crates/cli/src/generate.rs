@@ -54,9 +54,11 @@ pub struct NginxArgs {
     /// Private key for TLS.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<String>,
-    /// Address nginx connects to (default: from server.listen).
-    #[arg(long, value_name = "HOST:PORT")]
-    pub upstream: Option<String>,
+    /// Address nginx connects to (default: from server.listen). Repeat it for several nodes:
+    /// WebSocket is then balanced by least connections, and Socket.IO and SSE are pinned to
+    /// one node per client address (their sessions live on one node).
+    #[arg(long = "upstream", value_name = "HOST:PORT")]
+    pub upstreams: Vec<String>,
     #[command(flatten)]
     pub out: Output,
 }
@@ -238,7 +240,8 @@ pub struct NginxOptions {
     pub server_name: String,
     pub binds: Vec<String>,
     pub tls: Option<(String, String)>,
-    pub upstream: Option<String>,
+    /// The nodes nginx balances over; empty means one, at `server.listen`.
+    pub upstreams: Vec<String>,
 }
 
 impl From<&NginxArgs> for NginxOptions {
@@ -247,7 +250,7 @@ impl From<&NginxArgs> for NginxOptions {
             server_name: a.server_name.clone(),
             binds: a.binds.clone(),
             tls: a.tls_cert.clone().zip(a.tls_key.clone()),
-            upstream: a.upstream.clone(),
+            upstreams: a.upstreams.clone(),
         }
     }
 }
@@ -287,7 +290,14 @@ const LOOPBACK_ONLY: &str = "        allow 127.0.0.1;\n        allow ::1;\n     
 pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
     let s = &config.server;
     let timeout = proxy_timeout_secs(config);
-    let upstream = opts.upstream.clone().unwrap_or_else(|| upstream_addr(config));
+    let nodes: Vec<String> = if opts.upstreams.is_empty() {
+        vec![upstream_addr(config)]
+    } else {
+        opts.upstreams.clone()
+    };
+    let several = nodes.len() > 1;
+    // Where requests that belong to a session on one node go (see `several_nodes_upstreams`).
+    let sticky = if several { STICKY_UPSTREAM } else { "ferrocast" };
     let tls_suffix = if opts.tls.is_some() { " ssl" } else { "" };
     let default_port = if opts.tls.is_some() { 443 } else { 80 };
     let binds: Vec<String> = if opts.binds.is_empty() {
@@ -323,6 +333,17 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
         if opts.tls.is_some() { "https" } else { "http" },
         if opts.server_name == "_" { "HOST" } else { &opts.server_name }
     );
+    if several {
+        let _ = writeln!(w, "# Nodes (--upstream): {}.", nodes.join(", "));
+        let _ = writeln!(
+            w,
+            "# Each node is a whole gateway; for a message published on one node to reach clients of"
+        );
+        let _ = writeln!(
+            w,
+            "# the others, run them with a shared broker (docs/deployment.md, \"Several nodes\")."
+        );
+    }
     let _ =
         writeln!(w, "# Regenerate it (same --config/--set flags) whenever those settings change.");
     let _ = writeln!(w);
@@ -335,7 +356,12 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
         w,
         "map $http_upgrade $ferrocast_connection {{\n    default upgrade;\n    ''      '';\n}}\n"
     );
-    let _ = writeln!(w, "upstream ferrocast {{\n    server {upstream};\n    keepalive 32;\n}}\n");
+    if several {
+        several_nodes_upstreams(w, &nodes);
+    } else {
+        let _ =
+            writeln!(w, "upstream ferrocast {{\n    server {};\n    keepalive 32;\n}}\n", nodes[0]);
+    }
     if opts.tls.is_some() && opts.binds.is_empty() {
         let _ = writeln!(
             w,
@@ -374,6 +400,15 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
          proxy_send_timeout {timeout}s;",
         s.ping_interval_ms
     );
+    if several {
+        let _ = writeln!(
+            w,
+            "\n    # A node that does not accept the connection within 3 s is skipped for the next one\n    \
+             # (proxy_next_upstream's default: on a connection error or timeout, for requests that\n    \
+             # can be repeated), and counts toward its max_fails.\n    \
+             proxy_connect_timeout 3s;"
+        );
+    }
     let _ = writeln!(
         w,
         "\n    # Native WebSocket endpoint{} (server.ws_paths).",
@@ -383,23 +418,54 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
         let _ =
             writeln!(w, "    location = {path} {{\n        proxy_pass http://ferrocast;\n    }}");
     }
-    let _ = writeln!(
-        w,
-        "\n    # Server-Sent Events: unbuffered and uncompressed, or events arrive in bursts.\n    \
-         location = /sse {{\n        proxy_pass http://ferrocast;\n        proxy_buffering off;\n        \
-         proxy_cache off;\n        gzip off;\n    }}"
-    );
+    if several {
+        let _ = writeln!(
+            w,
+            "\n    # Server-Sent Events: unbuffered and uncompressed, or events arrive in bursts. Pinned\n    \
+             # like Socket.IO, because a stream's POST /sse/control requests must reach the node that\n    \
+             # holds the stream. Streams that never use /sse/control (channels only in the URL) could\n    \
+             # use the ferrocast upstream instead.\n    \
+             location = /sse {{\n        proxy_pass http://{sticky};\n        proxy_buffering off;\n        \
+             proxy_cache off;\n        gzip off;\n        \
+             # nginx Plus only (the open-source nginx has no active checks):\n        \
+             # health_check uri=/readyz interval=5s fails=2 passes=2;\n    }}\n\n    \
+             # Changes to a live SSE stream (bodies up to server.max_frame_bytes).\n    \
+             location = /sse/control {{\n        proxy_pass http://{sticky};\n        \
+             client_max_body_size {};\n    }}",
+            nginx_size(s.max_frame_bytes)
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            "\n    # Server-Sent Events: unbuffered and uncompressed, or events arrive in bursts.\n    \
+             location = /sse {{\n        proxy_pass http://ferrocast;\n        proxy_buffering off;\n        \
+             proxy_cache off;\n        gzip off;\n    }}"
+        );
+    }
     if config.socketio.enabled {
         let path = config.socketio.path.trim_end_matches('/');
         let _ = writeln!(
             w,
-            "\n    # Socket.IO: long-polling (request bodies up to server.max_frame_bytes) and WebSocket.\n    \
-             location {path}/ {{\n        proxy_pass http://ferrocast;\n        proxy_buffering off;\n        \
+            "\n    # Socket.IO: long-polling (request bodies up to server.max_frame_bytes) and WebSocket.{}\n    \
+             location {path}/ {{\n        proxy_pass http://{sticky};\n        proxy_buffering off;\n        \
              client_max_body_size {};\n    }}",
+            if several {
+                "\n    # Pinned: a polling session's requests (and its upgrade) must reach the node that opened it."
+            } else {
+                ""
+            },
             nginx_size(s.max_frame_bytes)
         );
     }
-    if no_api_key {
+    if no_api_key && several {
+        let _ = writeln!(
+            w,
+            "\n    # No API key is configured: ferrocast then accepts publishes from loopback only, and\n    \
+             # this location lets only clients on this host through. Set api.key (on every node) to\n    \
+             # publish from elsewhere.\n    \
+             location = /api/publish {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}"
+        );
+    } else if no_api_key {
         let _ = writeln!(
             w,
             "\n    # No API key is configured, and ferrocast then accepts publishes from loopback, which\n    \
@@ -416,14 +482,64 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
     }
     let _ = writeln!(
         w,
-        "\n    # Prometheus metrics stay private.\n    location = /metrics {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}"
+        "\n    # Prometheus metrics stay private.{}\n    location = /metrics {{\n{LOOPBACK_ONLY}        proxy_pass http://ferrocast;\n    }}",
+        if several {
+            " Through here they are whichever node's the balancer picks:\n    # let Prometheus scrape every node directly."
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         w,
         "\n    # Everything else: the HTTP API, /api/diagnostics (for ferrocast doctor), health, dashboard.\n    \
-         location / {{\n        proxy_pass http://ferrocast;\n    }}\n}}"
+         location / {{\n        proxy_pass http://ferrocast;{}\n    }}\n}}",
+        if several {
+            "\n        # nginx Plus only: health_check uri=/readyz interval=5s fails=2 passes=2;"
+        } else {
+            ""
+        }
     );
     o
+}
+
+/// The upstream whose nodes keep sessions: Socket.IO polling, SSE and its control requests.
+const STICKY_UPSTREAM: &str = "ferrocast_sticky";
+
+/// The two upstreams of a site in front of several nodes: `ferrocast`, balanced by least
+/// connections, and [`STICKY_UPSTREAM`], which keeps each client on one node.
+fn several_nodes_upstreams(w: &mut String, nodes: &[String]) {
+    let servers: String =
+        nodes.iter().map(|n| format!("    server {n} max_fails=3 fail_timeout=10s;\n")).collect();
+    let _ = writeln!(
+        w,
+        "# Health: the open-source nginx checks nodes passively only. A node that refuses, drops or\n\
+         # times out max_fails connections is skipped for fail_timeout; a node that answers but is\n\
+         # not ready (ferrocast's /readyz is 503 while draining or while a required feed is down)\n\
+         # is only noticed by an active check: nginx Plus's `health_check uri=/readyz` (commented\n\
+         # in the locations below), or the load balancer or orchestrator in front (an AWS target\n\
+         # group's health check path, a Kubernetes readiness probe). `zone` shares connection\n\
+         # counts and failures among nginx's worker processes.\n\
+         \n\
+         # WebSocket, the HTTP API and the dashboard hold no session that another node lacks: the\n\
+         # node with the fewest open connections takes each new one.\n\
+         upstream ferrocast {{\n    zone ferrocast 64k;\n    least_conn;\n{servers}    keepalive 32;\n}}\n\
+         \n\
+         # Socket.IO long-polling and SSE keep a session on the node that opened it, and every\n\
+         # later request of that session must reach the same node: another one answers 400\n\
+         # {{\"code\":1,\"message\":\"Session ID unknown\"}} (Socket.IO) or 404 unknown_session\n\
+         # (/sse/control). Those requests cannot be routed by their session id: the Engine.IO\n\
+         # handshake has none yet (the sid comes in its answer) and /sse/control carries it in the\n\
+         # JSON body. The client's address is the same on all of them, so a consistent hash of it\n\
+         # pins each client to one node, and adding or removing a node moves only about 1/N of the\n\
+         # clients. (ip_hash would hash only the first three octets of an IPv4 address and put\n\
+         # whole /24 networks on one node; hash $arg_sid or $cookie_io would send every handshake\n\
+         # to one node and its later requests to another.) Behind another proxy or load balancer,\n\
+         # give nginx the client's address with the realip module, or all clients share one node:\n\
+         #   set_real_ip_from 10.0.0.0/8;  real_ip_header X-Forwarded-For;\n\
+         # A client whose address changes (a phone switching networks) gets a new session; its\n\
+         # client reconnects and recovers with offsets.\n\
+         upstream {STICKY_UPSTREAM} {{\n    zone {STICKY_UPSTREAM} 64k;\n    hash $remote_addr consistent;\n{servers}    keepalive 32;\n}}\n"
+    );
 }
 
 /// The systemd unit for `config`.
@@ -650,10 +766,22 @@ mod tests {
         }
     }
 
+    /// The nodes of the deploy/nginx/ferrocast-nodes.conf example.
+    fn example_nodes() -> Vec<String> {
+        ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"].map(String::from).to_vec()
+    }
+
     #[test]
     fn deploy_examples_are_the_generated_files() {
         let config = Config::default();
         golden("deploy/nginx/ferrocast.conf", &nginx(&config, &nginx_example_options()));
+        golden(
+            "deploy/nginx/ferrocast-nodes.conf",
+            &nginx(
+                &config,
+                &NginxOptions { upstreams: example_nodes(), ..nginx_example_options() },
+            ),
+        );
         golden(
             "deploy/systemd/ferrocast.service",
             &systemd(&config, "/usr/local/bin/ferrocast", "/etc/ferrocast/ferrocast.toml"),
@@ -753,6 +881,49 @@ mod tests {
         let keyed = nginx(&config(&["api.key=k"]), &NginxOptions::default());
         assert!(keyed.contains("client_max_body_size 4m;"), "{keyed}");
         assert_eq!(proxy_timeout_secs(&config(&["server.ping_interval_ms=2000"])), 60);
+    }
+
+    #[test]
+    fn nginx_in_front_of_several_nodes_pins_sessions_only() {
+        let opts = NginxOptions { upstreams: example_nodes(), ..Default::default() };
+        let text = nginx(&config(&["server.ws_paths=[\"/ws\",\"/ws/price\"]"]), &opts);
+        let block = |name: &str| {
+            let start = text.find(&format!("upstream {name} {{")).expect(name);
+            text[start..start + text[start..].find('}').unwrap()].to_owned()
+        };
+        let (free, sticky) = (block("ferrocast"), block(STICKY_UPSTREAM));
+        assert!(free.contains("least_conn;") && !free.contains("hash"), "{free}");
+        assert!(sticky.contains("hash $remote_addr consistent;"), "{sticky}");
+        for b in [&free, &sticky] {
+            for node in example_nodes() {
+                assert!(b.contains(&format!("server {node} max_fails=3 fail_timeout=10s;")), "{b}");
+            }
+            // nginx wants the balancing method before keepalive.
+            assert!(b.find("keepalive 32;") > b.find("least_conn").or(b.find("hash")), "{b}");
+        }
+        let location = |path: &str| {
+            let start = text.find(&format!("location {path} {{")).expect(path);
+            text[start..start + text[start..].find('}').unwrap()].to_owned()
+        };
+        for path in ["= /ws", "= /ws/price", "= /api/publish", "= /metrics", "/"] {
+            assert!(location(path).contains("proxy_pass http://ferrocast;"), "{path}: {text}");
+        }
+        for path in ["= /sse", "= /sse/control", "/socket.io/"] {
+            let l = location(path);
+            assert!(l.contains(&format!("proxy_pass http://{STICKY_UPSTREAM};")), "{path}: {l}");
+        }
+        assert!(location("= /sse/control").contains("client_max_body_size 64k;"));
+        assert!(text.contains("proxy_connect_timeout 3s;") && text.contains("uri=/readyz"));
+        assert!(text.contains("proxy_read_timeout 75s;"), "{text}");
+
+        // One node, given or not, keeps the single upstream.
+        let one = NginxOptions { upstreams: vec!["10.0.0.9:80".into()], ..Default::default() };
+        let single = nginx(&Config::default(), &one);
+        assert!(
+            single.contains("upstream ferrocast {\n    server 10.0.0.9:80;\n    keepalive 32;\n}")
+        );
+        assert!(!single.contains(STICKY_UPSTREAM) && !single.contains("least_conn"), "{single}");
+        assert!(!single.contains("/sse/control"), "{single}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use http::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -13,6 +14,7 @@ use super::net::{Connector, EndpointKind, HttpReply, NetError, Upgrade};
 use super::probes::{self, Ended, FirstFrame, Held, NativeConn, SizeResult};
 use super::report::{Fix, Outcome};
 use super::sse::{self, Publisher};
+use super::sticky::{self, Tally};
 use super::{Diag, Doctor, UpgradeAnswer, fixes, tls};
 
 /// Pings per round-trip measurement, and their spacing.
@@ -1038,6 +1040,117 @@ impl Doctor {
     }
 }
 
+impl Doctor {
+    // ---- 12. Sticky sessions ------------------------------------------------------------
+
+    pub(super) async fn sticky(&mut self) -> Outcome {
+        let ferrocast = self.is_ferrocast();
+        if !ferrocast && self.target.kind != EndpointKind::SocketIo {
+            return Outcome::skip("not a ferrocast server: its sessions are unknown");
+        }
+        let connector = self.connector().clone();
+        let sio = self.socketio_path();
+        let sio_on = self.diag.settings().is_none_or(|s| s["socketio"]["enabled"] != false);
+        let sio_runs = if sio_on {
+            join_all((0..sticky::SIO_SESSIONS).map(|_| sticky::socketio_session(&connector, &sio)))
+                .await
+        } else {
+            Vec::new()
+        };
+        let sse_runs = if ferrocast {
+            let channel = format!("doctor.sticky-{}", ferrocast_server::random_id(8));
+            join_all((0..sticky::SSE_STREAMS).map(|_| sticky::sse_session(&connector, &channel)))
+                .await
+        } else {
+            Vec::new()
+        };
+        let (sio_t, sse_t) = (Tally::of(&sio_runs), Tally::of(&sse_runs));
+        judge_sticky(&sio, sio_on, &sio_t, &sse_t)
+    }
+}
+
+/// The verdict of the sticky-session probe.
+fn judge_sticky(sio: &str, sio_on: bool, sio_t: &Tally, sse_t: &Tally) -> Outcome {
+    let data = json!({"socketio": sio_t.data(), "sse": sse_t.data()});
+    let mut cookies = sio_t.cookies.clone();
+    cookies.extend(sse_t.cookies.iter().filter(|c| !sio_t.cookies.contains(c)).cloned());
+    let mut details: Vec<String> = Vec::new();
+    if !sio_on {
+        details.push("Socket.IO is turned off (socketio.enabled = false)".into());
+    }
+    for e in &sio_t.not_opened {
+        details.push(format!("Socket.IO session not opened: {e}"));
+    }
+    for e in &sse_t.not_opened {
+        details.push(format!("SSE stream not opened: {e}"));
+    }
+    if sio_t.opened == 0 && sse_t.opened == 0 {
+        return Outcome::skip(
+            "no Socket.IO polling session or SSE stream could be opened (see the fallbacks check)",
+        )
+        .details(details)
+        .data(data);
+    }
+    let opened = format!(
+        "{} Socket.IO polling session{} and {} SSE stream{}",
+        sio_t.opened,
+        if sio_t.opened == 1 { "" } else { "s" },
+        sse_t.opened,
+        if sse_t.opened == 1 { "" } else { "s" }
+    );
+    let requests = sio_t.requests + sse_t.requests;
+    if sio_t.unknown + sse_t.unknown > 0 {
+        let mut found = Vec::new();
+        if sio_t.unknown > 0 {
+            found.push(format!(
+                "Socket.IO long-polling is not sticky: {} of {} follow-up requests ({} of {} sessions) reached a node that answered 400 {{\"code\":1,\"message\":\"Session ID unknown\"}}",
+                sio_t.unknown, sio_t.requests, sio_t.broken, sio_t.opened
+            ));
+        }
+        if sse_t.unknown > 0 {
+            found.push(format!(
+                "SSE control requests reach other nodes than their stream: {} of {} answered 404 unknown_session",
+                sse_t.unknown, sse_t.requests
+            ));
+        }
+        if !cookies.is_empty() {
+            details.push(format!(
+                "the front set cookie(s) {} and the doctor sent them back, yet the session moved",
+                cookies.join(", ")
+            ));
+        }
+        details.push(format!("probed: {opened}, each follow-up request on a new connection"));
+        details.extend(sio_t.errors.iter().chain(&sse_t.errors).cloned());
+        return Outcome::fail(found.join("; "))
+            .cause("a load balancer spreads one session's requests over several nodes, and only the node that opened a session knows it: Socket.IO clients on long-polling fail with \"Session ID unknown\" and reconnect again and again, and SSE streams cannot change their subscriptions. Pin each client to one node for the Socket.IO path, /sse and /sse/control (WebSocket can stay balanced freely)")
+            .fixes(fixes::sticky_sessions(sio))
+            .details(details)
+            .data(data);
+    }
+    let errors: Vec<String> = sio_t.errors.iter().chain(&sse_t.errors).cloned().collect();
+    if !errors.is_empty() {
+        return Outcome::warn(format!(
+            "{} of {requests} follow-up requests of {opened} failed (not with an unknown session)",
+            errors.len()
+        ))
+        .cause("the path to the server is unreliable for session requests (a node or the proxy failing); stickiness could not be judged fully")
+        .details(errors)
+        .details(details)
+        .data(data);
+    }
+    if !cookies.is_empty() {
+        details.push(format!(
+            "sticky by cookie ({}): browsers keep it; other clients must keep cookies too, or use the WebSocket transport only",
+            cookies.join(", ")
+        ));
+    }
+    Outcome::pass(format!(
+        "{opened}: all {requests} follow-up requests, each on a new connection, reached the session's node"
+    ))
+    .details(details)
+    .data(data)
+}
+
 fn judge_failed(path: &str, e: &NetError) -> Outcome {
     let outcome = Outcome::fail(format!("upgrade of {} failed: {e}", strip_query(path)));
     match e {
@@ -1258,5 +1371,47 @@ mod tests {
             "/socket.io/?EIO=4&transport=websocket&token=abc"
         );
         assert_eq!(strip_query("/socket.io/?EIO=4"), "/socket.io/");
+    }
+
+    #[test]
+    fn sticky_verdicts() {
+        use super::super::report::Status;
+        let tally = |opened, requests, unknown, cookies: &[&str]| Tally {
+            opened,
+            broken: usize::from(unknown > 0),
+            requests,
+            unknown,
+            cookies: cookies.iter().map(|c| c.to_string()).collect(),
+            ..Default::default()
+        };
+        let o = judge_sticky("/socket.io", true, &tally(4, 24, 0, &[]), &tally(2, 8, 0, &[]));
+        assert_eq!(o.status, Status::Pass, "{o:?}");
+        assert!(o.summary.contains("all 32 follow-up requests"), "{}", o.summary);
+        let o =
+            judge_sticky("/socket.io", true, &tally(4, 24, 0, &["AWSALB"]), &tally(2, 8, 0, &[]));
+        assert!(o.details.iter().any(|d| d.contains("sticky by cookie (AWSALB)")), "{o:?}");
+        let o = judge_sticky("/socket.io", true, &tally(4, 24, 7, &[]), &tally(2, 8, 0, &[]));
+        assert_eq!(o.status, Status::Fail);
+        assert!(
+            o.summary.contains("Session ID unknown") && !o.summary.contains("SSE"),
+            "{}",
+            o.summary
+        );
+        assert!(
+            o.fixes.iter().any(|f| f.target == "HAProxy" && f.snippet.contains("balance source"))
+        );
+        let o = judge_sticky("/socket.io", false, &Tally::default(), &tally(2, 8, 3, &[]));
+        assert_eq!(o.status, Status::Fail);
+        assert!(o.summary.contains("3 of 8 answered 404 unknown_session"), "{}", o.summary);
+        let errors =
+            Tally { errors: vec!["GET (poll) answered 502".into()], ..tally(4, 24, 0, &[]) };
+        assert_eq!(
+            judge_sticky("/socket.io", true, &errors, &Tally::default()).status,
+            Status::Warn
+        );
+        let none = Tally { not_opened: vec!["handshake: refused".into()], ..Tally::default() };
+        let o = judge_sticky("/socket.io", true, &none, &Tally::default());
+        assert_eq!(o.status, Status::Skip);
+        assert!(o.details[0].contains("handshake: refused"), "{o:?}");
     }
 }

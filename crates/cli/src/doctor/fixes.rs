@@ -264,3 +264,51 @@ pub fn frame_limit(passing: usize) -> Vec<Fix> {
         ),
     ]
 }
+
+/// A front that spreads one Socket.IO polling session (or one SSE stream and its control
+/// requests) over several nodes: pin each client to one node.
+pub fn sticky_sessions(sio_path: &str) -> Vec<Fix> {
+    vec![
+        Fix::new(
+            "nginx",
+            format!(
+                "# a second upstream that keeps each client on one node, for the session paths:\n\
+                 upstream ferrocast_sticky {{\n    hash $remote_addr consistent;   # or: ip_hash;\n    \
+                 server 10.0.0.1:8080;\n    server 10.0.0.2:8080;\n    keepalive 32;\n}}\n\
+                 location {sio_path}/    {{ proxy_pass http://ferrocast_sticky; ... }}\n\
+                 location = /sse         {{ proxy_pass http://ferrocast_sticky; ... }}\n\
+                 location = /sse/control {{ proxy_pass http://ferrocast_sticky; }}\n\
+                 # (not hash $arg_sid: the handshake has no sid yet and lands on another node)\n\
+                 # or generate the whole site: ferrocast gen nginx --upstream 10.0.0.1:8080 --upstream 10.0.0.2:8080"
+            ),
+        ),
+        Fix::new(
+            "HAProxy",
+            format!(
+                "backend ferrocast_sticky   # used for {sio_path}/ and /sse (use_backend ... if {{ path_beg {sio_path}/ /sse }})\n    \
+                 balance source            # or a cookie the balancer inserts:\n    \
+                 # cookie SERVERID insert indirect nocache\n    \
+                 server n1 10.0.0.1:8080 check cookie n1\n    \
+                 server n2 10.0.0.2:8080 check cookie n2"
+            ),
+        ),
+        Fix::new(
+            "AWS ALB",
+            "aws elbv2 modify-target-group-attributes --target-group-arn ARN --attributes \\\n    \
+             Key=stickiness.enabled,Value=true Key=stickiness.type,Value=lb_cookie \\\n    \
+             Key=stickiness.lb_cookie.duration_seconds,Value=86400\n\
+             # Elastic Beanstalk: aws:elasticbeanstalk:environment:process:default StickinessEnabled: true\n\
+             # (ferrocast gen elastic-beanstalk sets it)",
+        ),
+        Fix::new(
+            "Kubernetes ingress-nginx",
+            "nginx.ingress.kubernetes.io/affinity: \"cookie\"\n\
+             nginx.ingress.kubernetes.io/affinity-mode: \"persistent\"   # ferrocast gen kubernetes sets both",
+        ),
+        Fix::new(
+            "client",
+            "// or skip long-polling, which needs no stickiness (WebSocket stays on its node):\n\
+             io(\"https://your.host\", { transports: [\"websocket\"] });",
+        ),
+    ]
+}

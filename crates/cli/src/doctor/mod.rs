@@ -15,6 +15,7 @@
 //! | 9 | Idle timeout | with `--idle`: how long intermediaries let a silent connection live |
 //! | 10 | SSE streaming | events published apart must arrive apart, not in buffered bursts |
 //! | 11 | Fallback transports | `/sse` and Socket.IO (polling and websocket) answer |
+//! | 12 | Sticky sessions | a Socket.IO polling session's and an SSE stream's requests, each on a new connection, reach the node that holds the session |
 //!
 //! Exit code: 0 when every check passed (or was skipped), 1 when the worst is a warning,
 //! 2 when a check failed. `--json` prints one JSON document instead of the progress lines.
@@ -25,6 +26,7 @@ mod net;
 mod probes;
 mod report;
 mod sse;
+mod sticky;
 mod tls;
 
 use std::io::Write;
@@ -170,7 +172,7 @@ struct Doctor {
 }
 
 /// The checks, in order: id and title.
-const CHECKS: [(&str, &str); 11] = [
+const CHECKS: [(&str, &str); 12] = [
     ("dns", "DNS lookup"),
     ("tcp", "TCP connect"),
     ("tls", "TLS certificate"),
@@ -182,6 +184,7 @@ const CHECKS: [(&str, &str); 11] = [
     ("idle", "Idle timeout"),
     ("sse", "SSE streaming"),
     ("fallbacks", "Fallback transports"),
+    ("sticky", "Sticky sessions"),
 ];
 
 pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
@@ -271,6 +274,7 @@ impl Doctor {
             "idle" => self.idle().await,
             "sse" => self.sse().await,
             "fallbacks" => self.fallbacks().await,
+            "sticky" => self.sticky().await,
             other => unreachable!("unknown check {other}"),
         }
     }

@@ -240,6 +240,24 @@ impl Connector {
         HttpReply::read(resp, self.timeout).await
     }
 
+    /// `POST path` with a text body (an Engine.IO polling payload).
+    pub async fn post_text(
+        &self,
+        path: &str,
+        body: &str,
+        headers: &[(&str, String)],
+    ) -> Result<HttpReply, NetError> {
+        let mut builder = self
+            .request("POST", path)
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8");
+        for (k, v) in headers {
+            builder = builder.header(*k, v);
+        }
+        let req = builder.body(Full::new(Bytes::from(body.to_owned()))).expect("valid request");
+        let resp = self.send(req).await?;
+        HttpReply::read(resp, self.timeout).await
+    }
+
     /// Attempts a WebSocket upgrade of `path` with `extra` headers. A refusal is not an
     /// error: it comes back as [`Upgrade::Refused`] with the whole answer.
     pub async fn upgrade(&self, path: &str, extra: &[(&str, String)]) -> Result<Upgrade, NetError> {

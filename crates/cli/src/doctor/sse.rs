@@ -280,6 +280,8 @@ fn judge(path: &str, sent: &[Instant], arrived: &[Option<Instant>], encoding: &s
             format!(
                 "the response is compressed ({encoding}) on the way: compression buffers the stream until a block fills"
             )
+        } else if received.is_empty() {
+            "a proxy buffers the response (nginx: proxy_buffering on, or an upstream X-Accel-Buffering header being ignored; a CDN or compression in front) and holds every event; or, behind a load balancer over several nodes that share no broker (the memory broker), the doctor's publishes reached another node than its stream".to_owned()
         } else {
             "a proxy buffers the response (nginx: proxy_buffering on, or an upstream X-Accel-Buffering header being ignored; a CDN or compression in front) and releases events when its buffer fills".to_owned()
         };
