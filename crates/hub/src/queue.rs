@@ -35,7 +35,8 @@ use crate::namespace::OverflowPolicy;
 pub const ENTRY_COST: usize = 64;
 /// What a pending replay or snapshot counts against the budget: the cursor itself is small,
 /// but each one stands for a chunk of history the writer will hold, so a client cannot
-/// queue thousands of them without reading.
+/// queue thousands of them without reading. Never more than a sixteenth of the budget, so
+/// even a tiny budget takes a recovery.
 pub const REPLAY_COST: usize = 2048;
 /// Most bytes of history one drain reads from a replay cursor.
 const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
@@ -190,11 +191,12 @@ enum Slot {
 }
 
 impl Slot {
-    fn cost(&self) -> usize {
+    /// What the slot counts against the budget, given what a replay cursor counts.
+    fn cost(&self, replay_cost: usize) -> usize {
         ENTRY_COST
             + match self {
                 Slot::Live { out, .. } | Slot::Control(out) => out.bytes.len(),
-                Slot::Replay(_) => REPLAY_COST,
+                Slot::Replay(_) => replay_cost,
                 Slot::Reserved(_) | Slot::Gone => 0,
             }
     }
@@ -222,6 +224,8 @@ struct Inner {
     reservations: Vec<(u64, u64)>,
     next_reservation: u64,
     overflowed: bool,
+    /// What a pending replay counts (see [`REPLAY_COST`]).
+    replay_cost: usize,
 }
 
 impl Inner {
@@ -236,7 +240,7 @@ impl Inner {
 
     fn push_slot(&mut self, slot: Slot) -> u64 {
         let pos = self.end();
-        let cost = slot.cost();
+        let cost = slot.cost(self.replay_cost);
         self.cost += cost;
         if !matches!(slot, Slot::Live { .. }) {
             self.reply_cost += cost;
@@ -333,7 +337,7 @@ impl Inner {
         let slot = self.slots.pop_front()?;
         let pos = self.base;
         self.base += 1;
-        let cost = slot.cost();
+        let cost = slot.cost(self.replay_cost);
         match &slot {
             Slot::Gone => self.gone -= 1,
             Slot::Live { out, policy } => {
@@ -377,7 +381,8 @@ impl std::fmt::Debug for ConnQueue {
 impl ConnQueue {
     /// A queue for connection `conn_id` holding at most `max_bytes` (see [`ENTRY_COST`]).
     pub fn new(conn_id: u64, max_bytes: usize) -> Self {
-        ConnQueue { conn_id, max_bytes, inner: Mutex::new(Inner::default()), notify: Notify::new() }
+        let inner = Inner { replay_cost: REPLAY_COST.min(max_bytes / 16), ..Inner::default() };
+        ConnQueue { conn_id, max_bytes, inner: Mutex::new(inner), notify: Notify::new() }
     }
 
     pub fn conn_id(&self) -> u64 {
@@ -466,7 +471,7 @@ impl ConnQueue {
         if q.overflowed {
             return false;
         }
-        let cost = slot.cost();
+        let cost = slot.cost(q.replay_cost);
         let mut outcome = PushOutcome::default();
         if q.cost + cost > self.max_bytes && !q.evict_for(cost, self.max_bytes, &mut outcome) {
             q.overflowed = true;
