@@ -70,12 +70,12 @@ def _read_head(s: socket.socket) -> bytes:
 class NonReader:
     """A WebSocket client that completes the handshake and then only sends."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, path: str = "/ws") -> None:
         self.sock = _connect(port)
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
             (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                 "Sec-WebSocket-Version: 13\r\n\r\n"
             ).encode()
@@ -108,13 +108,17 @@ class NonReader:
         self.sock.close()
 
 
-def attack_loop(port: int, step, deadline: float, stats: dict) -> None:
+def attack_loop(
+    port: int, step, deadline: float, stats: dict, path: str = "/ws", hello: bytes = b""
+) -> None:
     """Runs `step(attacker, n)` as fast as the server takes it, reconnecting whenever the
-    server closes the attacker, until `deadline`."""
+    server closes the attacker, until `deadline`. `hello` is sent first on each connection."""
     n = 0
     while time.monotonic() < deadline:
         try:
-            attacker = NonReader(port)
+            attacker = NonReader(port, path)
+            if hello:
+                attacker.send(attacker.frame(0x1, hello))
         except (OSError, AssertionError):
             time.sleep(0.05)
             continue
@@ -435,3 +439,28 @@ async def test_the_channel_limit_ends_publish_churn_with_a_precise_error(start_s
     second = server.get(f"/api/channels?limit=100&after={first['next']}").json()
     assert second["channels"][0]["channel"] > first["channels"][-1]["channel"]
     await good.check()
+
+
+async def test_socketio_event_flood_from_a_non_reader(start_server, ws):
+    """Socket.IO acks go to the engine's per-socket buffer: a client that floods events with
+    acks but never reads fills it, and its session is ended with 4008 (its memory freed).
+    socketioxide offers no way to drop one socket's transport, so the Engine.IO connection
+    itself lingers until the library's heartbeat gives up on it; the buffer stays bounded
+    meanwhile (1,024 packets, and a `ping` over 1 KiB is not echoed)."""
+    server = start_server()
+    payload = json.dumps({"pad": "s" * 900})
+
+    def step(a: NonReader, n: int) -> bytes:
+        return b"".join(
+            a.frame(0x1, f'42{n * 10 + i}["ping",{payload}]'.encode()) for i in range(10)
+        )
+
+    def loop(port: int, step, deadline: float, stats: dict) -> None:
+        attack_loop(
+            port, step, deadline, stats, path="/socket.io/?EIO=4&transport=websocket", hello=b"40"
+        )
+
+    await run_attack(server, ws, step, loop=loop, expect_closed=False)
+    assert "does not read the replies; closing with 4008" in server.log()
+    closed = await server.ametric("ferrocast_closes_total", code="4008")
+    assert closed and closed >= 1, closed

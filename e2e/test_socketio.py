@@ -386,3 +386,20 @@ async def test_python_socketio_sees_the_first_ping_after_ping_interval(start_ser
         assert sio.connected, "the held-back first ping was answered: no heartbeat timeout"
     finally:
         await sio.disconnect()
+
+
+async def test_ping_echoes_small_payloads_and_refuses_large_ones(start_server, sio_clients):
+    """`ping` echoes its payload (ack and `pong` event) up to 1 KiB; a larger one would let a
+    client that never reads fill the engine's buffer with its own bytes, so it is refused."""
+    server = start_server(*SETS)
+    client = sio_clients()
+    pongs: asyncio.Queue = asyncio.Queue()
+    client.sio.on("pong", pongs.put_nowait)
+    await client.connect(server.base_url, ["websocket"])
+    small = {"t": "x" * 500}
+    assert await client.call("ping", small) == small
+    assert await asyncio.wait_for(pongs.get(), 5) == small
+    reply = await client.call("ping", {"t": "x" * 2000})
+    assert reply["error"]["code"] == "bad_request", reply
+    assert "1024" in reply["error"]["message"], reply
+    assert pongs.empty()

@@ -295,10 +295,20 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                 Err(e) => refused(session, e),
             },
             Op::Ping => {
-                if let Err(e) = s.emit("pong", &payload) {
-                    tracing::debug!(conn = conn.conn_id, "pong not sent: {e}");
+                let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
+                if size > MAX_PING_ECHO_BYTES {
+                    refused(
+                        session,
+                        bad_request(format!(
+                            "ping payload of {size} bytes is not echoed; the limit is {MAX_PING_ECHO_BYTES}"
+                        )),
+                    )
+                } else {
+                    if let Err(e) = s.emit("pong", &payload) {
+                        tracing::debug!(conn = conn.conn_id, "pong not sent: {e}");
+                    }
+                    payload
                 }
-                payload
             }
         };
         drop(guard);
@@ -306,12 +316,27 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
     }
 }
 
+/// Sends an event's ack. Acks go straight to the engine's per-socket buffer, outside the
+/// session's queue; that buffer is full only when the client has stopped reading while it
+/// keeps sending, and such a client is closed with 4008 like on every other transport.
 fn send_ack(conn: &Conn, ack: AckSender<LocalAdapter>, reply: &serde_json::Value) {
-    if let Err(e) = ack.send(reply) {
-        // Only possible while the engine's buffer is full (a client far behind) or closed.
-        tracing::info!(conn = conn.conn_id, "socket.io ack not sent: {e}");
+    match ack.send(reply) {
+        Ok(()) => {}
+        Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+            if !conn.queue.is_overflowed() {
+                tracing::info!(
+                    conn = conn.conn_id,
+                    "the client sends events but does not read the replies; closing with 4008"
+                );
+                conn.queue.mark_overflowed();
+            }
+        }
+        Err(e) => tracing::debug!(conn = conn.conn_id, "socket.io ack not sent: {e}"),
     }
 }
+
+/// Largest `ping` payload echoed back (as the ack and the `pong` event), serialized.
+const MAX_PING_ECHO_BYTES: usize = 1024;
 
 /// Counts and logs a refused request like every transport does, and shapes it as the error
 /// object of a native ack.
@@ -444,7 +469,7 @@ impl Writer {
                     return self.disconnect_code();
                 }
             }
-            if drained.overflowed {
+            if drained.overflowed || queue.is_overflowed() {
                 tracing::info!(
                     conn = self.conn.conn_id,
                     "slow consumer: outbound queue overflowed, disconnecting socket.io client (4008)"
