@@ -114,6 +114,10 @@ struct StreamQuery {
     /// Same as the `Last-Event-ID` header, for clients that cannot set headers.
     #[serde(default, rename = "lastEventId")]
     last_event_id: Option<String>,
+    /// A connection token, for clients that cannot set headers (also `Authorization:
+    /// Bearer` or the `auth.cookie` cookie).
+    #[serde(default)]
+    token: Option<String>,
 }
 
 async fn stream(
@@ -154,8 +158,34 @@ async fn stream(
         return resp;
     }
 
-    let guard = app.shutdown.track();
     let mut session = Session::new(app.clone(), Transport::Sse);
+    let presented = crate::auth::bearer(&headers)
+        .or(query.token.clone().filter(|t| !t.is_empty()))
+        .or_else(|| crate::auth::token_from_request(&headers, None, &app.auth.cookie));
+    // An EventSource gives up for good on a non-200 answer, which is what a refused token
+    // must mean; the body says why for clients that read it.
+    let mut auth_result = None;
+    match presented {
+        Some(token) => match session.authenticate(&token) {
+            Ok(result) => auth_result = Some(result),
+            Err(e) => {
+                return json_response(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": e.code.as_str(), "message": e.message}),
+                );
+            }
+        },
+        None if !app.auth.anonymous => {
+            app.auth.count_refusal("no_token");
+            tracing::info!(%peer, "refusing event stream: no token and auth.anonymous = false");
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "unauthorized", "message": "this server requires a token (auth.anonymous = false): pass ?token=..., Authorization: Bearer or the auth.cookie cookie"}),
+            );
+        }
+        None => {}
+    }
+    let guard = app.shutdown.track();
     let token = crate::random_id(32);
     let conn_id = session.conn_id;
     app.metrics.connection_opened(Transport::Sse);
@@ -188,6 +218,14 @@ async fn stream(
         .map(str::to_owned)
         .collect();
     let mut cursor = Cursor::default();
+    // Channels the token's `channels` claim subscribed.
+    if let Some(result) = auth_result {
+        for (channel, result) in &result.channels {
+            if session.subscriptions().any(|c| c == channel) {
+                cursor.subscribed(channel, result, None);
+            }
+        }
+    }
     let ack = match initial_subscribe(&mut session, &requested, &recover) {
         Ok(results) => {
             for (channel, result) in &results {
@@ -823,7 +861,7 @@ async fn control(
 /// Carries out one request on a stream; `None` when the stream has ended meanwhile.
 fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
     match frame {
-        ClientFrame::Subscribe { id, channels, recover } => {
+        ClientFrame::Subscribe { id, channels, recover, tokens } => {
             // Channels new to the cursor get a placeholder first, so messages the writer
             // drains before this request finishes already move them.
             let mut added = Vec::new();
@@ -848,7 +886,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
                 }
                 return None;
             };
-            let outcome = session.subscribe(&channels, &recover);
+            let outcome = session.subscribe_with_tokens(&channels, &recover, &tokens);
             let subscribed: HashSet<String> = session.subscriptions().cloned().collect();
             let reply = match &outcome {
                 Ok(results) => encode_ack_with(id, results),
@@ -887,6 +925,14 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             let mut guard = stream.session.lock();
             let session = guard.as_mut()?;
             Some(match session.publish(&channel, data.get().as_bytes()) {
+                Ok(result) => encode_ack_with(id, &result),
+                Err(e) => session.error_frame(FrameError { id, ..e }),
+            })
+        }
+        ClientFrame::Auth { id, token } => {
+            let mut guard = stream.session.lock();
+            let session = guard.as_mut()?;
+            Some(match session.authenticate(&token) {
                 Ok(result) => encode_ack_with(id, &result),
                 Err(e) => session.error_frame(FrameError { id, ..e }),
             })
