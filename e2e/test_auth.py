@@ -414,3 +414,33 @@ async def test_socketio_connect_auth(hmac_server):
         assert refusal["message"].startswith(code), refusal
         closing = "(4011)" if code == "token_expired" else "(4001)"
         assert refusal["message"].endswith(closing), refusal
+
+
+async def test_expiry_on_sse_and_socketio(start_server):
+    server = start_server(*HMAC_SETS, "auth.leeway_ms=0", "auth.expiry_grace_ms=300")
+    exp = int(time.time()) + 2
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=8) as http:
+        async with http.stream("GET", f"/sse?channels=news.x&token={token(exp=exp)}") as resp:
+            events = []
+
+            async def until_close() -> None:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[5:]))
+                        if events[-1].get("type") == "close":
+                            return
+
+            await asyncio.wait_for(until_close(), 6)
+            assert events[-1]["code"] == 4011, events
+    closes: asyncio.Queue = asyncio.Queue()
+    sio = socketio.AsyncClient(reconnection=False)
+    sio.on("close", closes.put_nowait)
+    await sio.connect(
+        server.base_url, auth={"token": token(exp=int(time.time()) + 2)}, transports=["websocket"], wait_timeout=5
+    )
+    try:
+        close = await asyncio.wait_for(closes.get(), 6)
+        assert close["code"] == 4011 and "new token" in close["reason"], close
+    finally:
+        await sio.disconnect()
+    assert server.metric("ferrocast_auth_refused_total", reason="expired_connection") == 2

@@ -535,7 +535,29 @@ impl Writer {
                 self.emit_close(CloseCode::GoingAway.code(), &hint);
                 drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
             }
+            // Read each turn: an `auth` event may have moved it.
+            let auth = self.conn.session.lock().as_ref().and_then(Session::auth_deadline);
+            if let Some((due, code, reason)) = auth
+                && due <= Instant::now()
+            {
+                tracing::info!(
+                    conn = self.conn.conn_id,
+                    code = code.code(),
+                    "disconnecting socket.io client: {reason}"
+                );
+                app.auth.count_refusal(match code {
+                    CloseCode::TokenExpired => "expired_connection",
+                    _ => "auth_timeout",
+                });
+                self.emit_close(code.code(), reason);
+                let _ = self.socket.clone().disconnect();
+                return code.code();
+            }
+            let auth_due = auth.map(|(due, ..)| {
+                tokio::time::Instant::now() + due.saturating_duration_since(Instant::now())
+            });
             tokio::select! {
+                _ = sleep_until_some(auth_due) => {}
                 _ = self.conn.disconnected.notified() => return self.disconnect_code(),
                 _ = queue.notified(), if self.pending.is_empty() => {
                     drained.frames.clear();

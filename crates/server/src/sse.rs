@@ -366,7 +366,32 @@ impl Writer {
                 tracing::debug!(conn = self.conn_id, "draining: ending event stream with 1001");
                 return self.close(CloseCode::GoingAway.code(), &reason, after_ms).await;
             }
+            // Read each turn: an `auth` on the control endpoint may have moved it.
+            let auth = self.stream.session.lock().as_ref().and_then(Session::auth_deadline);
+            if let Some((due, code, reason)) = auth
+                && due <= std::time::Instant::now()
+            {
+                tracing::info!(
+                    conn = self.conn_id,
+                    code = code.code(),
+                    "ending event stream: {reason}"
+                );
+                self.app.auth.count_refusal(match code {
+                    CloseCode::TokenExpired => "expired_connection",
+                    _ => "auth_timeout",
+                });
+                return self.close(code.code(), reason, 0).await;
+            }
+            let auth_due = auth.map(|(due, ..)| {
+                TokioInstant::now() + due.saturating_duration_since(std::time::Instant::now())
+            });
             tokio::select! {
+                _ = async {
+                    match auth_due {
+                        Some(at) => sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = self.queue.notified() => {
                     drained.frames.clear();
                     self.queue.drain_into(&mut drained);
