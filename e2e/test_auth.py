@@ -384,6 +384,21 @@ async def test_sse_tokens(hmac_server):
         async with http.stream("GET", "/sse?channels=payments.eu%2343", headers={"Authorization": f"Bearer {token('42')}"}) as resp:
             _, ack = await asyncio.wait_for(read_sse_events(resp, 2), 5)
             assert ack["result"]["payments.eu#43"]["error"]["code"] == "forbidden", ack
+        # Subscription tokens for the URL's channels: a JSON object in `tokens`.
+        for sub_token, expect_error in [
+            (token("42", channel="secure.vault"), None),
+            (token("42", channel="secure.other"), "forbidden"),
+        ]:
+            params = {"channels": "secure.vault", "token": token("42"), "tokens": json.dumps({"secure.vault": sub_token})}
+            async with http.stream("GET", "/sse", params=params) as resp:
+                _, ack = await asyncio.wait_for(read_sse_events(resp, 2), 5)
+                result = ack["result"]["secure.vault"]
+                if expect_error is None:
+                    assert "error" not in result, ack
+                else:
+                    assert result["error"]["code"] == expect_error, ack
+        r = await http.get("/sse", params={"channels": "secure.vault", "tokens": "not json"})
+        assert r.status_code == 400 and "tokens" in r.json()["message"], r.text
         bad = token(exp=int(time.time()) - 3600)
         r = await http.get(f"/sse?channels=news.x&token={bad}")
         assert r.status_code == 401 and r.json()["error"] == "token_expired", r.text

@@ -118,6 +118,9 @@ struct StreamQuery {
     /// Bearer` or the `auth.cookie` cookie).
     #[serde(default)]
     token: Option<String>,
+    /// Subscription tokens for the URL's channels, as a JSON object `{"CHANNEL":"TOKEN"}`.
+    #[serde(default)]
+    tokens: Option<String>,
 }
 
 async fn stream(
@@ -158,6 +161,18 @@ async fn stream(
         return resp;
     }
 
+    let sub_tokens: BTreeMap<String, String> = match query.tokens.as_deref() {
+        None | Some("") => BTreeMap::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "bad_request", "message": format!("\"tokens\" must be a JSON object of channel to subscription token: {e}")}),
+                );
+            }
+        },
+    };
     let mut session = Session::new(app.clone(), Transport::Sse);
     let presented = crate::auth::bearer(&headers)
         .or(query.token.clone().filter(|t| !t.is_empty()))
@@ -226,7 +241,7 @@ async fn stream(
             }
         }
     }
-    let ack = match initial_subscribe(&mut session, &requested, &recover) {
+    let ack = match initial_subscribe(&mut session, &requested, &recover, &sub_tokens) {
         Ok(results) => {
             for (channel, result) in &results {
                 cursor.subscribed(channel, result, recover.get(channel));
@@ -285,11 +300,12 @@ fn initial_subscribe(
     session: &mut Session,
     requested: &[String],
     recover: &BTreeMap<String, StreamPosition>,
+    tokens: &BTreeMap<String, String>,
 ) -> Result<SubscribeResults, FrameError> {
     let limit = session.app().config.server.max_channels_per_request;
     if requested.len() > limit {
         // Session::subscribe words the refusal exactly as /ws does.
-        return session.subscribe(requested, recover);
+        return session.subscribe_with_tokens(requested, recover, tokens);
     }
     let mut channels: Vec<&str> = Vec::with_capacity(requested.len() + recover.len());
     let mut seen = HashSet::new();
@@ -300,7 +316,7 @@ fn initial_subscribe(
     }
     let mut results = SubscribeResults::new();
     for batch in channels.chunks(limit) {
-        results.append(&mut session.subscribe(batch, recover)?);
+        results.append(&mut session.subscribe_with_tokens(batch, recover, tokens)?);
     }
     Ok(results)
 }
