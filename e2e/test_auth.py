@@ -459,3 +459,27 @@ async def test_expiry_on_sse_and_socketio(start_server):
     finally:
         await sio.disconnect()
     assert server.metric("ferrocast_auth_refused_total", reason="expired_connection") == 2
+
+
+async def test_secret_from_env_and_bad_key_configs(start_server, ws, tmp_path):
+    import subprocess
+
+    from ferrocast_e2e.server import clean_env, ferrocast_bin
+
+    server = start_server("auth.hmac_secret_env=FERROCAST_JWT_SECRET", env={"FERROCAST_JWT_SECRET": SECRET})
+    c = await ws(server)
+    assert (await auth_op(c, token("9")))["result"]["user"] == "9"
+    not_a_key = tmp_path / "not-a-key.pem"
+    not_a_key.write_text("hello\n")
+    for sets, words in [
+        (["auth.public_key_file=" + str(not_a_key)], "auth.public_key_file"),
+        (["auth.public_key_file=" + str(tmp_path / "missing.pem")], "cannot read"),
+        (["auth.hmac_secret_env=FERROCAST_JWT_UNSET"], "auth.hmac_secret_env"),
+        (["auth.anonymous=false"], "auth.anonymous"),
+    ]:
+        argv = [str(ferrocast_bin()), "serve", "--listen", "127.0.0.1:0", "--no-simulator"]
+        for s in sets:
+            argv += ["--set", s]
+        proc = subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 2, (sets, proc.returncode, proc.stderr)
+        assert words in proc.stderr, (sets, proc.stderr)
