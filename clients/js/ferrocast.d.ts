@@ -7,6 +7,8 @@ export type Transport = 'websocket' | 'sse';
 export const STATES: readonly State[];
 /** Close codes after which the client stops instead of reconnecting (1008, 4001, 4003). */
 export const TERMINAL_CLOSE_CODES: readonly number[];
+/** 4011: the token expired; get a new token, then reconnect. */
+export const TOKEN_EXPIRED_CLOSE_CODE: 4011;
 
 export interface Logger {
   debug?(...args: unknown[]): void;
@@ -33,6 +35,11 @@ export interface FerrocastOptions {
   ssePath?: string;
   /** Query parameters added to the WebSocket and SSE URLs (e.g. an auth token). */
   params?: Record<string, string> | null;
+  /** A connection token (JWT), sent after the welcome (WebSocket) or in the URL (SSE). */
+  token?: string | null;
+  /** Called before every connect and before the token expires. */
+  getToken?: (() => Promise<string> | string) | null;
+  tokenRefreshMarginMs?: number;
   /** Reconnect backoff: delay = random(0, min(maxMs, baseMs * 2^attempt)). Default {baseMs: 500, maxMs: 30000}. */
   backoff?: { baseMs?: number; maxMs?: number };
   /** Time allowed from opening a transport to the server's welcome. Default 10000. */

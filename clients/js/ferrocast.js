@@ -6,7 +6,11 @@ export const STATES = Object.freeze(['connecting', 'connected', 'reconnecting', 
 /** Close codes after which the client stops instead of reconnecting. */
 export const TERMINAL_CLOSE_CODES = Object.freeze([1008, 4001, 4003]);
 
-const CHANNEL_RE = /^[A-Za-z0-9_.:@-]{1,255}$/;
+/** Close code meaning "the token expired: get a new token, then reconnect". */
+export const TOKEN_EXPIRED_CLOSE_CODE = 4011;
+
+// A name, optionally followed by a user suffix `#USER[,USER...]` (a user channel); 255 bytes at most.
+const CHANNEL_RE = /^[A-Za-z0-9_.:@-]+(#[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*)?$/;
 const WS_CONNECTING = 0;
 const WS_OPEN = 1;
 // How long a close event may lag behind an error on an open socket before the error alone ends it.
@@ -17,7 +21,7 @@ const QUICK_PROBE_MS = 5_000;
 const PING_WINDOW = 10;
 const RECONNECT_WINDOW_MS = 5 * 60_000;
 const MAX_BACKOFF_EXPONENT = 30;
-const NAMED_TIMERS = ['reconnect', 'handshake', 'liveness', 'rtt', 'probe', 'probeHandshake'];
+const NAMED_TIMERS = ['reconnect', 'handshake', 'liveness', 'rtt', 'probe', 'probeHandshake', 'refresh'];
 const noop = () => {};
 const decoder = new TextDecoder();
 
@@ -35,6 +39,9 @@ const DEFAULTS = Object.freeze({
   requestTimeoutMs: 10_000,
   maxQueue: 1_000,
   autoConnect: true,
+  token: null,
+  getToken: null,
+  tokenRefreshMarginMs: 30_000,
 });
 
 /** Error carried by rejected publishes and by `error` events. */
@@ -398,7 +405,7 @@ function withoutUndefined(object = {}) {
 }
 
 function validateChannel(channel) {
-  if (typeof channel !== 'string' || !CHANNEL_RE.test(channel)) {
+  if (typeof channel !== 'string' || channel.length > 255 || !CHANNEL_RE.test(channel)) {
     throw new TypeError(`ferrocast: invalid channel name ${JSON.stringify(channel)}`);
   }
 }
@@ -444,6 +451,9 @@ export class Ferrocast {
   #serverSubs = new Set();
   #confirmed = new Set();
   #reconcileQueued = false;
+  /** The connection token in use, and the getToken() call a pending open waits for. */
+  #token = null;
+  #tokenAttempt = null;
 
   /**
    * @param {object} [options] see README.md; every field is optional in a browser
@@ -658,7 +668,37 @@ export class Ferrocast {
     this.#mode = mode;
   }
 
+  /** Opens the next connection; with `getToken`, asks for a token first (every connect). */
   #open() {
+    const { getToken } = this.#opts;
+    if (typeof getToken !== 'function') {
+      this.#openWith(this.#opts.token ?? null);
+      return;
+    }
+    this.#transport = this.#mode;
+    const attempt = {};
+    this.#tokenAttempt = attempt;
+    Promise.resolve()
+      .then(() => getToken())
+      .then(
+        (token) => {
+          if (this.#tokenAttempt !== attempt || this.#stopped) return;
+          this.#openWith(token ?? null);
+        },
+        (err) => {
+          if (this.#tokenAttempt !== attempt || this.#stopped) return;
+          this.#log.warn('ferrocast: getToken() failed', err);
+          this.#emit('error', { code: 'token_error', message: `getToken() failed: ${err?.message ?? err}`, id: null, channels: [] });
+          const delayMs = backoffDelay(this.#attempt++, this.#opts.backoff, this.#random);
+          this.#setState('reconnecting', { attempt: this.#attempt, delayMs, code: null, reason: 'getToken() failed', transport: this.#mode });
+          this.#after('reconnect', delayMs, () => this.#open());
+        },
+      );
+  }
+
+  #openWith(token) {
+    this.#tokenAttempt = null;
+    this.#token = token;
     this.#transport = this.#mode;
     const conn = this.#mode === 'websocket' ? this.#openWs() : this.#openSse();
     this.#conn = conn;
@@ -677,7 +717,11 @@ export class Ferrocast {
   #openSse() {
     // Channels without a position join through the URL; the others are recovered by a control subscribe after the welcome.
     const fresh = [...this.#channels].filter(([, entry]) => !this.#position(entry)).map(([channel]) => channel);
-    const query = [this.#endpoints.sseQuery, fresh.length ? `channels=${fresh.map(encodeURIComponent).join(',')}` : '']
+    const query = [
+      this.#endpoints.sseQuery,
+      fresh.length ? `channels=${fresh.map(encodeURIComponent).join(',')}` : '',
+      this.#token ? `token=${encodeURIComponent(this.#token)}` : '',
+    ]
       .filter(Boolean)
       .join('&');
     const conn = new SseConnection(`${this.#endpoints.sse}${query ? `?${query}` : ''}`, this.#endpoints.control, {
@@ -701,6 +745,8 @@ export class Ferrocast {
     if (conn.transport === 'websocket') this.#wsFailures = 0;
     this.#lastFrameAt = this.#clock.now();
     for (const channel of conn.initialChannels ?? []) this.#serverSubs.add(channel);
+    // The token goes first, so the server knows the user before any subscribe (SSE sent it in the URL).
+    if (this.#token && conn.transport === 'websocket') this.#request({ op: 'auth', token: this.#token }, 'auth');
     this.#armLiveness();
     this.#reconcile();
     for (const { frame, resolve, reject } of this.#queue.splice(0)) this.#request(frame, 'publish', resolve, reject);
@@ -730,6 +776,11 @@ export class Ferrocast {
 
     if (TERMINAL_CLOSE_CODES.includes(info.code)) {
       this.#halt({ code: info.code, reason: info.reason || 'terminated by server' });
+      return;
+    }
+    // An expired token: reconnect with a new one from getToken(); a fixed token would only expire again.
+    if (info.code === TOKEN_EXPIRED_CLOSE_CODE && typeof this.#opts.getToken !== 'function') {
+      this.#halt({ code: info.code, reason: info.reason || 'token expired' });
       return;
     }
     const hint = info.code === 1001 ? parseReconnectHint(info.reason) : null;
@@ -924,6 +975,11 @@ export class Ferrocast {
   #onReply(frame) {
     const req = frame.id == null ? null : this.#takePending(frame.id);
     const err = frame.type === 'error' ? new FerrocastError(frame.code ?? 'error', frame.message ?? 'server error') : null;
+    if (req?.kind === 'auth') {
+      if (err) this.#emit('error', { code: err.code, message: err.message, id: frame.id ?? null, channels: [] });
+      else this.#scheduleRefresh(frame.result?.expires_at);
+      return;
+    }
     if (req?.kind === 'publish') {
       const { type, id, ...rest } = frame;
       if (err) req.reject(err);
@@ -940,6 +996,27 @@ export class Ferrocast {
       const entry = this.#channels.get(channel);
       if (entry) entry.recovering = false;
     }
+  }
+
+  /** With `getToken`, sends a fresh token `tokenRefreshMarginMs` before `expiresAt` (seconds). */
+  #scheduleRefresh(expiresAt) {
+    const { getToken, tokenRefreshMarginMs } = this.#opts;
+    if (typeof getToken !== 'function' || !Number.isFinite(expiresAt)) return;
+    const conn = this.#conn;
+    const lifetimeMs = expiresAt * 1000 - this.#clock.now();
+    const delayMs = Math.max(0, lifetimeMs - Math.min(tokenRefreshMarginMs, lifetimeMs / 2));
+    this.#after('refresh', delayMs, () => {
+      Promise.resolve()
+        .then(() => getToken())
+        .then(
+          (token) => {
+            if (conn !== this.#conn || !conn?.welcome || !token) return;
+            this.#token = token;
+            this.#request({ op: 'auth', token }, 'auth');
+          },
+          (err) => this.#emit('error', { code: 'token_error', message: `getToken() failed: ${err?.message ?? err}`, id: null, channels: [] }),
+        );
+    });
   }
 
   #applySubscribeResult(channel, result) {

@@ -102,7 +102,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("ferrocast: api.key_env names {:?}, which is not set", config.api.key_env);
         return Ok(ExitCode::from(2));
     }
-    let app = AppState::new(config, api_key);
+    let auth = match ferrocast_server::auth::Auth::from_config(&config.auth, &env) {
+        Ok(auth) => auth,
+        Err(e) => {
+            eprintln!("ferrocast: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let app = AppState::with_auth(config, api_key, auth);
     let server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {

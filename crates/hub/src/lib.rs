@@ -22,5 +22,8 @@ pub use hub::{
     ChannelInfo, ChannelPage, HistoryPage, Hub, HubOptions, PublishError, Published, Subscription,
 };
 pub use metrics::HubMetrics;
-pub use namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
+pub use namespace::{
+    HistoryRule, NamespaceConfig, Namespaces, OverflowPolicy, PublishRule, SnapshotMode,
+    SubscribeRule,
+};
 pub use queue::{ConnQueue, Drained, Outbound, PublishKind, PushOutcome};

@@ -39,6 +39,44 @@ pub enum SnapshotMode {
     Last,
 }
 
+/// Who may subscribe to a namespace's channels (the user suffix `#42` applies on top).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeRule {
+    /// Every connection, with or without a token.
+    #[default]
+    Anyone,
+    /// Connections with a user (a token whose `sub` is not empty).
+    Authenticated,
+    /// Connections presenting a subscription token for the channel and their user.
+    Token,
+}
+
+/// Who may publish into a namespace's channels from a client connection (the HTTP API,
+/// with its key, always may).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRule {
+    /// No client: only the HTTP API.
+    None,
+    /// Every connection.
+    Anyone,
+    /// Connections with a user.
+    Authenticated,
+}
+
+/// Who may read a namespace's history over the HTTP API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryRule {
+    /// Whoever passes the subscribe rule (a user's token in `Authorization: Bearer`), or
+    /// the API key.
+    #[default]
+    Subscribe,
+    /// Only the API key (or loopback when none is configured).
+    Key,
+}
+
 /// Settings of one namespace. Every field has a default, so a namespace table in the config
 /// only lists what it changes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +92,15 @@ pub struct NamespaceConfig {
     /// Slow-consumer policy for this namespace's messages.
     pub overflow: OverflowPolicy,
     /// Whether clients may publish on these channels over `/ws` (the HTTP API always may).
+    /// The old name of `publish = "anyone"`; `publish`, when set, wins.
     pub client_publish: bool,
+    /// Who may subscribe.
+    pub subscribe: SubscribeRule,
+    /// Who may publish from a client connection; unset follows `client_publish`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish: Option<PublishRule>,
+    /// Who may read history over HTTP.
+    pub history: HistoryRule,
     /// What a new subscriber gets first when it does not recover.
     pub snapshot: SnapshotMode,
     /// How many retained messages a `last` snapshot sends.
@@ -78,12 +124,26 @@ impl Default for NamespaceConfig {
             channel_ttl_ms: 600_000,
             overflow: OverflowPolicy::Disconnect,
             client_publish: false,
+            subscribe: SubscribeRule::Anyone,
+            publish: None,
+            history: HistoryRule::Subscribe,
             snapshot: SnapshotMode::None,
             snapshot_size: 0,
             max_replay: 10_000,
             socketio_event: String::new(),
             create_on_subscribe: true,
         }
+    }
+}
+
+impl NamespaceConfig {
+    /// The publish rule in force: `publish` when set, otherwise what `client_publish` says.
+    pub fn publish_rule(&self) -> PublishRule {
+        self.publish.unwrap_or(if self.client_publish {
+            PublishRule::Anyone
+        } else {
+            PublishRule::None
+        })
     }
 }
 

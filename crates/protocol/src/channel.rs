@@ -11,6 +11,8 @@ pub enum ChannelError {
     Empty,
     TooLong(usize),
     BadChar(char),
+    /// A `#` user suffix with an empty user id (`a#`, `a#1,,2`).
+    EmptyUser,
 }
 
 impl fmt::Display for ChannelError {
@@ -22,7 +24,11 @@ impl fmt::Display for ChannelError {
             }
             ChannelError::BadChar(c) => write!(
                 f,
-                "channel name contains {c:?}; allowed characters are A-Z a-z 0-9 _ . : @ -"
+                "channel name contains {c:?}; allowed characters are A-Z a-z 0-9 _ . : @ - \
+                 (and one `#` before a user list: payments.eu#42,43)"
+            ),
+            ChannelError::EmptyUser => f.write_str(
+                "channel name has an empty user id after `#`; a user channel is NAME#USER[,USER...]",
             ),
         }
     }
@@ -30,7 +36,9 @@ impl fmt::Display for ChannelError {
 
 impl std::error::Error for ChannelError {}
 
-/// Checks a channel name against `[A-Za-z0-9_.:@-]{1,255}`.
+/// Checks a channel name against `[A-Za-z0-9_.:@-]{1,255}`, optionally followed by a user
+/// suffix `#USER[,USER...]` (user ids from the same character set; the whole name counts
+/// against the 255 bytes).
 pub fn validate_channel(name: &str) -> Result<(), ChannelError> {
     if name.is_empty() {
         return Err(ChannelError::Empty);
@@ -38,6 +46,26 @@ pub fn validate_channel(name: &str) -> Result<(), ChannelError> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err(ChannelError::TooLong(name.len()));
     }
+    let (base, users) = match name.split_once('#') {
+        Some((base, users)) => (base, Some(users)),
+        None => (name, None),
+    };
+    if base.is_empty() {
+        return Err(ChannelError::Empty);
+    }
+    check_chars(base)?;
+    if let Some(users) = users {
+        for user in users.split(',') {
+            if user.is_empty() {
+                return Err(ChannelError::EmptyUser);
+            }
+            check_chars(user)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_chars(name: &str) -> Result<(), ChannelError> {
     match name.bytes().find(|b| !is_channel_byte(*b)) {
         None => Ok(()),
         Some(_) => {
@@ -51,9 +79,16 @@ fn is_channel_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-')
 }
 
-/// The namespace of a channel: the part before the first `.`, or the whole name without one.
+/// The namespace of a channel: the part before the first `.`, or the whole name without one
+/// (a user suffix `#...` is not part of it).
 pub fn namespace_of(channel: &str) -> &str {
-    channel.split_once('.').map_or(channel, |(ns, _)| ns)
+    let base = channel.split_once('#').map_or(channel, |(base, _)| base);
+    base.split_once('.').map_or(base, |(ns, _)| ns)
+}
+
+/// The users a user channel (`payments.eu#42,43`) is readable by; `None` for other channels.
+pub fn channel_users(channel: &str) -> Option<impl Iterator<Item = &str>> {
+    channel.split_once('#').map(|(_, users)| users.split(','))
 }
 
 #[cfg(test)]
@@ -81,5 +116,22 @@ mod tests {
     fn namespace_is_before_first_dot() {
         assert_eq!(namespace_of("candles.SPY.1m"), "candles");
         assert_eq!(namespace_of("lobby"), "lobby");
+        assert_eq!(namespace_of("payments.eu#42"), "payments");
+        assert_eq!(namespace_of("inbox#42"), "inbox");
+    }
+
+    #[test]
+    fn user_suffix() {
+        for ok in ["payments.eu#42", "inbox#a,b-1", "x#u@example.com"] {
+            assert_eq!(validate_channel(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(validate_channel("#42"), Err(ChannelError::Empty));
+        assert_eq!(validate_channel("a#"), Err(ChannelError::EmptyUser));
+        assert_eq!(validate_channel("a#1,,2"), Err(ChannelError::EmptyUser));
+        assert_eq!(validate_channel("a#1#2"), Err(ChannelError::BadChar('#')));
+        assert_eq!(validate_channel("a#1 2"), Err(ChannelError::BadChar(' ')));
+        let users: Vec<_> = channel_users("payments.eu#42,43").unwrap().collect();
+        assert_eq!(users, ["42", "43"]);
+        assert!(channel_users("payments.eu").is_none());
     }
 }

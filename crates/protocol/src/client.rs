@@ -28,6 +28,8 @@ pub enum ClientFrame<'a> {
         channels: Vec<Cow<'a, str>>,
         /// Recovery positions by channel, for channels the client had before a reconnect.
         recover: BTreeMap<String, StreamPosition>,
+        /// Subscription tokens by channel.
+        tokens: BTreeMap<String, String>,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -42,6 +44,11 @@ pub enum ClientFrame<'a> {
         id: Option<u64>,
     },
     Pong,
+    /// Presents (or refreshes) the connection's token.
+    Auth {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
 }
 
 #[derive(Deserialize)]
@@ -58,6 +65,11 @@ struct RawFrame<'a> {
     data: Option<&'a RawValue>,
     #[serde(default)]
     recover: Option<BTreeMap<String, StreamPosition>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
+    /// Subscription tokens by channel (namespaces with `subscribe = "token"`).
+    #[serde(default)]
+    tokens: Option<BTreeMap<String, String>>,
 }
 
 /// Parses one client frame.
@@ -91,6 +103,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
             id,
             channels: raw.channels.ok_or_else(|| missing("channels"))?,
             recover: raw.recover.unwrap_or_default(),
+            tokens: raw.tokens.unwrap_or_default(),
         }),
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
             id,
@@ -103,10 +116,13 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame<'_>, FrameError> {
         }),
         "ping" => Ok(ClientFrame::Ping { id }),
         "pong" => Ok(ClientFrame::Pong),
+        "auth" => Ok(ClientFrame::Auth { id, token: raw.token.ok_or_else(|| missing("token"))? }),
         other => Err(FrameError::new(
             id,
             ErrorCode::UnknownOp,
-            format!("unknown op {other:?}; expected subscribe, unsubscribe, publish, ping or pong"),
+            format!(
+                "unknown op {other:?}; expected subscribe, unsubscribe, publish, auth, ping or pong"
+            ),
         )),
     }
 }
@@ -130,10 +146,23 @@ mod tests {
             r#"{"op":"subscribe","id":1,"channels":["ticks.AAPL"],"recover":{"ticks.AAPL":{"epoch":"e","offset":41}},"extra":true}"#,
         )
         .unwrap();
-        let ClientFrame::Subscribe { id, channels, recover } = f else { panic!("{f:?}") };
+        let ClientFrame::Subscribe { id, channels, recover, .. } = f else { panic!("{f:?}") };
         assert_eq!(id, Some(1));
         assert_eq!(channels, vec!["ticks.AAPL"]);
         assert_eq!(recover["ticks.AAPL"], StreamPosition { epoch: "e".into(), offset: 41 });
+    }
+
+    #[test]
+    fn parses_auth_and_subscription_tokens() {
+        let f = parse_client_frame(r#"{"op":"auth","id":1,"token":"a.b.c"}"#).unwrap();
+        let ClientFrame::Auth { id, token } = f else { panic!("{f:?}") };
+        assert_eq!((id, token.as_ref()), (Some(1), "a.b.c"));
+        let e = parse_client_frame(r#"{"op":"auth","id":2}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(2), ErrorCode::BadRequest));
+        let f = parse_client_frame(r#"{"op":"subscribe","channels":["a"],"tokens":{"a":"t"}}"#)
+            .unwrap();
+        let ClientFrame::Subscribe { tokens, .. } = f else { panic!("{f:?}") };
+        assert_eq!(tokens["a"], "t");
     }
 
     #[test]

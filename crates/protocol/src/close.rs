@@ -25,6 +25,9 @@ pub enum CloseCode {
     Unauthorized,
     /// 4003: forbidden.
     Forbidden,
+    /// 4011: the connection's token expired and no fresh one arrived in time: get a new
+    /// token, then reconnect.
+    TokenExpired,
     /// 4008: slow consumer: the outbound queue overflowed on a channel that must not drop.
     SlowConsumer,
     /// 4009: heartbeat timeout: no pong within the configured timeout.
@@ -35,7 +38,7 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every code, for documentation and metrics.
-    pub const ALL: [CloseCode; 14] = [
+    pub const ALL: [CloseCode; 15] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
@@ -47,6 +50,7 @@ impl CloseCode {
         CloseCode::TryAgainLater,
         CloseCode::Unauthorized,
         CloseCode::Forbidden,
+        CloseCode::TokenExpired,
         CloseCode::SlowConsumer,
         CloseCode::HeartbeatTimeout,
         CloseCode::RateLimited,
@@ -65,6 +69,7 @@ impl CloseCode {
             CloseCode::TryAgainLater => 1013,
             CloseCode::Unauthorized => 4001,
             CloseCode::Forbidden => 4003,
+            CloseCode::TokenExpired => 4011,
             CloseCode::SlowConsumer => 4008,
             CloseCode::HeartbeatTimeout => 4009,
             CloseCode::RateLimited => 4029,
@@ -85,6 +90,7 @@ impl CloseCode {
             CloseCode::TryAgainLater => "connection limit reached; try again later",
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Forbidden => "forbidden",
+            CloseCode::TokenExpired => "token expired: get a new token, then reconnect",
             CloseCode::SlowConsumer => "slow consumer: outbound queue overflowed",
             CloseCode::HeartbeatTimeout => "heartbeat timeout: no pong received",
             CloseCode::RateLimited => "rate limited",

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     ChannelLimit,
     /// The channel does not exist and its namespace does not let a subscribe create it.
     UnknownChannel,
+    /// The connection has no valid identity for this request (no token, or a token refused).
+    Unauthorized,
+    /// The token presented has expired (`exp` is past, beyond the allowed clock skew).
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -46,6 +50,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::ChannelLimit => "channel_limit",
             ErrorCode::UnknownChannel => "unknown_channel",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TokenExpired => "token_expired",
         }
     }
 }

@@ -19,7 +19,7 @@ pub mod depth;
 pub mod error;
 pub mod server;
 
-pub use channel::{ChannelError, namespace_of, validate_channel};
+pub use channel::{ChannelError, channel_users, namespace_of, validate_channel};
 pub use client::{ClientFrame, StreamPosition, parse_client_frame};
 pub use close::CloseCode;
 pub use depth::{TooDeep, check_depth, nesting_depth};

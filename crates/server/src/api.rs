@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
 use ferrocast_hub::{PublishError, PublishKind};
-use ferrocast_protocol::validate_channel;
+use ferrocast_protocol::{ErrorCode, validate_channel};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::json;
@@ -198,11 +198,22 @@ const HISTORY_LIMIT_MAX: usize = 10_000;
 /// `GET /api/channels/{channel}/history?since=OFFSET&limit=N`.
 pub async fn history(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(channel): Path<String>,
     Query(q): Query<HistoryQuery>,
 ) -> Response<Body> {
     if let Err(e) = validate_channel(&channel) {
         return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
+    }
+    if let Err(refusal) = history_allowed(&app, peer, &headers, &channel) {
+        app.auth.count_refusal(refusal.reason);
+        tracing::info!(%peer, reason = refusal.reason, "history of {channel:?} refused: {}", refusal.message);
+        let status = match refusal.code {
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        return error(status, refusal.code.as_str(), refusal.message);
     }
     let limit = q.limit.unwrap_or(100).min(HISTORY_LIMIT_MAX);
     let Some(page) = app.hub.history(&channel, q.since, limit) else {
@@ -232,6 +243,42 @@ pub async fn history(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body))
         .expect("static response")
+}
+
+/// Whether a history read may go ahead. Channels every connection may subscribe to (rule
+/// `anyone`, no user suffix) answer anyone, as before. Others need the API key (or, with no
+/// key configured, a loopback client), or, with `history = "subscribe"`, a user's connection
+/// token in `Authorization: Bearer` that passes the subscribe rule.
+fn history_allowed(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    channel: &str,
+) -> Result<(), crate::auth::Refusal> {
+    use crate::permissions::{Action, Who, decide};
+    let ns = app.hub.namespace(channel);
+    let protected = ferrocast_protocol::channel_users(channel).is_some()
+        || ns.subscribe != ferrocast_hub::SubscribeRule::Anyone
+        || ns.history == ferrocast_hub::HistoryRule::Key
+        || !app.auth.anonymous;
+    if !protected {
+        return Ok(());
+    }
+    let bearer = crate::auth::bearer(headers);
+    let key_ok = match (&app.api_key, &bearer) {
+        (Some(key), Some(given)) => constant_time_eq(given.as_bytes(), key.as_bytes()),
+        (None, _) => crate::diagnostics::is_loopback_request(peer, headers),
+        (Some(_), None) => false,
+    };
+    if key_ok {
+        return Ok(());
+    }
+    let identity = match &bearer {
+        Some(token) if app.auth.enabled() => Some(app.auth.verify_connection(token)?),
+        _ => None,
+    };
+    let who = Who { user: identity.as_ref().map(|i| i.user.as_str()) };
+    decide(&app.auth, ns, who, channel, Action::History { token: None })
 }
 
 /// `GET /api/stats`: a JSON summary for dashboards.
@@ -300,6 +347,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
         "1 when /readyz answers 200 (not draining, every required feed live).",
     );
     extra.push_str(&format!("ferrocast_ready {}\n", u8::from(ready)));
+    extra.push_str(&app.auth.render_metrics());
     let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")

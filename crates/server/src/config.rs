@@ -26,6 +26,8 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub socketio: SocketIoConfig,
     pub diagnostics: DiagnosticsConfig,
+    /// Connection tokens (JWT) and whether anonymous connections are served.
+    pub auth: crate::auth::AuthConfig,
     /// Settings for channels whose namespace has no table of its own.
     pub namespace_defaults: NamespaceConfig,
     /// Per-namespace settings, keyed by namespace (the part of a channel before the first `.`).
@@ -260,6 +262,7 @@ impl Default for Config {
             simulator: SimulatorConfig::default(),
             socketio: SocketIoConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
             feeds: Vec::new(),
@@ -797,6 +800,7 @@ fn check_unknown_env(merged: &Value, env: &[(String, String)], errors: &mut Vec<
     known.extend(NON_CONFIG_ENV.iter().map(|s| s.to_string()));
     let named_by = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
     known.extend(named_by(lookup(merged, "api.key_env")));
+    known.extend(named_by(lookup(merged, "auth.hmac_secret_env")));
     if let Some(Value::Array(feeds)) = merged.get("feeds") {
         known.extend(feeds.iter().filter_map(|f| named_by(f.get("api_key_env"))));
     }

@@ -238,7 +238,7 @@ fn report(
         .config
         .namespaces
         .iter()
-        .filter(|(_, ns)| ns.client_publish)
+        .filter(|(_, ns)| ns.publish_rule() != ferrocast_hub::PublishRule::None)
         .map(|(name, _)| name.as_str())
         .collect();
     json!({
@@ -264,7 +264,8 @@ fn report(
             "pong_timeout_ms": s.pong_timeout_ms,
             "max_frame_bytes": s.max_frame_bytes,
             "client_publish_namespaces": publishable,
-            "client_publish_default": app.config.namespace_defaults.client_publish,
+            "client_publish_default": app.config.namespace_defaults.publish_rule()
+                != ferrocast_hub::PublishRule::None,
             "socketio": { "enabled": app.config.socketio.enabled, "path": app.config.socketio.path },
             "max_hold_ms": MAX_HOLD.as_millis() as u64,
         },

@@ -25,6 +25,7 @@
 
 pub mod api;
 pub mod assets;
+pub mod auth;
 pub mod body;
 pub mod config;
 pub mod connections;
@@ -32,6 +33,7 @@ pub mod connectors;
 pub mod diagnostics;
 pub mod feedboard;
 pub mod metrics;
+pub mod permissions;
 pub mod session;
 pub mod shutdown;
 pub mod sio_engine;
@@ -79,13 +81,26 @@ pub struct AppState {
     pub connections: Connections,
     /// The publish API key, if one is configured.
     pub api_key: Option<String>,
+    /// Token verification (`[auth]`).
+    pub auth: auth::Auth,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
 
 impl AppState {
     /// Builds the state for a validated config; `api_key` comes from [`Config::api_key`].
+    /// `[auth]` is built without an environment (`auth.hmac_secret_env` unresolved): the
+    /// binary uses [`AppState::with_auth`].
     pub fn new(config: Config, api_key: Option<String>) -> Arc<Self> {
+        let auth = auth::Auth::from_config(&config.auth, &[]).unwrap_or_else(|e| {
+            tracing::error!("{e}; no token will be accepted");
+            auth::Auth::default()
+        });
+        AppState::with_auth(config, api_key, auth)
+    }
+
+    /// Builds the state with a verifier made by [`auth::Auth::from_config`].
+    pub fn with_auth(config: Config, api_key: Option<String>, auth: auth::Auth) -> Arc<Self> {
         let namespaces =
             Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
         Arc::new(AppState {
@@ -100,6 +115,7 @@ impl AppState {
             shutdown: Shutdown::default(),
             connections: Connections::default(),
             api_key,
+            auth,
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         })

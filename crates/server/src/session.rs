@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{ConnQueue, PublishError, PublishKind};
@@ -16,11 +17,14 @@ use ferrocast_protocol::server::{
     encode_pong,
 };
 use ferrocast_protocol::{
-    ClientFrame, ErrorCode, FrameError, StreamPosition, parse_client_frame, validate_channel,
+    ClientFrame, CloseCode, ErrorCode, FrameError, StreamPosition, parse_client_frame,
+    validate_channel,
 };
 
 use crate::AppState;
+use crate::auth::{Identity, Refusal};
 use crate::metrics::Transport;
+use crate::permissions::{self, Action, Who};
 
 /// How many request errors per connection are logged before further ones are only counted.
 const LOGGED_ERRORS_PER_CONNECTION: u32 = 5;
@@ -39,6 +43,19 @@ pub struct Session {
     /// Set when a `pong` arrives; the transport's heartbeat reads and clears it.
     pub pong_received: bool,
     errors_logged: u32,
+    /// Who the connection is, once a token was accepted.
+    identity: Option<Identity>,
+    connected_at: Instant,
+}
+
+/// The answer to an accepted `auth`: `{"user":"42","expires_at":N}`.
+#[derive(Debug, serde::Serialize)]
+pub struct AuthResult {
+    pub user: String,
+    pub expires_at: Option<u64>,
+    /// Results of the subscriptions made from the token's `channels` claim (first `auth` only).
+    #[serde(skip_serializing_if = "SubscribeResults::is_empty")]
+    pub channels: SubscribeResults,
 }
 
 impl Session {
@@ -53,6 +70,8 @@ impl Session {
             subscriptions: HashSet::new(),
             pong_received: false,
             errors_logged: 0,
+            identity: None,
+            connected_at: Instant::now(),
             app,
         }
     }
@@ -69,9 +88,9 @@ impl Session {
     /// Handles one text frame of the native protocol; replies go into the queue.
     pub fn handle_text(&mut self, text: &str) {
         match parse_client_frame(text) {
-            Ok(ClientFrame::Subscribe { id, channels, recover }) => {
+            Ok(ClientFrame::Subscribe { id, channels, recover, tokens }) => {
                 let reservation = self.queue.reserve();
-                let reply = match self.subscribe(&channels, &recover) {
+                let reply = match self.subscribe_with_tokens(&channels, &recover, &tokens) {
                     Ok(results) => encode_ack_with(id, &results),
                     Err(e) => self.error_frame(FrameError { id, ..e }),
                 };
@@ -90,6 +109,14 @@ impl Session {
                     Err(e) => self.error_frame(FrameError { id, ..e }),
                 };
                 self.push_control(reply);
+            }
+            Ok(ClientFrame::Auth { id, token }) => {
+                let reservation = self.queue.reserve();
+                let reply = match self.authenticate(&token) {
+                    Ok(result) => encode_ack_with(id, &result),
+                    Err(e) => self.error_frame(FrameError { id, ..e }),
+                };
+                self.queue.fill(reservation, reply);
             }
             Ok(ClientFrame::Ping { id }) => self.push_control(encode_pong(id)),
             Ok(ClientFrame::Pong) => self.pong_received = true,
@@ -134,12 +161,108 @@ impl Session {
         encode_error(e.id, e.code, &e.message)
     }
 
+    /// The connection's identity, once a token was accepted.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    fn who(&self) -> Who<'_> {
+        Who { user: self.identity.as_ref().map(|i| i.user.as_str()) }
+    }
+
+    /// Counts and logs a refusal (never the token), and turns it into an error reply.
+    fn refused(&self, what: &str, refusal: Refusal) -> FrameError {
+        self.app.auth.count_refusal(refusal.reason);
+        tracing::info!(
+            conn = self.conn_id,
+            transport = self.transport.as_str(),
+            reason = refusal.reason,
+            "{what} refused: {}",
+            refusal.message
+        );
+        FrameError::new(None, refusal.code, refusal.message)
+    }
+
+    /// Accepts a connection token (at connect or in an `auth` op): the first one sets the
+    /// identity and subscribes the token's `channels`; later ones refresh the expiry and
+    /// must name the same user.
+    pub fn authenticate(&mut self, token: &str) -> Result<AuthResult, FrameError> {
+        let identity =
+            self.app.auth.verify_connection(token).map_err(|r| self.refused("token", r))?;
+        if let Some(current) = &self.identity
+            && current.user != identity.user
+        {
+            let refusal = Refusal::new(
+                "other_user",
+                ErrorCode::Forbidden,
+                "a refreshed token must be for the connection's user; reconnect to change user",
+            );
+            return Err(self.refused("token refresh", refusal));
+        }
+        let first = self.identity.is_none();
+        let result_user = identity.user.clone();
+        let expires_at = identity.expires_at;
+        let channels = identity.channels.clone();
+        tracing::info!(
+            conn = self.conn_id,
+            transport = self.transport.as_str(),
+            user = identity.user.as_str(),
+            expires_at,
+            refresh = !first,
+            "token accepted"
+        );
+        self.identity = Some(identity);
+        let mut results = SubscribeResults::new();
+        if first && !channels.is_empty() {
+            results = self.subscribe(&channels, &BTreeMap::new())?;
+        }
+        Ok(AuthResult { user: result_user, expires_at, channels: results })
+    }
+
+    /// When the connection must be closed for want of a (fresh) token, the close code, and
+    /// its reason: 4001 when `auth.anonymous = false` and no token came within
+    /// `auth.auth_timeout_ms`, 4011 `auth.expiry_grace_ms` after the token's `exp`.
+    pub fn auth_deadline(&self) -> Option<(Instant, CloseCode, &'static str)> {
+        let auth = &self.app.auth;
+        match &self.identity {
+            None if !auth.anonymous => Some((
+                self.connected_at + Duration::from_millis(auth.auth_timeout_ms),
+                CloseCode::Unauthorized,
+                "no valid token within auth.auth_timeout_ms",
+            )),
+            None => None,
+            Some(identity) => identity.expires_at.map(|exp| {
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let due_ms = (exp * 1000 + auth.expiry_grace_ms).saturating_sub(now_ms);
+                (
+                    Instant::now() + Duration::from_millis(due_ms),
+                    CloseCode::TokenExpired,
+                    CloseCode::TokenExpired.reason(),
+                )
+            }),
+        }
+    }
+
     /// Subscribes to `channels`, recovering those with a position in `recover`. Replayed and
     /// snapshot messages go into the queue; the per-channel results are returned.
     pub fn subscribe<S: AsRef<str>>(
         &mut self,
         channels: &[S],
         recover: &BTreeMap<String, StreamPosition>,
+    ) -> Result<SubscribeResults, FrameError> {
+        self.subscribe_with_tokens(channels, recover, &BTreeMap::new())
+    }
+
+    /// [`Session::subscribe`] with subscription tokens by channel (`subscribe = "token"`).
+    /// Each channel passes [`permissions::decide`] first: a refused one gets its error in
+    /// its result, and neither recovery nor snapshot.
+    pub fn subscribe_with_tokens<S: AsRef<str>>(
+        &mut self,
+        channels: &[S],
+        recover: &BTreeMap<String, StreamPosition>,
+        tokens: &BTreeMap<String, String>,
     ) -> Result<SubscribeResults, FrameError> {
         let limits = &self.app.config.server;
         if channels.is_empty() {
@@ -162,6 +285,16 @@ impl Session {
             let result = if let Err(e) = validate_channel(channel) {
                 self.app.metrics.frame_error(ErrorCode::InvalidChannel.as_str());
                 ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string())
+            } else if let Err(refusal) = permissions::decide(
+                &self.app.auth,
+                self.app.hub.namespace(channel),
+                self.who(),
+                channel,
+                Action::Subscribe { token: tokens.get(channel).map(String::as_str) },
+            ) {
+                let e = self.refused(&format!("subscribe to {channel:?}"), refusal);
+                self.app.metrics.frame_error(e.code.as_str());
+                ChannelResult::failed(e.code, e.message)
             } else if !self.subscriptions.contains(channel)
                 && self.subscriptions.len() >= limits.max_subscriptions
             {
@@ -210,17 +343,14 @@ impl Session {
     pub fn publish(&self, channel: &str, data: &[u8]) -> Result<PublishResult, FrameError> {
         validate_channel(channel)
             .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
-        if !self.app.hub.namespace(channel).client_publish {
-            return Err(FrameError::new(
-                None,
-                ErrorCode::Forbidden,
-                format!(
-                    "namespace {:?} does not allow client publishing (set namespaces.{}.client_publish = true)",
-                    ferrocast_protocol::namespace_of(channel),
-                    ferrocast_protocol::namespace_of(channel)
-                ),
-            ));
-        }
+        permissions::decide(
+            &self.app.auth,
+            self.app.hub.namespace(channel),
+            self.who(),
+            channel,
+            Action::Publish,
+        )
+        .map_err(|r| self.refused(&format!("publish to {channel:?}"), r))?;
         self.app.check_data_depth(data)?;
         let published =
             self.app.hub.publish(channel, data, PublishKind::Retained).map_err(|e| {

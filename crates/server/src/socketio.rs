@@ -103,9 +103,11 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
     // (socketioxide spawns the future the handler returns). So the event handlers are
     // registered by the middleware, in place before the client can send its first event, and
     // the writer starts once the socket is connected.
-    let middleware = move |s: SocketRef| {
+    let middleware = move |s: SocketRef, TryData(auth): TryData<serde_json::Value>| {
         let state = admit_state.clone();
-        async move { admit(&state, &s).map(|()| prepare(&state, &s)) }
+        // The CONNECT packet's `auth: {token}` (socket.io-client's `auth` option).
+        let token = auth.ok().and_then(|a| a.get("token")?.as_str().map(str::to_owned));
+        async move { admit(&state, &s).and_then(|()| prepare(&state, &s, token)) }
     };
     let handler = move |s: SocketRef| {
         on_connect(state.clone(), s);
@@ -160,10 +162,38 @@ fn peer(s: &Socket<LocalAdapter>) -> String {
         .unwrap_or_default()
 }
 
-/// An admitted socket, about to join the namespace: give it a session and its event handlers.
-fn prepare(state: &SioState, s: &SocketRef) {
+/// An admitted socket, about to join the namespace: give it a session (authenticated with
+/// the CONNECT packet's token, if any) and its event handlers. A refused token is a
+/// CONNECT_ERROR whose message gives the error code, the reason and the close code.
+fn prepare(state: &SioState, s: &SocketRef, token: Option<String>) -> Result<(), String> {
     let app = state.app.clone();
-    let session = Session::new(app.clone(), Transport::SocketIo);
+    let mut session = Session::new(app.clone(), Transport::SocketIo);
+    let refusal = match token {
+        Some(token) => session.authenticate(&token).err().map(|e| {
+            let code = if e.code == ErrorCode::TokenExpired {
+                CloseCode::TokenExpired
+            } else {
+                CloseCode::Unauthorized
+            };
+            (format!("{}: {} ({})", e.code.as_str(), e.message, code.code()), code)
+        }),
+        None if !app.auth.anonymous => {
+            app.auth.count_refusal("no_token");
+            let code = CloseCode::Unauthorized;
+            let message = format!(
+                "unauthorized: this server requires a token (auth.anonymous = false): pass auth: {{token}} ({})",
+                code.code()
+            );
+            Some((message, code))
+        }
+        None => None,
+    };
+    if let Some((message, code)) = refusal {
+        tracing::info!(conn = session.conn_id, peer = %peer(s), "refusing socket.io connection: {message}");
+        app.metrics.connection_opened(Transport::SocketIo);
+        app.metrics.connection_closed(Transport::SocketIo, code.code());
+        return Err(message);
+    }
     let conn = Arc::new(Conn {
         conn_id: session.conn_id,
         queue: session.queue.clone(),
@@ -177,6 +207,7 @@ fn prepare(state: &SioState, s: &SocketRef) {
         ("unsubscribe", Op::Unsubscribe),
         ("publish", Op::Publish),
         ("ping", Op::Ping),
+        ("auth", Op::Auth),
     ] {
         s.on(event, Event { conn: conn.clone(), op });
     }
@@ -189,6 +220,7 @@ fn prepare(state: &SioState, s: &SocketRef) {
         }
     });
     s.extensions.insert(conn);
+    Ok(())
 }
 
 /// A socket joined the namespace: start its writer.
@@ -228,6 +260,7 @@ enum Op {
     Unsubscribe,
     Publish,
     Ping,
+    Auth,
 }
 
 /// The handler of one client event. It runs synchronously where socketioxide receives the
@@ -269,10 +302,12 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                 // the writer at this point of the queue until the ack is handed to the engine.
                 let reservation = conn.queue.reserve();
                 let reply = match parse_subscribe(&payload) {
-                    Ok((channels, recover)) => match session.subscribe(&channels, &recover) {
-                        Ok(results) => serde_json::to_value(&results).unwrap_or_default(),
-                        Err(e) => refused(session, e),
-                    },
+                    Ok((channels, recover, tokens)) => {
+                        match session.subscribe_with_tokens(&channels, &recover, &tokens) {
+                            Ok(results) => serde_json::to_value(&results).unwrap_or_default(),
+                            Err(e) => refused(session, e),
+                        }
+                    }
                     Err(e) => refused(session, e),
                 };
                 drop(guard);
@@ -293,6 +328,13 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                     Err(e) => refused(session, e),
                 },
                 Err(e) => refused(session, e),
+            },
+            Op::Auth => match payload.get("token").and_then(|t| t.as_str()) {
+                Some(token) => match session.authenticate(token) {
+                    Ok(result) => serde_json::to_value(&result).unwrap_or_default(),
+                    Err(e) => refused(session, e),
+                },
+                None => refused(session, bad_request("\"auth\" takes {\"token\":T}")),
             },
             Op::Ping => {
                 let size = serde_json::to_vec(&payload).map_or(usize::MAX, |v| v.len());
@@ -369,7 +411,7 @@ fn parse_channels(payload: &serde_json::Value, event: &str) -> Result<Vec<String
     }
 }
 
-type SubscribeRequest = (Vec<String>, BTreeMap<String, StreamPosition>);
+type SubscribeRequest = (Vec<String>, BTreeMap<String, StreamPosition>, BTreeMap<String, String>);
 
 fn parse_subscribe(payload: &serde_json::Value) -> Result<SubscribeRequest, FrameError> {
     let channels = parse_channels(payload, "subscribe")?;
@@ -381,7 +423,13 @@ fn parse_subscribe(payload: &serde_json::Value) -> Result<SubscribeRequest, Fram
             ))
         })?,
     };
-    Ok((channels, recover))
+    let tokens = match payload.get("tokens") {
+        None | Some(serde_json::Value::Null) => BTreeMap::new(),
+        Some(t) => serde_json::from_value(t.clone()).map_err(|e| {
+            bad_request(format!("\"tokens\" must map channels to subscription tokens: {e}"))
+        })?,
+    };
+    Ok((channels, recover, tokens))
 }
 
 fn parse_publish(payload: &serde_json::Value) -> Result<(String, Box<RawValue>), FrameError> {
@@ -487,7 +535,29 @@ impl Writer {
                 self.emit_close(CloseCode::GoingAway.code(), &hint);
                 drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
             }
+            // Read each turn: an `auth` event may have moved it.
+            let auth = self.conn.session.lock().as_ref().and_then(Session::auth_deadline);
+            if let Some((due, code, reason)) = auth
+                && due <= Instant::now()
+            {
+                tracing::info!(
+                    conn = self.conn.conn_id,
+                    code = code.code(),
+                    "disconnecting socket.io client: {reason}"
+                );
+                app.auth.count_refusal(match code {
+                    CloseCode::TokenExpired => "expired_connection",
+                    _ => "auth_timeout",
+                });
+                self.emit_close(code.code(), reason);
+                let _ = self.socket.clone().disconnect();
+                return code.code();
+            }
+            let auth_due = auth.map(|(due, ..)| {
+                tokio::time::Instant::now() + due.saturating_duration_since(Instant::now())
+            });
             tokio::select! {
+                _ = sleep_until_some(auth_due) => {}
                 _ = self.conn.disconnected.notified() => return self.disconnect_code(),
                 _ = queue.notified(), if self.pending.is_empty() => {
                     drained.frames.clear();
@@ -641,7 +711,7 @@ mod tests {
         assert_eq!(p(json!({"channels": "a"})), Ok(vec!["a".to_string()]));
         assert_eq!(p(json!([1])), Err(ErrorCode::BadRequest));
         assert_eq!(p(json!(null)), Err(ErrorCode::BadRequest));
-        let (channels, recover) =
+        let (channels, recover, _) =
             parse_subscribe(&json!({"channels":["x"],"recover":{"x":{"epoch":"e","offset":3}}}))
                 .unwrap();
         assert_eq!(channels, vec!["x"]);

@@ -114,6 +114,13 @@ struct StreamQuery {
     /// Same as the `Last-Event-ID` header, for clients that cannot set headers.
     #[serde(default, rename = "lastEventId")]
     last_event_id: Option<String>,
+    /// A connection token, for clients that cannot set headers (also `Authorization:
+    /// Bearer` or the `auth.cookie` cookie).
+    #[serde(default)]
+    token: Option<String>,
+    /// Subscription tokens for the URL's channels, as a JSON object `{"CHANNEL":"TOKEN"}`.
+    #[serde(default)]
+    tokens: Option<String>,
 }
 
 async fn stream(
@@ -154,8 +161,46 @@ async fn stream(
         return resp;
     }
 
-    let guard = app.shutdown.track();
+    let sub_tokens: BTreeMap<String, String> = match query.tokens.as_deref() {
+        None | Some("") => BTreeMap::new(),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "bad_request", "message": format!("\"tokens\" must be a JSON object of channel to subscription token: {e}")}),
+                );
+            }
+        },
+    };
     let mut session = Session::new(app.clone(), Transport::Sse);
+    let presented = crate::auth::bearer(&headers)
+        .or(query.token.clone().filter(|t| !t.is_empty()))
+        .or_else(|| crate::auth::token_from_request(&headers, None, &app.auth.cookie));
+    // An EventSource gives up for good on a non-200 answer, which is what a refused token
+    // must mean; the body says why for clients that read it.
+    let mut auth_result = None;
+    match presented {
+        Some(token) => match session.authenticate(&token) {
+            Ok(result) => auth_result = Some(result),
+            Err(e) => {
+                return json_response(
+                    StatusCode::UNAUTHORIZED,
+                    json!({"error": e.code.as_str(), "message": e.message}),
+                );
+            }
+        },
+        None if !app.auth.anonymous => {
+            app.auth.count_refusal("no_token");
+            tracing::info!(%peer, "refusing event stream: no token and auth.anonymous = false");
+            return json_response(
+                StatusCode::UNAUTHORIZED,
+                json!({"error": "unauthorized", "message": "this server requires a token (auth.anonymous = false): pass ?token=..., Authorization: Bearer or the auth.cookie cookie"}),
+            );
+        }
+        None => {}
+    }
+    let guard = app.shutdown.track();
     let token = crate::random_id(32);
     let conn_id = session.conn_id;
     app.metrics.connection_opened(Transport::Sse);
@@ -188,7 +233,15 @@ async fn stream(
         .map(str::to_owned)
         .collect();
     let mut cursor = Cursor::default();
-    let ack = match initial_subscribe(&mut session, &requested, &recover) {
+    // Channels the token's `channels` claim subscribed.
+    if let Some(result) = auth_result {
+        for (channel, result) in &result.channels {
+            if session.subscriptions().any(|c| c == channel) {
+                cursor.subscribed(channel, result, None);
+            }
+        }
+    }
+    let ack = match initial_subscribe(&mut session, &requested, &recover, &sub_tokens) {
         Ok(results) => {
             for (channel, result) in &results {
                 cursor.subscribed(channel, result, recover.get(channel));
@@ -247,11 +300,12 @@ fn initial_subscribe(
     session: &mut Session,
     requested: &[String],
     recover: &BTreeMap<String, StreamPosition>,
+    tokens: &BTreeMap<String, String>,
 ) -> Result<SubscribeResults, FrameError> {
     let limit = session.app().config.server.max_channels_per_request;
     if requested.len() > limit {
         // Session::subscribe words the refusal exactly as /ws does.
-        return session.subscribe(requested, recover);
+        return session.subscribe_with_tokens(requested, recover, tokens);
     }
     let mut channels: Vec<&str> = Vec::with_capacity(requested.len() + recover.len());
     let mut seen = HashSet::new();
@@ -262,7 +316,7 @@ fn initial_subscribe(
     }
     let mut results = SubscribeResults::new();
     for batch in channels.chunks(limit) {
-        results.append(&mut session.subscribe(batch, recover)?);
+        results.append(&mut session.subscribe_with_tokens(batch, recover, tokens)?);
     }
     Ok(results)
 }
@@ -328,7 +382,32 @@ impl Writer {
                 tracing::debug!(conn = self.conn_id, "draining: ending event stream with 1001");
                 return self.close(CloseCode::GoingAway.code(), &reason, after_ms).await;
             }
+            // Read each turn: an `auth` on the control endpoint may have moved it.
+            let auth = self.stream.session.lock().as_ref().and_then(Session::auth_deadline);
+            if let Some((due, code, reason)) = auth
+                && due <= std::time::Instant::now()
+            {
+                tracing::info!(
+                    conn = self.conn_id,
+                    code = code.code(),
+                    "ending event stream: {reason}"
+                );
+                self.app.auth.count_refusal(match code {
+                    CloseCode::TokenExpired => "expired_connection",
+                    _ => "auth_timeout",
+                });
+                return self.close(code.code(), reason, 0).await;
+            }
+            let auth_due = auth.map(|(due, ..)| {
+                TokioInstant::now() + due.saturating_duration_since(std::time::Instant::now())
+            });
             tokio::select! {
+                _ = async {
+                    match auth_due {
+                        Some(at) => sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
                 _ = self.queue.notified() => {
                     drained.frames.clear();
                     self.queue.drain_into(&mut drained);
@@ -823,7 +902,7 @@ async fn control(
 /// Carries out one request on a stream; `None` when the stream has ended meanwhile.
 fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
     match frame {
-        ClientFrame::Subscribe { id, channels, recover } => {
+        ClientFrame::Subscribe { id, channels, recover, tokens } => {
             // Channels new to the cursor get a placeholder first, so messages the writer
             // drains before this request finishes already move them.
             let mut added = Vec::new();
@@ -848,7 +927,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
                 }
                 return None;
             };
-            let outcome = session.subscribe(&channels, &recover);
+            let outcome = session.subscribe_with_tokens(&channels, &recover, &tokens);
             let subscribed: HashSet<String> = session.subscriptions().cloned().collect();
             let reply = match &outcome {
                 Ok(results) => encode_ack_with(id, results),
@@ -887,6 +966,14 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             let mut guard = stream.session.lock();
             let session = guard.as_mut()?;
             Some(match session.publish(&channel, data.get().as_bytes()) {
+                Ok(result) => encode_ack_with(id, &result),
+                Err(e) => session.error_frame(FrameError { id, ..e }),
+            })
+        }
+        ClientFrame::Auth { id, token } => {
+            let mut guard = stream.session.lock();
+            let session = guard.as_mut()?;
+            Some(match session.authenticate(&token) {
                 Ok(result) => encode_ack_with(id, &result),
                 Err(e) => session.error_frame(FrameError { id, ..e }),
             })

@@ -61,6 +61,7 @@ pub async fn run(
     stream: TcpStream,
     already_read: Bytes,
     admission: Admission,
+    token: Option<String>,
     peer: String,
     _guard: ConnectionGuard,
 ) {
@@ -78,6 +79,7 @@ pub async fn run(
         close_code: None,
         failed: false,
         write_shut: false,
+        auth_due: None,
         app,
     };
     let conn_id = conn.session.conn_id;
@@ -89,7 +91,7 @@ pub async fn run(
         let _ = conn.feed(&already_read);
     }
     drop(already_read);
-    let code = conn.serve(admission).await;
+    let code = conn.serve(admission, token).await;
     conn.app.metrics.connection_closed(Transport::Ws, code);
     tracing::debug!(conn = conn_id, peer, code, "websocket closed");
 }
@@ -119,6 +121,8 @@ struct Conn {
     failed: bool,
     /// Our side of TCP is shut down (FIN sent).
     write_shut: bool,
+    /// When the connection is closed for want of a (fresh) token, with which code and reason.
+    auth_due: Option<(TokioInstant, CloseCode, &'static str)>,
 }
 
 enum ReadOutcome {
@@ -129,7 +133,7 @@ enum ReadOutcome {
 
 impl Conn {
     /// Serves until the connection ends; returns the close code recorded for metrics.
-    async fn serve(&mut self, admission: Admission) -> u16 {
+    async fn serve(&mut self, admission: Admission, token: Option<String>) -> u16 {
         let conn_id = self.session.conn_id;
         match admission {
             Admission::Refuse(code) => {
@@ -145,6 +149,21 @@ impl Conn {
                     encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
                 self.pending_bytes += welcome.len() + 2;
                 self.parts.push_front(text_part(welcome));
+                // A token presented with the upgrade (header, query or cookie): a refused
+                // one gets its error, then the close code that tells the client what to do.
+                if let Some(token) = token
+                    && let Err(e) = self.session.authenticate(&token)
+                {
+                    let code = if e.code == ferrocast_protocol::ErrorCode::TokenExpired {
+                        CloseCode::TokenExpired
+                    } else {
+                        CloseCode::Unauthorized
+                    };
+                    let reply = self.session.error_frame(e);
+                    self.queue_text(reply);
+                    self.start_close(code.code(), code.reason());
+                }
+                self.refresh_auth_due();
             }
         }
         let ping_interval = Duration::from_millis(self.app.config.server.ping_interval_ms);
@@ -195,6 +214,10 @@ impl Conn {
                 (None, None) => next_ping,
             };
             let timer = stall_deadline.map_or(timer, |stall| stall.min(timer));
+            let timer = match self.auth_due {
+                Some((due, ..)) if self.closing.is_none() => due.min(timer),
+                _ => timer,
+            };
             if timer_sleep.deadline() != timer {
                 timer_sleep.as_mut().reset(timer);
             }
@@ -211,7 +234,7 @@ impl Conn {
                         return self.close_code.unwrap_or(1006);
                     }
                     match self.read_ready() {
-                        Ok(ReadOutcome::Open) => {}
+                        Ok(ReadOutcome::Open) => self.refresh_auth_due(),
                         Ok(ReadOutcome::Closed) => {
                             let _ = self.flush();
                             return self.close_code.unwrap_or(1006);
@@ -247,6 +270,17 @@ impl Conn {
                         continue;
                     }
                     let now = TokioInstant::now();
+                    if let Some((due, code, reason)) = self.auth_due
+                        && now >= due
+                    {
+                        tracing::info!(conn = conn_id, code = code.code(), "closing: {reason}");
+                        self.session.app().auth.count_refusal(match code {
+                            CloseCode::TokenExpired => "expired_connection",
+                            _ => "auth_timeout",
+                        });
+                        self.start_close(code.code(), reason);
+                        continue;
+                    }
                     if stall_deadline.is_some_and(|d| now >= d) {
                         tracing::info!(
                             conn = conn_id,
@@ -278,6 +312,14 @@ impl Conn {
                 pong_deadline = None;
             }
         }
+    }
+
+    /// Re-reads when the session's token runs out (after it may have changed).
+    fn refresh_auth_due(&mut self) {
+        self.auth_due = self.session.auth_deadline().map(|(due, code, reason)| {
+            let left = due.saturating_duration_since(std::time::Instant::now());
+            (TokioInstant::now() + left, code, reason)
+        });
     }
 
     /// Moves everything queued into the write path; closes with 4008 if the queue overflowed.

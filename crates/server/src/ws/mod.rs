@@ -46,6 +46,7 @@ pub async fn upgrade(
         }
     };
     let admission = admit(&app, headers);
+    let token = crate::auth::token_from_request(headers, req.uri().query(), &app.auth.cookie);
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
@@ -61,8 +62,8 @@ pub async fn upgrade(
             Ok(parts) => {
                 // The connection keeps its place in the total until the socket closes.
                 let (stream, _counted) = parts.io.into_inner().into_parts();
-                conn::run(task_app, stream, parts.read_buf, admission, peer.to_string(), guard)
-                    .await;
+                let peer = peer.to_string();
+                conn::run(task_app, stream, parts.read_buf, admission, token, peer, guard).await;
             }
             Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
         }
