@@ -52,6 +52,11 @@ impl HistoryRing {
         self.entries.push_back(Entry { offset, frame, data_start, at });
     }
 
+    /// Drops every entry (the channel starts over, or jumps past what it held).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Drops entries older than the age limit.
     pub fn expire(&mut self, now: Instant) {
         if let Some(max_age) = self.max_age {

@@ -47,6 +47,47 @@ pub struct Published {
     pub epoch: Arc<str>,
 }
 
+/// Where a channel stands on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: Arc<str>,
+    /// The last offset assigned (0 before the first retained message).
+    pub top: u64,
+    /// The oldest offset held in history, if any.
+    pub first: Option<u64>,
+}
+
+/// What [`Hub::deliver`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Kept in history and fanned out.
+    Applied,
+    /// At or below the local top in the same epoch: a duplicate, dropped.
+    Stale,
+    /// Messages between the local top and this one are missing, so nothing was done. `top`
+    /// is the last offset held in the message's epoch (0 when that epoch is new here).
+    Gap { top: u64 },
+}
+
+/// What one fan-out did, counted after the channel lock is released.
+#[derive(Debug, Default)]
+struct Fanout {
+    queued: u64,
+    conflated: u64,
+    dropped: u64,
+    overflowed: u64,
+}
+
+impl Fanout {
+    fn count(&self, m: &HubMetrics) {
+        HubMetrics::add(&m.messages_in, 1);
+        HubMetrics::add(&m.enqueued, self.queued);
+        HubMetrics::add(&m.conflated, self.conflated);
+        HubMetrics::add(&m.dropped, self.dropped);
+        HubMetrics::add(&m.slow_consumer_disconnects, self.overflowed);
+    }
+}
+
 /// Why a publish was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -148,7 +189,7 @@ pub struct Hub {
     namespaces: Namespaces,
     next_channel_id: AtomicU64,
     metrics: HubMetrics,
-    demand: RwLock<Option<Arc<dyn DemandListener>>>,
+    demand: RwLock<Vec<Arc<dyn DemandListener>>>,
     taps: RwLock<Vec<(String, Tap)>>,
     max_channels: usize,
     /// The epoch given to channels created from now on. It changes whenever a channel that
@@ -174,7 +215,7 @@ impl Hub {
             namespaces,
             next_channel_id: AtomicU64::new(1),
             metrics: HubMetrics::default(),
-            demand: RwLock::new(None),
+            demand: RwLock::new(Vec::new()),
             taps: RwLock::new(Vec::new()),
             max_channels: options.max_channels,
             epoch_for_new: RwLock::new(new_epoch()),
@@ -194,9 +235,10 @@ impl Hub {
         self.namespaces.for_channel(channel)
     }
 
-    /// Installs the listener told about first-subscriber / last-subscriber transitions.
-    pub fn set_demand_listener(&self, listener: Arc<dyn DemandListener>) {
-        *self.demand.write() = Some(listener);
+    /// Adds a listener told about first-subscriber / last-subscriber transitions (feed
+    /// connectors and the Redis broker each add one).
+    pub fn add_demand_listener(&self, listener: Arc<dyn DemandListener>) {
+        self.demand.write().push(listener);
     }
 
     /// Calls `tap(channel, data)` after every retained publish in `namespace`.
@@ -278,37 +320,14 @@ impl Hub {
             if c.removed {
                 continue;
             }
-            let now = Instant::now();
             let ephemeral = kind == PublishKind::Ephemeral;
             if !ephemeral {
                 c.top += 1;
             }
-            let offset = c.top;
-            let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
-            if ephemeral {
-                c.latest_ephemeral = Some(frame.clone());
-            } else {
-                c.history.push(offset, frame.clone(), data.len(), now);
-                c.history.expire(now);
-                c.latest_ephemeral = None;
-            }
-            c.last_active = now;
-            let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
-            let (mut conflated, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
-            for queue in &c.subscribers {
-                let o = queue.push(frame.clone(), c.id, now, policy);
-                conflated += u64::from(o.conflated);
-                dropped += u64::from(o.dropped);
-                overflowed += u64::from(o.overflowed);
-            }
-            let fanout = c.subscribers.len() as u64;
-            let published = Published { offset, epoch: c.epoch.clone() };
+            let fanout = self.emit(&mut c, channel, data, ephemeral);
+            let published = Published { offset: c.top, epoch: c.epoch.clone() };
             drop(c);
-            HubMetrics::add(&self.metrics.messages_in, 1);
-            HubMetrics::add(&self.metrics.enqueued, fanout);
-            HubMetrics::add(&self.metrics.conflated, conflated);
-            HubMetrics::add(&self.metrics.dropped, dropped);
-            HubMetrics::add(&self.metrics.slow_consumer_disconnects, overflowed);
+            fanout.count(&self.metrics);
             if !ephemeral {
                 self.run_taps(channel, data);
             }
@@ -317,7 +336,133 @@ impl Hub {
         Ok(published)
     }
 
-    fn run_taps(&self, channel: &str, data: &[u8]) {
+    /// Encodes `data` at the channel's top offset, keeps it (history, or the latest ephemeral
+    /// frame) and appends it to every subscriber's queue. The caller holds the channel lock
+    /// and has already moved `top` for a retained message.
+    fn emit(&self, c: &mut Channel, channel: &str, data: &[u8], ephemeral: bool) -> Fanout {
+        let now = Instant::now();
+        let offset = c.top;
+        let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
+        if ephemeral {
+            c.latest_ephemeral = Some(frame.clone());
+        } else {
+            c.history.push(offset, frame.clone(), data.len(), now);
+            c.history.expire(now);
+            c.latest_ephemeral = None;
+        }
+        c.last_active = now;
+        let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
+        let mut fanout = Fanout { queued: c.subscribers.len() as u64, ..Fanout::default() };
+        for queue in &c.subscribers {
+            let o = queue.push(frame.clone(), c.id, now, policy);
+            fanout.conflated += u64::from(o.conflated);
+            fanout.dropped += u64::from(o.dropped);
+            fanout.overflowed += u64::from(o.overflowed);
+        }
+        fanout
+    }
+
+    /// Where `channel` stands on this node, if it is held.
+    pub fn position(&self, channel: &str) -> Option<Position> {
+        let ch = self.lookup(channel)?;
+        let mut c = ch.lock();
+        c.history.expire(Instant::now());
+        Some(Position { epoch: c.epoch.clone(), top: c.top, first: c.history.first_offset() })
+    }
+
+    /// Delivers a retained message whose offset a broker assigned (the Redis broker calls it
+    /// for every message its pub/sub brings): appended to history and fanned out like a
+    /// local publish when it follows the local top in the same epoch.
+    ///
+    /// A message at or below the local top is a duplicate and is dropped ([`Delivery::Stale`]).
+    /// One that would leave a hole is not applied ([`Delivery::Gap`]) so the caller can fetch
+    /// the missing ones first, unless `force`: then the channel jumps to it (under the
+    /// message's epoch, with the history it cannot keep contiguous dropped), which is how a
+    /// broker applies what it could not fill.
+    pub fn deliver(
+        &self,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+        data: &[u8],
+        force: bool,
+    ) -> Result<Delivery, PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let same_epoch = *c.epoch == *epoch;
+            let top = if same_epoch { c.top } else { 0 };
+            if same_epoch && offset <= c.top {
+                return Ok(Delivery::Stale);
+            }
+            if offset != top + 1 && !force {
+                return Ok(Delivery::Gap { top });
+            }
+            if !same_epoch || offset != c.top + 1 {
+                Self::reset(&mut c, epoch);
+            }
+            c.top = offset;
+            let fanout = self.emit(&mut c, channel, data, false);
+            drop(c);
+            fanout.count(&self.metrics);
+            return Ok(Delivery::Applied);
+        }
+    }
+
+    /// Delivers an ephemeral message a broker carried (conflated, not kept in history).
+    pub fn deliver_ephemeral(&self, channel: &str, data: &[u8]) -> Result<(), PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let fanout = self.emit(&mut c, channel, data, true);
+            drop(c);
+            fanout.count(&self.metrics);
+            return Ok(());
+        }
+    }
+
+    /// Moves `channel` to the broker's `epoch` and `top` when it is behind (after the
+    /// broker delivered what history it had), so subscribe answers carry the cluster's
+    /// position. History that would not be contiguous with the new top is dropped.
+    pub fn advance(&self, channel: &str, epoch: &str, top: u64) -> Result<(), PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            if *c.epoch != *epoch {
+                Self::reset(&mut c, epoch);
+                c.top = top;
+            } else if top > c.top {
+                c.history.clear();
+                c.top = top;
+            }
+            return Ok(());
+        }
+    }
+
+    /// Starts the channel over under `epoch`: nothing held locally belongs to it.
+    fn reset(c: &mut Channel, epoch: &str) {
+        if *c.epoch != *epoch {
+            c.epoch = Arc::from(epoch);
+        }
+        c.history.clear();
+        c.latest_ephemeral = None;
+    }
+
+    /// Calls the taps of `channel`'s namespace with a retained message's `data`. A broker
+    /// that assigns offsets elsewhere calls it on the node that published the message.
+    pub fn run_taps(&self, channel: &str, data: &[u8]) {
         let taps = self.taps.read();
         if taps.is_empty() {
             return;
@@ -345,8 +490,8 @@ impl Hub {
                 added: false,
             };
         }
-        let listener = self.demand.read().clone();
-        if let Some(Err(reason)) = listener.map(|l| l.admit(channel)) {
+        let listeners = self.demand.read().clone();
+        if let Some(Err(reason)) = listeners.iter().map(|l| l.admit(channel)).find(Result::is_err) {
             return Subscription {
                 result: ChannelResult::failed(ErrorCode::UpstreamRejected, reason),
                 added: false,
@@ -525,8 +670,8 @@ impl Hub {
     }
 
     fn notify_demand(&self, channel: &str, wanted: bool) {
-        let listener = self.demand.read().clone();
-        if let Some(listener) = listener {
+        let listeners = self.demand.read().clone();
+        for listener in listeners {
             listener.demand_changed(channel, wanted);
         }
     }
@@ -696,7 +841,7 @@ mod tests {
             HubOptions::default(),
         );
         let guard = Arc::new(Guard(Mutex::new(Vec::new())));
-        hub.set_demand_listener(guard.clone());
+        hub.add_demand_listener(guard.clone());
         let q = Arc::new(ConnQueue::new(1, 1 << 20));
 
         let refused = hub.subscribe("quotes.O:X", &q, None);

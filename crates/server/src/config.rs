@@ -26,6 +26,8 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub socketio: SocketIoConfig,
     pub diagnostics: DiagnosticsConfig,
+    /// Where channel offsets and history live: this process, or Redis shared by many nodes.
+    pub broker: BrokerConfig,
     /// Settings for channels whose namespace has no table of its own.
     pub namespace_defaults: NamespaceConfig,
     /// Per-namespace settings, keyed by namespace (the part of a channel before the first `.`).
@@ -130,6 +132,53 @@ pub struct SocketIoConfig {
     pub path: String,
     /// Engine.IO transports offered: `polling`, `websocket` or both (polling then upgrade).
     pub transports: Vec<String>,
+}
+
+/// The broker (`[broker]`): `memory` keeps offsets and history in this process (one node);
+/// `redis` shares them through Redis so several nodes act as one gateway (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `"memory"` (default) or `"redis"`.
+    pub kind: BrokerKind,
+    /// Redis URL: `redis://[user:pass@]host:port/db` (`rediss://` for TLS is not built in yet).
+    pub url: String,
+    /// Prefix of every Redis key and pub/sub topic, so clusters can share one Redis.
+    pub prefix: String,
+    /// Longest wait for Redis on a publish or a subscribe; past it the request fails with
+    /// `unavailable` (HTTP 503).
+    pub timeout_ms: u64,
+    /// How often each node compares its channels' positions with Redis, catching a lost
+    /// last message.
+    pub position_check_ms: u64,
+    /// Lifetime of a channel's epoch and offset in Redis after its last publish (they must
+    /// outlive its history so offsets never restart while a client may still recover).
+    pub meta_ttl_ms: u64,
+    /// How long Redis may be unreachable before `/readyz` answers 503.
+    pub ready_grace_ms: u64,
+}
+
+/// Which broker a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: BrokerKind::Memory,
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "ferrocast".into(),
+            timeout_ms: 1_000,
+            position_check_ms: 3_000,
+            meta_ttl_ms: 7 * 24 * 3_600_000,
+            ready_grace_ms: 2_000,
+        }
+    }
 }
 
 /// The diagnostics endpoint (`GET /api/diagnostics`), which reports what the server received
@@ -256,6 +305,7 @@ impl Default for Config {
             simulator: SimulatorConfig::default(),
             socketio: SocketIoConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
+            broker: BrokerConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
             feeds: Vec::new(),
@@ -550,6 +600,44 @@ impl Config {
                 format!("{t:?} must be \"polling\" or \"websocket\", listed once"),
             );
         }
+        let b = &self.broker;
+        if b.kind == BrokerKind::Redis {
+            let parsed = if b.url.starts_with("redis://") || b.url.starts_with("unix://") {
+                ferrocast_broker_redis::check_url(&b.url)
+            } else {
+                Err("expected redis://[user:password@]host:port/db (rediss:// is not built in yet)"
+                    .into())
+            };
+            if let Err(reason) = parsed {
+                check(false, "broker.url", format!("{:?}: {reason}", b.url));
+            }
+        }
+        check(
+            !b.prefix.is_empty()
+                && b.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c)),
+            "broker.prefix",
+            format!("{:?} must be non-empty letters, digits, _ - : or .", b.prefix),
+        );
+        check(
+            (10..=60_000).contains(&b.timeout_ms),
+            "broker.timeout_ms",
+            format!("{} must be between 10 and 60000", b.timeout_ms),
+        );
+        check(
+            (100..=3_600_000).contains(&b.position_check_ms),
+            "broker.position_check_ms",
+            format!("{} must be between 100 and 3600000", b.position_check_ms),
+        );
+        check(
+            b.meta_ttl_ms >= 60_000,
+            "broker.meta_ttl_ms",
+            format!("{} must be at least 60000 (one minute)", b.meta_ttl_ms),
+        );
+        check(
+            b.ready_grace_ms <= 600_000,
+            "broker.ready_grace_ms",
+            format!("{} must be at most 600000", b.ready_grace_ms),
+        );
         check_namespace("namespace_defaults", &self.namespace_defaults, &mut errors);
         for (name, ns) in &self.namespaces {
             let key = format!("namespaces.{name}");

@@ -48,7 +48,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::routing::{any, get, post};
-use ferrocast_hub::{Hub, HubOptions, Namespaces};
+use config::BrokerKind;
+use ferrocast_broker_redis::{RedisBroker, RedisOptions};
+use ferrocast_hub::{Broker, Hub, HubOptions, MemoryBroker, Namespaces, Pending};
 use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -68,6 +70,9 @@ use shutdown::Shutdown;
 pub struct AppState {
     pub config: Arc<Config>,
     pub hub: Arc<Hub>,
+    /// Where offsets come from: this hub (`memory`) or Redis shared by many nodes. Every
+    /// publish goes through it, and every subscribe asks it to prepare the channel.
+    pub broker: Arc<dyn Broker>,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
     /// Candles built from trades on `ticks.*`.
@@ -83,14 +88,34 @@ pub struct AppState {
 
 impl AppState {
     /// Builds the state for a validated config; `api_key` comes from [`Config::api_key`].
+    /// With `broker.kind = "redis"` this starts the broker's tasks, so it must be called
+    /// inside a multi-threaded tokio runtime.
     pub fn new(config: Config, api_key: Option<String>) -> Arc<Self> {
         let namespaces =
             Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
+        let hub = Arc::new(Hub::new(
+            namespaces,
+            HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
+        ));
+        let broker: Arc<dyn Broker> = match config.broker.kind {
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
+            BrokerKind::Redis => {
+                let b = &config.broker;
+                let options = RedisOptions {
+                    url: b.url.clone(),
+                    prefix: b.prefix.clone(),
+                    timeout: Duration::from_millis(b.timeout_ms),
+                    position_check: Duration::from_millis(b.position_check_ms),
+                    meta_ttl: Duration::from_millis(b.meta_ttl_ms),
+                    ready_grace: Duration::from_millis(b.ready_grace_ms),
+                };
+                // The URL was validated with the same parser, so this cannot fail.
+                RedisBroker::start(hub.clone(), options).expect("validated broker.url")
+            }
+        };
         Arc::new(AppState {
-            hub: Arc::new(Hub::new(
-                namespaces,
-                HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
-            )),
+            hub,
+            broker,
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
@@ -115,6 +140,19 @@ impl AppState {
                 format!("\"data\" {e} (server.max_data_depth)"),
             )
         })
+    }
+}
+
+/// Waits for a broker's answer from synchronous code. The memory broker always answers at
+/// once; the Redis broker's answers are awaited with the worker thread handed over to the
+/// runtime's other tasks meanwhile (bounded by `broker.timeout_ms`), which needs the
+/// multi-threaded runtime `ferrocast serve` runs on.
+pub fn wait_for_broker<T>(pending: Pending<T>) -> T {
+    match pending {
+        Pending::Ready(value) => value,
+        Pending::Later(future) => {
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
 use ferrocast_feeds::feed::UpstreamBars;
 use ferrocast_feeds::market::{self, Candle, Interval, Trade};
 use ferrocast_feeds::simulator::{self, SimulatorConfig};
-use ferrocast_hub::{Hub, PublishKind};
+use ferrocast_hub::{Broker, Hub, Pending, PublishKind};
 use std::fmt::Write;
 
 use parking_lot::Mutex;
@@ -20,14 +20,15 @@ use crate::AppState;
 use crate::metrics::family;
 use ferrocast_feeds::feed::LinkState;
 
-/// Publishes into the hub on behalf of a source.
+/// Publishes through the broker on behalf of a source, without waiting for the answer (the
+/// broker keeps the order; a Redis outage is counted in the broker's metrics).
 #[derive(Debug)]
-pub struct HubSink(pub Arc<Hub>);
+pub struct HubSink(pub Arc<dyn Broker>);
 
 impl ferrocast_feeds::Sink for HubSink {
     fn publish(&self, channel: &str, data: Bytes, kind: PublishKind) {
-        if let Err(e) = self.0.publish(channel, &data, kind) {
-            tracing::warn!(channel, "source published on an invalid channel: {e}");
+        if let Pending::Ready(Err(e)) = self.0.publish(channel, &data, kind) {
+            tracing::warn!(channel, "source publish refused: {e}");
         }
     }
 }
@@ -52,7 +53,13 @@ pub fn start_simulator(app: &Arc<AppState>) {
             for interval in Interval::ALL {
                 let bars = simulator::backfill(sym, interval, cfg.backfill_bars, now, per_symbol);
                 let channel = market::channel_for_candle(sym, interval);
-                published += publish_backfill(&app.hub, &channel, &bars, &app.candles.backfill);
+                published += publish_backfill(
+                    &app.hub,
+                    &*app.broker,
+                    &channel,
+                    &bars,
+                    &app.candles.backfill,
+                );
             }
         }
         tracing::info!(bars = published, "demo candles backfilled with a made-up past");
@@ -62,7 +69,7 @@ pub fn start_simulator(app: &Arc<AppState>) {
         rate = sim.rate,
         "demo market simulator publishing on ticks.* and quotes.*"
     );
-    let sink = Arc::new(HubSink(app.hub.clone()));
+    let sink = Arc::new(HubSink(app.broker.clone()));
     let shutdown = app.shutdown.clone();
     let board = app.clone();
     tokio::spawn(async move {
@@ -90,7 +97,13 @@ pub struct BackfillStats {
 /// backfill of a feed's channel arrives within milliseconds of its first subscriber, a live
 /// bar at a window's end) would come before the past. The window is small, and a client
 /// that orders bars by `start`, as the dashboard does, still draws the right chart.
-pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &BackfillStats) -> usize {
+pub fn publish_backfill(
+    hub: &Hub,
+    broker: &dyn Broker,
+    channel: &str,
+    bars: &[Candle],
+    stats: &BackfillStats,
+) -> usize {
     if bars.is_empty() {
         return 0;
     }
@@ -102,9 +115,9 @@ pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &Backf
     }
     let mut published = 0;
     for bar in bars {
-        match hub.publish(channel, &market::encode(bar), PublishKind::Retained) {
-            Ok(_) => published += 1,
-            Err(e) => {
+        match broker.publish(channel, &market::encode(bar), PublishKind::Retained) {
+            Pending::Ready(Ok(_)) | Pending::Later(_) => published += 1,
+            Pending::Ready(Err(e)) => {
                 tracing::warn!(channel, "backfill publish failed: {e}");
                 break;
             }
@@ -187,7 +200,7 @@ impl Candles {
 /// Massive `AM`), the built bars are dropped, so the channel carries one consistent series.
 pub fn start_candles(app: &Arc<AppState>) {
     let builder = app.candles.builder.clone();
-    let hub = app.hub.clone();
+    let hub = app.broker.clone();
     let bars = app.feeds.upstream_bars.clone();
     let tap_bars = bars.clone();
     let tap_builder = builder.clone();
@@ -218,12 +231,12 @@ pub fn start_candles(app: &Arc<AppState>) {
     });
 }
 
-fn publish_candles(hub: &Hub, upstream: &UpstreamBars, updates: Vec<CandleUpdate>) {
+fn publish_candles(broker: &Arc<dyn Broker>, upstream: &UpstreamBars, updates: Vec<CandleUpdate>) {
     for u in updates {
         if upstream.covers(&u.candle.sym, u.candle.interval) {
             continue;
         }
-        let _ = hub.publish(&u.channel, &market::encode(&u.candle), u.kind);
+        let _ = broker.publish(&u.channel, &market::encode(&u.candle), u.kind);
     }
 }
 

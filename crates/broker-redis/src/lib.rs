@@ -1,0 +1,610 @@
+//! The Redis broker: several ferrocast nodes share one offset sequence, one history and one
+//! live stream per channel through Redis (or Valkey, KeyDB).
+//!
+//! - [`keys`]: the key layout and the server-side Lua scripts (publish, read);
+//! - [`pubsub`]: the node's pub/sub connection, one subscription per channel with local
+//!   subscribers, delivery into the hub with gap filling, resubscription and position checks;
+//! - [`metrics`]: `ferrocast_broker_*` counters.
+//!
+//! How a publish travels: [`RedisBroker::publish`] queues the message for the publisher task
+//! (one per node, so one node's publishes keep their order); the task sends what is queued as
+//! one pipeline of `EVALSHA` calls on one connection. The script assigns the offset and
+//! stores the message in history before it PUBLISHes, so a message is in history before any
+//! node can deliver it. Each node's pub/sub task hands what arrives to
+//! [`Hub::deliver`](ferrocast_hub::Hub::deliver), which drops duplicates and reports gaps,
+//! which the task fills from history before delivering in order.
+//!
+//! Crate choice: `redis` (redis-rs), the most used Rust client, maintained by the Redis
+//! organisation, with tokio support, pipelining on a multiplexed connection, scripts with
+//! automatic `EVALSHA` fallback, and pub/sub split into a sink and a stream; Sentinel and
+//! Cluster support exist in the same crate for later.
+#![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod metrics;
+pub mod pubsub;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use ferrocast_hub::{
+    Broker, BrokerError, BrokerFuture, Delivery, DemandListener, Hub, Pending, PublishError,
+    PublishKind, Published, SnapshotMode,
+};
+use ferrocast_protocol::{StreamPosition, validate_channel};
+use parking_lot::Mutex;
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use redis::{RedisResult, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use keys::ChannelKeys;
+pub use metrics::BrokerMetrics;
+
+/// Most publishes waiting for the publisher task; beyond it publishes fail at once.
+const MAX_QUEUED_PUBLISHES: usize = 100_000;
+/// Most publishes sent to Redis in one pipeline.
+const MAX_PIPELINE: usize = 512;
+
+/// Settings (from `[broker]`).
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub url: String,
+    pub prefix: String,
+    /// Longest wait for Redis on a publish, a subscribe or a read.
+    pub timeout: Duration,
+    pub position_check: Duration,
+    pub meta_ttl: Duration,
+    /// How long Redis may be unreachable before [`Broker::ready`] fails.
+    pub ready_grace: Duration,
+}
+
+/// The broker. Cheap to share; its tasks run until the process ends.
+#[derive(Debug)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hub: Arc<Hub>,
+    opts: RedisOptions,
+    client: redis::Client,
+    conn: Conn,
+    publish_tx: mpsc::UnboundedSender<Job>,
+    queued: AtomicUsize,
+    pubsub_tx: mpsc::UnboundedSender<pubsub::Command>,
+    /// Channels this node is subscribed to on Redis pub/sub.
+    subscribed: Mutex<HashSet<String>>,
+    read_script: redis::Script,
+    publish_sha: String,
+    metrics: BrokerMetrics,
+    health: Health,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("prefix", &self.opts.prefix).finish_non_exhaustive()
+    }
+}
+
+/// One queued publish.
+struct Job {
+    channel: String,
+    data: Vec<u8>,
+    kind: PublishKind,
+    reply: oneshot::Sender<Result<Published, BrokerError>>,
+    queued_at: Instant,
+}
+
+/// What a read returned: the channel's position in Redis and history entries, oldest first.
+#[derive(Debug)]
+pub struct ReadResult {
+    pub epoch: String,
+    pub top: u64,
+    pub entries: Vec<(u64, Vec<u8>)>,
+}
+
+impl RedisBroker {
+    /// Starts the broker's tasks (publisher, pub/sub, position checks, health). Redis need
+    /// not be reachable yet: until it is, publishes fail with `unavailable` and readiness
+    /// fails after the grace period. Must run inside a multi-threaded tokio runtime.
+    pub fn start(hub: Arc<Hub>, opts: RedisOptions) -> Result<Arc<RedisBroker>, String> {
+        let client = redis::Client::open(opts.url.as_str())
+            .map_err(|e| format!("broker.url {:?}: {e}", opts.url))?;
+        let (publish_tx, publish_rx) = mpsc::unbounded_channel();
+        let (pubsub_tx, pubsub_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            conn: Conn::new(client.clone(), opts.timeout),
+            client,
+            publish_tx,
+            queued: AtomicUsize::new(0),
+            pubsub_tx,
+            subscribed: Mutex::new(HashSet::new()),
+            read_script: redis::Script::new(keys::READ),
+            publish_sha: redis::Script::new(keys::PUBLISH).get_hash().to_owned(),
+            metrics: BrokerMetrics::default(),
+            health: Health::new(),
+            hub: hub.clone(),
+            opts,
+        });
+        tokio::spawn(publisher(inner.clone(), publish_rx));
+        tokio::spawn(pubsub::run(inner.clone(), pubsub_rx));
+        tokio::spawn(pubsub::check_positions(inner.clone()));
+        tokio::spawn(health(inner.clone()));
+        let broker = Arc::new(RedisBroker { inner });
+        hub.add_demand_listener(Arc::new(Demand(broker.inner.clone())));
+        Ok(broker)
+    }
+
+    pub fn metrics(&self) -> &BrokerMetrics {
+        &self.inner.metrics
+    }
+}
+
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Pending<Result<Published, BrokerError>> {
+        let inner = &self.inner;
+        if let Err(e) = validate_channel(channel) {
+            return Pending::Ready(Err(PublishError::InvalidChannel(e).into()));
+        }
+        if inner.queued.fetch_add(1, Relaxed) >= MAX_QUEUED_PUBLISHES {
+            inner.queued.fetch_sub(1, Relaxed);
+            inner.metrics.error("queue_full");
+            return Pending::Ready(Err(BrokerError::Unavailable(format!(
+                "{MAX_QUEUED_PUBLISHES} publishes are already waiting for Redis"
+            ))));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            channel: channel.to_owned(),
+            data: data.to_vec(),
+            kind,
+            reply,
+            queued_at: Instant::now(),
+        };
+        if inner.publish_tx.send(job).is_err() {
+            return Pending::Ready(Err(BrokerError::Unavailable("the broker stopped".into())));
+        }
+        let timeout = inner.opts.timeout;
+        Pending::Later(Box::pin(async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(BrokerError::Unavailable("the broker stopped".into())),
+                Err(_) => Err(unavailable_timeout(timeout)),
+            }
+        }))
+    }
+
+    fn prepare_subscribe(
+        &self,
+        channel: &str,
+        recover: Option<&StreamPosition>,
+    ) -> Option<BrokerFuture<Result<(), BrokerError>>> {
+        let inner = self.inner.clone();
+        let channel = channel.to_owned();
+        let recover = recover.cloned();
+        Some(Box::pin(async move {
+            let timeout = inner.opts.timeout;
+            let work = async {
+                pubsub::ensure_subscribed(&inner, &channel).await?;
+                let ns = inner.hub.namespace(&channel).clone();
+                let tail = match ns.snapshot {
+                    SnapshotMode::None => 0,
+                    SnapshotMode::Latest => 1,
+                    SnapshotMode::Last => ns.snapshot_size,
+                };
+                let since = recover.as_ref().map(|p| (p.offset, p.epoch.as_str()));
+                let read = inner.read(&channel, since, tail, ns.history_size).await?;
+                inner.apply(&channel, read);
+                Ok(())
+            };
+            match tokio::time::timeout(timeout, work).await {
+                Ok(result) => result,
+                Err(_) => {
+                    inner.metrics.error("timeout");
+                    Err(unavailable_timeout(timeout))
+                }
+            }
+        }))
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.inner.health.ready(self.inner.opts.ready_grace)
+    }
+
+    fn render_metrics(&self, out: &mut String) {
+        self.inner.metrics.render(out);
+    }
+}
+
+fn unavailable_timeout(timeout: Duration) -> BrokerError {
+    BrokerError::Unavailable(format!(
+        "Redis did not answer within {} ms (broker.timeout_ms)",
+        timeout.as_millis()
+    ))
+}
+
+impl Inner {
+    fn keys(&self, channel: &str) -> ChannelKeys {
+        ChannelKeys::new(&self.opts.prefix, channel)
+    }
+
+    /// Reads `channel`'s position and history from Redis (see [`keys::READ`]).
+    async fn read(
+        &self,
+        channel: &str,
+        since: Option<(u64, &str)>,
+        tail: usize,
+        limit: usize,
+    ) -> Result<ReadResult, BrokerError> {
+        let k = self.keys(channel);
+        let ns = self.hub.namespace(channel);
+        let mut conn = self.conn.get().await.inspect_err(|_| self.metrics.error("connection"))?;
+        let mut invocation = self.read_script.prepare_invoke();
+        invocation
+            .key(&k.meta)
+            .key(&k.stream)
+            .arg(since.map_or(-1i64, |(offset, _)| offset.min(i64::MAX as u64) as i64))
+            .arg(since.map_or("", |(_, epoch)| epoch))
+            .arg(tail)
+            .arg(limit)
+            .arg(ns.history_ttl_ms)
+            .arg(self.opts.meta_ttl.as_millis() as u64)
+            .arg(new_epoch());
+        let value: RedisResult<Vec<Value>> =
+            tokio::time::timeout(self.opts.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()));
+        let values = value.map_err(|e| self.redis_error(e))?;
+        parse_read(values).ok_or_else(|| {
+            self.metrics.error("protocol");
+            BrokerError::Unavailable("unexpected answer from the read script".into())
+        })
+    }
+
+    /// Delivers what a read returned into the hub, in order, then moves the channel to
+    /// Redis's position. Returns how many messages were new here.
+    fn apply(&self, channel: &str, read: ReadResult) -> u64 {
+        let mut applied = 0;
+        for (offset, data) in &read.entries {
+            if let Ok(Delivery::Applied) =
+                self.hub.deliver(channel, &read.epoch, *offset, data, true)
+            {
+                applied += 1;
+            }
+        }
+        let _ = self.hub.advance(channel, &read.epoch, read.top);
+        applied
+    }
+
+    /// Counts a Redis error by kind and words it for the client.
+    fn redis_error(&self, e: redis::RedisError) -> BrokerError {
+        let kind = if e.is_timeout() {
+            "timeout"
+        } else if e.is_io_error() || e.is_connection_dropped() {
+            "connection"
+        } else {
+            "script"
+        };
+        self.metrics.error(kind);
+        if kind != "script" {
+            self.conn.reset();
+        }
+        BrokerError::Unavailable(format!("Redis: {e}"))
+    }
+}
+
+/// Parses `{epoch, top, offset, data, ...}`.
+fn parse_read(values: Vec<Value>) -> Option<ReadResult> {
+    let mut it = values.into_iter();
+    let epoch = value_string(it.next()?)?;
+    let top = value_u64(it.next()?)?;
+    let mut entries = Vec::new();
+    while let Some(offset) = it.next() {
+        let offset = value_u64(offset)?;
+        let Value::BulkString(data) = it.next()? else { return None };
+        entries.push((offset, data));
+    }
+    Some(ReadResult { epoch, top, entries })
+}
+
+fn value_string(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn value_u64(v: Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(n).ok(),
+        Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn timeout_error() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))
+}
+
+/// A fresh epoch, offered to Redis for a channel that has none (8 characters of the channel
+/// alphabet, like the hub's).
+fn new_epoch() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..8).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// The command connection: one multiplexed connection (it keeps command order), made on
+/// first use and remade after a failure.
+struct Conn {
+    client: redis::Client,
+    timeout: Duration,
+    current: Mutex<Option<ConnectionManager>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Conn {
+    fn new(client: redis::Client, timeout: Duration) -> Self {
+        Conn { client, timeout, current: Mutex::new(None), connecting: tokio::sync::Mutex::new(()) }
+    }
+
+    async fn get(&self) -> Result<ConnectionManager, BrokerError> {
+        if let Some(c) = self.current.lock().clone() {
+            return Ok(c);
+        }
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.current.lock().clone() {
+            return Ok(c);
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let made = tokio::time::timeout(
+            self.timeout,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await;
+        match made {
+            Ok(Ok(c)) => {
+                *self.current.lock() = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("cannot connect to Redis: {e}"))),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "cannot connect to Redis within {} ms (broker.timeout_ms)",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Forgets the connection after an error, so the next use connects afresh.
+    fn reset(&self) {
+        *self.current.lock() = None;
+    }
+}
+
+/// Sends queued publishes to Redis in order, a pipeline at a time.
+async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
+    let mut script_loaded = false;
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_PIPELINE);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_PIPELINE {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        inner.queued.fetch_sub(batch.len(), Relaxed);
+        // A publish whose caller stopped waiting (timed out) is still sent: fire-and-forget
+        // publishers never wait, and one that timed out may succeed late, as documented. A
+        // publish queued longer than the timeout is not: Redis has been away, and sending a
+        // backlog after the callers were told "unavailable" would surprise them.
+        let now = Instant::now();
+        let timeout = inner.opts.timeout;
+        let (stale, fresh): (Vec<Job>, Vec<Job>) =
+            batch.drain(..).partition(|j| now.duration_since(j.queued_at) > timeout);
+        for job in stale {
+            inner.metrics.error("timeout");
+            let _ = job.reply.send(Err(unavailable_timeout(timeout)));
+        }
+        if fresh.is_empty() {
+            continue;
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if !script_loaded {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(keys::PUBLISH);
+        }
+        let meta_ttl = inner.opts.meta_ttl.as_millis() as u64;
+        for job in &fresh {
+            let k = inner.keys(&job.channel);
+            let ns = inner.hub.namespace(&job.channel);
+            let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
+            pipe.cmd("EVALSHA")
+                .arg(&inner.publish_sha)
+                .arg(2)
+                .arg(&k.meta)
+                .arg(&k.stream)
+                .arg(mode)
+                .arg(&job.data[..])
+                .arg(ns.history_size)
+                .arg(ns.history_ttl_ms)
+                .arg(meta_ttl)
+                .arg(&k.topic)
+                .arg(new_epoch());
+        }
+        let result = match inner.conn.get().await {
+            Ok(mut conn) => tokio::time::timeout(
+                timeout,
+                pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn),
+            )
+            .await
+            .unwrap_or_else(|_| Err(timeout_error())),
+            Err(e) => {
+                inner.metrics.error("connection");
+                for job in fresh {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+                script_loaded = false;
+                continue;
+            }
+        };
+        let mut replies = match result {
+            Ok(replies) => replies.into_iter(),
+            Err(e) => {
+                script_loaded = false;
+                let err = inner.redis_error(e);
+                for job in fresh {
+                    let _ = job.reply.send(Err(err.clone()));
+                }
+                continue;
+            }
+        };
+        if !script_loaded {
+            script_loaded = matches!(replies.next(), Some(Ok(_)));
+        }
+        for job in fresh {
+            let answer = match replies.next() {
+                Some(Ok(Value::Array(v))) if v.len() == 2 => {
+                    let mut v = v.into_iter();
+                    match (v.next().and_then(value_u64), v.next().and_then(value_string)) {
+                        (Some(offset), Some(epoch)) => {
+                            Ok(Published { offset, epoch: Arc::from(epoch) })
+                        }
+                        _ => Err(BrokerError::Unavailable("unexpected publish answer".into())),
+                    }
+                }
+                Some(Ok(_)) | None => {
+                    inner.metrics.error("protocol");
+                    Err(BrokerError::Unavailable("unexpected publish answer".into()))
+                }
+                Some(Err(e)) => {
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                        script_loaded = false;
+                    }
+                    Err(inner.redis_error(e))
+                }
+            };
+            if answer.is_ok() {
+                inner.metrics.published.fetch_add(1, Relaxed);
+                inner.metrics.publish_latency(job.queued_at.elapsed());
+                if job.kind == PublishKind::Retained {
+                    inner.hub.run_taps(&job.channel, &job.data);
+                }
+            }
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Whether Redis answers: the command connection (pinged) and the pub/sub connection.
+struct Health {
+    /// Since when each part has been failing (`None`: fine).
+    command_down: Mutex<Option<Instant>>,
+    pubsub_down: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn new() -> Self {
+        let now = Some(Instant::now());
+        Health { command_down: Mutex::new(now), pubsub_down: Mutex::new(now) }
+    }
+
+    fn set(slot: &Mutex<Option<Instant>>, ok: bool) {
+        let mut s = slot.lock();
+        if ok {
+            *s = None;
+        } else if s.is_none() {
+            *s = Some(Instant::now());
+        }
+    }
+
+    fn command(&self, ok: bool) {
+        Self::set(&self.command_down, ok);
+    }
+
+    fn pubsub(&self, ok: bool) {
+        Self::set(&self.pubsub_down, ok);
+    }
+
+    fn ready(&self, grace: Duration) -> Result<(), String> {
+        for (part, slot) in [("commands", &self.command_down), ("pub/sub", &self.pubsub_down)] {
+            if let Some(since) = *slot.lock() {
+                let down = since.elapsed();
+                if down >= grace {
+                    return Err(format!(
+                        "Redis ({part}) unreachable for {} ms (broker.ready_grace_ms)",
+                        down.as_millis()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pings Redis twice a second so readiness follows it.
+async fn health(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let ok = match inner.conn.get().await {
+            Ok(mut conn) => {
+                let cmd = redis::cmd("PING");
+                let ping = cmd.query_async::<String>(&mut conn);
+                match tokio::time::timeout(inner.opts.timeout, ping).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        let _ = inner.redis_error(e);
+                        false
+                    }
+                    Err(_) => {
+                        inner.conn.reset();
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        inner.health.command(ok);
+    }
+}
+
+/// Tells the pub/sub task when a channel loses its last local subscriber (after the
+/// broker's timeout, so a subscribe being prepared meanwhile keeps it).
+struct Demand(Arc<Inner>);
+
+impl DemandListener for Demand {
+    fn demand_changed(&self, channel: &str, wanted: bool) {
+        if wanted {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let inner = self.0.clone();
+        let channel = channel.to_owned();
+        runtime.spawn(async move {
+            tokio::time::sleep(inner.opts.timeout).await;
+            let _ = inner.pubsub_tx.send(pubsub::Command::Unsubscribe(channel));
+        });
+    }
+}
+
+/// Checks a `broker.url` the way [`RedisBroker::start`] will read it.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}

@@ -1,0 +1,134 @@
+//! The broker seam: where a channel's offsets come from and how a message reaches the other
+//! nodes' hubs.
+//!
+//! Every ingress (HTTP API, client publish, simulator, feeds) publishes through a
+//! [`Broker`], never straight into the hub, and every subscribe asks the broker to
+//! [prepare](Broker::prepare_subscribe) the channel first. Two implementations sit side by
+//! side: [`MemoryBroker`] (one node; offsets assigned by the local hub, exactly what the
+//! hub did before there was a seam, with nothing to await) and the Redis broker in the
+//! `ferrocast-broker-redis` crate (offsets assigned in Redis atomically with storing history;
+//! each node's hub is its local fan-out and history cache, fed by
+//! [`Hub::deliver`](crate::Hub::deliver)).
+//!
+//! Results come back as [`Pending`]: `Ready` when the broker answered at once (the memory
+//! broker always does, so its publish path allocates nothing more than before), `Later` with
+//! a future when the answer needs a round trip. A caller that does not need the answer
+//! (feeds, the simulator) drops it: the publish still happens, in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferrocast_protocol::StreamPosition;
+
+use crate::hub::{Hub, PublishError, Published};
+use crate::queue::PublishKind;
+
+/// A boxed future a broker answers with.
+pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// An answer now or later.
+pub enum Pending<T> {
+    Ready(T),
+    Later(BrokerFuture<T>),
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
+            Pending::Later(_) => "Pending::Later",
+        })
+    }
+}
+
+impl<T> Pending<T> {
+    /// The answer, awaiting it if needed.
+    pub async fn wait(self) -> T {
+        match self {
+            Pending::Ready(value) => value,
+            Pending::Later(future) => future.await,
+        }
+    }
+}
+
+/// Why a broker could not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Refused by the hub (bad channel name, channel limit): the caller's fault.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The shared engine did not answer in time or is unreachable; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where offsets come from. See the module documentation.
+pub trait Broker: Send + Sync + std::fmt::Debug {
+    /// `"memory"` or `"redis"`, for logs, stats and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Publishes `data` (one serialized JSON value) on `channel`. Publishes made from one
+    /// node to one channel keep the order in which this method was called, whether or not
+    /// their answers are awaited.
+    fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Pending<Result<Published, BrokerError>>;
+
+    /// Makes the local hub's copy of `channel` current enough for a subscribe with `recover`
+    /// (or with the namespace's snapshot) to be answered exactly, and makes sure this node
+    /// receives the channel's live messages. `None` when there is nothing to do (memory).
+    fn prepare_subscribe(
+        &self,
+        channel: &str,
+        recover: Option<&StreamPosition>,
+    ) -> Option<BrokerFuture<Result<(), BrokerError>>>;
+
+    /// `Err(reason)` while the broker cannot serve (for `/readyz`).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Appends the broker's Prometheus metrics to `out` (none for memory).
+    fn render_metrics(&self, out: &mut String) {
+        let _ = out;
+    }
+}
+
+/// One node: the hub assigns offsets and keeps history itself.
+#[derive(Debug)]
+pub struct MemoryBroker {
+    hub: Arc<Hub>,
+}
+
+impl MemoryBroker {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        MemoryBroker { hub }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Pending<Result<Published, BrokerError>> {
+        Pending::Ready(self.hub.publish(channel, data, kind).map_err(BrokerError::Publish))
+    }
+
+    fn prepare_subscribe(
+        &self,
+        _channel: &str,
+        _recover: Option<&StreamPosition>,
+    ) -> Option<BrokerFuture<Result<(), BrokerError>>> {
+        None
+    }
+}
