@@ -68,14 +68,37 @@ class RedisServer:
             return False
 
     def command(self, *args: str | int | bytes, timeout: float = 5.0) -> Any:
-        """Sends one command and returns its decoded reply (errors raise RedisError)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-            out = b"*%d\r\n" % len(parts) + b"".join(
-                b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
-            )
-            s.sendall(out)
-            return _read_reply(s.makefile("rb"))
+        """Sends one command on a new connection and returns its decoded reply (errors
+        raise RedisError)."""
+        with self.connect(timeout) as conn:
+            return conn.command(*args)
+
+    def connect(self, timeout: float = 5.0) -> "RedisConnection":
+        """A connection kept open (for commands that must not need a new one, e.g. while
+        `maxclients` is lowered)."""
+        return RedisConnection(socket.create_connection(("127.0.0.1", self.port), timeout=timeout))
+
+
+class RedisConnection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def command(self, *args: str | int | bytes) -> Any:
+        parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+        out = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        self.sock.sendall(out)
+        return _read_reply(self.reader)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def __enter__(self) -> "RedisConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RedisError(RuntimeError):

@@ -50,26 +50,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
     loop {
         let connected = tokio::time::timeout(timeout, inner.client.get_async_pubsub()).await;
         let Ok(Ok(pubsub)) = connected else {
-            inner.health.pubsub(false);
-            inner.metrics.error("connection");
-            let pause = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            let sleep = tokio::time::sleep(pause);
-            tokio::pin!(sleep);
-            // While away, subscribes fail at once rather than wait for the reconnect.
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    command = commands.recv() => match command {
-                        None => return,
-                        Some(Command::Subscribe(_, reply)) => {
-                            let _ = reply.send(Err(BrokerError::Unavailable(
-                                "Redis pub/sub is unreachable; retry shortly".into(),
-                            )));
-                        }
-                        Some(Command::Unsubscribe(channel)) => unsubscribed(&inner, &channel),
-                    },
-                }
+            if !pause(&inner, &mut commands, &mut backoff).await {
+                return;
             }
             continue;
         };
@@ -83,7 +65,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             }
         }
         inner.health.pubsub(true);
-        backoff = Duration::from_millis(100);
+        let connected_at = std::time::Instant::now();
         if connected_before {
             inner.metrics.pubsub_reconnects.fetch_add(1, Relaxed);
             tracing::info!(channels = channels.len(), "Redis pub/sub reconnected; catching up");
@@ -147,9 +129,48 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                 },
             }
         }
-        inner.health.pubsub(false);
-        inner.metrics.error("connection");
         tracing::warn!("Redis pub/sub connection lost; reconnecting");
+        if connected_at.elapsed() > MAX_BACKOFF {
+            // It served a while: the first retry comes at once.
+            backoff = Duration::from_millis(100);
+            inner.health.pubsub(false);
+            inner.metrics.error("connection");
+        } else if !pause(&inner, &mut commands, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// Waits a jittered, growing pause before the next connection attempt, meanwhile failing
+/// subscribes at once rather than making them wait. `false` when the broker is gone.
+async fn pause(
+    inner: &Inner,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    backoff: &mut Duration,
+) -> bool {
+    inner.health.pubsub(false);
+    inner.metrics.error("connection");
+    let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            command = commands.recv() => match command {
+                None => return false,
+                Some(Command::Subscribe(_, reply)) => {
+                    let _ = reply.send(Err(BrokerError::Unavailable(
+                        "Redis pub/sub is unreachable; retry shortly".into(),
+                    )));
+                }
+                Some(Command::Unsubscribe(channel)) => {
+                    if inner.hub.subscriber_count(&channel) == 0 {
+                        unsubscribed(inner, &channel);
+                    }
+                }
+            },
+        }
     }
 }
 

@@ -1,0 +1,212 @@
+"""Several `ferrocast serve` nodes sharing channels through a real Redis (the Redis broker):
+one offset sequence and one history per channel across nodes, recovery on any node, honest
+`recovered: false` when Redis lost the data, bounded failures while Redis is away, and gaps
+in pub/sub filled from history. Each test starts its own redis-server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from ferrocast_e2e.redis import RedisServer
+
+
+@pytest.fixture
+def redis(artifacts, track_process):
+    server = RedisServer(artifacts).start()
+    track_process(server.process)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_node(start_server, redis):
+    def start(*sets: str, **kwargs):
+        return start_server(
+            "broker.kind=redis",
+            f"broker.url={redis.url}",
+            "broker.timeout_ms=500",
+            "broker.position_check_ms=500",
+            "broker.ready_grace_ms=500",
+            *sets,
+            **kwargs,
+        )
+
+    return start
+
+
+async def collect(client, channel: str, count: int, timeout: float = 10.0) -> list[dict]:
+    frames = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"got {len(frames)} of {count} messages: {frames[-3:]}"
+        frames.append(await client.next_msg(channel, timeout=left))
+    return frames
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_publishes_through_any_node_reach_every_node_once_in_order(start_node, ws):
+    nodes = [start_node() for _ in range(3)]
+    channel = "chat.cluster"
+    subscribers = [await ws(node) for node in nodes]
+    epochs = set()
+    for sub in subscribers:
+        result = await sub.subscribe_ok(channel)
+        epochs.add(result[channel]["epoch"])
+        assert result[channel]["offset"] == 0, result
+    assert len(epochs) == 1, f"nodes disagree on the epoch: {epochs}"
+    (epoch,) = epochs
+    publishers = [await ws(node) for node in nodes]
+
+    total = 60
+    acks = []
+    for i in range(total):
+        node = i % 3
+        data = {"i": i, "via": node}
+        if i % 2 == 0:
+            acks.append(await nodes[node].apublish(channel, data))
+        else:
+            reply = await publishers[node].request(
+                {"op": "publish", "channel": channel, "data": data}
+            )
+            assert reply["type"] == "ack", reply
+            acks.append(reply["result"])
+    assert [a["offset"] for a in acks] == list(range(1, total + 1)), acks
+    assert {a["epoch"] for a in acks} == {epoch}
+
+    for n, sub in enumerate(subscribers):
+        frames = await collect(sub, channel, total)
+        assert [f["offset"] for f in frames] == list(range(1, total + 1)), f"node {n}"
+        assert [f["data"]["i"] for f in frames] == list(range(total)), f"node {n}"
+        assert {f["epoch"] for f in frames} == {epoch}, f"node {n}"
+        await sub.expect_silence(0.3)
+
+    # Each node holds the same history, and reports the same position.
+    for node in nodes:
+        page = node.get(f"/api/channels/{channel}/history?since=0&limit=1000").json()
+        assert page["epoch"] == epoch and page["offset"] == total, page
+        assert [m["data"]["i"] for m in page["messages"]] == list(range(total))
+
+
+async def test_recovery_on_another_node_is_exact_then_live(start_node, ws):
+    # 500 missed messages need a history of at least 500 (chat keeps 100 by default).
+    a, b, c = (start_node("namespaces.chat.history_size=1000") for _ in range(3))
+    channel = "chat.recover"
+    first = await ws(a)
+    result = await first.subscribe_ok(channel)
+    epoch = result[channel]["epoch"]
+    a.publish(channel, {"n": 0})
+    assert (await first.next_msg(channel))["offset"] == 1
+    await first.close()
+
+    missed = 500
+    pub_b, pub_c = b.keepalive_publisher(), c.keepalive_publisher()
+    sent = 0
+    while sent < missed:
+        batch = [(channel, {"n": sent + k + 1}) for k in range(50)]
+        results = (pub_b if (sent // 50) % 2 == 0 else pub_c).publish_batch(batch)
+        assert [r["offset"] for r in results] == list(range(sent + 2, sent + 52))
+        sent += 50
+    pub_b.close()
+    pub_c.close()
+
+    again = await ws(c)
+    result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": 1}})
+    r = result[channel]
+    assert r["recovered"] is True and r["replayed"] == missed, r
+    assert r["epoch"] == epoch and r["offset"] == missed + 1, r
+    frames = await collect(again, channel, missed)
+    assert [f["offset"] for f in frames] == list(range(2, missed + 2))
+    assert [f["data"]["n"] for f in frames] == list(range(1, missed + 1))
+    b.publish(channel, {"n": "live"})
+    live = await again.next_msg(channel)
+    assert live["offset"] == missed + 2 and live["data"] == {"n": "live"}, live
+    await again.expect_silence(0.3)
+
+
+async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
+    start_node, redis, ws
+):
+    a, b = start_node(), start_node()
+    channel = "chat.restart"
+    sub = await ws(a)
+    old = (await sub.subscribe_ok(channel))[channel]["epoch"]
+    for i in range(3):
+        b.publish(channel, {"i": i})
+    assert [f["offset"] for f in await collect(sub, channel, 3)] == [1, 2, 3]
+    assert a.get("/readyz").status == 200
+
+    redis.stop()
+    started = time.monotonic()
+    r = await asyncio.to_thread(b.post_publish, {"channel": channel, "data": {"i": "lost"}})
+    elapsed = time.monotonic() - started
+    assert r.status == 503, r.text
+    assert r.json()["error"] == "unavailable", r.text
+    assert elapsed < 3.0, f"a publish during the outage took {elapsed:.1f}s"
+    await wait_for(lambda: a.get("/readyz").status == 503, 5, "/readyz 503 while Redis is down")
+    assert "Redis" in a.get("/readyz").text
+
+    redis.start()
+    await wait_for(lambda: a.get("/readyz").status == 200, 10, "/readyz 200 after Redis is back")
+    await wait_for(lambda: b.get("/readyz").status == 200, 10, "/readyz 200 on node b")
+    published = b.publish(channel, {"i": "after"})
+    assert published["offset"] == 1 and published["epoch"] != old, published
+    live = await sub.next_msg(channel, timeout=5)
+    assert live["data"] == {"i": "after"} and live["epoch"] == published["epoch"], live
+
+    again = await ws(b)
+    result = await again.subscribe(channel, recover={channel: {"epoch": old, "offset": 3}})
+    r = result[channel]
+    assert r["recovered"] is False and r["epoch"] == published["epoch"], r
+    assert r["offset"] == 1, r
+
+
+async def test_a_lost_pubsub_message_is_filled_from_history(start_node, redis, ws):
+    # No periodic position check during the test: the fill must come from the reconnect.
+    a, b = start_node("broker.position_check_ms=60000"), start_node()
+    channel = "chat.gap"
+    sub = await ws(a)
+    await sub.subscribe_ok(channel)
+    b.publish(channel, {"i": 1})
+    assert (await sub.next_msg(channel))["offset"] == 1
+    before = a.metric("ferrocast_broker_gaps_filled_total") or 0
+
+    # Kill the pub/sub connections on the Redis side and keep node a from reconnecting
+    # (maxclients lowered below the connections left) while node b publishes on its
+    # existing connection: node a misses these on pub/sub and must take them from history.
+    with redis.connect() as admin:
+        connected = int(
+            next(
+                line.split(":")[1]
+                for line in admin.command("INFO", "clients").splitlines()
+                if line.startswith("connected_clients:")
+            )
+        )
+        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1, killed  # node a's (node b subscribes to nothing)
+        admin.command("CONFIG", "SET", "maxclients", connected - killed)
+        try:
+            for i in range(2, 12):
+                b.publish(channel, {"i": i})
+            await sub.expect_silence(0.3)
+        finally:
+            admin.command("CONFIG", "SET", "maxclients", 10000)
+    frames = await collect(sub, channel, 10)
+    assert [f["offset"] for f in frames] == list(range(2, 12))
+    assert [f["data"]["i"] for f in frames] == list(range(2, 12))
+    await sub.expect_silence(0.3)
+    await wait_for(
+        lambda: (a.metric("ferrocast_broker_gaps_filled_total") or 0) > before,
+        5,
+        "the filled-gaps metric to count the fill",
+    )
+    assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) >= 1
