@@ -861,4 +861,83 @@ mod tests {
             vec![("ticks.A".to_owned(), true), ("ticks.A".to_owned(), false)]
         );
     }
+
+    fn hub() -> Hub {
+        Hub::new(
+            Namespaces::new(Default::default(), NamespaceConfig::default()),
+            HubOptions::default(),
+        )
+    }
+
+    /// Offsets of the `msg` frames a queue holds, in order.
+    fn offsets(q: &ConnQueue) -> Vec<u64> {
+        q.drain()
+            .frames
+            .iter()
+            .filter(|f| f.is_message())
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_slice(&f.bytes).unwrap();
+                v["offset"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deliver_applies_in_order_drops_duplicates_and_reports_gaps() {
+        let hub = hub();
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        hub.deliver("chat.a", "ep1", 1, b"1", false).unwrap();
+        hub.subscribe("chat.a", &q, None);
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"2", false), Ok(Delivery::Applied));
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"2", false), Ok(Delivery::Stale));
+        assert_eq!(hub.deliver("chat.a", "ep1", 1, b"1", false), Ok(Delivery::Stale));
+        assert_eq!(hub.deliver("chat.a", "ep1", 5, b"5", false), Ok(Delivery::Gap { top: 2 }));
+        assert_eq!(offsets(&q), vec![2], "neither a duplicate nor a message past a gap is sent");
+        hub.deliver("chat.a", "ep1", 3, b"3", true).unwrap();
+        hub.deliver("chat.a", "ep1", 4, b"4", true).unwrap();
+        hub.deliver("chat.a", "ep1", 5, b"5", false).unwrap();
+        assert_eq!(offsets(&q), vec![3, 4, 5]);
+        let page = hub.history("chat.a", 0, 100).unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(page.epoch, "ep1");
+    }
+
+    #[test]
+    fn a_new_epoch_or_a_forced_jump_starts_the_history_over() {
+        let hub = hub();
+        for offset in 1..=3 {
+            hub.deliver("chat.a", "ep1", offset, b"0", false).unwrap();
+        }
+        assert_eq!(hub.deliver("chat.a", "ep2", 2, b"0", false), Ok(Delivery::Gap { top: 0 }));
+        hub.deliver("chat.a", "ep2", 2, b"0", true).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((&*p.epoch, p.top, p.first), ("ep2", 2, Some(2)));
+        hub.deliver("chat.a", "ep2", 9, b"0", true).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((p.top, p.first), (9, Some(9)), "history stays contiguous");
+    }
+
+    #[test]
+    fn advance_moves_to_the_broker_position_and_recovery_follows_it() {
+        let hub = hub();
+        hub.advance("chat.a", "ep1", 0).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((&*p.epoch, p.top), ("ep1", 0), "the broker's epoch replaces the local one");
+        for offset in 1..=4 {
+            hub.deliver("chat.a", "ep1", offset, b"0", true).unwrap();
+        }
+        hub.advance("chat.a", "ep1", 2).unwrap();
+        assert_eq!(hub.position("chat.a").unwrap().top, 4, "advance never moves back");
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        let pos = StreamPosition { epoch: "ep1".into(), offset: 1 };
+        let sub = hub.subscribe("chat.a", &q, Some(&pos));
+        assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(true), .. }));
+        assert_eq!(offsets(&q), vec![2, 3, 4]);
+        hub.advance("chat.a", "ep1", 10).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((p.top, p.first), (10, None), "a jump without messages keeps no history");
+        let q2 = Arc::new(ConnQueue::new(2, 1 << 20));
+        let sub = hub.subscribe("chat.a", &q2, Some(&pos));
+        assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(false), .. }));
+    }
 }
