@@ -6,9 +6,12 @@ in pub/sub filled from history. Each test starts its own redis-server on a free 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import time
 
 import pytest
+import socketio
 
 from ferrocast_e2e.redis import RedisServer
 
@@ -133,6 +136,67 @@ async def test_recovery_on_another_node_is_exact_then_live(start_node, ws):
     await again.expect_silence(0.3)
 
 
+def sse_messages(port: int, channel: str, last_event_id: str, count: int) -> list[dict]:
+    """Opens `/sse` on `channel` resuming from `last_event_id` and returns the first `count`
+    `msg` events (their data, and the event id)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(
+        "GET", f"/sse?channels={channel}", headers={"Last-Event-ID": last_event_id}
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.status
+    out: list[dict] = []
+    event_id = None
+    try:
+        while len(out) < count:
+            line = resp.readline().decode().rstrip("\r\n")
+            assert line or not resp.isclosed(), "stream ended"
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("data:"):
+                frame = json.loads(line[5:])
+                if frame.get("type") == "msg":
+                    out.append({**frame, "event_id": event_id})
+            elif line == "":
+                event_id = None
+    finally:
+        conn.close()
+    return out
+
+
+async def test_recovery_on_another_node_over_sse_and_socketio(start_node):
+    a, b = start_node(), start_node()
+    channel = "chat.transports"
+    results = a.publish_batch([(channel, {"n": n}) for n in range(1, 6)])
+    epoch = results[0]["epoch"]
+
+    # SSE: a browser that was on node a comes back to node b with its Last-Event-ID.
+    frames = await asyncio.to_thread(sse_messages, b.port, channel, f"{channel}={epoch}:2", 3)
+    assert [f["offset"] for f in frames] == [3, 4, 5]
+    assert [f["data"]["n"] for f in frames] == [3, 4, 5]
+    assert all(f["epoch"] == epoch for f in frames)
+
+    # Socket.IO (python-socketio): subscribe with recover on node b, then live from node a.
+    sio = socketio.AsyncClient(reconnection=False)
+    inbox: asyncio.Queue = asyncio.Queue()
+    sio.on("message", inbox.put_nowait)
+    await sio.connect(b.base_url, transports=["websocket"], wait_timeout=5)
+    try:
+        reply = await sio.call(
+            "subscribe",
+            {"channels": [channel], "recover": {channel: {"epoch": epoch, "offset": 1}}},
+            timeout=5,
+        )
+        assert reply[channel]["recovered"] is True and reply[channel]["replayed"] == 4, reply
+        got = [await asyncio.wait_for(inbox.get(), 5) for _ in range(4)]
+        assert [m["data"]["n"] for m in got] == [2, 3, 4, 5]
+        a.publish(channel, {"n": 6})
+        live = await asyncio.wait_for(inbox.get(), 5)
+        assert live["data"] == {"n": 6} and live["offset"] == 6, live
+    finally:
+        await sio.disconnect()
+
+
 async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
     start_node, redis, ws
 ):
@@ -154,6 +218,17 @@ async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
     assert elapsed < 3.0, f"a publish during the outage took {elapsed:.1f}s"
     await wait_for(lambda: a.get("/readyz").status == 503, 5, "/readyz 503 while Redis is down")
     assert "Redis" in a.get("/readyz").text
+    # Over /ws too: a client publish and a subscribe fail with `unavailable`, in bounded time,
+    # and the connected subscriber stays connected.
+    client = await ws(b)
+    started = time.monotonic()
+    reply = await client.request(
+        {"op": "publish", "channel": channel, "data": {"i": "lost"}}, timeout=5
+    )
+    assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+    result = await client.subscribe("chat.other")
+    assert result["chat.other"]["error"]["code"] == "unavailable", result
+    assert time.monotonic() - started < 4.0
 
     redis.start()
     await wait_for(lambda: a.get("/readyz").status == 200, 10, "/readyz 200 after Redis is back")

@@ -30,8 +30,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, Delivery, DemandListener, Hub, Pending, PublishError,
-    PublishKind, Published, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, DemandListener, Hub, Pending, PublishError, PublishKind,
+    Published, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -273,19 +273,10 @@ impl Inner {
         })
     }
 
-    /// Delivers what a read returned into the hub, in order, then moves the channel to
-    /// Redis's position. Returns how many messages were new here.
+    /// Merges what a read returned into the hub (see [`Hub::merge`]). Returns how many
+    /// messages were new here.
     fn apply(&self, channel: &str, read: ReadResult) -> u64 {
-        let mut applied = 0;
-        for (offset, data) in &read.entries {
-            if let Ok(Delivery::Applied) =
-                self.hub.deliver(channel, &read.epoch, *offset, data, true)
-            {
-                applied += 1;
-            }
-        }
-        let _ = self.hub.advance(channel, &read.epoch, read.top);
-        applied
+        self.hub.merge(channel, &read.epoch, read.top, &read.entries).unwrap_or(0)
     }
 
     /// Counts a Redis error by kind and words it for the client.

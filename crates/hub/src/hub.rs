@@ -429,10 +429,20 @@ impl Hub {
         }
     }
 
-    /// Moves `channel` to the broker's `epoch` and `top` when it is behind (after the
-    /// broker delivered what history it had), so subscribe answers carry the cluster's
-    /// position. History that would not be contiguous with the new top is dropped.
-    pub fn advance(&self, channel: &str, epoch: &str, top: u64) -> Result<(), PublishError> {
+    /// Merges what a broker read from its shared history into the local copy of `channel`,
+    /// atomically: `entries` (`(offset, data)`, oldest first, contiguous) at or below the
+    /// local top extend the local history backwards (so a recovery from further back can be
+    /// answered here); those above it are delivered like [`Hub::deliver`] in order; then the
+    /// channel moves to the broker's `top` if it is still behind (dropping history that would
+    /// not be contiguous). A different `epoch` starts the channel over under it. Returns how
+    /// many messages were new here (fanned out).
+    pub fn merge(
+        &self,
+        channel: &str,
+        epoch: &str,
+        top: u64,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<u64, PublishError> {
         validate_channel(channel).map_err(PublishError::InvalidChannel)?;
         loop {
             let ch = self.lookup_or_create(channel)?;
@@ -442,12 +452,48 @@ impl Hub {
             }
             if *c.epoch != *epoch {
                 Self::reset(&mut c, epoch);
-                c.top = top;
-            } else if top > c.top {
+                c.top = 0;
+            }
+            let now = Instant::now();
+            c.history.expire(now);
+            let local_top = c.top;
+            for (offset, data) in entries.iter().rev().filter(|(o, _)| *o <= local_top) {
+                let next_older = c.history.first_offset().unwrap_or(local_top + 1) - 1;
+                if *offset != next_older {
+                    continue;
+                }
+                let frame = encode_msg(channel, *offset, &c.epoch, data, false);
+                if !c.history.prepend(*offset, frame, data.len(), now) {
+                    break;
+                }
+            }
+            let mut applied = 0;
+            let mut fanout = Fanout::default();
+            for (offset, data) in entries.iter().filter(|(o, _)| *o > local_top) {
+                if *offset <= c.top {
+                    continue;
+                }
+                if *offset != c.top + 1 {
+                    c.history.clear();
+                }
+                c.top = *offset;
+                let f = self.emit(&mut c, channel, data, false);
+                fanout.queued += f.queued;
+                fanout.conflated += f.conflated;
+                fanout.dropped += f.dropped;
+                fanout.overflowed += f.overflowed;
+                applied += 1;
+            }
+            if top > c.top {
                 c.history.clear();
                 c.top = top;
             }
-            return Ok(());
+            drop(c);
+            if applied > 0 {
+                fanout.count(&self.metrics);
+                HubMetrics::add(&self.metrics.messages_in, applied - 1);
+            }
+            return Ok(applied);
         }
     }
 
@@ -917,27 +963,51 @@ mod tests {
         assert_eq!((p.top, p.first), (9, Some(9)), "history stays contiguous");
     }
 
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        range.map(|o| (o, o.to_string().into_bytes())).collect()
+    }
+
     #[test]
-    fn advance_moves_to_the_broker_position_and_recovery_follows_it() {
+    fn merge_moves_to_the_broker_position_and_recovery_follows_it() {
         let hub = hub();
-        hub.advance("chat.a", "ep1", 0).unwrap();
+        assert_eq!(hub.merge("chat.a", "ep1", 0, &[]), Ok(0));
         let p = hub.position("chat.a").unwrap();
         assert_eq!((&*p.epoch, p.top), ("ep1", 0), "the broker's epoch replaces the local one");
-        for offset in 1..=4 {
-            hub.deliver("chat.a", "ep1", offset, b"0", true).unwrap();
-        }
-        hub.advance("chat.a", "ep1", 2).unwrap();
-        assert_eq!(hub.position("chat.a").unwrap().top, 4, "advance never moves back");
+        let live = Arc::new(ConnQueue::new(9, 1 << 20));
+        hub.subscribe("chat.a", &live, None);
+        assert_eq!(hub.merge("chat.a", "ep1", 4, &entries(1..=4)), Ok(4));
+        assert_eq!(offsets(&live), vec![1, 2, 3, 4], "new messages are fanned out");
+        assert_eq!(hub.merge("chat.a", "ep1", 2, &entries(1..=2)), Ok(0));
+        assert_eq!(hub.position("chat.a").unwrap().top, 4, "merge never moves back");
+        assert!(offsets(&live).is_empty(), "nothing is delivered twice");
         let q = Arc::new(ConnQueue::new(1, 1 << 20));
         let pos = StreamPosition { epoch: "ep1".into(), offset: 1 };
         let sub = hub.subscribe("chat.a", &q, Some(&pos));
         assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(true), .. }));
         assert_eq!(offsets(&q), vec![2, 3, 4]);
-        hub.advance("chat.a", "ep1", 10).unwrap();
+        hub.merge("chat.a", "ep1", 10, &[]).unwrap();
         let p = hub.position("chat.a").unwrap();
         assert_eq!((p.top, p.first), (10, None), "a jump without messages keeps no history");
         let q2 = Arc::new(ConnQueue::new(2, 1 << 20));
         let sub = hub.subscribe("chat.a", &q2, Some(&pos));
         assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(false), .. }));
+    }
+
+    #[test]
+    fn merge_extends_history_backwards_for_a_deeper_recovery() {
+        let hub = hub();
+        hub.merge("chat.a", "ep1", 5, &entries(3..=5)).unwrap();
+        assert_eq!(hub.position("chat.a").unwrap().first, Some(3));
+        let live = Arc::new(ConnQueue::new(9, 1 << 20));
+        hub.subscribe("chat.a", &live, None);
+        hub.merge("chat.a", "ep1", 5, &entries(1..=5)).unwrap();
+        assert_eq!(hub.position("chat.a").unwrap().first, Some(1));
+        assert!(offsets(&live).is_empty(), "older messages are history, not live traffic");
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        let pos = StreamPosition { epoch: "ep1".into(), offset: 0 };
+        hub.subscribe("chat.a", &q, Some(&pos));
+        assert_eq!(offsets(&q), vec![1, 2, 3, 4, 5]);
+        let page = hub.history("chat.a", 0, 10).unwrap();
+        assert_eq!(page.messages[0].1, Bytes::from_static(b"1"));
     }
 }
