@@ -100,6 +100,22 @@ async def test_publishes_through_any_node_reach_every_node_once_in_order(start_n
         assert [m["data"]["i"] for m in page["messages"]] == list(range(total))
 
 
+async def test_history_api_answers_from_redis_on_any_node(start_node):
+    a, b = start_node("namespaces.hist.history_size=5"), start_node("namespaces.hist.history_size=5")
+    for i in range(1, 9):
+        a.publish("hist.shared", {"i": i})
+    # Node b has never seen the channel: no subscriber, nothing local.
+    page = b.get("/api/channels/hist.shared/history?since=0&limit=100").json()
+    assert page["offset"] == 8, page
+    assert [m["offset"] for m in page["messages"]] == [4, 5, 6, 7, 8]
+    assert [m["data"]["i"] for m in page["messages"]] == [4, 5, 6, 7, 8]
+    again = b.get("/api/channels/hist.shared/history?since=6&limit=1").json()
+    assert [m["offset"] for m in again["messages"]] == [7]
+    assert again["epoch"] == page["epoch"] == a.publish("hist.shared", 9)["epoch"]
+    assert b.get("/api/channels/hist.never/history").status == 404
+    assert b.get("/api/stats").json()["broker"] == "redis"
+
+
 async def test_recovery_on_another_node_is_exact_then_live(start_node, ws):
     # 500 missed messages need a history of at least 500 (chat keeps 100 by default).
     a, b, c = (start_node("namespaces.chat.history_size=1000") for _ in range(3))
@@ -285,3 +301,34 @@ async def test_a_lost_pubsub_message_is_filled_from_history(start_node, redis, w
         "the filled-gaps metric to count the fill",
     )
     assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) >= 1
+
+
+async def test_the_position_check_delivers_what_pubsub_lost_while_it_is_down(
+    start_node, redis, ws
+):
+    a, b = start_node(), start_node()
+    channel = "chat.check"
+    sub = await ws(a)
+    await sub.subscribe_ok(channel)
+    b.publish(channel, {"i": 1})
+    assert (await sub.next_msg(channel))["offset"] == 1
+    with redis.connect() as admin:
+        info = admin.command("INFO", "clients")
+        connected = int(info.split("connected_clients:")[1].split()[0])
+        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1
+        admin.command("CONFIG", "SET", "maxclients", connected - killed)
+        try:
+            for i in range(2, 5):
+                b.publish(channel, {"i": i})
+            # Node a's pub/sub cannot reconnect; its command connection still works, and the
+            # periodic position check (every 500 ms here) brings the messages.
+            frames = await collect(sub, channel, 3, timeout=5)
+            assert [f["offset"] for f in frames] == [2, 3, 4]
+            assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) == 0
+            assert (a.metric("ferrocast_broker_position_checks_total") or 0) >= 1
+        finally:
+            admin.command("CONFIG", "SET", "maxclients", 10000)
+    b.publish(channel, {"i": 5})
+    assert (await sub.next_msg(channel))["offset"] == 5
+    await sub.expect_silence(0.3)

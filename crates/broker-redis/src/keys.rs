@@ -80,12 +80,16 @@ return {offset, epoch}
 /// the history TTL are left out, as the local history would have expired them.
 ///
 /// KEYS: meta, stream. ARGV: since (-1: none), since_epoch, tail, limit, history TTL ms,
-/// meta TTL ms, epoch to use if the channel has none.
+/// meta TTL ms, epoch to use if the channel has none, `1` to create a missing channel (`0`:
+/// answer an empty array instead).
 pub const READ: &str = r#"
 local meta, stream = KEYS[1], KEYS[2]
 local since, since_epoch = tonumber(ARGV[1]), ARGV[2]
 local tail, limit, hist_ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local epoch = redis.call('HGET', meta, 'e')
+if not epoch and ARGV[8] ~= '1' then
+  return {}
+end
 if not epoch then
   epoch = ARGV[7]
   redis.call('DEL', stream)

@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, DemandListener, Hub, Pending, PublishError, PublishKind,
-    Published, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Pending, PublishError,
+    PublishKind, Published, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -219,6 +220,34 @@ impl Broker for RedisBroker {
         }))
     }
 
+    fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
+        let inner = self.inner.clone();
+        let channel = channel.to_owned();
+        Pending::Later(Box::pin(async move {
+            let since_arg = Some((since, ""));
+            let Some(read) = inner.read_or_create(&channel, since_arg, 0, limit, false).await?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(HistoryPage {
+                channel,
+                epoch: read.epoch,
+                offset: read.top,
+                messages: read
+                    .entries
+                    .into_iter()
+                    .filter(|(offset, _)| *offset > since)
+                    .map(|(offset, data)| (offset, Bytes::from(data)))
+                    .collect(),
+            }))
+        }))
+    }
+
     fn ready(&self) -> Result<(), String> {
         self.inner.health.ready(self.inner.opts.ready_grace)
     }
@@ -248,6 +277,20 @@ impl Inner {
         tail: usize,
         limit: usize,
     ) -> Result<ReadResult, BrokerError> {
+        self.read_or_create(channel, since, tail, limit, true)
+            .await?
+            .ok_or_else(|| BrokerError::Unavailable("the read script created nothing".into()))
+    }
+
+    /// [`Inner::read`]; with `create` false, a channel Redis does not hold is `None`.
+    async fn read_or_create(
+        &self,
+        channel: &str,
+        since: Option<(u64, &str)>,
+        tail: usize,
+        limit: usize,
+        create: bool,
+    ) -> Result<Option<ReadResult>, BrokerError> {
         let k = self.keys(channel);
         let ns = self.hub.namespace(channel);
         let mut conn = self.conn.get().await.inspect_err(|_| self.metrics.error("connection"))?;
@@ -261,13 +304,17 @@ impl Inner {
             .arg(limit)
             .arg(ns.history_ttl_ms)
             .arg(self.opts.meta_ttl.as_millis() as u64)
-            .arg(new_epoch());
+            .arg(new_epoch())
+            .arg(if create { "1" } else { "0" });
         let value: RedisResult<Vec<Value>> =
             tokio::time::timeout(self.opts.timeout, invocation.invoke_async(&mut conn))
                 .await
                 .unwrap_or_else(|_| Err(timeout_error()));
         let values = value.map_err(|e| self.redis_error(e))?;
-        parse_read(values).ok_or_else(|| {
+        if values.is_empty() && !create {
+            return Ok(None);
+        }
+        parse_read(values).map(Some).ok_or_else(|| {
             self.metrics.error("protocol");
             BrokerError::Unavailable("unexpected answer from the read script".into())
         })

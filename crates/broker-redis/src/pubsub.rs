@@ -15,6 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::Inner;
 use crate::keys::{parse_carried, topic_prefix};
 
+/// Position checks sent to Redis at once.
+const POSITION_CHECKS_IN_FLIGHT: usize = 64;
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -264,13 +266,23 @@ pub(crate) async fn check_positions(inner: Arc<Inner>) {
         for channel in subscribed.difference(&demanded) {
             let _ = inner.pubsub_tx.send(Command::Unsubscribe(channel.clone()));
         }
-        for channel in &demanded {
-            if !subscribed.contains(channel) && ensure_subscribed(&inner, channel).await.is_err() {
-                continue;
-            }
-            if let Err(e) = inner.sync(channel).await {
-                tracing::debug!(channel, "position check failed: {e}");
-            }
-        }
+        // Many channels at once: each check is one small script on the multiplexed
+        // connection, so a node with thousands of channels checks them in a few round trips.
+        futures_util::stream::iter(demanded)
+            .for_each_concurrent(POSITION_CHECKS_IN_FLIGHT, |channel| {
+                let inner = &inner;
+                let subscribed = &subscribed;
+                async move {
+                    if !subscribed.contains(&channel)
+                        && ensure_subscribed(inner, &channel).await.is_err()
+                    {
+                        return;
+                    }
+                    if let Err(e) = inner.sync(&channel).await {
+                        tracing::debug!(channel, "position check failed: {e}");
+                    }
+                }
+            })
+            .await;
     }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use ferrocast_protocol::StreamPosition;
 
-use crate::hub::{Hub, PublishError, Published};
+use crate::hub::{HistoryPage, Hub, PublishError, Published};
 use crate::queue::PublishKind;
 
 /// A boxed future a broker answers with.
@@ -87,6 +87,15 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         recover: Option<&StreamPosition>,
     ) -> Option<BrokerFuture<Result<(), BrokerError>>>;
 
+    /// Retained messages of `channel` after `since`, at most `limit` (the history API);
+    /// `None` for a channel nobody published or subscribed to.
+    fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Pending<Result<Option<HistoryPage>, BrokerError>>;
+
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())
@@ -130,5 +139,14 @@ impl Broker for MemoryBroker {
         _recover: Option<&StreamPosition>,
     ) -> Option<BrokerFuture<Result<(), BrokerError>>> {
         None
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
+        Pending::Ready(Ok(self.hub.history(channel, since, limit)))
     }
 }

@@ -224,12 +224,16 @@ pub async fn history(
         return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
     }
     let limit = q.limit.unwrap_or(100).min(HISTORY_LIMIT_MAX);
-    let Some(page) = app.hub.history(&channel, q.since, limit) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_channel",
-            format!("no channel {channel:?} is held"),
-        );
+    let page = match app.broker.history(&channel, q.since, limit).wait().await {
+        Ok(Some(page)) => page,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_channel",
+                format!("no channel {channel:?} is held"),
+            );
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
     // Build the body by hand so each message's data is copied verbatim, not re-parsed.
     let mut body = format!(
@@ -271,6 +275,7 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
             "messages_out": m.messages_out_total(),
             "bytes_out": m.bytes_out_total(),
             "uptime_s": app.started.elapsed().as_secs(),
+            "broker": app.broker.kind(),
         }),
     )
 }
