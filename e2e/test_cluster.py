@@ -332,3 +332,54 @@ async def test_the_position_check_delivers_what_pubsub_lost_while_it_is_down(
     b.publish(channel, {"i": 5})
     assert (await sub.next_msg(channel))["offset"] == 5
     await sub.expect_silence(0.3)
+
+
+async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_lost(
+    start_node, redis, ws
+):
+    import signal
+
+    a, b = start_node(), start_node()
+    channel = "chat.pause"
+    subs = [await ws(a), await ws(b)]
+    for sub in subs:
+        await sub.subscribe_ok(channel)
+
+    acked: list[int] = []
+    failed = 0
+    slowest = 0.0
+
+    def publish_for(seconds: float, tag: str) -> None:
+        nonlocal failed, slowest
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            started = time.monotonic()
+            r = b.post_publish({"channel": channel, "data": {"tag": tag, "n": n}})
+            slowest = max(slowest, time.monotonic() - started)
+            if r.status == 200:
+                acked.append(r.json()["results"][0]["offset"])
+            else:
+                assert r.status == 503 and r.json()["error"] == "unavailable", r.text
+                failed += 1
+            time.sleep(0.02)
+
+    await asyncio.to_thread(publish_for, 0.5, "before")
+    redis.process.signal(signal.SIGSTOP)
+    try:
+        await asyncio.to_thread(publish_for, 2.0, "paused")
+    finally:
+        redis.process.signal(signal.SIGCONT)
+    await asyncio.to_thread(publish_for, 1.0, "after")
+
+    assert failed >= 1, "no publish failed while Redis was paused"
+    assert slowest < 2.5, f"a publish took {slowest:.1f}s (broker.timeout_ms is 500)"
+    # The offsets Redis assigned are contiguous (late successes included), and every
+    # subscriber on every node receives each of them once, in order.
+    top = b.publish(channel, {"tag": "last"})["offset"]
+    assert set(acked) <= set(range(1, top))
+    for sub in subs:
+        frames = await collect(sub, channel, top, timeout=15)
+        assert [f["offset"] for f in frames] == list(range(1, top + 1))
+        await sub.expect_silence(0.3)
