@@ -383,3 +383,54 @@ async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_
         frames = await collect(sub, channel, top, timeout=15)
         assert [f["offset"] for f in frames] == list(range(1, top + 1))
         await sub.expect_silence(0.3)
+
+
+async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_node, ws):
+    import signal
+
+    a, b, c = (start_node("namespaces.chat.history_size=5000") for _ in range(3))
+    channel = "chat.failover"
+    clients = [await ws(a) for _ in range(20)]
+    epoch = None
+    for client in clients:
+        epoch = (await client.subscribe_ok(channel))[channel]["epoch"]
+
+    stop = asyncio.Event()
+    published: list[int] = []
+
+    def publish_until_stopped() -> None:
+        pub = b.keepalive_publisher()
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                published.append(pub.publish_batch([(channel, {"n": n})])[0]["offset"])
+                time.sleep(0.005)
+        finally:
+            pub.close()
+
+    publisher = asyncio.create_task(asyncio.to_thread(publish_until_stopped))
+    await asyncio.sleep(0.5)
+    # Each client has read some messages when its node dies.
+    positions = []
+    for client in clients:
+        last = (await client.next_msg(channel))["offset"]
+        positions.append(last)
+    a.process.signal(signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    survivors = []
+    for i, last in enumerate(positions):
+        node = (b, c)[i % 2]
+        again = await ws(node)
+        result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": last}})
+        assert result[channel]["recovered"] is True, result
+        survivors.append((again, last))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await publisher
+    top = published[-1]
+    assert top > 50, f"only {top} messages were published"
+    for again, last in survivors:
+        frames = await collect(again, channel, top - last, timeout=15)
+        assert [f["offset"] for f in frames] == list(range(last + 1, top + 1))
+    await survivors[0][0].expect_silence(0.3)
