@@ -434,3 +434,43 @@ async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_no
         frames = await collect(again, channel, top - last, timeout=15)
         assert [f["offset"] for f in frames] == list(range(last + 1, top + 1))
     await survivors[0][0].expect_silence(0.3)
+
+
+async def test_the_simulator_runs_on_one_node_and_moves_when_it_dies(start_node, ws):
+    import signal
+
+    sets = ("simulator.rate=40", "simulator.symbols=[\"AAPL\"]", "simulator.backfill_bars=0")
+    nodes = [start_node(*sets, simulator=True) for _ in range(3)]
+
+    def publishers() -> list[int]:
+        return [
+            i
+            for i, node in enumerate(nodes)
+            if node.alive() and (node.metric("ferrocast_broker_published_total") or 0) > 0
+        ]
+
+    await wait_for(lambda: len(publishers()) >= 1, 10, "a node to take the simulator lease")
+    await asyncio.sleep(1.0)
+    running = publishers()
+    assert len(running) == 1, f"the simulator runs on nodes {running}"
+    (holder,) = running
+    states = [n.get("/api/feeds").json()["feeds"] for n in nodes]
+    assert sum(1 for f in states for s in f if s["name"] == "sim" and s["state"] == "live") == 1
+
+    others = [n for i, n in enumerate(nodes) if i != holder]
+    watcher = await ws(others[0])
+    await watcher.subscribe_ok("ticks.AAPL")
+    first = (await watcher.next_msg("ticks.AAPL"))["offset"]
+    nodes[holder].process.signal(signal.SIGKILL)
+
+    await wait_for(
+        lambda: any((n.metric("ferrocast_broker_published_total") or 0) > 0 for n in others),
+        12,
+        "another node to take the simulator over",
+    )
+    # One stream throughout: offsets go on from where they were, +1 each, no duplicate.
+    frames = await collect(watcher, "ticks.AAPL", 20, timeout=15)
+    offsets = [f["offset"] for f in frames]
+    assert offsets == list(range(first + 1, first + 21)), offsets
+    await asyncio.sleep(1.0)
+    assert len([n for n in others if (n.metric("ferrocast_broker_published_total") or 0) > 0]) == 1

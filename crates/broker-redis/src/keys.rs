@@ -7,6 +7,7 @@
 //! | `P:m:{C}` | hash | `e` the channel's epoch, `t` its top offset |
 //! | `P:s:{C}` | stream | the history: entry id `<offset>-0`, fields `d` (data) and `t` (ms) |
 //! | `P:p:C` | pub/sub topic | `r<offset>,<epoch>,<data>` or `e<offset>,<epoch>,<data>` |
+//! | `P:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
 //!
 //! The braces are a Redis Cluster hash tag: both keys of a channel live in one slot, so each
 //! script touches one slot. Channel names cannot contain braces (protocol rules).
@@ -120,6 +121,26 @@ if from < top and limit > 0 then
 end
 return out
 "#;
+
+/// Takes or renews a lease: the key holds the holder's node id for the lease's lifetime.
+/// KEYS: the lease key. ARGV: node id, lifetime ms. Returns 1 when this node holds it.
+pub const LEASE: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// The key of lease `name`.
+pub fn lease_key(prefix: &str, name: &str) -> String {
+    format!("{prefix}:lease:{name}")
+}
 
 /// One message as carried on a channel's topic.
 #[derive(Debug, PartialEq, Eq)]

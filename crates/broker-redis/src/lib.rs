@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Pending, PublishError,
-    PublishKind, Published, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Lease, Pending,
+    PublishError, PublishKind, Published, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -43,6 +43,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use keys::ChannelKeys;
 pub use metrics::BrokerMetrics;
+
+/// How long a lease lives without renewal: a dead holder's role moves within about this
+/// plus one renewal period.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// How often a lease is renewed (or, by the other nodes, tried).
+pub const LEASE_RENEW: Duration = Duration::from_secs(2);
 
 /// Most publishes waiting for the publisher task; beyond it publishes fail at once.
 const MAX_QUEUED_PUBLISHES: usize = 100_000;
@@ -82,6 +88,8 @@ struct Inner {
     publish_sha: String,
     metrics: BrokerMetrics,
     health: Health,
+    /// This process's id in leases.
+    node_id: String,
 }
 
 impl std::fmt::Debug for Inner {
@@ -127,6 +135,7 @@ impl RedisBroker {
             publish_sha: redis::Script::new(keys::PUBLISH).get_hash().to_owned(),
             metrics: BrokerMetrics::default(),
             health: Health::new(),
+            node_id: format!("{}-{}", new_epoch(), std::process::id()),
             hub: hub.clone(),
             opts,
         });
@@ -246,6 +255,12 @@ impl Broker for RedisBroker {
                     .collect(),
             }))
         }))
+    }
+
+    fn lease(&self, name: &str) -> Lease {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(hold_lease(self.inner.clone(), name.to_owned(), tx));
+        Lease::watching(rx)
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -546,6 +561,35 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
             let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// Takes lease `name` when free and renews it while held; tells `held` every change. A
+/// node that cannot reach Redis gives the role up (another node may have taken it).
+async fn hold_lease(inner: Arc<Inner>, name: String, held: tokio::sync::watch::Sender<bool>) {
+    let key = keys::lease_key(&inner.opts.prefix, &name);
+    let script = redis::Script::new(keys::LEASE);
+    let mut tick = tokio::time::interval(LEASE_RENEW);
+    loop {
+        tick.tick().await;
+        if held.is_closed() {
+            return;
+        }
+        let answer = match inner.conn.get().await {
+            Ok(mut conn) => {
+                let mut invocation = script.prepare_invoke();
+                invocation.key(&key).arg(&inner.node_id).arg(LEASE_TTL.as_millis() as u64);
+                tokio::time::timeout(inner.opts.timeout, invocation.invoke_async::<i64>(&mut conn))
+                    .await
+                    .unwrap_or_else(|_| Err(timeout_error()))
+            }
+            Err(e) => Err(redis::RedisError::from(std::io::Error::other(e.to_string()))),
+        };
+        let now_held = matches!(answer, Ok(1));
+        if now_held != *held.borrow() {
+            tracing::info!(lease = %name, node = %inner.node_id, held = now_held, "lease changed hands");
+            held.send_replace(now_held);
         }
     }
 }

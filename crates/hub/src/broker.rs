@@ -96,6 +96,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         limit: usize,
     ) -> Pending<Result<Option<HistoryPage>, BrokerError>>;
 
+    /// A cluster-wide role named `name` (e.g. `"simulator"`): held by one node at a time.
+    /// Always held with the memory broker.
+    fn lease(&self, name: &str) -> Lease {
+        let _ = name;
+        Lease::always()
+    }
+
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())
@@ -148,5 +155,44 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
         Pending::Ready(Ok(self.hub.history(channel, since, limit)))
+    }
+}
+
+/// Whether this node holds a cluster-wide role; see [`Broker::lease`].
+#[derive(Debug, Clone)]
+pub struct Lease {
+    held: tokio::sync::watch::Receiver<bool>,
+    /// Keeps the channel open for a lease nobody updates (always held).
+    _fixed: Option<Arc<tokio::sync::watch::Sender<bool>>>,
+}
+
+impl Lease {
+    /// A lease held for good (one node).
+    pub fn always() -> Lease {
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        Lease { held: rx, _fixed: Some(Arc::new(tx)) }
+    }
+
+    /// A lease whose holder updates `held`.
+    pub fn watching(held: tokio::sync::watch::Receiver<bool>) -> Lease {
+        Lease { held, _fixed: None }
+    }
+
+    pub fn is_held(&self) -> bool {
+        *self.held.borrow()
+    }
+
+    /// Returns once the lease is held (at once if it is).
+    pub async fn acquired(&mut self) {
+        if self.held.wait_for(|h| *h).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Returns once the lease is lost (never for one that cannot be).
+    pub async fn lost(&mut self) {
+        if self.held.wait_for(|h| !*h).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
