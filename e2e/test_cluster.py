@@ -13,7 +13,7 @@ import time
 import pytest
 import socketio
 
-from ferrocast_e2e.redis import RedisServer
+from ferrocast_e2e.redis import RedisServer, make_tls_files
 
 
 @pytest.fixture
@@ -474,3 +474,28 @@ async def test_the_simulator_runs_on_one_node_and_moves_when_it_dies(start_node,
     assert offsets == list(range(first + 1, first + 21)), offsets
     await asyncio.sleep(1.0)
     assert len([n for n in others if (n.metric("ferrocast_broker_published_total") or 0) > 0]) == 1
+
+
+async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate(
+    artifacts, track_process, start_server, ws
+):
+    ca, cert, key = make_tls_files(artifacts)
+    tls_redis = RedisServer(artifacts, tls=(cert, key)).start()
+    track_process(tls_redis.process)
+    common = ("broker.kind=redis", f"broker.url={tls_redis.url}", "broker.timeout_ms=500",
+              "broker.ready_grace_ms=500")
+    a = start_server(*common, f"broker.tls_ca_file={ca}")
+    b = start_server(*common, f"broker.tls_ca_file={ca}")
+    sub = await ws(a)
+    await sub.subscribe_ok("chat.tls")
+    published = b.publish("chat.tls", {"secret": True})
+    msg = await sub.next_msg("chat.tls")
+    assert msg["offset"] == published["offset"] == 1 and msg["data"] == {"secret": True}
+    assert a.get("/readyz").status == 200
+
+    # Without the CA, the system's roots do not trust the private certificate.
+    untrusting = start_server(*common)
+    r = untrusting.post_publish({"channel": "chat.tls", "data": 1})
+    assert r.status == 503 and r.json()["error"] == "unavailable", r.text
+    assert "certificate" in r.json()["message"], r.text
+    await wait_for(lambda: untrusting.get("/readyz").status == 503, 5, "/readyz 503")

@@ -28,21 +28,32 @@ def redis_server_bin() -> str:
 class RedisServer:
     """One redis-server process; `restart()` brings it back empty on the same port."""
 
-    def __init__(self, log_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, port: int | None = None, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        """`tls` = (certificate, key) PEM files: then the port speaks TLS only."""
         self.port = port or free_port()
         self.log_dir = log_dir
+        self.tls = tls
         self.starts = 0
         self.process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         self.starts += 1
+        if self.tls:
+            cert, key = self.tls
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                      "--tls-key-file", str(key), "--tls-auth-clients", "no"]
+        else:
+            listen = ["--port", str(self.port)]
         argv = [
             redis_server_bin(),
-            "--port", str(self.port),
+            *listen,
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "no",
@@ -52,7 +63,8 @@ class RedisServer:
         self.process = ManagedProcess(
             f"redis-{self.starts}", argv, self.log_dir / f"redis-{self.starts}.log"
         ).start()
-        self.process.wait_until(lambda: self.ping(), timeout=10, what="PING answered")
+        ready = (lambda: tcp_connectable(self.port)) if self.tls else self.ping
+        self.process.wait_until(ready, timeout=10, what="listening")
         return self
 
     def stop(self) -> None:
@@ -126,3 +138,24 @@ def _read_reply(f) -> Any:
         n = int(rest)
         return None if n < 0 else [_read_reply(f) for _ in range(n)]
     raise RedisError(f"unexpected reply {line!r}")
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A private CA and a certificate for 127.0.0.1 signed by it (openssl): (ca, cert, key)."""
+    import subprocess
+
+    ca_key, ca = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert = directory / "redis.key", directory / "redis.csr", directory / "redis.pem"
+    ext = directory / "redis.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+
+    def run(*args: str | Path) -> None:
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+        "-days", "2", "-subj", "/CN=ferrocast test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=keyCertSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+        "-days", "2", "-extfile", ext)
+    return ca, cert, key

@@ -66,6 +66,8 @@ pub struct RedisOptions {
     pub meta_ttl: Duration,
     /// How long Redis may be unreachable before [`Broker::ready`] fails.
     pub ready_grace: Duration,
+    /// PEM certificates to trust for `rediss://` instead of the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 /// The broker. Cheap to share; its tasks run until the process ends.
@@ -120,7 +122,7 @@ impl RedisBroker {
     /// not be reachable yet: until it is, publishes fail with `unavailable` and readiness
     /// fails after the grace period. Must run inside a multi-threaded tokio runtime.
     pub fn start(hub: Arc<Hub>, opts: RedisOptions) -> Result<Arc<RedisBroker>, String> {
-        let client = redis::Client::open(opts.url.as_str())
+        let client = open_client(&opts.url, opts.tls_ca.as_deref())
             .map_err(|e| format!("broker.url {:?}: {e}", opts.url))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (pubsub_tx, pubsub_rx) = mpsc::unbounded_channel();
@@ -686,7 +688,21 @@ impl DemandListener for Demand {
     }
 }
 
-/// Checks a `broker.url` the way [`RedisBroker::start`] will read it.
-pub fn check_url(url: &str) -> Result<(), String> {
-    redis::Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+/// Checks a `broker.url` (and the CA certificates for `rediss://`) the way
+/// [`RedisBroker::start`] will read them.
+pub fn check_url(url: &str, tls_ca: Option<&[u8]>) -> Result<(), String> {
+    open_client(url, tls_ca).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// A client for `url`; `rediss://` verifies the server against `tls_ca` (PEM) when given,
+/// else against the system's roots. TLS is rustls with ring.
+fn open_client(url: &str, tls_ca: Option<&[u8]>) -> RedisResult<redis::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match tls_ca {
+        Some(pem) if url.starts_with("rediss://") => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+        ),
+        _ => redis::Client::open(url),
+    }
 }

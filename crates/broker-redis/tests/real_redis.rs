@@ -45,6 +45,7 @@ impl Redis {
             position_check: Duration::from_secs(60),
             meta_ttl: Duration::from_secs(3600),
             ready_grace: Duration::from_secs(1),
+            tls_ca: None,
         };
         let broker = RedisBroker::start(hub.clone(), options).unwrap();
         (hub, broker)

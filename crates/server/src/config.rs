@@ -141,8 +141,10 @@ pub struct SocketIoConfig {
 pub struct BrokerConfig {
     /// `"memory"` (default) or `"redis"`.
     pub kind: BrokerKind,
-    /// Redis URL: `redis://[user:pass@]host:port/db` (`rediss://` for TLS is not built in yet).
+    /// Redis URL: `redis://[user:pass@]host:port/db`, or `rediss://` for TLS.
     pub url: String,
+    /// PEM file of the certificates to trust for `rediss://` (empty: the system's roots).
+    pub tls_ca_file: String,
     /// Prefix of every Redis key and pub/sub topic, so clusters can share one Redis.
     pub prefix: String,
     /// Longest wait for Redis on a publish or a subscribe; past it the request fails with
@@ -156,6 +158,18 @@ pub struct BrokerConfig {
     pub meta_ttl_ms: u64,
     /// How long Redis may be unreachable before `/readyz` answers 503.
     pub ready_grace_ms: u64,
+}
+
+impl BrokerConfig {
+    /// The contents of `tls_ca_file`, if one is named.
+    pub fn tls_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        if self.tls_ca_file.is_empty() {
+            return Ok(None);
+        }
+        std::fs::read(&self.tls_ca_file)
+            .map(Some)
+            .map_err(|e| format!("cannot read {:?}: {e}", self.tls_ca_file))
+    }
 }
 
 /// Which broker a node uses.
@@ -172,6 +186,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             kind: BrokerKind::Memory,
             url: "redis://127.0.0.1:6379/0".into(),
+            tls_ca_file: String::new(),
             prefix: "ferrocast".into(),
             timeout_ms: 1_000,
             position_check_ms: 3_000,
@@ -602,12 +617,19 @@ impl Config {
         }
         let b = &self.broker;
         if b.kind == BrokerKind::Redis {
-            let parsed = if b.url.starts_with("redis://") || b.url.starts_with("unix://") {
-                ferrocast_broker_redis::check_url(&b.url)
-            } else {
-                Err("expected redis://[user:password@]host:port/db (rediss:// is not built in yet)"
-                    .into())
+            let ca = match b.tls_ca() {
+                Ok(ca) => ca,
+                Err(reason) => {
+                    check(false, "broker.tls_ca_file", reason);
+                    None
+                }
             };
+            let parsed =
+                if ["redis://", "rediss://", "unix://"].iter().any(|p| b.url.starts_with(p)) {
+                    ferrocast_broker_redis::check_url(&b.url, ca.as_deref())
+                } else {
+                    Err("expected redis://[user:password@]host:port/db or rediss://...".into())
+                };
             if let Err(reason) = parsed {
                 check(false, "broker.url", format!("{:?}: {reason}", b.url));
             }

@@ -108,6 +108,7 @@ impl AppState {
                     position_check: Duration::from_millis(b.position_check_ms),
                     meta_ttl: Duration::from_millis(b.meta_ttl_ms),
                     ready_grace: Duration::from_millis(b.ready_grace_ms),
+                    tls_ca: b.tls_ca().expect("validated broker.tls_ca_file"),
                 };
                 // The URL was validated with the same parser, so this cannot fail.
                 RedisBroker::start(hub.clone(), options).expect("validated broker.url")
