@@ -499,3 +499,34 @@ async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate
     assert r.status == 503 and r.json()["error"] == "unavailable", r.text
     assert "certificate" in r.json()["message"], r.text
     await wait_for(lambda: untrusting.get("/readyz").status == 503, 5, "/readyz 503")
+
+
+async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node, start_server, ws):
+    import signal
+
+    alone = start_server().get("/api/nodes").json()["nodes"]
+    assert len(alone) == 1 and alone[0]["connections"]["ws"] == 0, alone
+
+    a, b, c = start_node(), start_node(), start_node()
+    for _ in range(2):
+        await (await ws(b)).subscribe_ok("chat.nodes")
+
+    def listed() -> dict[str, dict]:
+        return {n["listen"]: n for n in a.get("/api/nodes").json()["nodes"]}
+
+    def addr(node) -> str:
+        return f"127.0.0.1:{node.port}"
+
+    await wait_for(
+        lambda: len(listed()) == 3 and listed()[addr(b)]["connections"]["ws"] == 2,
+        6,
+        "three nodes, two WebSocket clients on node b",
+    )
+    nodes = listed()
+    assert nodes[addr(b)]["subscriptions"] == 2
+    assert nodes[addr(a)]["connections"]["ws"] == 0
+    assert len({n["node"] for n in nodes.values()}) == 3
+
+    c.process.signal(signal.SIGKILL)
+    await wait_for(lambda: addr(c) not in listed(), 10, "the killed node to leave the list")
+    assert set(listed()) == {addr(a), addr(b)}

@@ -8,6 +8,8 @@
 //! | `P:s:{C}` | stream | the history: entry id `<offset>-0`, fields `d` (data) and `t` (ms) |
 //! | `P:p:C` | pub/sub topic | `r<offset>,<epoch>,<data>` or `e<offset>,<epoch>,<data>` |
 //! | `P:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
+//! | `P:nodes` | sorted set | node ids by the time (ms) of their last advertisement |
+//! | `P:node:ID` | string | node `ID`'s advertisement (JSON), expiring unless renewed |
 //!
 //! The braces are a Redis Cluster hash tag: both keys of a channel live in one slot, so each
 //! script touches one slot. Channel names cannot contain braces (protocol rules).
@@ -136,6 +138,16 @@ if not holder then
 end
 return 0
 "#;
+
+/// The set of nodes (node id scored by the time of its last advertisement, ms) and the key
+/// holding one node's advertisement.
+pub fn nodes_key(prefix: &str) -> String {
+    format!("{prefix}:nodes")
+}
+
+pub fn node_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}:node:{id}")
+}
 
 /// The key of lease `name`.
 pub fn lease_key(prefix: &str, name: &str) -> String {

@@ -50,6 +50,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(6);
 /// How often a lease is renewed (or, by the other nodes, tried).
 pub const LEASE_RENEW: Duration = Duration::from_secs(2);
 
+/// How long a node's advertisement lasts without renewal (`/api/nodes`).
+pub const NODE_TTL: Duration = Duration::from_secs(6);
+
 /// Most publishes waiting for the publisher task; beyond it publishes fail at once.
 const MAX_QUEUED_PUBLISHES: usize = 100_000;
 /// Most publishes sent to Redis in one pipeline.
@@ -90,7 +93,7 @@ struct Inner {
     publish_sha: String,
     metrics: BrokerMetrics,
     health: Health,
-    /// This process's id in leases.
+    /// This process's id in leases and in `/api/nodes`.
     node_id: String,
 }
 
@@ -152,6 +155,11 @@ impl RedisBroker {
 
     pub fn metrics(&self) -> &BrokerMetrics {
         &self.inner.metrics
+    }
+
+    /// This node's id among the cluster's nodes.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
     }
 }
 
@@ -263,6 +271,68 @@ impl Broker for RedisBroker {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(hold_lease(self.inner.clone(), name.to_owned(), tx));
         Lease::watching(rx)
+    }
+
+    fn advertise(&self, info: String) {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let Ok(mut conn) = inner.conn.get().await else { return };
+            let prefix = &inner.opts.prefix;
+            let now = unix_ms();
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(keys::node_key(prefix, &inner.node_id))
+                .arg(info)
+                .arg("PX")
+                .arg(NODE_TTL.as_millis() as u64)
+                .ignore()
+                .cmd("ZADD")
+                .arg(keys::nodes_key(prefix))
+                .arg(now)
+                .arg(&inner.node_id)
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(keys::nodes_key(prefix))
+                .arg("-inf")
+                .arg(now.saturating_sub(NODE_TTL.as_millis() as u64))
+                .ignore();
+            let sent = pipe.query_async::<()>(&mut conn);
+            if !matches!(tokio::time::timeout(inner.opts.timeout, sent).await, Ok(Ok(()))) {
+                inner.metrics.error("connection");
+            }
+        });
+    }
+
+    fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
+        let inner = self.inner.clone();
+        Some(Box::pin(async move {
+            let mut conn = inner.conn.get().await?;
+            let prefix = &inner.opts.prefix;
+            let since = unix_ms().saturating_sub(NODE_TTL.as_millis() as u64);
+            let cmd = redis::cmd("ZRANGEBYSCORE")
+                .arg(keys::nodes_key(prefix))
+                .arg(since)
+                .arg("+inf")
+                .to_owned();
+            let ids =
+                tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<String>>(&mut conn))
+                    .await
+                    .unwrap_or_else(|_| Err(timeout_error()))
+                    .map_err(|e| inner.redis_error(e))?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let keys: Vec<String> = ids.iter().map(|id| keys::node_key(prefix, id)).collect();
+            let cmd = redis::cmd("MGET").arg(&keys).to_owned();
+            let infos = tokio::time::timeout(
+                inner.opts.timeout,
+                cmd.query_async::<Vec<Option<String>>>(&mut conn),
+            )
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))
+            .map_err(|e| inner.redis_error(e))?;
+            Ok(infos.into_iter().flatten().collect())
+        }))
     }
 
     fn ready(&self) -> Result<(), String> {
@@ -388,6 +458,12 @@ fn value_u64(v: Value) -> Option<u64> {
         Value::BulkString(b) => std::str::from_utf8(&b).ok()?.parse().ok(),
         _ => None,
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn timeout_error() -> redis::RedisError {

@@ -103,6 +103,17 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         Lease::always()
     }
 
+    /// Advertises this node (`info`, a JSON object) to the others; see [`Broker::nodes`].
+    fn advertise(&self, info: String) {
+        let _ = info;
+    }
+
+    /// Every live node's latest advertisement (JSON objects), this one's included, or
+    /// `None` when there is no cluster (memory: the caller describes this node itself).
+    fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
+        None
+    }
+
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())

@@ -280,6 +280,44 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
     )
 }
 
+/// What this node tells the others about itself (`GET /api/nodes`).
+pub fn node_info(app: &AppState) -> serde_json::Value {
+    let m = &app.metrics;
+    json!({
+        "node": app.node_id,
+        "listen": app.config.server.listen,
+        "connections": {
+            "ws": m.open_connections(Transport::Ws),
+            "sse": m.open_connections(Transport::Sse),
+            "socketio": m.open_connections(Transport::SocketIo),
+        },
+        "subscriptions": app.hub.metrics().subscriptions.load(Relaxed),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "draining": app.shutdown.is_draining(),
+    })
+}
+
+/// `GET /api/nodes`: the live nodes of the cluster (this one alone with the memory broker),
+/// each as it last advertised itself (every 2 s; a node silent for 6 s is left out).
+pub async fn nodes(State(app): State<Arc<AppState>>) -> Response<Body> {
+    let Some(listed) = app.broker.nodes() else {
+        return json_response(StatusCode::OK, json!({ "nodes": [node_info(&app)] }));
+    };
+    match listed.await {
+        Ok(nodes) => {
+            let mut nodes: Vec<serde_json::Value> =
+                nodes.iter().filter_map(|n| serde_json::from_str(n).ok()).collect();
+            if !nodes.iter().any(|n| n["node"] == app.node_id.as_str()) {
+                // Not advertised yet (the first 2 s): this node is live all the same.
+                nodes.push(node_info(&app));
+            }
+            nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+            json_response(StatusCode::OK, json!({ "nodes": nodes }))
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
 /// `GET /api/feeds`.
 pub async fn feeds(State(app): State<Arc<AppState>>) -> Response<Body> {
     json_response(StatusCode::OK, json!({ "feeds": app.feeds.snapshot() }))

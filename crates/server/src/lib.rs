@@ -73,6 +73,8 @@ pub struct AppState {
     /// Where offsets come from: this hub (`memory`) or Redis shared by many nodes. Every
     /// publish goes through it, and every subscribe asks it to prepare the channel.
     pub broker: Arc<dyn Broker>,
+    /// This node's id among the cluster's nodes (`GET /api/nodes`).
+    pub node_id: String,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
     /// Candles built from trades on `ticks.*`.
@@ -97,6 +99,7 @@ impl AppState {
             namespaces,
             HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
         ));
+        let mut node_id = random_id(12);
         let broker: Arc<dyn Broker> = match config.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
             BrokerKind::Redis => {
@@ -111,12 +114,16 @@ impl AppState {
                     tls_ca: b.tls_ca().expect("validated broker.tls_ca_file"),
                 };
                 // The URL was validated with the same parser, so this cannot fail.
-                RedisBroker::start(hub.clone(), options).expect("validated broker.url")
+                let broker =
+                    RedisBroker::start(hub.clone(), options).expect("validated broker.url");
+                node_id = broker.node_id().to_owned();
+                broker
             }
         };
         Arc::new(AppState {
             hub,
             broker,
+            node_id,
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
@@ -171,6 +178,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/channels", get(api::channels))
         .route("/api/channels/{channel}/history", get(api::history))
         .route("/api/stats", get(api::stats))
+        .route("/api/nodes", get(api::nodes))
         .route("/api/feeds", get(api::feeds))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -236,6 +244,7 @@ impl Server {
         sources::start_candles(&app);
         connectors::start(&app);
         spawn_sweeper(&app);
+        spawn_advertiser(&app);
         let router = router(app.clone());
         let mut acceptor = Acceptor::new(listener);
         tokio::pin!(stop);
@@ -331,6 +340,23 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
                 tracing::debug!(%peer, "closing connection: no complete request headers in time");
             } else {
                 tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
+        }
+    });
+}
+
+/// With a cluster broker, tells the other nodes about this one every 2 s (`/api/nodes`).
+fn spawn_advertiser(app: &Arc<AppState>) {
+    if app.broker.kind() == "memory" {
+        return;
+    }
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => app.broker.advertise(api::node_info(&app).to_string()),
+                _ = app.shutdown.draining() => return,
             }
         }
     });
