@@ -476,6 +476,33 @@ async def test_the_simulator_runs_on_one_node_and_moves_when_it_dies(start_node,
     assert len([n for n in others if (n.metric("ferrocast_broker_published_total") or 0) > 0]) == 1
 
 
+async def test_a_node_shutting_down_hands_the_simulator_over_at_once(start_node, ws):
+    sets = ("simulator.rate=40", "simulator.symbols=[\"AAPL\"]", "simulator.backfill_bars=0")
+    nodes = [start_node(*sets, simulator=True) for _ in range(2)]
+
+    def publishing(node) -> bool:
+        return (node.metric("ferrocast_broker_published_total") or 0) > 0
+
+    await wait_for(lambda: any(publishing(n) for n in nodes), 10, "a simulator holder")
+    holder = next(n for n in nodes if publishing(n))
+    other = next(n for n in nodes if n is not holder)
+    watcher = await ws(other)
+    await watcher.subscribe_ok("ticks.AAPL")
+    first = (await watcher.next_msg("ticks.AAPL"))["offset"]
+    stopped = time.monotonic()
+    holder.process.stop(timeout=10)  # SIGTERM: drains, then releases its lease
+    # Released, the lease is taken at the other node's next attempt (every 2 s), well before
+    # the 6 s it would take to expire.
+    await wait_for(lambda: publishing(other), 3.5, "the other node to take the simulator")
+    assert time.monotonic() - stopped < 4.0
+    frames = await collect(watcher, "ticks.AAPL", 10, timeout=10)
+    assert [f["offset"] for f in frames] == list(range(first + 1, first + 11))
+    assert "leases released" in holder.log()
+    assert [n["listen"] for n in other.get("/api/nodes").json()["nodes"]] == [
+        f"127.0.0.1:{other.port}"
+    ], "the stopped node left the list at once"
+
+
 async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate(
     artifacts, track_process, start_server, ws
 ):
@@ -495,10 +522,10 @@ async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate
 
     # Without the CA, the system's roots do not trust the private certificate.
     untrusting = start_server(*common)
+    await wait_for(lambda: untrusting.get("/readyz").status == 503, 5, "/readyz 503")
     r = untrusting.post_publish({"channel": "chat.tls", "data": 1})
     assert r.status == 503 and r.json()["error"] == "unavailable", r.text
     assert "certificate" in r.json()["message"], r.text
-    await wait_for(lambda: untrusting.get("/readyz").status == 503, 5, "/readyz 503")
 
 
 async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node, start_server, ws):

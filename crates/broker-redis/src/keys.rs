@@ -149,6 +149,14 @@ pub fn node_key(prefix: &str, id: &str) -> String {
     format!("{prefix}:node:{id}")
 }
 
+/// Gives a lease up if this node holds it. KEYS: the lease key. ARGV: node id.
+pub const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// The key of lease `name`.
 pub fn lease_key(prefix: &str, name: &str) -> String {
     format!("{prefix}:lease:{name}")

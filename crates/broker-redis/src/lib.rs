@@ -95,6 +95,10 @@ struct Inner {
     health: Health,
     /// This process's id in leases and in `/api/nodes`.
     node_id: String,
+    /// Leases this node competes for.
+    leases: Mutex<Vec<String>>,
+    /// Set by `close`: no lease is taken or renewed any more.
+    closing: tokio::sync::Mutex<bool>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -141,6 +145,8 @@ impl RedisBroker {
             metrics: BrokerMetrics::default(),
             health: Health::new(),
             node_id: format!("{}-{}", new_epoch(), std::process::id()),
+            leases: Mutex::new(Vec::new()),
+            closing: tokio::sync::Mutex::new(false),
             hub: hub.clone(),
             opts,
         });
@@ -196,12 +202,12 @@ impl Broker for RedisBroker {
         if inner.publish_tx.send(job).is_err() {
             return Pending::Ready(Err(BrokerError::Unavailable("the broker stopped".into())));
         }
-        let timeout = inner.opts.timeout;
+        let inner = inner.clone();
         Pending::Later(Box::pin(async move {
-            match tokio::time::timeout(timeout, answer).await {
+            match tokio::time::timeout(inner.opts.timeout, answer).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(_)) => Err(BrokerError::Unavailable("the broker stopped".into())),
-                Err(_) => Err(unavailable_timeout(timeout)),
+                Err(_) => Err(inner.unavailable_timeout()),
             }
         }))
     }
@@ -233,7 +239,7 @@ impl Broker for RedisBroker {
                 Ok(result) => result,
                 Err(_) => {
                     inner.metrics.error("timeout");
-                    Err(unavailable_timeout(timeout))
+                    Err(inner.unavailable_timeout())
                 }
             }
         }))
@@ -269,6 +275,7 @@ impl Broker for RedisBroker {
 
     fn lease(&self, name: &str) -> Lease {
         let (tx, rx) = tokio::sync::watch::channel(false);
+        self.inner.leases.lock().push(name.to_owned());
         tokio::spawn(hold_lease(self.inner.clone(), name.to_owned(), tx));
         Lease::watching(rx)
     }
@@ -335,6 +342,31 @@ impl Broker for RedisBroker {
         }))
     }
 
+    fn close(&self) -> Option<BrokerFuture<()>> {
+        let inner = self.inner.clone();
+        Some(Box::pin(async move {
+            *inner.closing.lock().await = true;
+            let Ok(mut conn) = inner.conn.get().await else { return };
+            let prefix = &inner.opts.prefix;
+            let mut pipe = redis::pipe();
+            for name in inner.leases.lock().iter() {
+                pipe.cmd("EVAL")
+                    .arg(keys::RELEASE)
+                    .arg(1)
+                    .arg(keys::lease_key(prefix, name))
+                    .arg(&inner.node_id)
+                    .ignore();
+            }
+            pipe.cmd("ZREM").arg(keys::nodes_key(prefix)).arg(&inner.node_id).ignore();
+            pipe.cmd("DEL").arg(keys::node_key(prefix, &inner.node_id)).ignore();
+            let done = pipe.query_async::<()>(&mut conn);
+            match tokio::time::timeout(inner.opts.timeout, done).await {
+                Ok(Ok(())) => tracing::info!("left the cluster: leases released"),
+                _ => tracing::warn!("could not release leases in Redis; they expire in 6 s"),
+            }
+        }))
+    }
+
     fn ready(&self) -> Result<(), String> {
         self.inner.health.ready(self.inner.opts.ready_grace)
     }
@@ -344,14 +376,21 @@ impl Broker for RedisBroker {
     }
 }
 
-fn unavailable_timeout(timeout: Duration) -> BrokerError {
-    BrokerError::Unavailable(format!(
-        "Redis did not answer within {} ms (broker.timeout_ms)",
-        timeout.as_millis()
-    ))
-}
-
 impl Inner {
+    /// "Redis did not answer in time", with the last connection error if there is one (the
+    /// reason a client and an operator want, e.g. an untrusted certificate).
+    fn unavailable_timeout(&self) -> BrokerError {
+        let mut message = format!(
+            "Redis did not answer within {} ms (broker.timeout_ms)",
+            self.opts.timeout.as_millis()
+        );
+        if let Some(e) = self.conn.last_error.lock().as_deref() {
+            message.push_str("; last connection error: ");
+            message.push_str(e);
+        }
+        BrokerError::Unavailable(message)
+    }
+
     fn keys(&self, channel: &str) -> ChannelKeys {
         ChannelKeys::new(&self.opts.prefix, channel)
     }
@@ -485,11 +524,19 @@ struct Conn {
     timeout: Duration,
     current: Mutex<Option<ConnectionManager>>,
     connecting: tokio::sync::Mutex<()>,
+    /// Why the last connection attempt failed (cleared by a success).
+    last_error: Mutex<Option<String>>,
 }
 
 impl Conn {
     fn new(client: redis::Client, timeout: Duration) -> Self {
-        Conn { client, timeout, current: Mutex::new(None), connecting: tokio::sync::Mutex::new(()) }
+        Conn {
+            client,
+            timeout,
+            current: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            last_error: Mutex::new(None),
+        }
     }
 
     async fn get(&self) -> Result<ConnectionManager, BrokerError> {
@@ -509,17 +556,20 @@ impl Conn {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
-        match made {
+        let failed = match made {
             Ok(Ok(c)) => {
                 *self.current.lock() = Some(c.clone());
-                Ok(c)
+                *self.last_error.lock() = None;
+                return Ok(c);
             }
-            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("cannot connect to Redis: {e}"))),
-            Err(_) => Err(BrokerError::Unavailable(format!(
+            Ok(Err(e)) => format!("cannot connect to Redis: {e}"),
+            Err(_) => format!(
                 "cannot connect to Redis within {} ms (broker.timeout_ms)",
                 self.timeout.as_millis()
-            ))),
-        }
+            ),
+        };
+        *self.last_error.lock() = Some(failed.clone());
+        Err(BrokerError::Unavailable(failed))
     }
 
     /// Forgets the connection after an error, so the next use connects afresh.
@@ -551,7 +601,7 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
             batch.drain(..).partition(|j| now.duration_since(j.queued_at) > timeout);
         for job in stale {
             inner.metrics.error("timeout");
-            let _ = job.reply.send(Err(unavailable_timeout(timeout)));
+            let _ = job.reply.send(Err(inner.unavailable_timeout()));
         }
         if fresh.is_empty() {
             continue;
@@ -651,7 +701,10 @@ async fn hold_lease(inner: Arc<Inner>, name: String, held: tokio::sync::watch::S
     let mut tick = tokio::time::interval(LEASE_RENEW);
     loop {
         tick.tick().await;
-        if held.is_closed() {
+        // Held across the renewal, so `close` cannot release between a check and a renewal.
+        let closing = inner.closing.lock().await;
+        if *closing || held.is_closed() {
+            held.send_replace(false);
             return;
         }
         let answer = match inner.conn.get().await {

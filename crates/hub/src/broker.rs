@@ -114,6 +114,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Called once the server has drained, before the process exits: gives up this node's
+    /// leases (so another node takes its roles at once) and its place among the nodes.
+    fn close(&self) -> Option<BrokerFuture<()>> {
+        None
+    }
+
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())

@@ -285,6 +285,9 @@ impl Server {
                 }
             }
         }
+        if let Some(closed) = app.broker.close() {
+            closed.await;
+        }
     }
 }
 
