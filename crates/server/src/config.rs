@@ -1067,4 +1067,28 @@ mod tests {
         let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, vec!["server.ws_paths[0]", "namespaces.candles.snapshot_size"]);
     }
+
+    #[test]
+    fn broker_settings_are_checked() {
+        let c = load(None, &[("FERROCAST_BROKER_KIND", "redis")], &["broker.url=redis://h:1/2"]);
+        let c = c.unwrap();
+        assert_eq!((c.broker.kind, c.broker.url.as_str()), (BrokerKind::Redis, "redis://h:1/2"));
+
+        let bad = |sets: &[&str]| {
+            let mut all = vec!["broker.kind=redis"];
+            all.extend_from_slice(sets);
+            load(None, &[], &all).unwrap_err().into_iter().map(|e| e.key).collect::<Vec<_>>()
+        };
+        assert_eq!(bad(&["broker.url=http://h:1"]), vec!["broker.url"]);
+        assert_eq!(bad(&["broker.url=redis://h:notaport"]), vec!["broker.url"]);
+        assert_eq!(bad(&["broker.timeout_ms=0"]), vec!["broker.timeout_ms"]);
+        assert_eq!(bad(&["broker.position_check_ms=1"]), vec!["broker.position_check_ms"]);
+        assert_eq!(bad(&["broker.meta_ttl_ms=1000"]), vec!["broker.meta_ttl_ms"]);
+        assert_eq!(bad(&["broker.prefix=a b"]), vec!["broker.prefix"]);
+        assert_eq!(bad(&["broker.tls_ca_file=/nonexistent/ca.pem"]), vec!["broker.tls_ca_file"]);
+        let e = load(None, &[], &["broker.kind=etcd"]).unwrap_err();
+        assert_eq!(e[0].key, "broker.kind");
+        // The memory broker ignores the Redis URL.
+        assert!(load(None, &[], &["broker.url=http://h"]).is_ok());
+    }
 }
