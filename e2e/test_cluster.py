@@ -557,3 +557,17 @@ async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node,
     c.process.signal(signal.SIGKILL)
     await wait_for(lambda: addr(c) not in listed(), 10, "the killed node to leave the list")
     assert set(listed()) == {addr(a), addr(b)}
+
+
+async def test_publishes_survive_redis_forgetting_its_scripts(start_node, redis, ws):
+    a = start_node()
+    sub = await ws(a)
+    await sub.subscribe_ok("chat.scripts")
+    assert a.publish("chat.scripts", 1)["offset"] == 1
+    # What a restart behind a transparent reconnect looks like to the node: the script
+    # cache is empty. The next publish still succeeds, in order.
+    assert redis.command("SCRIPT", "FLUSH") == "OK"
+    results = a.publish_batch([("chat.scripts", n) for n in (2, 3, 4)])
+    assert [r["offset"] for r in results] == [2, 3, 4]
+    frames = await collect(sub, "chat.scripts", 4)
+    assert [f["data"] for f in frames] == [1, 2, 3, 4]

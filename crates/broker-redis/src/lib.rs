@@ -606,59 +606,27 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
         if fresh.is_empty() {
             continue;
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        if !script_loaded {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(keys::PUBLISH);
+        let mut sent = send_batch(&inner, &fresh, !script_loaded).await;
+        if let Ok(replies) = &sent
+            && replies.iter().all(is_noscript)
+        {
+            // Redis lost its scripts (it restarted behind a reconnect) and nothing ran: the
+            // same batch again, with the script, keeps the order.
+            sent = send_batch(&inner, &fresh, true).await;
         }
-        let meta_ttl = inner.opts.meta_ttl.as_millis() as u64;
-        for job in &fresh {
-            let k = inner.keys(&job.channel);
-            let ns = inner.hub.namespace(&job.channel);
-            let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
-            pipe.cmd("EVALSHA")
-                .arg(&inner.publish_sha)
-                .arg(2)
-                .arg(&k.meta)
-                .arg(&k.stream)
-                .arg(mode)
-                .arg(&job.data[..])
-                .arg(ns.history_size)
-                .arg(ns.history_ttl_ms)
-                .arg(meta_ttl)
-                .arg(&k.topic)
-                .arg(new_epoch());
-        }
-        let result = match inner.conn.get().await {
-            Ok(mut conn) => tokio::time::timeout(
-                timeout,
-                pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timeout_error())),
+        let mut replies = match sent {
+            Ok(replies) => {
+                script_loaded = !replies.iter().any(is_noscript);
+                replies.into_iter()
+            }
             Err(e) => {
-                inner.metrics.error("connection");
+                script_loaded = false;
                 for job in fresh {
                     let _ = job.reply.send(Err(e.clone()));
                 }
-                script_loaded = false;
                 continue;
             }
         };
-        let mut replies = match result {
-            Ok(replies) => replies.into_iter(),
-            Err(e) => {
-                script_loaded = false;
-                let err = inner.redis_error(e);
-                for job in fresh {
-                    let _ = job.reply.send(Err(err.clone()));
-                }
-                continue;
-            }
-        };
-        if !script_loaded {
-            script_loaded = matches!(replies.next(), Some(Ok(_)));
-        }
         for job in fresh {
             let answer = match replies.next() {
                 Some(Ok(Value::Array(v))) if v.len() == 2 => {
@@ -723,6 +691,52 @@ async fn hold_lease(inner: Arc<Inner>, name: String, held: tokio::sync::watch::S
             held.send_replace(now_held);
         }
     }
+}
+
+/// Sends `jobs` as one pipeline of publish scripts (after `SCRIPT LOAD` when `load`), and
+/// returns one reply per job.
+async fn send_batch(
+    inner: &Inner,
+    jobs: &[Job],
+    load: bool,
+) -> Result<Vec<RedisResult<Value>>, BrokerError> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    if load {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(keys::PUBLISH);
+    }
+    let meta_ttl = inner.opts.meta_ttl.as_millis() as u64;
+    for job in jobs {
+        let k = inner.keys(&job.channel);
+        let ns = inner.hub.namespace(&job.channel);
+        let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
+        pipe.cmd("EVALSHA")
+            .arg(&inner.publish_sha)
+            .arg(2)
+            .arg(&k.meta)
+            .arg(&k.stream)
+            .arg(mode)
+            .arg(&job.data[..])
+            .arg(ns.history_size)
+            .arg(ns.history_ttl_ms)
+            .arg(meta_ttl)
+            .arg(&k.topic)
+            .arg(new_epoch());
+    }
+    let mut conn = inner.conn.get().await.inspect_err(|_| inner.metrics.error("connection"))?;
+    let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn);
+    let mut replies = tokio::time::timeout(inner.opts.timeout, query)
+        .await
+        .unwrap_or_else(|_| Err(timeout_error()))
+        .map_err(|e| inner.redis_error(e))?;
+    if load && !replies.is_empty() {
+        let _ = replies.remove(0);
+    }
+    Ok(replies)
+}
+
+fn is_noscript(reply: &RedisResult<Value>) -> bool {
+    matches!(reply, Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript))
 }
 
 /// Whether Redis answers: the command connection (pinged) and the pub/sub connection.
