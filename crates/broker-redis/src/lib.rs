@@ -129,6 +129,10 @@ impl RedisBroker {
     /// not be reachable yet: until it is, publishes fail with `unavailable` and readiness
     /// fails after the grace period. Must run inside a multi-threaded tokio runtime.
     pub fn start(hub: Arc<Hub>, opts: RedisOptions) -> Result<Arc<RedisBroker>, String> {
+        let flavor = tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor());
+        if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
+            return Err("the Redis broker needs a multi-threaded tokio runtime".into());
+        }
         let client = open_client(&opts.url, opts.tls_ca.as_deref())
             .map_err(|e| format!("broker.url {:?}: {e}", opts.url))?;
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
