@@ -571,3 +571,36 @@ async def test_publishes_survive_redis_forgetting_its_scripts(start_node, redis,
     assert [r["offset"] for r in results] == [2, 3, 4]
     frames = await collect(sub, "chat.scripts", 4)
     assert [f["data"] for f in frames] == [1, 2, 3, 4]
+
+
+async def test_a_batch_run_to_one_channel_gets_consecutive_offsets_across_nodes(start_node):
+    nodes = [start_node("namespaces.chat.history_size=2000") for _ in range(2)]
+    channel = "chat.runs"
+
+    def publish_batches(node, tag: str) -> list[list[int]]:
+        pub = node.keepalive_publisher()
+        try:
+            batches = []
+            for b in range(10):
+                # A run to the channel, one message elsewhere, a second run.
+                msgs = [(channel, {"t": tag, "b": b, "k": k}) for k in range(20)]
+                msgs += [("chat.elsewhere", {"t": tag})]
+                msgs += [(channel, {"t": tag, "b": b, "k": 20 + k}) for k in range(20)]
+                results = pub.publish_batch(msgs)
+                offsets = [r["offset"] for r in results if r["channel"] == channel]
+                batches.append(offsets[:20])
+                batches.append(offsets[20:])
+            return batches
+        finally:
+            pub.close()
+
+    got = await asyncio.gather(
+        asyncio.to_thread(publish_batches, nodes[0], "a"),
+        asyncio.to_thread(publish_batches, nodes[1], "b"),
+    )
+    runs = [run for batches in got for run in batches]
+    for run in runs:
+        assert run == list(range(run[0], run[0] + 20)), f"a run was interleaved: {run}"
+    assert sorted(o for run in runs for o in run) == list(range(1, 801))
+    page = nodes[1].get(f"/api/channels/{channel}/history?since=0&limit=1000").json()
+    assert [m["offset"] for m in page["messages"]] == list(range(1, 801))

@@ -37,41 +37,53 @@ pub fn topic_prefix(prefix: &str) -> String {
     format!("{prefix}:p:")
 }
 
-/// Publishes one message, atomically: reads or creates the epoch (a new epoch starts an
-/// empty history), assigns the next offset, appends to the stream trimmed to the history
-/// size, refreshes TTLs, then PUBLISHes. Returns `{offset, epoch}`.
+/// Publishes one or more messages on one channel, atomically (no other publish on the
+/// channel comes between them): reads or creates the epoch (a new epoch starts an empty
+/// history), assigns the next offsets, appends to the stream trimmed to the history size,
+/// refreshes TTLs, then PUBLISHes each. Returns `{epoch, offset1, offset2, ...}`.
 ///
-/// KEYS: meta, stream. ARGV: mode (`r` retained / `e` ephemeral), data, history size,
-/// history TTL ms (0: none), meta TTL ms, topic, epoch to use if the channel has none.
+/// KEYS: meta, stream. ARGV: mode (`r` retained / `e` ephemeral), history size, history TTL
+/// ms (0: none), meta TTL ms, topic, epoch to use if the channel has none, then the data of
+/// each message.
 pub const PUBLISH: &str = r#"
 local meta, stream = KEYS[1], KEYS[2]
-local mode, data, size = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local hist_ttl, meta_ttl, topic = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local mode, size = ARGV[1], tonumber(ARGV[2])
+local hist_ttl, meta_ttl, topic = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local epoch = redis.call('HGET', meta, 'e')
 if not epoch then
-  epoch = ARGV[7]
+  epoch = ARGV[6]
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'e', epoch, 't', 0)
 end
-local offset
-if mode == 'r' then
-  offset = redis.call('HINCRBY', meta, 't', 1)
-  if size > 0 then
-    local now = redis.call('TIME')
-    local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    redis.call('XADD', stream, 'MAXLEN', size, offset .. '-0', 'd', data, 't', ms)
-    if hist_ttl > 0 then
-      redis.call('PEXPIRE', stream, hist_ttl)
-    else
-      redis.call('PEXPIRE', stream, meta_ttl)
+local out = {epoch}
+local ms = 0
+if mode == 'r' and size > 0 then
+  local now = redis.call('TIME')
+  ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+end
+for i = 7, #ARGV do
+  local data = ARGV[i]
+  local offset
+  if mode == 'r' then
+    offset = redis.call('HINCRBY', meta, 't', 1)
+    if size > 0 then
+      redis.call('XADD', stream, 'MAXLEN', size, offset .. '-0', 'd', data, 't', ms)
     end
+  else
+    offset = tonumber(redis.call('HGET', meta, 't'))
   end
-else
-  offset = tonumber(redis.call('HGET', meta, 't'))
+  redis.call('PUBLISH', topic, mode .. offset .. ',' .. epoch .. ',' .. data)
+  out[#out + 1] = offset
+end
+if mode == 'r' and size > 0 then
+  if hist_ttl > 0 then
+    redis.call('PEXPIRE', stream, hist_ttl)
+  else
+    redis.call('PEXPIRE', stream, meta_ttl)
+  end
 end
 redis.call('PEXPIRE', meta, meta_ttl)
-redis.call('PUBLISH', topic, mode .. offset .. ',' .. epoch .. ',' .. data)
-return {offset, epoch}
+return out
 "#;
 
 /// Reads a channel's position and the history a node needs, atomically; creates the epoch

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferrocast_hub::{
     Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Lease, Pending,
-    PublishError, PublishKind, Published, SnapshotMode,
+    PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -110,9 +110,10 @@ impl std::fmt::Debug for Inner {
 /// One queued publish.
 struct Job {
     channel: String,
-    data: Vec<u8>,
+    /// One message, or a run published atomically (consecutive offsets).
+    data: Vec<Vec<u8>>,
     kind: PublishKind,
-    reply: oneshot::Sender<Result<Published, BrokerError>>,
+    reply: oneshot::Sender<Result<Vec<Published>, BrokerError>>,
     queued_at: Instant,
 }
 
@@ -167,6 +168,42 @@ impl RedisBroker {
         &self.inner.metrics
     }
 
+    /// Queues `data` (one message or an atomic run) for the publisher task.
+    fn enqueue(
+        &self,
+        channel: &str,
+        data: Vec<Vec<u8>>,
+        kind: PublishKind,
+    ) -> Pending<Result<Vec<Published>, BrokerError>> {
+        let inner = &self.inner;
+        if let Err(e) = validate_channel(channel) {
+            return Pending::Ready(Err(PublishError::InvalidChannel(e).into()));
+        }
+        if data.is_empty() {
+            return Pending::Ready(Ok(Vec::new()));
+        }
+        if inner.queued.fetch_add(1, Relaxed) >= MAX_QUEUED_PUBLISHES {
+            inner.queued.fetch_sub(1, Relaxed);
+            inner.metrics.error("queue_full");
+            return Pending::Ready(Err(BrokerError::Unavailable(format!(
+                "{MAX_QUEUED_PUBLISHES} publishes are already waiting for Redis"
+            ))));
+        }
+        let (reply, answer) = oneshot::channel();
+        let job = Job { channel: channel.to_owned(), data, kind, reply, queued_at: Instant::now() };
+        if inner.publish_tx.send(job).is_err() {
+            return Pending::Ready(Err(BrokerError::Unavailable("the broker stopped".into())));
+        }
+        let inner = inner.clone();
+        Pending::Later(Box::pin(async move {
+            match tokio::time::timeout(inner.opts.timeout, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(BrokerError::Unavailable("the broker stopped".into())),
+                Err(_) => Err(inner.unavailable_timeout()),
+            }
+        }))
+    }
+
     /// This node's id among the cluster's nodes.
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
@@ -184,36 +221,23 @@ impl Broker for RedisBroker {
         data: &[u8],
         kind: PublishKind,
     ) -> Pending<Result<Published, BrokerError>> {
-        let inner = &self.inner;
-        if let Err(e) = validate_channel(channel) {
-            return Pending::Ready(Err(PublishError::InvalidChannel(e).into()));
-        }
-        if inner.queued.fetch_add(1, Relaxed) >= MAX_QUEUED_PUBLISHES {
-            inner.queued.fetch_sub(1, Relaxed);
-            inner.metrics.error("queue_full");
-            return Pending::Ready(Err(BrokerError::Unavailable(format!(
-                "{MAX_QUEUED_PUBLISHES} publishes are already waiting for Redis"
-            ))));
-        }
-        let (reply, answer) = oneshot::channel();
-        let job = Job {
-            channel: channel.to_owned(),
-            data: data.to_vec(),
-            kind,
-            reply,
-            queued_at: Instant::now(),
-        };
-        if inner.publish_tx.send(job).is_err() {
-            return Pending::Ready(Err(BrokerError::Unavailable("the broker stopped".into())));
-        }
-        let inner = inner.clone();
-        Pending::Later(Box::pin(async move {
-            match tokio::time::timeout(inner.opts.timeout, answer).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(BrokerError::Unavailable("the broker stopped".into())),
-                Err(_) => Err(inner.unavailable_timeout()),
+        match self.enqueue(channel, vec![data.to_vec()], kind) {
+            Pending::Ready(answer) => Pending::Ready(answer.map(first)),
+            Pending::Later(answer) => {
+                Pending::Later(Box::pin(async move { answer.await.map(first) }))
             }
-        }))
+        }
+    }
+
+    fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
+        let split = |answer: Result<Vec<Published>, BrokerError>| match answer {
+            Ok(published) => (published, None),
+            Err(e) => (Vec::new(), Some(e)),
+        };
+        match self.enqueue(channel, data.iter().map(|d| d.to_vec()).collect(), kind) {
+            Pending::Ready(answer) => Pending::Ready(split(answer)),
+            Pending::Later(answer) => Pending::Later(Box::pin(async move { split(answer.await) })),
+        }
     }
 
     fn prepare_subscribe(
@@ -503,6 +527,11 @@ fn value_u64(v: Value) -> Option<u64> {
     }
 }
 
+/// The one result of a single publish.
+fn first(mut published: Vec<Published>) -> Published {
+    published.swap_remove(0)
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -633,13 +662,19 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
         };
         for job in fresh {
             let answer = match replies.next() {
-                Some(Ok(Value::Array(v))) if v.len() == 2 => {
+                Some(Ok(Value::Array(v))) if v.len() == job.data.len() + 1 => {
                     let mut v = v.into_iter();
-                    match (v.next().and_then(value_u64), v.next().and_then(value_string)) {
-                        (Some(offset), Some(epoch)) => {
-                            Ok(Published { offset, epoch: Arc::from(epoch) })
+                    let epoch: Option<Arc<str>> = v.next().and_then(value_string).map(Arc::from);
+                    let offsets: Option<Vec<u64>> = v.map(value_u64).collect();
+                    match (epoch, offsets) {
+                        (Some(epoch), Some(offsets)) => Ok(offsets
+                            .into_iter()
+                            .map(|offset| Published { offset, epoch: epoch.clone() })
+                            .collect()),
+                        _ => {
+                            inner.metrics.error("protocol");
+                            Err(BrokerError::Unavailable("unexpected publish answer".into()))
                         }
-                        _ => Err(BrokerError::Unavailable("unexpected publish answer".into())),
                     }
                 }
                 Some(Ok(_)) | None => {
@@ -654,10 +689,12 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             };
             if answer.is_ok() {
-                inner.metrics.published.fetch_add(1, Relaxed);
+                inner.metrics.published.fetch_add(job.data.len() as u64, Relaxed);
                 inner.metrics.publish_latency(job.queued_at.elapsed());
                 if job.kind == PublishKind::Retained {
-                    inner.hub.run_taps(&job.channel, &job.data);
+                    for data in &job.data {
+                        inner.hub.run_taps(&job.channel, data);
+                    }
                 }
             }
             let _ = job.reply.send(answer);
@@ -714,18 +751,21 @@ async fn send_batch(
         let k = inner.keys(&job.channel);
         let ns = inner.hub.namespace(&job.channel);
         let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
-        pipe.cmd("EVALSHA")
+        let call = pipe
+            .cmd("EVALSHA")
             .arg(&inner.publish_sha)
             .arg(2)
             .arg(&k.meta)
             .arg(&k.stream)
             .arg(mode)
-            .arg(&job.data[..])
             .arg(ns.history_size)
             .arg(ns.history_ttl_ms)
             .arg(meta_ttl)
             .arg(&k.topic)
             .arg(new_epoch());
+        for data in &job.data {
+            call.arg(&data[..]);
+        }
     }
     let mut conn = inner.conn.get().await.inspect_err(|_| inner.metrics.error("connection"))?;
     let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn);

@@ -52,6 +52,10 @@ impl<T> Pending<T> {
     }
 }
 
+/// What [`Broker::publish_run`] did: the messages published, in order, and the error that
+/// stopped the run, if any.
+pub type RunOutcome = (Vec<Published>, Option<BrokerError>);
+
 /// Why a broker could not do what it was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
@@ -77,6 +81,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         data: &[u8],
         kind: PublishKind,
     ) -> Pending<Result<Published, BrokerError>>;
+
+    /// Publishes a run of messages on one channel, in order, with consecutive offsets (an
+    /// HTTP batch's consecutive messages to one channel): with Redis atomically, no other
+    /// node's publish in between. Answers with the messages published and, if the run
+    /// stopped, why (with Redis a run is published whole or not at all).
+    fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome>;
 
     /// Makes the local hub's copy of `channel` current enough for a subscribe with `recover`
     /// (or with the namespace's snapshot) to be answered exactly, and makes sure this node
@@ -155,6 +165,17 @@ impl Broker for MemoryBroker {
         kind: PublishKind,
     ) -> Pending<Result<Published, BrokerError>> {
         Pending::Ready(self.hub.publish(channel, data, kind).map_err(BrokerError::Publish))
+    }
+
+    fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
+        let mut out = Vec::with_capacity(data.len());
+        for d in data {
+            match self.hub.publish(channel, d, kind) {
+                Ok(p) => out.push(p),
+                Err(e) => return Pending::Ready((out, Some(e.into()))),
+            }
+        }
+        Pending::Ready((out, None))
     }
 
     fn prepare_subscribe(

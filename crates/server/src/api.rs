@@ -131,46 +131,57 @@ pub async fn publish(
             );
         }
     }
-    // Every message is handed to the broker before any answer is awaited: one node's
+    // Consecutive messages to one channel go as one run (consecutive offsets, atomic with
+    // Redis), and every run is handed to the broker before any answer is awaited: one node's
     // publishes keep their order, and a batch costs one round trip to Redis, not one each.
-    let pending: Vec<_> = items
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match runs.last_mut() {
+            Some((start, len))
+                if items[*start].channel == item.channel
+                    && items[*start].ephemeral == item.ephemeral =>
+            {
+                *len += 1
+            }
+            _ => runs.push((i, 1)),
+        }
+    }
+    let pending: Vec<_> = runs
         .iter()
-        .map(|item| {
-            let kind = if item.ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
-            app.broker.publish(&item.channel, item.data.get().as_bytes(), kind)
+        .map(|&(start, len)| {
+            let run = &items[start..start + len];
+            let kind =
+                if run[0].ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
+            let data: Vec<&[u8]> = run.iter().map(|item| item.data.get().as_bytes()).collect();
+            app.broker.publish_run(&run[0].channel, &data, kind)
         })
         .collect();
     let mut results = Vec::with_capacity(items.len());
-    for (item, answer) in items.iter().zip(pending) {
-        match answer.wait().await {
-            Ok(p) => results
-                .push(json!({"channel": item.channel, "offset": p.offset, "epoch": &*p.epoch})),
-            Err(BrokerError::Publish(e @ PublishError::InvalidChannel(_))) => {
-                return refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
-            }
-            Err(BrokerError::Publish(e @ PublishError::ChannelLimit(_))) => {
-                let i = results.len();
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "channel_limit",
-                    format!(
-                        "message {i} ({}): {e}; the {i} before it were published",
-                        item.channel
-                    ),
-                );
-            }
-            Err(BrokerError::Unavailable(reason)) => {
-                let i = results.len();
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    format!(
-                        "message {i} ({}): {reason}; the {i} before it were published, later ones may have been",
-                        item.channel
-                    ),
-                );
-            }
+    for (&(start, _), answer) in runs.iter().zip(pending) {
+        let channel = &items[start].channel;
+        let (published, failed) = answer.wait().await;
+        for p in published {
+            results.push(json!({"channel": channel, "offset": p.offset, "epoch": &*p.epoch}));
         }
+        let Some(e) = failed else { continue };
+        let i = results.len();
+        return match e {
+            BrokerError::Publish(e @ PublishError::InvalidChannel(_)) => {
+                refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string())
+            }
+            BrokerError::Publish(e @ PublishError::ChannelLimit(_)) => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "channel_limit",
+                format!("message {i} ({channel}): {e}; the {i} before it were published"),
+            ),
+            BrokerError::Unavailable(reason) => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "message {i} ({channel}): {reason}; the {i} before it were published, later ones may have been"
+                ),
+            ),
+        };
     }
     json_response(StatusCode::OK, json!({ "results": results }))
 }
