@@ -13,7 +13,7 @@ import time
 import pytest
 import socketio
 
-from ferrocast_e2e.redis import RedisServer, make_tls_files
+from ferrocast_e2e.redis import RedisCluster, RedisServer, make_tls_files
 
 
 @pytest.fixture
@@ -604,3 +604,43 @@ async def test_a_batch_run_to_one_channel_gets_consecutive_offsets_across_nodes(
     assert sorted(o for run in runs for o in run) == list(range(1, 801))
     page = nodes[1].get(f"/api/channels/{channel}/history?since=0&limit=1000").json()
     assert [m["offset"] for m in page["messages"]] == list(range(1, 801))
+
+
+async def test_nodes_over_a_redis_cluster_deliver_and_recover_on_every_slot(
+    artifacts, track_process, start_server, ws
+):
+    cluster = RedisCluster(artifacts).start(track_process)
+    sets = ("broker.kind=redis", f"broker.cluster_urls={json.dumps(cluster.urls)}",
+            "broker.timeout_ms=1000")
+    a, b = start_server(*sets), start_server(*sets)
+    # Channels whose keys land on all three masters.
+    channels = [f"chat.slot{i}" for i in range(12)]
+    sub = await ws(a)
+    await sub.subscribe_ok(*channels)
+    epochs = {}
+    for round_ in range(3):
+        results = b.publish_batch([(c, {"r": round_}) for c in channels])
+        for r in results:
+            epochs[r["channel"]] = r["epoch"]
+            assert r["offset"] == round_ + 1, r
+    got: dict[str, list[int]] = {c: [] for c in channels}
+    for _ in range(3 * len(channels)):
+        msg = await sub.next_msg()
+        got[msg["channel"]].append(msg["offset"])
+    assert all(offsets == [1, 2, 3] for offsets in got.values()), got
+    masters_used = 0
+    for server in cluster.servers:
+        if int(server.command("DBSIZE")) > 0:
+            masters_used += 1
+    assert masters_used == 3, "the channels did not spread over the masters"
+
+    again = await ws(b)
+    recover = {c: {"epoch": epochs[c], "offset": 1} for c in channels}
+    result = await again.subscribe(*channels, recover=recover)
+    assert all(result[c]["recovered"] is True and result[c]["replayed"] == 2 for c in channels)
+    replayed: dict[str, list[int]] = {c: [] for c in channels}
+    for _ in range(2 * len(channels)):
+        msg = await again.next_msg()
+        replayed[msg["channel"]].append(msg["offset"])
+    assert all(offsets == [2, 3] for offsets in replayed.values()), replayed
+    assert len(a.get("/api/nodes").json()["nodes"]) == 2

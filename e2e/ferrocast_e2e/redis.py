@@ -37,6 +37,7 @@ class RedisServer:
         self.tls = tls
         self.starts = 0
         self.process: ManagedProcess | None = None
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -59,10 +60,10 @@ class RedisServer:
             "--appendonly", "no",
             "--dir", str(self.log_dir),
             "--loglevel", "notice",
+            *self.extra_args,
         ]
-        self.process = ManagedProcess(
-            f"redis-{self.starts}", argv, self.log_dir / f"redis-{self.starts}.log"
-        ).start()
+        name = f"redis-{self.port}-{self.starts}"
+        self.process = ManagedProcess(name, argv, self.log_dir / f"{name}.log").start()
         ready = (lambda: tcp_connectable(self.port)) if self.tls else self.ping
         self.process.wait_until(ready, timeout=10, what="listening")
         return self
@@ -159,3 +160,57 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
         "-days", "2", "-extfile", ext)
     return ca, cert, key
+
+
+def cluster_port() -> int:
+    """A free port P <= 55535 whose bus port P + 10000 is free too."""
+    import random
+
+    from .procs import port_is_free
+
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        if port_is_free(port) and port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` redis-server processes (no replicas), created with
+    `redis-cli --cluster create` and waited for until every node reports `cluster_state:ok`."""
+
+    def __init__(self, log_dir: Path, masters: int = 3) -> None:
+        # A cluster node also listens on its port + 10000 (the cluster bus).
+        self.servers = [RedisServer(log_dir, port=cluster_port()) for _ in range(masters)]
+        self.log_dir = log_dir
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, track) -> "RedisCluster":
+        import subprocess
+        import time
+
+        for s in self.servers:
+            s.extra_args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.log_dir / f"nodes-{s.port}.conf"),
+                "--cluster-node-timeout", "2000",
+            ]
+            s.start()
+            track(s.process)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise FileNotFoundError("redis-cli is not installed (Debian's redis-tools)")
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in self.servers],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while not all("cluster_state:ok" in s.command("CLUSTER", "INFO") for s in self.servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        return self

@@ -7,12 +7,13 @@
 //! | `P:m:{C}` | hash | `e` the channel's epoch, `t` its top offset |
 //! | `P:s:{C}` | stream | the history: entry id `<offset>-0`, fields `d` (data) and `t` (ms) |
 //! | `P:p:C` | pub/sub topic | `r<offset>,<epoch>,<data>` or `e<offset>,<epoch>,<data>` |
-//! | `P:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
-//! | `P:nodes` | sorted set | node ids by the time (ms) of their last advertisement |
-//! | `P:node:ID` | string | node `ID`'s advertisement (JSON), expiring unless renewed |
+//! | `{P}:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
+//! | `{P}:nodes` | sorted set | node ids by the time (ms) of their last advertisement |
+//! | `{P}:node:ID` | string | node `ID`'s advertisement (JSON), expiring unless renewed |
 //!
 //! The braces are a Redis Cluster hash tag: both keys of a channel live in one slot, so each
-//! script touches one slot. Channel names cannot contain braces (protocol rules).
+//! script touches one slot, and the cluster-level keys share the slot of `{P}`. Channel
+//! names cannot contain braces (protocol rules).
 
 /// Keys and topic of one channel.
 #[derive(Debug, Clone)]
@@ -153,12 +154,13 @@ return 0
 
 /// The set of nodes (node id scored by the time of its last advertisement, ms) and the key
 /// holding one node's advertisement.
+/// Like every cluster-level key, tagged `{P}` so one pipeline may touch them all.
 pub fn nodes_key(prefix: &str) -> String {
-    format!("{prefix}:nodes")
+    format!("{{{prefix}}}:nodes")
 }
 
 pub fn node_key(prefix: &str, id: &str) -> String {
-    format!("{prefix}:node:{id}")
+    format!("{{{prefix}}}:node:{id}")
 }
 
 /// Gives a lease up if this node holds it. KEYS: the lease key. ARGV: node id.
@@ -171,7 +173,7 @@ return 0
 
 /// The key of lease `name`.
 pub fn lease_key(prefix: &str, name: &str) -> String {
-    format!("{prefix}:lease:{name}")
+    format!("{{{prefix}}}:lease:{name}")
 }
 
 /// One message as carried on a channel's topic.

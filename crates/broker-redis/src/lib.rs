@@ -71,6 +71,8 @@ pub struct RedisOptions {
     pub ready_grace: Duration,
     /// PEM certificates to trust for `rediss://` instead of the system's roots.
     pub tls_ca: Option<Vec<u8>>,
+    /// Seed nodes of a Redis Cluster; empty for one server (`url`).
+    pub cluster_urls: Vec<String>,
 }
 
 /// The broker. Cheap to share; its tasks run until the process ends.
@@ -134,12 +136,23 @@ impl RedisBroker {
         if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
             return Err("the Redis broker needs a multi-threaded tokio runtime".into());
         }
-        let client = open_client(&opts.url, opts.tls_ca.as_deref())
-            .map_err(|e| format!("broker.url {:?}: {e}", opts.url))?;
+        // With a cluster, pub/sub runs on the first seed: a PUBLISH on any node of a Redis
+        // Cluster reaches the subscribers of every node.
+        let pubsub_url = opts.cluster_urls.first().unwrap_or(&opts.url).clone();
+        let client = open_client(&pubsub_url, opts.tls_ca.as_deref())
+            .map_err(|e| format!("broker.url {pubsub_url:?}: {e}"))?;
+        let cluster = if opts.cluster_urls.is_empty() {
+            None
+        } else {
+            let builder = redis::cluster::ClusterClientBuilder::new(opts.cluster_urls.clone())
+                .connection_timeout(opts.timeout)
+                .response_timeout(opts.timeout);
+            Some(builder.build().map_err(|e| format!("broker.cluster_urls: {e}"))?)
+        };
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (pubsub_tx, pubsub_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            conn: Conn::new(client.clone(), opts.timeout),
+            conn: Conn::new(client.clone(), cluster, opts.timeout),
             client,
             publish_tx,
             queued: AtomicUsize::new(0),
@@ -550,21 +563,63 @@ fn new_epoch() -> String {
     (0..8).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
-/// The command connection: one multiplexed connection (it keeps command order), made on
-/// first use and remade after a failure.
+/// A command connection: to one server (a multiplexed connection, which keeps command
+/// order) or to a Redis Cluster (routed by key slot).
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The command connection, made on first use and remade after a failure.
 struct Conn {
     client: redis::Client,
+    /// Set for Redis Cluster (`broker.cluster_urls`).
+    cluster: Option<redis::cluster::ClusterClient>,
     timeout: Duration,
-    current: Mutex<Option<ConnectionManager>>,
+    current: Mutex<Option<Link>>,
     connecting: tokio::sync::Mutex<()>,
     /// Why the last connection attempt failed (cleared by a success).
     last_error: Mutex<Option<String>>,
 }
 
 impl Conn {
-    fn new(client: redis::Client, timeout: Duration) -> Self {
+    fn new(
+        client: redis::Client,
+        cluster: Option<redis::cluster::ClusterClient>,
+        timeout: Duration,
+    ) -> Self {
         Conn {
             client,
+            cluster,
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -572,7 +627,11 @@ impl Conn {
         }
     }
 
-    async fn get(&self) -> Result<ConnectionManager, BrokerError> {
+    fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    async fn get(&self) -> Result<Link, BrokerError> {
         if let Some(c) = self.current.lock().clone() {
             return Ok(c);
         }
@@ -580,15 +639,23 @@ impl Conn {
         if let Some(c) = self.current.lock().clone() {
             return Ok(c);
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let made = tokio::time::timeout(
-            self.timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await;
+        let made = match &self.cluster {
+            Some(cluster) => tokio::time::timeout(self.timeout, cluster.get_async_connection())
+                .await
+                .map(|r| r.map(Link::Cluster)),
+            None => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1);
+                tokio::time::timeout(
+                    self.timeout,
+                    ConnectionManager::new_with_config(self.client.clone(), config),
+                )
+                .await
+                .map(|r| r.map(Link::Single))
+            }
+        };
         let failed = match made {
             Ok(Ok(c)) => {
                 *self.current.lock() = Some(c.clone());
@@ -741,31 +808,16 @@ async fn send_batch(
     jobs: &[Job],
     load: bool,
 ) -> Result<Vec<RedisResult<Value>>, BrokerError> {
+    if inner.conn.is_cluster() {
+        return send_batch_to_cluster(inner, jobs, load).await;
+    }
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     if load {
         pipe.cmd("SCRIPT").arg("LOAD").arg(keys::PUBLISH);
     }
-    let meta_ttl = inner.opts.meta_ttl.as_millis() as u64;
     for job in jobs {
-        let k = inner.keys(&job.channel);
-        let ns = inner.hub.namespace(&job.channel);
-        let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
-        let call = pipe
-            .cmd("EVALSHA")
-            .arg(&inner.publish_sha)
-            .arg(2)
-            .arg(&k.meta)
-            .arg(&k.stream)
-            .arg(mode)
-            .arg(ns.history_size)
-            .arg(ns.history_ttl_ms)
-            .arg(meta_ttl)
-            .arg(&k.topic)
-            .arg(new_epoch());
-        for data in &job.data {
-            call.arg(&data[..]);
-        }
+        push_publish(&mut pipe, inner, job);
     }
     let mut conn = inner.conn.get().await.inspect_err(|_| inner.metrics.error("connection"))?;
     let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut conn);
@@ -777,6 +829,92 @@ async fn send_batch(
         let _ = replies.remove(0);
     }
     Ok(replies)
+}
+
+/// [`send_batch`] for Redis Cluster, where a pipeline must stay in one slot: one pipeline
+/// per channel (its keys share a slot), all sent at once. Order holds per channel, which
+/// is what publishes promise.
+async fn send_batch_to_cluster(
+    inner: &Inner,
+    jobs: &[Job],
+    load: bool,
+) -> Result<Vec<RedisResult<Value>>, BrokerError> {
+    let conn = inner.conn.get().await.inspect_err(|_| inner.metrics.error("connection"))?;
+    if load {
+        // Routed to every primary by the cluster connection.
+        let cmd = redis::cmd("SCRIPT").arg("LOAD").arg(keys::PUBLISH).to_owned();
+        let mut c = conn.clone();
+        tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Value>(&mut c))
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))
+            .map_err(|e| inner.redis_error(e))?;
+    }
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        match groups.iter_mut().find(|(channel, _)| *channel == job.channel) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((&job.channel, vec![i])),
+        }
+    }
+    let sends = groups.iter().map(|(_, members)| {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for &i in members {
+            push_publish(&mut pipe, inner, &jobs[i]);
+        }
+        let mut c = conn.clone();
+        async move {
+            let query = pipe.query_async::<Vec<RedisResult<Value>>>(&mut c);
+            tokio::time::timeout(inner.opts.timeout, query)
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()))
+        }
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let mut replies: Vec<Option<RedisResult<Value>>> = jobs.iter().map(|_| None).collect();
+    for ((_, members), result) in groups.iter().zip(results) {
+        match result {
+            Ok(values) => {
+                for (&i, value) in members.iter().zip(values) {
+                    replies[i] = Some(value);
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = inner.redis_error(e);
+                for &i in members {
+                    replies[i] =
+                        Some(Err(redis::RedisError::from(std::io::Error::other(reason.clone()))));
+                }
+            }
+        }
+    }
+    Ok(replies
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(std::io::Error::other("no reply").into())))
+        .collect())
+}
+
+/// Appends one publish script call for `job` to `pipe`.
+fn push_publish(pipe: &mut redis::Pipeline, inner: &Inner, job: &Job) {
+    let k = inner.keys(&job.channel);
+    let ns = inner.hub.namespace(&job.channel);
+    let mode = if job.kind == PublishKind::Ephemeral { "e" } else { "r" };
+    let call = pipe
+        .cmd("EVALSHA")
+        .arg(&inner.publish_sha)
+        .arg(2)
+        .arg(&k.meta)
+        .arg(&k.stream)
+        .arg(mode)
+        .arg(ns.history_size)
+        .arg(ns.history_ttl_ms)
+        .arg(inner.opts.meta_ttl.as_millis() as u64)
+        .arg(&k.topic)
+        .arg(new_epoch());
+    for data in &job.data {
+        call.arg(&data[..]);
+    }
 }
 
 fn is_noscript(reply: &RedisResult<Value>) -> bool {

@@ -46,6 +46,7 @@ impl Redis {
             meta_ttl: Duration::from_secs(3600),
             ready_grace: Duration::from_secs(1),
             tls_ca: None,
+            cluster_urls: Vec::new(),
         };
         let broker = RedisBroker::start(hub.clone(), options).unwrap();
         (hub, broker)

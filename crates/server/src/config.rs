@@ -145,6 +145,8 @@ pub struct BrokerConfig {
     pub url: String,
     /// PEM file of the certificates to trust for `rediss://` (empty: the system's roots).
     pub tls_ca_file: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); when set, `url` is unused.
+    pub cluster_urls: Vec<String>,
     /// Prefix of every Redis key and pub/sub topic, so clusters can share one Redis.
     pub prefix: String,
     /// Longest wait for Redis on a publish or a subscribe; past it the request fails with
@@ -187,6 +189,7 @@ impl Default for BrokerConfig {
             kind: BrokerKind::Memory,
             url: "redis://127.0.0.1:6379/0".into(),
             tls_ca_file: String::new(),
+            cluster_urls: Vec::new(),
             prefix: "ferrocast".into(),
             timeout_ms: 1_000,
             position_check_ms: 3_000,
@@ -632,6 +635,20 @@ impl Config {
                 };
             if let Err(reason) = parsed {
                 check(false, "broker.url", format!("{:?}: {reason}", b.url));
+            }
+            for (i, url) in b.cluster_urls.iter().enumerate() {
+                let parsed = if url.starts_with("redis://") || url.starts_with("rediss://") {
+                    ferrocast_broker_redis::check_url(url, ca.as_deref())
+                } else {
+                    Err("expected redis://host:port or rediss://host:port".into())
+                };
+                if let Err(reason) = parsed {
+                    check(
+                        false,
+                        &format!("broker.cluster_urls[{i}]"),
+                        format!("{url:?}: {reason}"),
+                    );
+                }
             }
         }
         check(

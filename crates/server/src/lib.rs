@@ -112,6 +112,7 @@ impl AppState {
                     meta_ttl: Duration::from_millis(b.meta_ttl_ms),
                     ready_grace: Duration::from_millis(b.ready_grace_ms),
                     tls_ca: b.tls_ca().expect("validated broker.tls_ca_file"),
+                    cluster_urls: b.cluster_urls.clone(),
                 };
                 // The URL was validated with the same parser, so this cannot fail.
                 let broker =
