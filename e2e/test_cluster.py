@@ -13,7 +13,7 @@ import time
 import pytest
 import socketio
 
-from ferrocast_e2e.redis import RedisCluster, RedisServer, make_tls_files
+from ferrocast_e2e.redis import RedisCluster, RedisSentinels, RedisServer, make_tls_files
 
 
 @pytest.fixture
@@ -644,3 +644,38 @@ async def test_nodes_over_a_redis_cluster_deliver_and_recover_on_every_slot(
         replayed[msg["channel"]].append(msg["offset"])
     assert all(offsets == [2, 3] for offsets in replayed.values()), replayed
     assert len(a.get("/api/nodes").json()["nodes"]) == 2
+
+
+async def test_nodes_follow_a_sentinel_failover(artifacts, track_process, start_server, ws):
+    import signal
+
+    redis = RedisSentinels(artifacts).start(track_process)
+    sets = ("broker.kind=redis", f"broker.sentinels={json.dumps(redis.sentinel_urls)}",
+            "broker.sentinel_master=mymaster", "broker.timeout_ms=500")
+    a, b = start_server(*sets), start_server(*sets)
+    channel = "chat.failover"
+    sub = await ws(a)
+    epoch = (await sub.subscribe_ok(channel))[channel]["epoch"]
+    for i in range(1, 4):
+        b.publish(channel, {"i": i})
+    assert [f["offset"] for f in await collect(sub, channel, 3)] == [1, 2, 3]
+    assert redis.primary.command("WAIT", 1, 2000) == 1, "the replica has the messages"
+
+    redis.primary.process.signal(signal.SIGKILL)
+    await wait_for(lambda: redis.primary_port() == redis.replica.port, 20, "the failover")
+
+    def publish_ok() -> bool:
+        r = b.post_publish({"channel": channel, "data": {"i": 4}})
+        return r.status == 200
+
+    await wait_for(publish_ok, 15, "publishes to succeed on the promoted replica")
+    live = await sub.next_msg(channel, timeout=15)
+    assert live["offset"] == 4 and live["epoch"] == epoch, live
+
+    # Node b's pub/sub reconnects to the new primary too (it is ready again once it has).
+    await wait_for(lambda: b.get("/readyz").status == 200, 15, "node b ready")
+    again = await ws(b)
+    result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": 1}})
+    assert result[channel].get("recovered") is True, result
+    frames = await collect(again, channel, 3)
+    assert [f["offset"] for f in frames] == [2, 3, 4]

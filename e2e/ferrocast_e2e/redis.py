@@ -214,3 +214,75 @@ class RedisCluster:
                 raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
             time.sleep(0.1)
         return self
+
+
+class RedisSentinels:
+    """A primary, one replica and three sentinels (`redis-sentinel`) watching the primary as
+    `mymaster`, failing over one second after it stops answering."""
+
+    MASTER = "mymaster"
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.primary = RedisServer(log_dir)
+        self.replica = RedisServer(log_dir)
+        self.sentinel_ports = [free_port() for _ in range(3)]
+
+    @property
+    def sentinel_urls(self) -> list[str]:
+        return [f"redis://127.0.0.1:{p}" for p in self.sentinel_ports]
+
+    def sentinel(self, *args: str) -> Any:
+        return RedisServer(self.log_dir, port=self.sentinel_ports[0]).command("SENTINEL", *args)
+
+    def primary_port(self) -> int:
+        host, port = self.sentinel("get-master-addr-by-name", self.MASTER)
+        return int(port)
+
+    def start(self, track) -> "RedisSentinels":
+        import time
+
+        self.primary.start()
+        track(self.primary.process)
+        self.replica.extra_args = ["--replicaof", "127.0.0.1", str(self.primary.port)]
+        self.replica.start()
+        track(self.replica.process)
+        _wait(lambda: "master_link_status:up" in self.replica.command("INFO", "replication"),
+              "the replica to sync")
+        sentinel_bin = shutil.which("redis-sentinel")
+        if sentinel_bin is None:
+            raise FileNotFoundError("redis-sentinel is not installed (apt-get install redis-sentinel)")
+        for port in self.sentinel_ports:
+            conf = self.log_dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.log_dir}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 3000\n"
+            )
+            proc = ManagedProcess(f"sentinel-{port}", [sentinel_bin, str(conf)],
+                                  self.log_dir / f"sentinel-{port}.log").start()
+            track(proc)
+            proc.wait_until(lambda p=port: tcp_connectable(p), timeout=10, what="listening")
+        # Every sentinel must know the replica and the two other sentinels before a failover.
+        def known() -> bool:
+            for port in self.sentinel_ports:
+                s = RedisServer(self.log_dir, port=port)
+                if len(s.command("SENTINEL", "replicas", self.MASTER)) < 1:
+                    return False
+                if len(s.command("SENTINEL", "sentinels", self.MASTER)) < 2:
+                    return False
+            return True
+
+        _wait(known, "the sentinels to discover each other and the replica", timeout=20)
+        return self
+
+
+def _wait(predicate, what: str, timeout: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)

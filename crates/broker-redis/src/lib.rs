@@ -73,6 +73,9 @@ pub struct RedisOptions {
     pub tls_ca: Option<Vec<u8>>,
     /// Seed nodes of a Redis Cluster; empty for one server (`url`).
     pub cluster_urls: Vec<String>,
+    /// Sentinels watching the primary named `sentinel_master`; empty for no Sentinel.
+    pub sentinels: Vec<String>,
+    pub sentinel_master: String,
 }
 
 /// The broker. Cheap to share; its tasks run until the process ends.
@@ -84,7 +87,6 @@ pub struct RedisBroker {
 struct Inner {
     hub: Arc<Hub>,
     opts: RedisOptions,
-    client: redis::Client,
     conn: Conn,
     publish_tx: mpsc::UnboundedSender<Job>,
     queued: AtomicUsize,
@@ -141,6 +143,18 @@ impl RedisBroker {
         let pubsub_url = opts.cluster_urls.first().unwrap_or(&opts.url).clone();
         let client = open_client(&pubsub_url, opts.tls_ca.as_deref())
             .map_err(|e| format!("broker.url {pubsub_url:?}: {e}"))?;
+        let sentinel = if opts.sentinels.is_empty() {
+            None
+        } else {
+            let client = redis::sentinel::SentinelClient::build(
+                opts.sentinels.clone(),
+                opts.sentinel_master.clone(),
+                None,
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|e| format!("broker.sentinels: {e}"))?;
+            Some(tokio::sync::Mutex::new(client))
+        };
         let cluster = if opts.cluster_urls.is_empty() {
             None
         } else {
@@ -152,8 +166,7 @@ impl RedisBroker {
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (pubsub_tx, pubsub_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            conn: Conn::new(client.clone(), cluster, opts.timeout),
-            client,
+            conn: Conn::new(client, cluster, sentinel, opts.timeout),
             publish_tx,
             queued: AtomicUsize::new(0),
             pubsub_tx,
@@ -495,9 +508,11 @@ impl Inner {
 
     /// Counts a Redis error by kind and words it for the client.
     fn redis_error(&self, e: redis::RedisError) -> BrokerError {
+        let readonly = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
         let kind = if e.is_timeout() {
             "timeout"
-        } else if e.is_io_error() || e.is_connection_dropped() {
+        } else if e.is_io_error() || e.is_connection_dropped() || readonly {
+            // A replica answers READONLY: the primary moved (Sentinel failover).
             "connection"
         } else {
             "script"
@@ -604,6 +619,9 @@ struct Conn {
     client: redis::Client,
     /// Set for Redis Cluster (`broker.cluster_urls`).
     cluster: Option<redis::cluster::ClusterClient>,
+    /// Set for Sentinel (`broker.sentinels`): asked for the current primary at every
+    /// (re)connection, so a failover is followed.
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
     timeout: Duration,
     current: Mutex<Option<Link>>,
     connecting: tokio::sync::Mutex<()>,
@@ -615,11 +633,13 @@ impl Conn {
     fn new(
         client: redis::Client,
         cluster: Option<redis::cluster::ClusterClient>,
+        sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
         timeout: Duration,
     ) -> Self {
         Conn {
             client,
             cluster,
+            sentinel,
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -629,6 +649,20 @@ impl Conn {
 
     fn is_cluster(&self) -> bool {
         self.cluster.is_some()
+    }
+
+    /// A client for the server to talk to: the current primary with Sentinel, else the
+    /// configured one (the first seed for a cluster's pub/sub).
+    async fn server(&self) -> Result<redis::Client, BrokerError> {
+        let Some(sentinel) = &self.sentinel else { return Ok(self.client.clone()) };
+        let asked = async { sentinel.lock().await.async_get_client().await };
+        match tokio::time::timeout(self.timeout, asked).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(format!("Sentinel: {e}"))),
+            Err(_) => {
+                Err(BrokerError::Unavailable("Sentinel did not name a primary in time".into()))
+            }
+        }
     }
 
     async fn get(&self) -> Result<Link, BrokerError> {
@@ -644,13 +678,20 @@ impl Conn {
                 .await
                 .map(|r| r.map(Link::Cluster)),
             None => {
+                let server = match self.server().await {
+                    Ok(server) => server,
+                    Err(e) => {
+                        *self.last_error.lock() = Some(e.to_string());
+                        return Err(e);
+                    }
+                };
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
                     .set_response_timeout(Some(self.timeout))
                     .set_number_of_retries(1);
                 tokio::time::timeout(
                     self.timeout,
-                    ConnectionManager::new_with_config(self.client.clone(), config),
+                    ConnectionManager::new_with_config(server, config),
                 )
                 .await
                 .map(|r| r.map(Link::Single))

@@ -50,8 +50,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
     loop {
-        let connected = tokio::time::timeout(timeout, inner.client.get_async_pubsub()).await;
-        let Ok(Ok(pubsub)) = connected else {
+        let connected = match inner.conn.server().await {
+            Ok(server) => tokio::time::timeout(timeout, server.get_async_pubsub()).await.ok(),
+            Err(_) => None,
+        };
+        let Some(Ok(pubsub)) = connected else {
             if !pause(&inner, &mut commands, &mut backoff).await {
                 return;
             }

@@ -47,6 +47,8 @@ impl Redis {
             ready_grace: Duration::from_secs(1),
             tls_ca: None,
             cluster_urls: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: String::new(),
         };
         let broker = RedisBroker::start(hub.clone(), options).unwrap();
         (hub, broker)

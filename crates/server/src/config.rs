@@ -147,6 +147,11 @@ pub struct BrokerConfig {
     pub tls_ca_file: String,
     /// Seed nodes of a Redis Cluster (`redis://host:port` each); when set, `url` is unused.
     pub cluster_urls: Vec<String>,
+    /// Sentinels (`redis://host:26379` each) watching `sentinel_master`; when set, the
+    /// primary they name is used instead of `url`, and followed through failovers.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub sentinel_master: String,
     /// Prefix of every Redis key and pub/sub topic, so clusters can share one Redis.
     pub prefix: String,
     /// Longest wait for Redis on a publish or a subscribe; past it the request fails with
@@ -190,6 +195,8 @@ impl Default for BrokerConfig {
             url: "redis://127.0.0.1:6379/0".into(),
             tls_ca_file: String::new(),
             cluster_urls: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
             prefix: "ferrocast".into(),
             timeout_ms: 1_000,
             position_check_ms: 3_000,
@@ -635,6 +642,21 @@ impl Config {
                 };
             if let Err(reason) = parsed {
                 check(false, "broker.url", format!("{:?}: {reason}", b.url));
+            }
+            check(
+                b.sentinels.is_empty() || b.cluster_urls.is_empty(),
+                "broker.sentinels",
+                "use either sentinels or cluster_urls, not both".into(),
+            );
+            check(
+                b.sentinels.is_empty() || !b.sentinel_master.is_empty(),
+                "broker.sentinel_master",
+                "the name the sentinels monitor the primary under is needed".into(),
+            );
+            for (i, url) in b.sentinels.iter().enumerate() {
+                if let Err(reason) = ferrocast_broker_redis::check_url(url, None) {
+                    check(false, &format!("broker.sentinels[{i}]"), format!("{url:?}: {reason}"));
+                }
             }
             for (i, url) in b.cluster_urls.iter().enumerate() {
                 let parsed = if url.starts_with("redis://") || url.starts_with("rediss://") {

@@ -113,6 +113,8 @@ impl AppState {
                     ready_grace: Duration::from_millis(b.ready_grace_ms),
                     tls_ca: b.tls_ca().expect("validated broker.tls_ca_file"),
                     cluster_urls: b.cluster_urls.clone(),
+                    sentinels: b.sentinels.clone(),
+                    sentinel_master: b.sentinel_master.clone(),
                 };
                 // The URL was validated with the same parser, so this cannot fail.
                 let broker =
