@@ -1125,6 +1125,17 @@ mod tests {
         assert_eq!(bad(&["broker.meta_ttl_ms=1000"]), vec!["broker.meta_ttl_ms"]);
         assert_eq!(bad(&["broker.prefix=a b"]), vec!["broker.prefix"]);
         assert_eq!(bad(&["broker.tls_ca_file=/nonexistent/ca.pem"]), vec!["broker.tls_ca_file"]);
+        assert_eq!(
+            bad(&[
+                "broker.sentinels=[\"redis://s:26379\"]",
+                "broker.cluster_urls=[\"redis://c:7000\"]"
+            ]),
+            vec!["broker.sentinels"]
+        );
+        assert_eq!(
+            bad(&["broker.cluster_urls=[\"http://c:7000\"]"]),
+            vec!["broker.cluster_urls[0]"]
+        );
         let e = load(None, &[], &["broker.kind=etcd"]).unwrap_err();
         assert_eq!(e[0].key, "broker.kind");
         // The memory broker ignores the Redis URL.
