@@ -52,6 +52,23 @@ impl HistoryRing {
         self.entries.push_back(Entry { offset, frame, data_start, at });
     }
 
+    /// Adds the message at `offset`, which must precede the oldest one held, unless the ring
+    /// is full (then it is older than anything kept). Returns whether it was added.
+    pub fn prepend(&mut self, offset: u64, frame: Bytes, data_len: usize, at: Instant) -> bool {
+        if self.entries.len() >= self.max_len {
+            return false;
+        }
+        debug_assert!(self.entries.front().is_none_or(|e| offset + 1 == e.offset));
+        let data_start = (frame.len() - 1 - data_len) as u32;
+        self.entries.push_front(Entry { offset, frame, data_start, at });
+        true
+    }
+
+    /// Drops every entry (the channel starts over, or jumps past what it held).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Drops entries older than the age limit.
     pub fn expire(&mut self, now: Instant) {
         if let Some(max_age) = self.max_age {

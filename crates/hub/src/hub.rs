@@ -47,6 +47,47 @@ pub struct Published {
     pub epoch: Arc<str>,
 }
 
+/// Where a channel stands on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: Arc<str>,
+    /// The last offset assigned (0 before the first retained message).
+    pub top: u64,
+    /// The oldest offset held in history, if any.
+    pub first: Option<u64>,
+}
+
+/// What [`Hub::deliver`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Kept in history and fanned out.
+    Applied,
+    /// At or below the local top in the same epoch: a duplicate, dropped.
+    Stale,
+    /// Messages between the local top and this one are missing, so nothing was done. `top`
+    /// is the last offset held in the message's epoch (0 when that epoch is new here).
+    Gap { top: u64 },
+}
+
+/// What one fan-out did, counted after the channel lock is released.
+#[derive(Debug, Default)]
+struct Fanout {
+    queued: u64,
+    conflated: u64,
+    dropped: u64,
+    overflowed: u64,
+}
+
+impl Fanout {
+    fn count(&self, m: &HubMetrics) {
+        HubMetrics::add(&m.messages_in, 1);
+        HubMetrics::add(&m.enqueued, self.queued);
+        HubMetrics::add(&m.conflated, self.conflated);
+        HubMetrics::add(&m.dropped, self.dropped);
+        HubMetrics::add(&m.slow_consumer_disconnects, self.overflowed);
+    }
+}
+
 /// Why a publish was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PublishError {
@@ -148,7 +189,7 @@ pub struct Hub {
     namespaces: Namespaces,
     next_channel_id: AtomicU64,
     metrics: HubMetrics,
-    demand: RwLock<Option<Arc<dyn DemandListener>>>,
+    demand: RwLock<Vec<Arc<dyn DemandListener>>>,
     taps: RwLock<Vec<(String, Tap)>>,
     max_channels: usize,
     /// The epoch given to channels created from now on. It changes whenever a channel that
@@ -174,7 +215,7 @@ impl Hub {
             namespaces,
             next_channel_id: AtomicU64::new(1),
             metrics: HubMetrics::default(),
-            demand: RwLock::new(None),
+            demand: RwLock::new(Vec::new()),
             taps: RwLock::new(Vec::new()),
             max_channels: options.max_channels,
             epoch_for_new: RwLock::new(new_epoch()),
@@ -194,9 +235,10 @@ impl Hub {
         self.namespaces.for_channel(channel)
     }
 
-    /// Installs the listener told about first-subscriber / last-subscriber transitions.
-    pub fn set_demand_listener(&self, listener: Arc<dyn DemandListener>) {
-        *self.demand.write() = Some(listener);
+    /// Adds a listener told about first-subscriber / last-subscriber transitions (feed
+    /// connectors and the Redis broker each add one).
+    pub fn add_demand_listener(&self, listener: Arc<dyn DemandListener>) {
+        self.demand.write().push(listener);
     }
 
     /// Calls `tap(channel, data)` after every retained publish in `namespace`.
@@ -278,37 +320,14 @@ impl Hub {
             if c.removed {
                 continue;
             }
-            let now = Instant::now();
             let ephemeral = kind == PublishKind::Ephemeral;
             if !ephemeral {
                 c.top += 1;
             }
-            let offset = c.top;
-            let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
-            if ephemeral {
-                c.latest_ephemeral = Some(frame.clone());
-            } else {
-                c.history.push(offset, frame.clone(), data.len(), now);
-                c.history.expire(now);
-                c.latest_ephemeral = None;
-            }
-            c.last_active = now;
-            let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
-            let (mut conflated, mut dropped, mut overflowed) = (0u64, 0u64, 0u64);
-            for queue in &c.subscribers {
-                let o = queue.push(frame.clone(), c.id, now, policy);
-                conflated += u64::from(o.conflated);
-                dropped += u64::from(o.dropped);
-                overflowed += u64::from(o.overflowed);
-            }
-            let fanout = c.subscribers.len() as u64;
-            let published = Published { offset, epoch: c.epoch.clone() };
+            let fanout = self.emit(&mut c, channel, data, ephemeral);
+            let published = Published { offset: c.top, epoch: c.epoch.clone() };
             drop(c);
-            HubMetrics::add(&self.metrics.messages_in, 1);
-            HubMetrics::add(&self.metrics.enqueued, fanout);
-            HubMetrics::add(&self.metrics.conflated, conflated);
-            HubMetrics::add(&self.metrics.dropped, dropped);
-            HubMetrics::add(&self.metrics.slow_consumer_disconnects, overflowed);
+            fanout.count(&self.metrics);
             if !ephemeral {
                 self.run_taps(channel, data);
             }
@@ -317,7 +336,179 @@ impl Hub {
         Ok(published)
     }
 
-    fn run_taps(&self, channel: &str, data: &[u8]) {
+    /// Encodes `data` at the channel's top offset, keeps it (history, or the latest ephemeral
+    /// frame) and appends it to every subscriber's queue. The caller holds the channel lock
+    /// and has already moved `top` for a retained message.
+    fn emit(&self, c: &mut Channel, channel: &str, data: &[u8], ephemeral: bool) -> Fanout {
+        let now = Instant::now();
+        let offset = c.top;
+        let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
+        if ephemeral {
+            c.latest_ephemeral = Some(frame.clone());
+        } else {
+            c.history.push(offset, frame.clone(), data.len(), now);
+            c.history.expire(now);
+            c.latest_ephemeral = None;
+        }
+        c.last_active = now;
+        let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
+        let mut fanout = Fanout { queued: c.subscribers.len() as u64, ..Fanout::default() };
+        for queue in &c.subscribers {
+            let o = queue.push(frame.clone(), c.id, now, policy);
+            fanout.conflated += u64::from(o.conflated);
+            fanout.dropped += u64::from(o.dropped);
+            fanout.overflowed += u64::from(o.overflowed);
+        }
+        fanout
+    }
+
+    /// Where `channel` stands on this node, if it is held.
+    pub fn position(&self, channel: &str) -> Option<Position> {
+        let ch = self.lookup(channel)?;
+        let mut c = ch.lock();
+        c.history.expire(Instant::now());
+        Some(Position { epoch: c.epoch.clone(), top: c.top, first: c.history.first_offset() })
+    }
+
+    /// Delivers a retained message whose offset a broker assigned (the Redis broker calls it
+    /// for every message its pub/sub brings): appended to history and fanned out like a
+    /// local publish when it follows the local top in the same epoch.
+    ///
+    /// A message at or below the local top is a duplicate and is dropped ([`Delivery::Stale`]).
+    /// One that would leave a hole is not applied ([`Delivery::Gap`]) so the caller can fetch
+    /// the missing ones first, unless `force`: then the channel jumps to it (under the
+    /// message's epoch, with the history it cannot keep contiguous dropped), which is how a
+    /// broker applies what it could not fill.
+    pub fn deliver(
+        &self,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+        data: &[u8],
+        force: bool,
+    ) -> Result<Delivery, PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let same_epoch = *c.epoch == *epoch;
+            let top = if same_epoch { c.top } else { 0 };
+            if same_epoch && offset <= c.top {
+                return Ok(Delivery::Stale);
+            }
+            if offset != top + 1 && !force {
+                return Ok(Delivery::Gap { top });
+            }
+            if !same_epoch || offset != c.top + 1 {
+                Self::reset(&mut c, epoch);
+            }
+            c.top = offset;
+            let fanout = self.emit(&mut c, channel, data, false);
+            drop(c);
+            fanout.count(&self.metrics);
+            return Ok(Delivery::Applied);
+        }
+    }
+
+    /// Delivers an ephemeral message a broker carried (conflated, not kept in history).
+    pub fn deliver_ephemeral(&self, channel: &str, data: &[u8]) -> Result<(), PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            let fanout = self.emit(&mut c, channel, data, true);
+            drop(c);
+            fanout.count(&self.metrics);
+            return Ok(());
+        }
+    }
+
+    /// Merges what a broker read from its shared history into the local copy of `channel`,
+    /// atomically: `entries` (`(offset, data)`, oldest first, contiguous) at or below the
+    /// local top extend the local history backwards (so a recovery from further back can be
+    /// answered here); those above it are delivered like [`Hub::deliver`] in order; then the
+    /// channel moves to the broker's `top` if it is still behind (dropping history that would
+    /// not be contiguous). A different `epoch` starts the channel over under it. Returns how
+    /// many messages were new here (fanned out).
+    pub fn merge(
+        &self,
+        channel: &str,
+        epoch: &str,
+        top: u64,
+        entries: &[(u64, Vec<u8>)],
+    ) -> Result<u64, PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            if *c.epoch != *epoch {
+                Self::reset(&mut c, epoch);
+                c.top = 0;
+            }
+            let now = Instant::now();
+            c.history.expire(now);
+            let local_top = c.top;
+            for (offset, data) in entries.iter().rev().filter(|(o, _)| *o <= local_top) {
+                let next_older = c.history.first_offset().unwrap_or(local_top + 1) - 1;
+                if *offset != next_older {
+                    continue;
+                }
+                let frame = encode_msg(channel, *offset, &c.epoch, data, false);
+                if !c.history.prepend(*offset, frame, data.len(), now) {
+                    break;
+                }
+            }
+            let mut applied = 0;
+            let mut fanout = Fanout::default();
+            for (offset, data) in entries.iter().filter(|(o, _)| *o > local_top) {
+                if *offset <= c.top {
+                    continue;
+                }
+                if *offset != c.top + 1 {
+                    c.history.clear();
+                }
+                c.top = *offset;
+                let f = self.emit(&mut c, channel, data, false);
+                fanout.queued += f.queued;
+                fanout.conflated += f.conflated;
+                fanout.dropped += f.dropped;
+                fanout.overflowed += f.overflowed;
+                applied += 1;
+            }
+            if top > c.top {
+                c.history.clear();
+                c.top = top;
+            }
+            drop(c);
+            if applied > 0 {
+                fanout.count(&self.metrics);
+                HubMetrics::add(&self.metrics.messages_in, applied - 1);
+            }
+            return Ok(applied);
+        }
+    }
+
+    /// Starts the channel over under `epoch`: nothing held locally belongs to it.
+    fn reset(c: &mut Channel, epoch: &str) {
+        if *c.epoch != *epoch {
+            c.epoch = Arc::from(epoch);
+        }
+        c.history.clear();
+        c.latest_ephemeral = None;
+    }
+
+    /// Calls the taps of `channel`'s namespace with a retained message's `data`. A broker
+    /// that assigns offsets elsewhere calls it on the node that published the message.
+    pub fn run_taps(&self, channel: &str, data: &[u8]) {
         let taps = self.taps.read();
         if taps.is_empty() {
             return;
@@ -345,8 +536,8 @@ impl Hub {
                 added: false,
             };
         }
-        let listener = self.demand.read().clone();
-        if let Some(Err(reason)) = listener.map(|l| l.admit(channel)) {
+        let listeners = self.demand.read().clone();
+        if let Some(Err(reason)) = listeners.iter().map(|l| l.admit(channel)).find(Result::is_err) {
             return Subscription {
                 result: ChannelResult::failed(ErrorCode::UpstreamRejected, reason),
                 added: false,
@@ -525,8 +716,8 @@ impl Hub {
     }
 
     fn notify_demand(&self, channel: &str, wanted: bool) {
-        let listener = self.demand.read().clone();
-        if let Some(listener) = listener {
+        let listeners = self.demand.read().clone();
+        for listener in listeners {
             listener.demand_changed(channel, wanted);
         }
     }
@@ -696,7 +887,7 @@ mod tests {
             HubOptions::default(),
         );
         let guard = Arc::new(Guard(Mutex::new(Vec::new())));
-        hub.set_demand_listener(guard.clone());
+        hub.add_demand_listener(guard.clone());
         let q = Arc::new(ConnQueue::new(1, 1 << 20));
 
         let refused = hub.subscribe("quotes.O:X", &q, None);
@@ -715,5 +906,108 @@ mod tests {
             *guard.0.lock(),
             vec![("ticks.A".to_owned(), true), ("ticks.A".to_owned(), false)]
         );
+    }
+
+    fn hub() -> Hub {
+        Hub::new(
+            Namespaces::new(Default::default(), NamespaceConfig::default()),
+            HubOptions::default(),
+        )
+    }
+
+    /// Offsets of the `msg` frames a queue holds, in order.
+    fn offsets(q: &ConnQueue) -> Vec<u64> {
+        q.drain()
+            .frames
+            .iter()
+            .filter(|f| f.is_message())
+            .map(|f| {
+                let v: serde_json::Value = serde_json::from_slice(&f.bytes).unwrap();
+                v["offset"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deliver_applies_in_order_drops_duplicates_and_reports_gaps() {
+        let hub = hub();
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        hub.deliver("chat.a", "ep1", 1, b"1", false).unwrap();
+        hub.subscribe("chat.a", &q, None);
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"2", false), Ok(Delivery::Applied));
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"2", false), Ok(Delivery::Stale));
+        assert_eq!(hub.deliver("chat.a", "ep1", 1, b"1", false), Ok(Delivery::Stale));
+        assert_eq!(hub.deliver("chat.a", "ep1", 5, b"5", false), Ok(Delivery::Gap { top: 2 }));
+        assert_eq!(offsets(&q), vec![2], "neither a duplicate nor a message past a gap is sent");
+        hub.deliver("chat.a", "ep1", 3, b"3", true).unwrap();
+        hub.deliver("chat.a", "ep1", 4, b"4", true).unwrap();
+        hub.deliver("chat.a", "ep1", 5, b"5", false).unwrap();
+        assert_eq!(offsets(&q), vec![3, 4, 5]);
+        let page = hub.history("chat.a", 0, 100).unwrap();
+        assert_eq!(page.messages.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(page.epoch, "ep1");
+    }
+
+    #[test]
+    fn a_new_epoch_or_a_forced_jump_starts_the_history_over() {
+        let hub = hub();
+        for offset in 1..=3 {
+            hub.deliver("chat.a", "ep1", offset, b"0", false).unwrap();
+        }
+        assert_eq!(hub.deliver("chat.a", "ep2", 2, b"0", false), Ok(Delivery::Gap { top: 0 }));
+        hub.deliver("chat.a", "ep2", 2, b"0", true).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((&*p.epoch, p.top, p.first), ("ep2", 2, Some(2)));
+        hub.deliver("chat.a", "ep2", 9, b"0", true).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((p.top, p.first), (9, Some(9)), "history stays contiguous");
+    }
+
+    fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {
+        range.map(|o| (o, o.to_string().into_bytes())).collect()
+    }
+
+    #[test]
+    fn merge_moves_to_the_broker_position_and_recovery_follows_it() {
+        let hub = hub();
+        assert_eq!(hub.merge("chat.a", "ep1", 0, &[]), Ok(0));
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((&*p.epoch, p.top), ("ep1", 0), "the broker's epoch replaces the local one");
+        let live = Arc::new(ConnQueue::new(9, 1 << 20));
+        hub.subscribe("chat.a", &live, None);
+        assert_eq!(hub.merge("chat.a", "ep1", 4, &entries(1..=4)), Ok(4));
+        assert_eq!(offsets(&live), vec![1, 2, 3, 4], "new messages are fanned out");
+        assert_eq!(hub.merge("chat.a", "ep1", 2, &entries(1..=2)), Ok(0));
+        assert_eq!(hub.position("chat.a").unwrap().top, 4, "merge never moves back");
+        assert!(offsets(&live).is_empty(), "nothing is delivered twice");
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        let pos = StreamPosition { epoch: "ep1".into(), offset: 1 };
+        let sub = hub.subscribe("chat.a", &q, Some(&pos));
+        assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(true), .. }));
+        assert_eq!(offsets(&q), vec![2, 3, 4]);
+        hub.merge("chat.a", "ep1", 10, &[]).unwrap();
+        let p = hub.position("chat.a").unwrap();
+        assert_eq!((p.top, p.first), (10, None), "a jump without messages keeps no history");
+        let q2 = Arc::new(ConnQueue::new(2, 1 << 20));
+        let sub = hub.subscribe("chat.a", &q2, Some(&pos));
+        assert!(matches!(sub.result, ChannelResult::Subscribed { recovered: Some(false), .. }));
+    }
+
+    #[test]
+    fn merge_extends_history_backwards_for_a_deeper_recovery() {
+        let hub = hub();
+        hub.merge("chat.a", "ep1", 5, &entries(3..=5)).unwrap();
+        assert_eq!(hub.position("chat.a").unwrap().first, Some(3));
+        let live = Arc::new(ConnQueue::new(9, 1 << 20));
+        hub.subscribe("chat.a", &live, None);
+        hub.merge("chat.a", "ep1", 5, &entries(1..=5)).unwrap();
+        assert_eq!(hub.position("chat.a").unwrap().first, Some(1));
+        assert!(offsets(&live).is_empty(), "older messages are history, not live traffic");
+        let q = Arc::new(ConnQueue::new(1, 1 << 20));
+        let pos = StreamPosition { epoch: "ep1".into(), offset: 0 };
+        hub.subscribe("chat.a", &q, Some(&pos));
+        assert_eq!(offsets(&q), vec![1, 2, 3, 4, 5]);
+        let page = hub.history("chat.a", 0, 10).unwrap();
+        assert_eq!(page.messages[0].1, Bytes::from_static(b"1"));
     }
 }

@@ -5,6 +5,7 @@
 //! - [`queue`]: each connection's outbound queue, bounded in bytes, with the overflow policies;
 //! - [`history`]: the retained history of one channel (offsets and epoch);
 //! - [`hub`]: the sharded channel registry: publish, subscribe with recovery, unsubscribe;
+//! - [`broker`]: where offsets come from (memory: this hub; Redis: shared by many nodes);
 //! - [`metrics`]: the hub's counters, rendered by the server's `/metrics`.
 //!
 //! Performance rules (see DESIGN.md): a message is encoded once per publish and shared by
@@ -12,14 +13,17 @@
 //! bounded queues; the registry is sharded so publishers to different channels do not contend.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod history;
 pub mod hub;
 pub mod metrics;
 pub mod namespace;
 pub mod queue;
 
+pub use broker::{Broker, BrokerError, BrokerFuture, Lease, MemoryBroker, Pending, RunOutcome};
 pub use hub::{
-    ChannelInfo, ChannelPage, HistoryPage, Hub, HubOptions, PublishError, Published, Subscription,
+    ChannelInfo, ChannelPage, Delivery, DemandListener, HistoryPage, Hub, HubOptions, Position,
+    PublishError, Published, Subscription,
 };
 pub use metrics::HubMetrics;
 pub use namespace::{

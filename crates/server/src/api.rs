@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
-use ferrocast_hub::{PublishError, PublishKind};
+use ferrocast_hub::{BrokerError, PublishError, PublishKind};
 use ferrocast_protocol::{ErrorCode, validate_channel};
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -131,27 +131,57 @@ pub async fn publish(
             );
         }
     }
-    let mut results = Vec::with_capacity(items.len());
-    for item in &items {
-        let kind = if item.ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
-        match app.hub.publish(&item.channel, item.data.get().as_bytes(), kind) {
-            Ok(p) => results
-                .push(json!({"channel": item.channel, "offset": p.offset, "epoch": &*p.epoch})),
-            Err(e @ PublishError::InvalidChannel(_)) => {
-                return refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
+    // Consecutive messages to one channel go as one run (consecutive offsets, atomic with
+    // Redis), and every run is handed to the broker before any answer is awaited: one node's
+    // publishes keep their order, and a batch costs one round trip to Redis, not one each.
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        match runs.last_mut() {
+            Some((start, len))
+                if items[*start].channel == item.channel
+                    && items[*start].ephemeral == item.ephemeral =>
+            {
+                *len += 1
             }
-            Err(e @ PublishError::ChannelLimit(_)) => {
-                let i = results.len();
-                return refuse(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "channel_limit",
-                    format!(
-                        "message {i} ({}): {e}; the {i} before it were published",
-                        item.channel
-                    ),
-                );
-            }
+            _ => runs.push((i, 1)),
         }
+    }
+    let pending: Vec<_> = runs
+        .iter()
+        .map(|&(start, len)| {
+            let run = &items[start..start + len];
+            let kind =
+                if run[0].ephemeral { PublishKind::Ephemeral } else { PublishKind::Retained };
+            let data: Vec<&[u8]> = run.iter().map(|item| item.data.get().as_bytes()).collect();
+            app.broker.publish_run(&run[0].channel, &data, kind)
+        })
+        .collect();
+    let mut results = Vec::with_capacity(items.len());
+    for (&(start, _), answer) in runs.iter().zip(pending) {
+        let channel = &items[start].channel;
+        let (published, failed) = answer.wait().await;
+        for p in published {
+            results.push(json!({"channel": channel, "offset": p.offset, "epoch": &*p.epoch}));
+        }
+        let Some(e) = failed else { continue };
+        let i = results.len();
+        return match e {
+            BrokerError::Publish(e @ PublishError::InvalidChannel(_)) => {
+                refuse(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string())
+            }
+            BrokerError::Publish(e @ PublishError::ChannelLimit(_)) => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "channel_limit",
+                format!("message {i} ({channel}): {e}; the {i} before it were published"),
+            ),
+            BrokerError::Unavailable(reason) => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!(
+                    "message {i} ({channel}): {reason}; the {i} before it were published, later ones may have been"
+                ),
+            ),
+        };
     }
     json_response(StatusCode::OK, json!({ "results": results }))
 }
@@ -216,12 +246,16 @@ pub async fn history(
         return error(status, refusal.code.as_str(), refusal.message);
     }
     let limit = q.limit.unwrap_or(100).min(HISTORY_LIMIT_MAX);
-    let Some(page) = app.hub.history(&channel, q.since, limit) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "unknown_channel",
-            format!("no channel {channel:?} is held"),
-        );
+    let page = match app.broker.history(&channel, q.since, limit).wait().await {
+        Ok(Some(page)) => page,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_channel",
+                format!("no channel {channel:?} is held"),
+            );
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
     };
     // Build the body by hand so each message's data is copied verbatim, not re-parsed.
     let mut body = format!(
@@ -299,8 +333,47 @@ pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
             "messages_out": m.messages_out_total(),
             "bytes_out": m.bytes_out_total(),
             "uptime_s": app.started.elapsed().as_secs(),
+            "broker": app.broker.kind(),
         }),
     )
+}
+
+/// What this node tells the others about itself (`GET /api/nodes`).
+pub fn node_info(app: &AppState) -> serde_json::Value {
+    let m = &app.metrics;
+    json!({
+        "node": app.node_id,
+        "listen": app.config.server.listen,
+        "connections": {
+            "ws": m.open_connections(Transport::Ws),
+            "sse": m.open_connections(Transport::Sse),
+            "socketio": m.open_connections(Transport::SocketIo),
+        },
+        "subscriptions": app.hub.metrics().subscriptions.load(Relaxed),
+        "uptime_s": app.started.elapsed().as_secs(),
+        "draining": app.shutdown.is_draining(),
+    })
+}
+
+/// `GET /api/nodes`: the live nodes of the cluster (this one alone with the memory broker),
+/// each as it last advertised itself (every 2 s; a node silent for 6 s is left out).
+pub async fn nodes(State(app): State<Arc<AppState>>) -> Response<Body> {
+    let Some(listed) = app.broker.nodes() else {
+        return json_response(StatusCode::OK, json!({ "nodes": [node_info(&app)] }));
+    };
+    match listed.await {
+        Ok(nodes) => {
+            let mut nodes: Vec<serde_json::Value> =
+                nodes.iter().filter_map(|n| serde_json::from_str(n).ok()).collect();
+            if !nodes.iter().any(|n| n["node"] == app.node_id.as_str()) {
+                // Not advertised yet (the first 2 s): this node is live all the same.
+                nodes.push(node_info(&app));
+            }
+            nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+            json_response(StatusCode::OK, json!({ "nodes": nodes }))
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
 }
 
 /// `GET /api/feeds`.
@@ -330,6 +403,9 @@ pub fn readiness(app: &AppState) -> (StatusCode, serde_json::Value) {
     if let Some(reason) = app.feeds.not_ready_reason() {
         return (StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "reason": reason }));
     }
+    if let Err(reason) = app.broker.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, json!({ "ready": false, "reason": reason }));
+    }
     (StatusCode::OK, json!({ "ready": true }))
 }
 
@@ -339,12 +415,13 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
         + &app.candles.render_metrics()
         + &app.connections.render_metrics();
     // The same answer as /readyz, for alerting on instances that take no new connections.
-    let ready = !app.shutdown.is_draining() && app.feeds.not_ready_reason().is_none();
+    let ready = readiness(&app).0 == StatusCode::OK;
+    app.broker.render_metrics(&mut extra);
     crate::metrics::family(
         &mut extra,
         "ferrocast_ready",
         "gauge",
-        "1 when /readyz answers 200 (not draining, every required feed live).",
+        "1 when /readyz answers 200 (not draining, every required feed live, the broker reachable).",
     );
     extra.push_str(&format!("ferrocast_ready {}\n", u8::from(ready)));
     extra.push_str(&app.auth.render_metrics());

@@ -28,6 +28,8 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     /// Connection tokens (JWT) and whether anonymous connections are served.
     pub auth: crate::auth::AuthConfig,
+    /// Where channel offsets and history live: this process, or Redis shared by many nodes.
+    pub broker: BrokerConfig,
     /// Settings for channels whose namespace has no table of its own.
     pub namespace_defaults: NamespaceConfig,
     /// Per-namespace settings, keyed by namespace (the part of a channel before the first `.`).
@@ -135,6 +137,78 @@ pub struct SocketIoConfig {
     /// How long an Engine.IO session may go without sending the Socket.IO CONNECT packet
     /// before it is closed, in milliseconds (the reference server's `connectTimeout`).
     pub connect_timeout_ms: u64,
+}
+
+/// The broker (`[broker]`): `memory` keeps offsets and history in this process (one node);
+/// `redis` shares them through Redis so several nodes act as one gateway (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// `"memory"` (default) or `"redis"`.
+    pub kind: BrokerKind,
+    /// Redis URL: `redis://[user:pass@]host:port/db`, or `rediss://` for TLS.
+    pub url: String,
+    /// PEM file of the certificates to trust for `rediss://` (empty: the system's roots).
+    pub tls_ca_file: String,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); when set, `url` is unused.
+    pub cluster_urls: Vec<String>,
+    /// Sentinels (`redis://host:26379` each) watching `sentinel_master`; when set, the
+    /// primary they name is used instead of `url`, and followed through failovers.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub sentinel_master: String,
+    /// Prefix of every Redis key and pub/sub topic, so clusters can share one Redis.
+    pub prefix: String,
+    /// Longest wait for Redis on a publish or a subscribe; past it the request fails with
+    /// `unavailable` (HTTP 503).
+    pub timeout_ms: u64,
+    /// How often each node compares its channels' positions with Redis, catching a lost
+    /// last message.
+    pub position_check_ms: u64,
+    /// Lifetime of a channel's epoch and offset in Redis after its last publish (they must
+    /// outlive its history so offsets never restart while a client may still recover).
+    pub meta_ttl_ms: u64,
+    /// How long Redis may be unreachable before `/readyz` answers 503.
+    pub ready_grace_ms: u64,
+}
+
+impl BrokerConfig {
+    /// The contents of `tls_ca_file`, if one is named.
+    pub fn tls_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        if self.tls_ca_file.is_empty() {
+            return Ok(None);
+        }
+        std::fs::read(&self.tls_ca_file)
+            .map(Some)
+            .map_err(|e| format!("cannot read {:?}: {e}", self.tls_ca_file))
+    }
+}
+
+/// Which broker a node uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            kind: BrokerKind::Memory,
+            url: "redis://127.0.0.1:6379/0".into(),
+            tls_ca_file: String::new(),
+            cluster_urls: Vec::new(),
+            sentinels: Vec::new(),
+            sentinel_master: "mymaster".into(),
+            prefix: "ferrocast".into(),
+            timeout_ms: 1_000,
+            position_check_ms: 3_000,
+            meta_ttl_ms: 7 * 24 * 3_600_000,
+            ready_grace_ms: 2_000,
+        }
+    }
 }
 
 /// The diagnostics endpoint (`GET /api/diagnostics`), which reports what the server received
@@ -263,6 +337,7 @@ impl Default for Config {
             socketio: SocketIoConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            broker: BrokerConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
             feeds: Vec::new(),
@@ -560,6 +635,80 @@ impl Config {
                 format!("{t:?} must be \"polling\" or \"websocket\", listed once"),
             );
         }
+        let b = &self.broker;
+        if b.kind == BrokerKind::Redis {
+            let ca = match b.tls_ca() {
+                Ok(ca) => ca,
+                Err(reason) => {
+                    check(false, "broker.tls_ca_file", reason);
+                    None
+                }
+            };
+            let parsed =
+                if ["redis://", "rediss://", "unix://"].iter().any(|p| b.url.starts_with(p)) {
+                    ferrocast_broker_redis::check_url(&b.url, ca.as_deref())
+                } else {
+                    Err("expected redis://[user:password@]host:port/db or rediss://...".into())
+                };
+            if let Err(reason) = parsed {
+                check(false, "broker.url", format!("{:?}: {reason}", b.url));
+            }
+            check(
+                b.sentinels.is_empty() || b.cluster_urls.is_empty(),
+                "broker.sentinels",
+                "use either sentinels or cluster_urls, not both".into(),
+            );
+            check(
+                b.sentinels.is_empty() || !b.sentinel_master.is_empty(),
+                "broker.sentinel_master",
+                "the name the sentinels monitor the primary under is needed".into(),
+            );
+            for (i, url) in b.sentinels.iter().enumerate() {
+                if let Err(reason) = ferrocast_broker_redis::check_url(url, None) {
+                    check(false, &format!("broker.sentinels[{i}]"), format!("{url:?}: {reason}"));
+                }
+            }
+            for (i, url) in b.cluster_urls.iter().enumerate() {
+                let parsed = if url.starts_with("redis://") || url.starts_with("rediss://") {
+                    ferrocast_broker_redis::check_url(url, ca.as_deref())
+                } else {
+                    Err("expected redis://host:port or rediss://host:port".into())
+                };
+                if let Err(reason) = parsed {
+                    check(
+                        false,
+                        &format!("broker.cluster_urls[{i}]"),
+                        format!("{url:?}: {reason}"),
+                    );
+                }
+            }
+        }
+        check(
+            !b.prefix.is_empty()
+                && b.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c)),
+            "broker.prefix",
+            format!("{:?} must be non-empty letters, digits, _ - : or .", b.prefix),
+        );
+        check(
+            (10..=60_000).contains(&b.timeout_ms),
+            "broker.timeout_ms",
+            format!("{} must be between 10 and 60000", b.timeout_ms),
+        );
+        check(
+            (100..=3_600_000).contains(&b.position_check_ms),
+            "broker.position_check_ms",
+            format!("{} must be between 100 and 3600000", b.position_check_ms),
+        );
+        check(
+            b.meta_ttl_ms >= 60_000,
+            "broker.meta_ttl_ms",
+            format!("{} must be at least 60000 (one minute)", b.meta_ttl_ms),
+        );
+        check(
+            b.ready_grace_ms <= 600_000,
+            "broker.ready_grace_ms",
+            format!("{} must be at most 600000", b.ready_grace_ms),
+        );
         check_namespace("namespace_defaults", &self.namespace_defaults, &mut errors);
         for (name, ns) in &self.namespaces {
             let key = format!("namespaces.{name}");
@@ -1159,5 +1308,40 @@ mod tests {
                 let _ = crate::router(crate::AppState::new(c, None));
             }
         }
+    }
+
+    #[test]
+    fn broker_settings_are_checked() {
+        let c = load(None, &[("FERROCAST_BROKER_KIND", "redis")], &["broker.url=redis://h:1/2"]);
+        let c = c.unwrap();
+        assert_eq!((c.broker.kind, c.broker.url.as_str()), (BrokerKind::Redis, "redis://h:1/2"));
+
+        let bad = |sets: &[&str]| {
+            let mut all = vec!["broker.kind=redis"];
+            all.extend_from_slice(sets);
+            load(None, &[], &all).unwrap_err().into_iter().map(|e| e.key).collect::<Vec<_>>()
+        };
+        assert_eq!(bad(&["broker.url=http://h:1"]), vec!["broker.url"]);
+        assert_eq!(bad(&["broker.url=redis://h:notaport"]), vec!["broker.url"]);
+        assert_eq!(bad(&["broker.timeout_ms=0"]), vec!["broker.timeout_ms"]);
+        assert_eq!(bad(&["broker.position_check_ms=1"]), vec!["broker.position_check_ms"]);
+        assert_eq!(bad(&["broker.meta_ttl_ms=1000"]), vec!["broker.meta_ttl_ms"]);
+        assert_eq!(bad(&["broker.prefix=a b"]), vec!["broker.prefix"]);
+        assert_eq!(bad(&["broker.tls_ca_file=/nonexistent/ca.pem"]), vec!["broker.tls_ca_file"]);
+        assert_eq!(
+            bad(&[
+                "broker.sentinels=[\"redis://s:26379\"]",
+                "broker.cluster_urls=[\"redis://c:7000\"]"
+            ]),
+            vec!["broker.sentinels"]
+        );
+        assert_eq!(
+            bad(&["broker.cluster_urls=[\"http://c:7000\"]"]),
+            vec!["broker.cluster_urls[0]"]
+        );
+        let e = load(None, &[], &["broker.kind=etcd"]).unwrap_err();
+        assert_eq!(e[0].key, "broker.kind");
+        // The memory broker ignores the Redis URL.
+        assert!(load(None, &[], &["broker.url=http://h"]).is_ok());
     }
 }

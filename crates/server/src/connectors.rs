@@ -27,8 +27,8 @@ use std::sync::{Arc, Weak};
 use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel, now_ms};
 use ferrocast_feeds::generic::{GenericConfig, GenericFeed};
 use ferrocast_feeds::massive::{MassiveConfig, MassiveFeed};
-use ferrocast_hub::Hub;
 use ferrocast_hub::hub::DemandListener;
+use ferrocast_hub::{Broker, Hub};
 use parking_lot::Mutex;
 
 use crate::AppState;
@@ -44,6 +44,8 @@ pub struct DemandRouter {
 struct Backfiller {
     /// Weak: the hub holds the router.
     hub: Weak<Hub>,
+    /// Weak too: the Redis broker holds the hub.
+    broker: Weak<dyn Broker>,
     stats: Arc<BackfillStats>,
     /// Channels already backfilled (or tried) in this run.
     attempted: Mutex<HashSet<String>>,
@@ -61,13 +63,15 @@ impl Backfiller {
         if !self.attempted.lock().insert(channel.to_owned()) {
             return;
         }
-        let (hub, stats) = (self.hub.clone(), self.stats.clone());
+        let (hub, broker, stats) = (self.hub.clone(), self.broker.clone(), self.stats.clone());
         let (channel, sym, name) = (channel.to_owned(), sym.to_owned(), feed.name().to_owned());
         tokio::spawn(async move {
             match source.bars(&sym, interval, count, now_ms()).await {
                 Ok(bars) => {
-                    let Some(hub) = hub.upgrade() else { return };
-                    let published = publish_backfill(&hub, &channel, &bars, &stats);
+                    let (Some(hub), Some(broker)) = (hub.upgrade(), broker.upgrade()) else {
+                        return;
+                    };
+                    let published = publish_backfill(&hub, &*broker, &channel, &bars, &stats);
                     tracing::info!(feed = %name, channel, bars = published, "candles backfilled");
                 }
                 Err(e) => {
@@ -100,10 +104,16 @@ impl DemandRouter {
         }
     }
 
-    /// Also backfills candle channels into `hub`, counting in `stats`.
-    pub fn with_backfill(mut self, hub: &Arc<Hub>, stats: Arc<BackfillStats>) -> Self {
+    /// Also backfills candle channels of `hub` through `broker`, counting in `stats`.
+    pub fn with_backfill(
+        mut self,
+        hub: &Arc<Hub>,
+        broker: &Arc<dyn Broker>,
+        stats: Arc<BackfillStats>,
+    ) -> Self {
         self.backfill = Some(Backfiller {
             hub: Arc::downgrade(hub),
+            broker: Arc::downgrade(broker),
             stats,
             attempted: Mutex::new(HashSet::new()),
         });
@@ -157,7 +167,7 @@ pub fn start(app: &Arc<AppState>) {
         app.feeds.register(&stats);
         let hub = app.hub.clone();
         let ctx = FeedContext {
-            sink: Arc::new(HubSink(app.hub.clone())),
+            sink: Arc::new(HubSink(app.broker.clone())),
             probe: Arc::new(move |channel: &str| hub.subscriber_count(channel) > 0),
             bars: app.feeds.upstream_bars.clone(),
             stats,
@@ -186,9 +196,12 @@ pub fn start(app: &Arc<AppState>) {
         }
         tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
     }
-    let router =
-        Arc::new(DemandRouter::new(feeds).with_backfill(&app.hub, app.candles.backfill.clone()));
-    app.hub.set_demand_listener(router.clone());
+    let router = Arc::new(DemandRouter::new(feeds).with_backfill(
+        &app.hub,
+        &app.broker,
+        app.candles.backfill.clone(),
+    ));
+    app.hub.add_demand_listener(router.clone());
     for cfg in &app.config.feeds {
         for sym in cfg.always.iter().filter(|s| ferrocast_feeds::market::is_valid_symbol(s)) {
             for interval in ferrocast_feeds::market::Interval::ALL {

@@ -52,7 +52,9 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::routing::{any, get, post};
-use ferrocast_hub::{Hub, HubOptions, Namespaces};
+use config::BrokerKind;
+use ferrocast_broker_redis::{RedisBroker, RedisOptions};
+use ferrocast_hub::{Broker, Hub, HubOptions, MemoryBroker, Namespaces, Pending};
 use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -72,6 +74,11 @@ use shutdown::Shutdown;
 pub struct AppState {
     pub config: Arc<Config>,
     pub hub: Arc<Hub>,
+    /// Where offsets come from: this hub (`memory`) or Redis shared by many nodes. Every
+    /// publish goes through it, and every subscribe asks it to prepare the channel.
+    pub broker: Arc<dyn Broker>,
+    /// This node's id among the cluster's nodes (`GET /api/nodes`).
+    pub node_id: String,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
     /// Candles built from trades on `ticks.*`.
@@ -91,6 +98,8 @@ impl AppState {
     /// Builds the state for a validated config; `api_key` comes from [`Config::api_key`].
     /// `[auth]` is built without an environment (`auth.hmac_secret_env` unresolved): the
     /// binary uses [`AppState::with_auth`].
+    /// With `broker.kind = "redis"` this starts the broker's tasks, so it must be called
+    /// inside a multi-threaded tokio runtime.
     pub fn new(config: Config, api_key: Option<String>) -> Arc<Self> {
         let auth = auth::Auth::from_config(&config.auth, &[]).unwrap_or_else(|e| {
             tracing::error!("{e}; no token will be accepted");
@@ -103,11 +112,38 @@ impl AppState {
     pub fn with_auth(config: Config, api_key: Option<String>, auth: auth::Auth) -> Arc<Self> {
         let namespaces =
             Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
+        let hub = Arc::new(Hub::new(
+            namespaces,
+            HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
+        ));
+        let mut node_id = random_id(12);
+        let broker: Arc<dyn Broker> = match config.broker.kind {
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(hub.clone())),
+            BrokerKind::Redis => {
+                let b = &config.broker;
+                let options = RedisOptions {
+                    url: b.url.clone(),
+                    prefix: b.prefix.clone(),
+                    timeout: Duration::from_millis(b.timeout_ms),
+                    position_check: Duration::from_millis(b.position_check_ms),
+                    meta_ttl: Duration::from_millis(b.meta_ttl_ms),
+                    ready_grace: Duration::from_millis(b.ready_grace_ms),
+                    tls_ca: b.tls_ca().expect("validated broker.tls_ca_file"),
+                    cluster_urls: b.cluster_urls.clone(),
+                    sentinels: b.sentinels.clone(),
+                    sentinel_master: b.sentinel_master.clone(),
+                };
+                // The URL was validated with the same parser, so this cannot fail.
+                let broker =
+                    RedisBroker::start(hub.clone(), options).expect("validated broker.url");
+                node_id = broker.node_id().to_owned();
+                broker
+            }
+        };
         Arc::new(AppState {
-            hub: Arc::new(Hub::new(
-                namespaces,
-                HubOptions { max_channels: config.server.max_channels, ..HubOptions::default() },
-            )),
+            hub,
+            broker,
+            node_id,
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
@@ -136,6 +172,19 @@ impl AppState {
     }
 }
 
+/// Waits for a broker's answer from synchronous code. The memory broker always answers at
+/// once; the Redis broker's answers are awaited with the worker thread handed over to the
+/// runtime's other tasks meanwhile (bounded by `broker.timeout_ms`), which needs the
+/// multi-threaded runtime `ferrocast serve` runs on.
+pub fn wait_for_broker<T>(pending: Pending<T>) -> T {
+    match pending {
+        Pending::Ready(value) => value,
+        Pending::Later(future) => {
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+        }
+    }
+}
+
 /// A random id of `len` characters from `[a-z0-9]`.
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -150,6 +199,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/api/channels", get(api::channels))
         .route("/api/channels/{channel}/history", get(api::history))
         .route("/api/stats", get(api::stats))
+        .route("/api/nodes", get(api::nodes))
         .route("/api/feeds", get(api::feeds))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -215,6 +265,7 @@ impl Server {
         sources::start_candles(&app);
         connectors::start(&app);
         spawn_sweeper(&app);
+        spawn_advertiser(&app);
         let router = router(app.clone());
         let mut acceptor = Acceptor::new(listener);
         tokio::pin!(stop);
@@ -254,6 +305,9 @@ impl Server {
                     spawn_http(stream, peer, router.clone(), app.clone());
                 }
             }
+        }
+        if let Some(closed) = app.broker.close() {
+            closed.await;
         }
     }
 }
@@ -310,6 +364,23 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
                 tracing::debug!(%peer, "closing connection: no complete request headers in time");
             } else {
                 tracing::debug!(%peer, "connection ended with an error: {e}");
+            }
+        }
+    });
+}
+
+/// With a cluster broker, tells the other nodes about this one every 2 s (`/api/nodes`).
+fn spawn_advertiser(app: &Arc<AppState>) {
+    if app.broker.kind() == "memory" {
+        return;
+    }
+    let app = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => app.broker.advertise(api::node_info(&app).to_string()),
+                _ = app.shutdown.draining() => return,
             }
         }
     });

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferrocast_hub::{ConnQueue, PublishError, PublishKind};
+use ferrocast_hub::{BrokerError, ConnQueue, Pending, PublishError, PublishKind, Published};
 use ferrocast_protocol::server::{
     ChannelResult, PublishResult, SubscribeResults, encode_ack, encode_ack_with, encode_error,
     encode_pong,
@@ -104,11 +104,37 @@ impl Session {
                 self.push_control(reply);
             }
             Ok(ClientFrame::Publish { id, channel, data }) => {
-                let reply = match self.publish(&channel, data.get().as_bytes()) {
-                    Ok(result) => encode_ack_with(id, &result),
-                    Err(e) => self.error_frame(FrameError { id, ..e }),
-                };
-                self.push_control(reply);
+                match self.start_publish(&channel, data.get().as_bytes()) {
+                    Ok(Pending::Ready(answer)) => {
+                        let reply = match publish_result(&channel, answer) {
+                            Ok(result) => encode_ack_with(id, &result),
+                            Err(e) => self.error_frame(FrameError { id, ..e }),
+                        };
+                        self.push_control(reply);
+                    }
+                    Ok(Pending::Later(answer)) => {
+                        // The reader goes on at once; the ack takes its place in the queue
+                        // now and is filled in when the broker answers.
+                        let reservation = self.queue.reserve();
+                        let queue = self.queue.clone();
+                        let app = self.app.clone();
+                        let channel = channel.into_owned();
+                        tokio::spawn(async move {
+                            let reply = match publish_result(&channel, answer.await) {
+                                Ok(result) => encode_ack_with(id, &result),
+                                Err(e) => {
+                                    app.metrics.frame_error(e.code.as_str());
+                                    encode_error(id, e.code, &e.message)
+                                }
+                            };
+                            queue.fill(reservation, reply);
+                        });
+                    }
+                    Err(e) => {
+                        let reply = self.error_frame(FrameError { id, ..e });
+                        self.push_control(reply);
+                    }
+                }
             }
             Ok(ClientFrame::Auth { id, token }) => {
                 let reservation = self.queue.reserve();
@@ -306,6 +332,9 @@ impl Session {
                         limits.max_subscriptions
                     ),
                 )
+            } else if let Err(e) = self.prepare(channel, recover.get(channel)) {
+                self.app.metrics.frame_error(ErrorCode::Unavailable.as_str());
+                ChannelResult::failed(ErrorCode::Unavailable, e.to_string())
             } else {
                 let sub = self.app.hub.subscribe(channel, &self.queue, recover.get(channel));
                 if sub.added {
@@ -316,6 +345,16 @@ impl Session {
             results.insert(channel.to_owned(), result);
         }
         Ok(results)
+    }
+
+    /// Lets the broker bring the channel's local copy up to date before the hub answers the
+    /// subscribe (the Redis broker subscribes this node and reads the history a recovery or
+    /// snapshot needs). Immediate with the memory broker.
+    fn prepare(&self, channel: &str, recover: Option<&StreamPosition>) -> Result<(), BrokerError> {
+        match self.app.broker.prepare_subscribe(channel, recover) {
+            None => Ok(()),
+            Some(future) => crate::wait_for_broker(Pending::Later(future)),
+        }
     }
 
     /// Unsubscribes from `channels` (channels not subscribed are ignored).
@@ -339,8 +378,19 @@ impl Session {
         Ok(())
     }
 
-    /// Publishes from the client, where the namespace allows it.
+    /// Publishes from the client, where the namespace allows it, waiting for the answer.
     pub fn publish(&self, channel: &str, data: &[u8]) -> Result<PublishResult, FrameError> {
+        let pending = self.start_publish(channel, data)?;
+        publish_result(channel, crate::wait_for_broker(pending))
+    }
+
+    /// Checks a client publish and hands it to the broker; the answer may come later (see
+    /// [`publish_result`]). Publishes started in order are carried out in order.
+    pub fn start_publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+    ) -> Result<Pending<Result<Published, BrokerError>>, FrameError> {
         validate_channel(channel)
             .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
         permissions::decide(
@@ -352,20 +402,28 @@ impl Session {
         )
         .map_err(|r| self.refused(&format!("publish to {channel:?}"), r))?;
         self.app.check_data_depth(data)?;
-        let published =
-            self.app.hub.publish(channel, data, PublishKind::Retained).map_err(|e| {
-                let code = match e {
-                    PublishError::InvalidChannel(_) => ErrorCode::InvalidChannel,
-                    PublishError::ChannelLimit(_) => ErrorCode::ChannelLimit,
-                };
-                FrameError::new(None, code, e.to_string())
-            })?;
-        Ok(PublishResult {
-            channel: channel.to_owned(),
-            offset: published.offset,
-            epoch: published.epoch.to_string(),
-        })
+        Ok(self.app.broker.publish(channel, data, PublishKind::Retained))
     }
+}
+
+/// The reply to a client publish, from the broker's answer.
+pub fn publish_result(
+    channel: &str,
+    answer: Result<Published, BrokerError>,
+) -> Result<PublishResult, FrameError> {
+    let published = answer.map_err(|e| {
+        let code = match e {
+            BrokerError::Publish(PublishError::InvalidChannel(_)) => ErrorCode::InvalidChannel,
+            BrokerError::Publish(PublishError::ChannelLimit(_)) => ErrorCode::ChannelLimit,
+            BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+        };
+        FrameError::new(None, code, e.to_string())
+    })?;
+    Ok(PublishResult {
+        channel: channel.to_owned(),
+        offset: published.offset,
+        epoch: published.epoch.to_string(),
+    })
 }
 
 impl Drop for Session {

@@ -2,6 +2,7 @@
 //! trade published on `ticks.*`, whatever its origin, and candle backfill (historical bars
 //! published into a candle channel that has no history yet).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,7 +12,7 @@ use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
 use ferrocast_feeds::feed::UpstreamBars;
 use ferrocast_feeds::market::{self, Candle, Interval, Trade};
 use ferrocast_feeds::simulator::{self, SimulatorConfig};
-use ferrocast_hub::{Hub, PublishKind};
+use ferrocast_hub::{Broker, Hub, Pending, PublishKind};
 use std::fmt::Write;
 
 use parking_lot::Mutex;
@@ -20,19 +21,24 @@ use crate::AppState;
 use crate::metrics::family;
 use ferrocast_feeds::feed::LinkState;
 
-/// Publishes into the hub on behalf of a source.
+/// Publishes through the broker on behalf of a source, without waiting for the answer (the
+/// broker keeps the order; a Redis outage is counted in the broker's metrics).
 #[derive(Debug)]
-pub struct HubSink(pub Arc<Hub>);
+pub struct HubSink(pub Arc<dyn Broker>);
 
 impl ferrocast_feeds::Sink for HubSink {
     fn publish(&self, channel: &str, data: Bytes, kind: PublishKind) {
-        if let Err(e) = self.0.publish(channel, &data, kind) {
-            tracing::warn!(channel, "source published on an invalid channel: {e}");
+        if let Pending::Ready(Err(e)) = self.0.publish(channel, &data, kind) {
+            tracing::warn!(channel, "source publish refused: {e}");
         }
     }
 }
 
 /// Starts the simulator when enabled. It stops when the server drains.
+///
+/// With the Redis broker every node may enable it, and it runs on the one node holding the
+/// `simulator` lease (the others stand by and take over when that node goes away), so the
+/// cluster carries one stream. With the memory broker the lease is always held.
 pub fn start_simulator(app: &Arc<AppState>) {
     let cfg = &app.config.simulator;
     if !cfg.enabled {
@@ -42,33 +48,96 @@ pub fn start_simulator(app: &Arc<AppState>) {
     if !cfg.symbols.is_empty() {
         sim.symbols = cfg.symbols.clone();
     }
-    app.feeds.set("sim", "simulator", false, LinkState::Live, None);
-    if cfg.backfill_bars > 0 {
-        // Before the accept loop starts, so the first dashboard already sees a past.
-        let now = now_ms();
-        let per_symbol = sim.rate / sim.symbols.len().max(1) as f64;
-        let mut published = 0;
-        for sym in &sim.symbols {
-            for interval in Interval::ALL {
-                let bars = simulator::backfill(sym, interval, cfg.backfill_bars, now, per_symbol);
-                let channel = market::channel_for_candle(sym, interval);
-                published += publish_backfill(&app.hub, &channel, &bars, &app.candles.backfill);
+    let mut lease = app.broker.lease("simulator");
+    let mut backfilled = false;
+    if lease.is_held() {
+        // One node: before the accept loop starts, so the first dashboard already sees a past.
+        app.feeds.set("sim", "simulator", false, LinkState::Live, None);
+        backfill_simulator(app, &sim, None);
+        backfilled = true;
+    } else {
+        app.feeds.set("sim", "simulator", false, LinkState::Stopped, Some(STANDBY.into()));
+    }
+    let sink: Arc<HubSink> = Arc::new(HubSink(app.broker.clone()));
+    let shutdown = app.shutdown.clone();
+    let app = app.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = lease.acquired() => {}
+                _ = shutdown.draining() => break,
+            }
+            app.feeds.set("sim", "simulator", false, LinkState::Live, None);
+            if !backfilled {
+                let shared = shared_histories(&app, &sim).await;
+                backfill_simulator(&app, &sim, Some(&shared));
+                backfilled = true;
+            }
+            tracing::info!(
+                symbols = sim.symbols.len(),
+                rate = sim.rate,
+                "demo market simulator publishing on ticks.* and quotes.*"
+            );
+            let mut watch = lease.clone();
+            let stop = async {
+                tokio::select! {
+                    _ = shutdown.draining() => {}
+                    _ = watch.lost() => {}
+                }
+            };
+            simulator::run(sim.clone(), sink.clone(), stop).await;
+            if shutdown.is_draining() {
+                break;
+            }
+            tracing::info!("simulator lease lost: another node runs the simulator now");
+            app.feeds.set("sim", "simulator", false, LinkState::Stopped, Some(STANDBY.into()));
+        }
+        app.feeds.set("sim", "simulator", false, LinkState::Stopped, None);
+    });
+}
+
+/// The simulator's state on the nodes that do not hold its lease.
+const STANDBY: &str = "standby: another node holds the simulator lease";
+
+/// Candle channels of the simulator that already hold history in the broker (another node
+/// backfilled them), so a node taking the simulator over does not backfill them again.
+async fn shared_histories(app: &AppState, sim: &SimulatorConfig) -> HashSet<String> {
+    let mut held = HashSet::new();
+    for sym in &sim.symbols {
+        for interval in Interval::ALL {
+            let channel = market::channel_for_candle(sym, interval);
+            if let Ok(Some(page)) = app.broker.history(&channel, 0, 1).wait().await
+                && !page.messages.is_empty()
+            {
+                held.insert(channel);
             }
         }
-        tracing::info!(bars = published, "demo candles backfilled with a made-up past");
     }
-    tracing::info!(
-        symbols = sim.symbols.len(),
-        rate = sim.rate,
-        "demo market simulator publishing on ticks.* and quotes.*"
-    );
-    let sink = Arc::new(HubSink(app.hub.clone()));
-    let shutdown = app.shutdown.clone();
-    let board = app.clone();
-    tokio::spawn(async move {
-        simulator::run(sim, sink, shutdown.draining()).await;
-        board.feeds.set("sim", "simulator", false, LinkState::Stopped, None);
-    });
+    held
+}
+
+/// Publishes the simulator's made-up past into its candle channels, skipping `skip`.
+fn backfill_simulator(app: &AppState, sim: &SimulatorConfig, skip: Option<&HashSet<String>>) {
+    let bars_per_channel = app.config.simulator.backfill_bars;
+    if bars_per_channel == 0 {
+        return;
+    }
+    let now = now_ms();
+    let per_symbol = sim.rate / sim.symbols.len().max(1) as f64;
+    let mut published = 0;
+    for sym in &sim.symbols {
+        for interval in Interval::ALL {
+            let channel = market::channel_for_candle(sym, interval);
+            if skip.is_some_and(|s| s.contains(&channel)) {
+                app.candles.backfill.skipped.fetch_add(1, Relaxed);
+                continue;
+            }
+            let bars = simulator::backfill(sym, interval, bars_per_channel, now, per_symbol);
+            published +=
+                publish_backfill(&app.hub, &*app.broker, &channel, &bars, &app.candles.backfill);
+        }
+    }
+    tracing::info!(bars = published, "demo candles backfilled with a made-up past");
 }
 
 /// Counters of candle backfill, for `/metrics`.
@@ -90,7 +159,13 @@ pub struct BackfillStats {
 /// backfill of a feed's channel arrives within milliseconds of its first subscriber, a live
 /// bar at a window's end) would come before the past. The window is small, and a client
 /// that orders bars by `start`, as the dashboard does, still draws the right chart.
-pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &BackfillStats) -> usize {
+pub fn publish_backfill(
+    hub: &Hub,
+    broker: &dyn Broker,
+    channel: &str,
+    bars: &[Candle],
+    stats: &BackfillStats,
+) -> usize {
     if bars.is_empty() {
         return 0;
     }
@@ -102,9 +177,9 @@ pub fn publish_backfill(hub: &Hub, channel: &str, bars: &[Candle], stats: &Backf
     }
     let mut published = 0;
     for bar in bars {
-        match hub.publish(channel, &market::encode(bar), PublishKind::Retained) {
-            Ok(_) => published += 1,
-            Err(e) => {
+        match broker.publish(channel, &market::encode(bar), PublishKind::Retained) {
+            Pending::Ready(Ok(_)) | Pending::Later(_) => published += 1,
+            Pending::Ready(Err(e)) => {
                 tracing::warn!(channel, "backfill publish failed: {e}");
                 break;
             }
@@ -187,7 +262,7 @@ impl Candles {
 /// Massive `AM`), the built bars are dropped, so the channel carries one consistent series.
 pub fn start_candles(app: &Arc<AppState>) {
     let builder = app.candles.builder.clone();
-    let hub = app.hub.clone();
+    let hub = app.broker.clone();
     let bars = app.feeds.upstream_bars.clone();
     let tap_bars = bars.clone();
     let tap_builder = builder.clone();
@@ -218,12 +293,12 @@ pub fn start_candles(app: &Arc<AppState>) {
     });
 }
 
-fn publish_candles(hub: &Hub, upstream: &UpstreamBars, updates: Vec<CandleUpdate>) {
+fn publish_candles(broker: &Arc<dyn Broker>, upstream: &UpstreamBars, updates: Vec<CandleUpdate>) {
     for u in updates {
         if upstream.covers(&u.candle.sym, u.candle.interval) {
             continue;
         }
-        let _ = hub.publish(&u.channel, &market::encode(&u.candle), u.kind);
+        let _ = broker.publish(&u.channel, &market::encode(&u.candle), u.kind);
     }
 }
 

@@ -1,0 +1,291 @@
+//! The node's pub/sub side: one Redis subscription per channel that has local subscribers,
+//! delivery of what arrives into the hub (in order, gaps filled from history, duplicates
+//! dropped), resubscription after a reconnect, and periodic position checks.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use ferrocast_hub::{BrokerError, Delivery};
+use futures_util::StreamExt;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Inner;
+use crate::keys::{parse_carried, topic_prefix};
+
+/// Position checks sent to Redis at once.
+const POSITION_CHECKS_IN_FLIGHT: usize = 64;
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What the pub/sub task is asked to do.
+pub enum Command {
+    /// Subscribe to a channel's topic; answered once Redis confirmed it.
+    Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+    /// Unsubscribe, if the channel still has no local subscriber.
+    Unsubscribe(String),
+}
+
+/// Makes sure this node receives `channel`'s live messages: returns once Redis has
+/// confirmed the subscription, so anything published afterwards will arrive.
+pub(crate) async fn ensure_subscribed(inner: &Inner, channel: &str) -> Result<(), BrokerError> {
+    if inner.subscribed.lock().contains(channel) {
+        return Ok(());
+    }
+    let (tx, rx) = oneshot::channel();
+    inner
+        .pubsub_tx
+        .send(Command::Subscribe(channel.to_owned(), tx))
+        .map_err(|_| BrokerError::Unavailable("the broker stopped".into()))?;
+    rx.await.map_err(|_| BrokerError::Unavailable("the broker stopped".into()))?
+}
+
+/// Runs the pub/sub connection for the life of the process, reconnecting with jittered
+/// backoff.
+pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
+    let prefix = topic_prefix(&inner.opts.prefix);
+    let timeout = inner.opts.timeout;
+    let mut backoff = Duration::from_millis(100);
+    let mut connected_before = false;
+    loop {
+        let connected = match inner.conn.server().await {
+            Ok(server) => tokio::time::timeout(timeout, server.get_async_pubsub()).await.ok(),
+            Err(_) => None,
+        };
+        let Some(Ok(pubsub)) = connected else {
+            if !pause(&inner, &mut commands, &mut backoff).await {
+                return;
+            }
+            continue;
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        let channels: Vec<String> = inner.subscribed.lock().iter().cloned().collect();
+        if !channels.is_empty() {
+            let topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
+            if !matches!(tokio::time::timeout(timeout, sink.subscribe(&topics)).await, Ok(Ok(()))) {
+                inner.metrics.error("connection");
+                continue;
+            }
+        }
+        inner.health.pubsub(true);
+        let connected_at = std::time::Instant::now();
+        if connected_before {
+            inner.metrics.pubsub_reconnects.fetch_add(1, Relaxed);
+            tracing::info!(channels = channels.len(), "Redis pub/sub reconnected; catching up");
+            // What was published while the connection was down is in history.
+            let catch_up = inner.clone();
+            tokio::spawn(async move {
+                for channel in channels {
+                    let _ = catch_up.sync(&channel).await;
+                }
+            });
+        }
+        connected_before = true;
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => {
+                        let Some(channel) = message.get_channel_name().strip_prefix(&prefix) else {
+                            continue;
+                        };
+                        let channel = channel.to_owned();
+                        carried(&inner, &channel, message.get_payload_bytes()).await;
+                    }
+                    None => break,
+                },
+                command = commands.recv() => match command {
+                    None => return,
+                    Some(Command::Subscribe(channel, reply)) => {
+                        if inner.subscribed.lock().contains(&channel) {
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        let topic = format!("{prefix}{channel}");
+                        match tokio::time::timeout(timeout, sink.subscribe(&topic)).await {
+                            Ok(Ok(())) => {
+                                inner.subscribed.lock().insert(channel);
+                                inner.metrics.subscribed_channels.fetch_add(1, Relaxed);
+                                let _ = reply.send(Ok(()));
+                            }
+                            _ => {
+                                let _ = reply.send(Err(BrokerError::Unavailable(
+                                    "Redis did not confirm the pub/sub subscription".into(),
+                                )));
+                                break;
+                            }
+                        }
+                    }
+                    Some(Command::Unsubscribe(channel)) => {
+                        if inner.hub.subscriber_count(&channel) == 0
+                            && inner.subscribed.lock().contains(&channel)
+                        {
+                            unsubscribed(&inner, &channel);
+                            let topic = format!("{prefix}{channel}");
+                            if !matches!(
+                                tokio::time::timeout(timeout, sink.unsubscribe(&topic)).await,
+                                Ok(Ok(()))
+                            ) {
+                                break;
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        tracing::warn!("Redis pub/sub connection lost; reconnecting");
+        if connected_at.elapsed() > MAX_BACKOFF {
+            // It served a while: the first retry comes at once.
+            backoff = Duration::from_millis(100);
+            inner.health.pubsub(false);
+            inner.metrics.error("connection");
+        } else if !pause(&inner, &mut commands, &mut backoff).await {
+            return;
+        }
+    }
+}
+
+/// Waits a jittered, growing pause before the next connection attempt, meanwhile failing
+/// subscribes at once rather than making them wait. `false` when the broker is gone.
+async fn pause(
+    inner: &Inner,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    backoff: &mut Duration,
+) -> bool {
+    inner.health.pubsub(false);
+    inner.metrics.error("connection");
+    let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            command = commands.recv() => match command {
+                None => return false,
+                Some(Command::Subscribe(_, reply)) => {
+                    let _ = reply.send(Err(BrokerError::Unavailable(
+                        "Redis pub/sub is unreachable; retry shortly".into(),
+                    )));
+                }
+                Some(Command::Unsubscribe(channel)) => {
+                    if inner.hub.subscriber_count(&channel) == 0 {
+                        unsubscribed(inner, &channel);
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn unsubscribed(inner: &Inner, channel: &str) {
+    if inner.subscribed.lock().remove(channel) {
+        inner.metrics.subscribed_channels.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Delivers one message from a topic: in order, after filling any gap from history.
+async fn carried(inner: &Inner, channel: &str, payload: &[u8]) {
+    let Some(m) = parse_carried(payload) else {
+        inner.metrics.error("protocol");
+        tracing::warn!(channel, "unreadable message on the channel's Redis topic; dropped");
+        return;
+    };
+    if !m.retained {
+        let _ = inner.hub.deliver_ephemeral(channel, m.data);
+        return;
+    }
+    let Ok(Delivery::Gap { top }) = inner.hub.deliver(channel, m.epoch, m.offset, m.data, false)
+    else {
+        return;
+    };
+    let missing = m.offset - 1 - top;
+    let limit = (missing as usize).min(inner.hub.namespace(channel).history_size);
+    let mut filled_to = top;
+    if limit > 0 {
+        match inner.read(channel, Some((top, m.epoch)), 0, limit).await {
+            Ok(read) => {
+                let mut applied = 0;
+                for (offset, data) in &read.entries {
+                    if let Ok(Delivery::Applied) =
+                        inner.hub.deliver(channel, &read.epoch, *offset, data, true)
+                    {
+                        applied += 1;
+                    }
+                    if read.epoch == m.epoch {
+                        filled_to = filled_to.max(*offset);
+                    }
+                }
+                inner.metrics.gaps_filled.fetch_add(1, Relaxed);
+                inner.metrics.messages_filled.fetch_add(applied, Relaxed);
+            }
+            Err(e) => tracing::warn!(channel, "cannot fill a gap from Redis history: {e}"),
+        }
+    }
+    if filled_to + 1 < m.offset {
+        inner.metrics.gaps_unfilled.fetch_add(1, Relaxed);
+        tracing::warn!(
+            channel,
+            from = filled_to + 1,
+            to = m.offset - 1,
+            "messages missing from Redis history (trimmed or expired); subscribers skip them"
+        );
+    }
+    let _ = inner.hub.deliver(channel, m.epoch, m.offset, m.data, true);
+}
+
+impl Inner {
+    /// Brings the local copy of `channel` up to Redis's position, delivering what it lacks.
+    pub(crate) async fn sync(&self, channel: &str) -> Result<(), BrokerError> {
+        let limit = self.hub.namespace(channel).history_size;
+        let local = self.hub.position(channel);
+        let since = local.as_ref().map(|p| (p.top, &*p.epoch));
+        let mut read = self.read(channel, since, 0, limit).await?;
+        self.metrics.position_checks.fetch_add(1, Relaxed);
+        if local.as_ref().is_some_and(|p| *p.epoch != *read.epoch) && read.top > 0 {
+            // A new epoch (Redis lost the channel): everything it holds is new here.
+            read = self.read(channel, Some((0, "")), 0, limit).await?;
+        }
+        let applied = self.apply(channel, read);
+        if applied > 0 {
+            self.metrics.gaps_filled.fetch_add(1, Relaxed);
+            self.metrics.messages_filled.fetch_add(applied, Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Every `broker.position_check_ms`: subscribes channels that have local subscribers but
+/// no Redis subscription (a subscribe that raced an unsubscribe), unsubscribes the reverse,
+/// and compares each channel's position with Redis.
+pub(crate) async fn check_positions(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.opts.position_check);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let demanded: HashSet<String> = inner.hub.demanded_channels().into_iter().collect();
+        let subscribed: HashSet<String> = inner.subscribed.lock().clone();
+        for channel in subscribed.difference(&demanded) {
+            let _ = inner.pubsub_tx.send(Command::Unsubscribe(channel.clone()));
+        }
+        // Many channels at once: each check is one small script on the multiplexed
+        // connection, so a node with thousands of channels checks them in a few round trips.
+        futures_util::stream::iter(demanded)
+            .for_each_concurrent(POSITION_CHECKS_IN_FLIGHT, |channel| {
+                let inner = &inner;
+                let subscribed = &subscribed;
+                async move {
+                    if !subscribed.contains(&channel)
+                        && ensure_subscribed(inner, &channel).await.is_err()
+                    {
+                        return;
+                    }
+                    if let Err(e) = inner.sync(&channel).await {
+                        tracing::debug!(channel, "position check failed: {e}");
+                    }
+                }
+            })
+            .await;
+    }
+}

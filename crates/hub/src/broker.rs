@@ -1,0 +1,236 @@
+//! The broker seam: where a channel's offsets come from and how a message reaches the other
+//! nodes' hubs.
+//!
+//! Every ingress (HTTP API, client publish, simulator, feeds) publishes through a
+//! [`Broker`], never straight into the hub, and every subscribe asks the broker to
+//! [prepare](Broker::prepare_subscribe) the channel first. Two implementations sit side by
+//! side: [`MemoryBroker`] (one node; offsets assigned by the local hub, exactly what the
+//! hub did before there was a seam, with nothing to await) and the Redis broker in the
+//! `ferrocast-broker-redis` crate (offsets assigned in Redis atomically with storing history;
+//! each node's hub is its local fan-out and history cache, fed by
+//! [`Hub::deliver`](crate::Hub::deliver)).
+//!
+//! Results come back as [`Pending`]: `Ready` when the broker answered at once (the memory
+//! broker always does, so its publish path allocates nothing more than before), `Later` with
+//! a future when the answer needs a round trip. A caller that does not need the answer
+//! (feeds, the simulator) drops it: the publish still happens, in order.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferrocast_protocol::StreamPosition;
+
+use crate::hub::{HistoryPage, Hub, PublishError, Published};
+use crate::queue::PublishKind;
+
+/// A boxed future a broker answers with.
+pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// An answer now or later.
+pub enum Pending<T> {
+    Ready(T),
+    Later(BrokerFuture<T>),
+}
+
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pending::Ready(_) => "Pending::Ready",
+            Pending::Later(_) => "Pending::Later",
+        })
+    }
+}
+
+impl<T> Pending<T> {
+    /// The answer, awaiting it if needed.
+    pub async fn wait(self) -> T {
+        match self {
+            Pending::Ready(value) => value,
+            Pending::Later(future) => future.await,
+        }
+    }
+}
+
+/// What [`Broker::publish_run`] did: the messages published, in order, and the error that
+/// stopped the run, if any.
+pub type RunOutcome = (Vec<Published>, Option<BrokerError>);
+
+/// Why a broker could not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Refused by the hub (bad channel name, channel limit): the caller's fault.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    /// The shared engine did not answer in time or is unreachable; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where offsets come from. See the module documentation.
+pub trait Broker: Send + Sync + std::fmt::Debug {
+    /// `"memory"` or `"redis"`, for logs, stats and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Publishes `data` (one serialized JSON value) on `channel`. Publishes made from one
+    /// node to one channel keep the order in which this method was called, whether or not
+    /// their answers are awaited.
+    fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Pending<Result<Published, BrokerError>>;
+
+    /// Publishes a run of messages on one channel, in order, with consecutive offsets (an
+    /// HTTP batch's consecutive messages to one channel): with Redis atomically, no other
+    /// node's publish in between. Answers with the messages published and, if the run
+    /// stopped, why (with Redis a run is published whole or not at all).
+    fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome>;
+
+    /// Makes the local hub's copy of `channel` current enough for a subscribe with `recover`
+    /// (or with the namespace's snapshot) to be answered exactly, and makes sure this node
+    /// receives the channel's live messages. `None` when there is nothing to do (memory).
+    fn prepare_subscribe(
+        &self,
+        channel: &str,
+        recover: Option<&StreamPosition>,
+    ) -> Option<BrokerFuture<Result<(), BrokerError>>>;
+
+    /// Retained messages of `channel` after `since`, at most `limit` (the history API);
+    /// `None` for a channel nobody published or subscribed to.
+    fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Pending<Result<Option<HistoryPage>, BrokerError>>;
+
+    /// A cluster-wide role named `name` (e.g. `"simulator"`): held by one node at a time.
+    /// Always held with the memory broker.
+    fn lease(&self, name: &str) -> Lease {
+        let _ = name;
+        Lease::always()
+    }
+
+    /// Advertises this node (`info`, a JSON object) to the others; see [`Broker::nodes`].
+    fn advertise(&self, info: String) {
+        let _ = info;
+    }
+
+    /// Every live node's latest advertisement (JSON objects), this one's included, or
+    /// `None` when there is no cluster (memory: the caller describes this node itself).
+    fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
+        None
+    }
+
+    /// Called once the server has drained, before the process exits: gives up this node's
+    /// leases (so another node takes its roles at once) and its place among the nodes.
+    fn close(&self) -> Option<BrokerFuture<()>> {
+        None
+    }
+
+    /// `Err(reason)` while the broker cannot serve (for `/readyz`).
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Appends the broker's Prometheus metrics to `out` (none for memory).
+    fn render_metrics(&self, out: &mut String) {
+        let _ = out;
+    }
+}
+
+/// One node: the hub assigns offsets and keeps history itself.
+#[derive(Debug)]
+pub struct MemoryBroker {
+    hub: Arc<Hub>,
+}
+
+impl MemoryBroker {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        MemoryBroker { hub }
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish(
+        &self,
+        channel: &str,
+        data: &[u8],
+        kind: PublishKind,
+    ) -> Pending<Result<Published, BrokerError>> {
+        Pending::Ready(self.hub.publish(channel, data, kind).map_err(BrokerError::Publish))
+    }
+
+    fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
+        let mut out = Vec::with_capacity(data.len());
+        for d in data {
+            match self.hub.publish(channel, d, kind) {
+                Ok(p) => out.push(p),
+                Err(e) => return Pending::Ready((out, Some(e.into()))),
+            }
+        }
+        Pending::Ready((out, None))
+    }
+
+    fn prepare_subscribe(
+        &self,
+        _channel: &str,
+        _recover: Option<&StreamPosition>,
+    ) -> Option<BrokerFuture<Result<(), BrokerError>>> {
+        None
+    }
+
+    fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
+        Pending::Ready(Ok(self.hub.history(channel, since, limit)))
+    }
+}
+
+/// Whether this node holds a cluster-wide role; see [`Broker::lease`].
+#[derive(Debug, Clone)]
+pub struct Lease {
+    held: tokio::sync::watch::Receiver<bool>,
+    /// Keeps the channel open for a lease nobody updates (always held).
+    _fixed: Option<Arc<tokio::sync::watch::Sender<bool>>>,
+}
+
+impl Lease {
+    /// A lease held for good (one node).
+    pub fn always() -> Lease {
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        Lease { held: rx, _fixed: Some(Arc::new(tx)) }
+    }
+
+    /// A lease whose holder updates `held`.
+    pub fn watching(held: tokio::sync::watch::Receiver<bool>) -> Lease {
+        Lease { held, _fixed: None }
+    }
+
+    pub fn is_held(&self) -> bool {
+        *self.held.borrow()
+    }
+
+    /// Returns once the lease is held (at once if it is).
+    pub async fn acquired(&mut self) {
+        if self.held.wait_for(|h| *h).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Returns once the lease is lost (never for one that cannot be).
+    pub async fn lost(&mut self) {
+        if self.held.wait_for(|h| !*h).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}

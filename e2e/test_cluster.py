@@ -1,0 +1,681 @@
+"""Several `ferrocast serve` nodes sharing channels through a real Redis (the Redis broker):
+one offset sequence and one history per channel across nodes, recovery on any node, honest
+`recovered: false` when Redis lost the data, bounded failures while Redis is away, and gaps
+in pub/sub filled from history. Each test starts its own redis-server on a free port."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import time
+
+import pytest
+import socketio
+
+from ferrocast_e2e.redis import RedisCluster, RedisSentinels, RedisServer, make_tls_files
+
+
+@pytest.fixture
+def redis(artifacts, track_process):
+    server = RedisServer(artifacts).start()
+    track_process(server.process)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_node(start_server, redis):
+    def start(*sets: str, **kwargs):
+        return start_server(
+            "broker.kind=redis",
+            f"broker.url={redis.url}",
+            "broker.timeout_ms=500",
+            "broker.position_check_ms=500",
+            "broker.ready_grace_ms=500",
+            *sets,
+            **kwargs,
+        )
+
+    return start
+
+
+async def collect(client, channel: str, count: int, timeout: float = 10.0) -> list[dict]:
+    frames = []
+    deadline = time.monotonic() + timeout
+    while len(frames) < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"got {len(frames)} of {count} messages: {frames[-3:]}"
+        frames.append(await client.next_msg(channel, timeout=left))
+    return frames
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_publishes_through_any_node_reach_every_node_once_in_order(start_node, ws):
+    nodes = [start_node() for _ in range(3)]
+    channel = "chat.cluster"
+    subscribers = [await ws(node) for node in nodes]
+    epochs = set()
+    for sub in subscribers:
+        result = await sub.subscribe_ok(channel)
+        epochs.add(result[channel]["epoch"])
+        assert result[channel]["offset"] == 0, result
+    assert len(epochs) == 1, f"nodes disagree on the epoch: {epochs}"
+    (epoch,) = epochs
+    publishers = [await ws(node) for node in nodes]
+
+    total = 60
+    acks = []
+    for i in range(total):
+        node = i % 3
+        data = {"i": i, "via": node}
+        if i % 2 == 0:
+            acks.append(await nodes[node].apublish(channel, data))
+        else:
+            reply = await publishers[node].request(
+                {"op": "publish", "channel": channel, "data": data}
+            )
+            assert reply["type"] == "ack", reply
+            acks.append(reply["result"])
+    assert [a["offset"] for a in acks] == list(range(1, total + 1)), acks
+    assert {a["epoch"] for a in acks} == {epoch}
+
+    for n, sub in enumerate(subscribers):
+        frames = await collect(sub, channel, total)
+        assert [f["offset"] for f in frames] == list(range(1, total + 1)), f"node {n}"
+        assert [f["data"]["i"] for f in frames] == list(range(total)), f"node {n}"
+        assert {f["epoch"] for f in frames} == {epoch}, f"node {n}"
+        await sub.expect_silence(0.3)
+
+    # Each node holds the same history, and reports the same position.
+    for node in nodes:
+        page = node.get(f"/api/channels/{channel}/history?since=0&limit=1000").json()
+        assert page["epoch"] == epoch and page["offset"] == total, page
+        assert [m["data"]["i"] for m in page["messages"]] == list(range(total))
+
+
+async def test_history_api_answers_from_redis_on_any_node(start_node):
+    a, b = start_node("namespaces.hist.history_size=5"), start_node("namespaces.hist.history_size=5")
+    for i in range(1, 9):
+        a.publish("hist.shared", {"i": i})
+    # Node b has never seen the channel: no subscriber, nothing local.
+    page = b.get("/api/channels/hist.shared/history?since=0&limit=100").json()
+    assert page["offset"] == 8, page
+    assert [m["offset"] for m in page["messages"]] == [4, 5, 6, 7, 8]
+    assert [m["data"]["i"] for m in page["messages"]] == [4, 5, 6, 7, 8]
+    again = b.get("/api/channels/hist.shared/history?since=6&limit=1").json()
+    assert [m["offset"] for m in again["messages"]] == [7]
+    assert again["epoch"] == page["epoch"] == a.publish("hist.shared", 9)["epoch"]
+    assert b.get("/api/channels/hist.never/history").status == 404
+    assert b.get("/api/stats").json()["broker"] == "redis"
+
+
+async def test_recovery_on_another_node_is_exact_then_live(start_node, ws):
+    # 500 missed messages need a history of at least 500 (chat keeps 100 by default).
+    a, b, c = (start_node("namespaces.chat.history_size=1000") for _ in range(3))
+    channel = "chat.recover"
+    first = await ws(a)
+    result = await first.subscribe_ok(channel)
+    epoch = result[channel]["epoch"]
+    a.publish(channel, {"n": 0})
+    assert (await first.next_msg(channel))["offset"] == 1
+    await first.close()
+
+    missed = 500
+    pub_b, pub_c = b.keepalive_publisher(), c.keepalive_publisher()
+    sent = 0
+    while sent < missed:
+        batch = [(channel, {"n": sent + k + 1}) for k in range(50)]
+        results = (pub_b if (sent // 50) % 2 == 0 else pub_c).publish_batch(batch)
+        assert [r["offset"] for r in results] == list(range(sent + 2, sent + 52))
+        sent += 50
+    pub_b.close()
+    pub_c.close()
+
+    again = await ws(c)
+    result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": 1}})
+    r = result[channel]
+    assert r["recovered"] is True and r["replayed"] == missed, r
+    assert r["epoch"] == epoch and r["offset"] == missed + 1, r
+    frames = await collect(again, channel, missed)
+    assert [f["offset"] for f in frames] == list(range(2, missed + 2))
+    assert [f["data"]["n"] for f in frames] == list(range(1, missed + 1))
+    b.publish(channel, {"n": "live"})
+    live = await again.next_msg(channel)
+    assert live["offset"] == missed + 2 and live["data"] == {"n": "live"}, live
+    await again.expect_silence(0.3)
+
+
+def sse_messages(port: int, channel: str, last_event_id: str, count: int) -> list[dict]:
+    """Opens `/sse` on `channel` resuming from `last_event_id` and returns the first `count`
+    `msg` events (their data, and the event id)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(
+        "GET", f"/sse?channels={channel}", headers={"Last-Event-ID": last_event_id}
+    )
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.status
+    out: list[dict] = []
+    event_id = None
+    try:
+        while len(out) < count:
+            line = resp.readline().decode().rstrip("\r\n")
+            assert line or not resp.isclosed(), "stream ended"
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            elif line.startswith("data:"):
+                frame = json.loads(line[5:])
+                if frame.get("type") == "msg":
+                    out.append({**frame, "event_id": event_id})
+            elif line == "":
+                event_id = None
+    finally:
+        conn.close()
+    return out
+
+
+async def test_recovery_on_another_node_over_sse_and_socketio(start_node):
+    a, b = start_node(), start_node()
+    channel = "chat.transports"
+    results = a.publish_batch([(channel, {"n": n}) for n in range(1, 6)])
+    epoch = results[0]["epoch"]
+
+    # SSE: a browser that was on node a comes back to node b with its Last-Event-ID.
+    frames = await asyncio.to_thread(sse_messages, b.port, channel, f"{channel}={epoch}:2", 3)
+    assert [f["offset"] for f in frames] == [3, 4, 5]
+    assert [f["data"]["n"] for f in frames] == [3, 4, 5]
+    assert all(f["epoch"] == epoch for f in frames)
+
+    # Socket.IO (python-socketio): subscribe with recover on node b, then live from node a.
+    sio = socketio.AsyncClient(reconnection=False)
+    inbox: asyncio.Queue = asyncio.Queue()
+    sio.on("message", inbox.put_nowait)
+    await sio.connect(b.base_url, transports=["websocket"], wait_timeout=5)
+    try:
+        reply = await sio.call(
+            "subscribe",
+            {"channels": [channel], "recover": {channel: {"epoch": epoch, "offset": 1}}},
+            timeout=5,
+        )
+        assert reply[channel]["recovered"] is True and reply[channel]["replayed"] == 4, reply
+        got = [await asyncio.wait_for(inbox.get(), 5) for _ in range(4)]
+        assert [m["data"]["n"] for m in got] == [2, 3, 4, 5]
+        a.publish(channel, {"n": 6})
+        live = await asyncio.wait_for(inbox.get(), 5)
+        assert live["data"] == {"n": 6} and live["offset"] == 6, live
+    finally:
+        await sio.disconnect()
+
+
+async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
+    start_node, redis, ws
+):
+    a, b = start_node(), start_node()
+    channel = "chat.restart"
+    sub = await ws(a)
+    old = (await sub.subscribe_ok(channel))[channel]["epoch"]
+    for i in range(3):
+        b.publish(channel, {"i": i})
+    assert [f["offset"] for f in await collect(sub, channel, 3)] == [1, 2, 3]
+    assert a.get("/readyz").status == 200
+
+    redis.stop()
+    started = time.monotonic()
+    r = await asyncio.to_thread(b.post_publish, {"channel": channel, "data": {"i": "lost"}})
+    elapsed = time.monotonic() - started
+    assert r.status == 503, r.text
+    assert r.json()["error"] == "unavailable", r.text
+    assert elapsed < 3.0, f"a publish during the outage took {elapsed:.1f}s"
+    await wait_for(lambda: a.get("/readyz").status == 503, 5, "/readyz 503 while Redis is down")
+    assert "Redis" in a.get("/readyz").text
+    # Over /ws too: a client publish and a subscribe fail with `unavailable`, in bounded time,
+    # and the connected subscriber stays connected.
+    client = await ws(b)
+    started = time.monotonic()
+    reply = await client.request(
+        {"op": "publish", "channel": channel, "data": {"i": "lost"}}, timeout=5
+    )
+    assert reply["type"] == "error" and reply["code"] == "unavailable", reply
+    result = await client.subscribe("chat.other")
+    assert result["chat.other"]["error"]["code"] == "unavailable", result
+    assert time.monotonic() - started < 4.0
+
+    redis.start()
+    await wait_for(lambda: a.get("/readyz").status == 200, 10, "/readyz 200 after Redis is back")
+    await wait_for(lambda: b.get("/readyz").status == 200, 10, "/readyz 200 on node b")
+    published = b.publish(channel, {"i": "after"})
+    assert published["offset"] == 1 and published["epoch"] != old, published
+    live = await sub.next_msg(channel, timeout=5)
+    assert live["data"] == {"i": "after"} and live["epoch"] == published["epoch"], live
+
+    again = await ws(b)
+    result = await again.subscribe(channel, recover={channel: {"epoch": old, "offset": 3}})
+    r = result[channel]
+    assert r["recovered"] is False and r["epoch"] == published["epoch"], r
+    assert r["offset"] == 1, r
+
+
+async def test_a_lost_pubsub_message_is_filled_from_history(start_node, redis, ws):
+    # No periodic position check during the test: the fill must come from the reconnect.
+    a, b = start_node("broker.position_check_ms=60000"), start_node()
+    channel = "chat.gap"
+    sub = await ws(a)
+    await sub.subscribe_ok(channel)
+    b.publish(channel, {"i": 1})
+    assert (await sub.next_msg(channel))["offset"] == 1
+    before = a.metric("ferrocast_broker_gaps_filled_total") or 0
+
+    # Kill the pub/sub connections on the Redis side and keep node a from reconnecting
+    # (maxclients lowered below the connections left) while node b publishes on its
+    # existing connection: node a misses these on pub/sub and must take them from history.
+    with redis.connect() as admin:
+        connected = int(
+            next(
+                line.split(":")[1]
+                for line in admin.command("INFO", "clients").splitlines()
+                if line.startswith("connected_clients:")
+            )
+        )
+        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1, killed  # node a's (node b subscribes to nothing)
+        admin.command("CONFIG", "SET", "maxclients", connected - killed)
+        try:
+            for i in range(2, 12):
+                b.publish(channel, {"i": i})
+            await sub.expect_silence(0.3)
+        finally:
+            admin.command("CONFIG", "SET", "maxclients", 10000)
+    frames = await collect(sub, channel, 10)
+    assert [f["offset"] for f in frames] == list(range(2, 12))
+    assert [f["data"]["i"] for f in frames] == list(range(2, 12))
+    await sub.expect_silence(0.3)
+    await wait_for(
+        lambda: (a.metric("ferrocast_broker_gaps_filled_total") or 0) > before,
+        5,
+        "the filled-gaps metric to count the fill",
+    )
+    assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) >= 1
+
+
+async def test_the_position_check_delivers_what_pubsub_lost_while_it_is_down(
+    start_node, redis, ws
+):
+    a, b = start_node(), start_node()
+    channel = "chat.check"
+    sub = await ws(a)
+    await sub.subscribe_ok(channel)
+    b.publish(channel, {"i": 1})
+    assert (await sub.next_msg(channel))["offset"] == 1
+    with redis.connect() as admin:
+        info = admin.command("INFO", "clients")
+        connected = int(info.split("connected_clients:")[1].split()[0])
+        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1
+        admin.command("CONFIG", "SET", "maxclients", connected - killed)
+        try:
+            for i in range(2, 5):
+                b.publish(channel, {"i": i})
+            # Node a's pub/sub cannot reconnect; its command connection still works, and the
+            # periodic position check (every 500 ms here) brings the messages.
+            frames = await collect(sub, channel, 3, timeout=5)
+            assert [f["offset"] for f in frames] == [2, 3, 4]
+            assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) == 0
+            assert (a.metric("ferrocast_broker_position_checks_total") or 0) >= 1
+        finally:
+            admin.command("CONFIG", "SET", "maxclients", 10000)
+    b.publish(channel, {"i": 5})
+    assert (await sub.next_msg(channel))["offset"] == 5
+    await sub.expect_silence(0.3)
+
+
+async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_lost(
+    start_node, redis, ws
+):
+    import signal
+
+    a, b = start_node(), start_node()
+    channel = "chat.pause"
+    subs = [await ws(a), await ws(b)]
+    for sub in subs:
+        await sub.subscribe_ok(channel)
+
+    acked: list[int] = []
+    failed = 0
+    slowest = 0.0
+
+    def publish_for(seconds: float, tag: str) -> None:
+        nonlocal failed, slowest
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            started = time.monotonic()
+            r = b.post_publish({"channel": channel, "data": {"tag": tag, "n": n}})
+            slowest = max(slowest, time.monotonic() - started)
+            if r.status == 200:
+                acked.append(r.json()["results"][0]["offset"])
+            else:
+                assert r.status == 503 and r.json()["error"] == "unavailable", r.text
+                failed += 1
+            time.sleep(0.02)
+
+    await asyncio.to_thread(publish_for, 0.5, "before")
+    redis.process.signal(signal.SIGSTOP)
+    try:
+        await asyncio.to_thread(publish_for, 2.0, "paused")
+    finally:
+        redis.process.signal(signal.SIGCONT)
+    await asyncio.to_thread(publish_for, 1.0, "after")
+
+    assert failed >= 1, "no publish failed while Redis was paused"
+    assert slowest < 2.5, f"a publish took {slowest:.1f}s (broker.timeout_ms is 500)"
+    # The offsets Redis assigned are contiguous (late successes included), and every
+    # subscriber on every node receives each of them once, in order.
+    top = b.publish(channel, {"tag": "last"})["offset"]
+    assert set(acked) <= set(range(1, top))
+    for sub in subs:
+        frames = await collect(sub, channel, top, timeout=15)
+        assert [f["offset"] for f in frames] == list(range(1, top + 1))
+        await sub.expect_silence(0.3)
+
+
+async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_node, ws):
+    import signal
+
+    a, b, c = (start_node("namespaces.chat.history_size=5000") for _ in range(3))
+    channel = "chat.failover"
+    clients = [await ws(a) for _ in range(20)]
+    epoch = None
+    for client in clients:
+        epoch = (await client.subscribe_ok(channel))[channel]["epoch"]
+
+    stop = asyncio.Event()
+    published: list[int] = []
+
+    def publish_until_stopped() -> None:
+        pub = b.keepalive_publisher()
+        n = 0
+        try:
+            while not stop.is_set():
+                n += 1
+                published.append(pub.publish_batch([(channel, {"n": n})])[0]["offset"])
+                time.sleep(0.005)
+        finally:
+            pub.close()
+
+    publisher = asyncio.create_task(asyncio.to_thread(publish_until_stopped))
+    await asyncio.sleep(0.5)
+    # Each client has read some messages when its node dies.
+    positions = []
+    for client in clients:
+        last = (await client.next_msg(channel))["offset"]
+        positions.append(last)
+    a.process.signal(signal.SIGKILL)
+    await asyncio.sleep(0.3)
+    survivors = []
+    for i, last in enumerate(positions):
+        node = (b, c)[i % 2]
+        again = await ws(node)
+        result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": last}})
+        assert result[channel]["recovered"] is True, result
+        survivors.append((again, last))
+    await asyncio.sleep(0.3)
+    stop.set()
+    await publisher
+    top = published[-1]
+    assert top > 50, f"only {top} messages were published"
+    for again, last in survivors:
+        frames = await collect(again, channel, top - last, timeout=15)
+        assert [f["offset"] for f in frames] == list(range(last + 1, top + 1))
+    await survivors[0][0].expect_silence(0.3)
+
+
+async def test_the_simulator_runs_on_one_node_and_moves_when_it_dies(start_node, ws):
+    import signal
+
+    sets = ("simulator.rate=40", "simulator.symbols=[\"AAPL\"]", "simulator.backfill_bars=0")
+    nodes = [start_node(*sets, simulator=True) for _ in range(3)]
+
+    def publishers() -> list[int]:
+        return [
+            i
+            for i, node in enumerate(nodes)
+            if node.alive() and (node.metric("ferrocast_broker_published_total") or 0) > 0
+        ]
+
+    await wait_for(lambda: len(publishers()) >= 1, 10, "a node to take the simulator lease")
+    await asyncio.sleep(1.0)
+    running = publishers()
+    assert len(running) == 1, f"the simulator runs on nodes {running}"
+    (holder,) = running
+    states = [n.get("/api/feeds").json()["feeds"] for n in nodes]
+    assert sum(1 for f in states for s in f if s["name"] == "sim" and s["state"] == "live") == 1
+
+    others = [n for i, n in enumerate(nodes) if i != holder]
+    watcher = await ws(others[0])
+    await watcher.subscribe_ok("ticks.AAPL")
+    first = (await watcher.next_msg("ticks.AAPL"))["offset"]
+    nodes[holder].process.signal(signal.SIGKILL)
+
+    await wait_for(
+        lambda: any((n.metric("ferrocast_broker_published_total") or 0) > 0 for n in others),
+        12,
+        "another node to take the simulator over",
+    )
+    # One stream throughout: offsets go on from where they were, +1 each, no duplicate.
+    frames = await collect(watcher, "ticks.AAPL", 20, timeout=15)
+    offsets = [f["offset"] for f in frames]
+    assert offsets == list(range(first + 1, first + 21)), offsets
+    await asyncio.sleep(1.0)
+    assert len([n for n in others if (n.metric("ferrocast_broker_published_total") or 0) > 0]) == 1
+
+
+async def test_a_node_shutting_down_hands_the_simulator_over_at_once(start_node, ws):
+    sets = ("simulator.rate=40", "simulator.symbols=[\"AAPL\"]", "simulator.backfill_bars=0")
+    nodes = [start_node(*sets, simulator=True) for _ in range(2)]
+
+    def publishing(node) -> bool:
+        return (node.metric("ferrocast_broker_published_total") or 0) > 0
+
+    await wait_for(lambda: any(publishing(n) for n in nodes), 10, "a simulator holder")
+    holder = next(n for n in nodes if publishing(n))
+    other = next(n for n in nodes if n is not holder)
+    watcher = await ws(other)
+    await watcher.subscribe_ok("ticks.AAPL")
+    first = (await watcher.next_msg("ticks.AAPL"))["offset"]
+    stopped = time.monotonic()
+    holder.process.stop(timeout=10)  # SIGTERM: drains, then releases its lease
+    # Released, the lease is taken at the other node's next attempt (every 2 s), well before
+    # the 6 s it would take to expire.
+    await wait_for(lambda: publishing(other), 3.5, "the other node to take the simulator")
+    assert time.monotonic() - stopped < 4.0
+    frames = await collect(watcher, "ticks.AAPL", 10, timeout=10)
+    assert [f["offset"] for f in frames] == list(range(first + 1, first + 11))
+    assert "leases released" in holder.log()
+    assert [n["listen"] for n in other.get("/api/nodes").json()["nodes"]] == [
+        f"127.0.0.1:{other.port}"
+    ], "the stopped node left the list at once"
+
+
+async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate(
+    artifacts, track_process, start_server, ws
+):
+    ca, cert, key = make_tls_files(artifacts)
+    tls_redis = RedisServer(artifacts, tls=(cert, key)).start()
+    track_process(tls_redis.process)
+    common = ("broker.kind=redis", f"broker.url={tls_redis.url}", "broker.timeout_ms=500",
+              "broker.ready_grace_ms=500")
+    a = start_server(*common, f"broker.tls_ca_file={ca}")
+    b = start_server(*common, f"broker.tls_ca_file={ca}")
+    sub = await ws(a)
+    await sub.subscribe_ok("chat.tls")
+    published = b.publish("chat.tls", {"secret": True})
+    msg = await sub.next_msg("chat.tls")
+    assert msg["offset"] == published["offset"] == 1 and msg["data"] == {"secret": True}
+    assert a.get("/readyz").status == 200
+
+    # Without the CA, the system's roots do not trust the private certificate.
+    untrusting = start_server(*common)
+    await wait_for(lambda: untrusting.get("/readyz").status == 503, 5, "/readyz 503")
+    r = untrusting.post_publish({"channel": "chat.tls", "data": 1})
+    assert r.status == 503 and r.json()["error"] == "unavailable", r.text
+    assert "certificate" in r.json()["message"], r.text
+
+
+async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node, start_server, ws):
+    import signal
+
+    alone = start_server().get("/api/nodes").json()["nodes"]
+    assert len(alone) == 1 and alone[0]["connections"]["ws"] == 0, alone
+
+    a, b, c = start_node(), start_node(), start_node()
+    for _ in range(2):
+        await (await ws(b)).subscribe_ok("chat.nodes")
+
+    def listed() -> dict[str, dict]:
+        return {n["listen"]: n for n in a.get("/api/nodes").json()["nodes"]}
+
+    def addr(node) -> str:
+        return f"127.0.0.1:{node.port}"
+
+    await wait_for(
+        lambda: len(listed()) == 3 and listed()[addr(b)]["connections"]["ws"] == 2,
+        6,
+        "three nodes, two WebSocket clients on node b",
+    )
+    nodes = listed()
+    assert nodes[addr(b)]["subscriptions"] == 2
+    assert nodes[addr(a)]["connections"]["ws"] == 0
+    assert len({n["node"] for n in nodes.values()}) == 3
+
+    c.process.signal(signal.SIGKILL)
+    await wait_for(lambda: addr(c) not in listed(), 10, "the killed node to leave the list")
+    assert set(listed()) == {addr(a), addr(b)}
+
+
+async def test_publishes_survive_redis_forgetting_its_scripts(start_node, redis, ws):
+    a = start_node()
+    sub = await ws(a)
+    await sub.subscribe_ok("chat.scripts")
+    assert a.publish("chat.scripts", 1)["offset"] == 1
+    # What a restart behind a transparent reconnect looks like to the node: the script
+    # cache is empty. The next publish still succeeds, in order.
+    assert redis.command("SCRIPT", "FLUSH") == "OK"
+    results = a.publish_batch([("chat.scripts", n) for n in (2, 3, 4)])
+    assert [r["offset"] for r in results] == [2, 3, 4]
+    frames = await collect(sub, "chat.scripts", 4)
+    assert [f["data"] for f in frames] == [1, 2, 3, 4]
+
+
+async def test_a_batch_run_to_one_channel_gets_consecutive_offsets_across_nodes(start_node):
+    nodes = [start_node("namespaces.chat.history_size=2000") for _ in range(2)]
+    channel = "chat.runs"
+
+    def publish_batches(node, tag: str) -> list[list[int]]:
+        pub = node.keepalive_publisher()
+        try:
+            batches = []
+            for b in range(10):
+                # A run to the channel, one message elsewhere, a second run.
+                msgs = [(channel, {"t": tag, "b": b, "k": k}) for k in range(20)]
+                msgs += [("chat.elsewhere", {"t": tag})]
+                msgs += [(channel, {"t": tag, "b": b, "k": 20 + k}) for k in range(20)]
+                results = pub.publish_batch(msgs)
+                offsets = [r["offset"] for r in results if r["channel"] == channel]
+                batches.append(offsets[:20])
+                batches.append(offsets[20:])
+            return batches
+        finally:
+            pub.close()
+
+    got = await asyncio.gather(
+        asyncio.to_thread(publish_batches, nodes[0], "a"),
+        asyncio.to_thread(publish_batches, nodes[1], "b"),
+    )
+    runs = [run for batches in got for run in batches]
+    for run in runs:
+        assert run == list(range(run[0], run[0] + 20)), f"a run was interleaved: {run}"
+    assert sorted(o for run in runs for o in run) == list(range(1, 801))
+    page = nodes[1].get(f"/api/channels/{channel}/history?since=0&limit=1000").json()
+    assert [m["offset"] for m in page["messages"]] == list(range(1, 801))
+
+
+async def test_nodes_over_a_redis_cluster_deliver_and_recover_on_every_slot(
+    artifacts, track_process, start_server, ws
+):
+    cluster = RedisCluster(artifacts).start(track_process)
+    sets = ("broker.kind=redis", f"broker.cluster_urls={json.dumps(cluster.urls)}",
+            "broker.timeout_ms=1000")
+    a, b = start_server(*sets), start_server(*sets)
+    # Channels whose keys land on all three masters.
+    channels = [f"chat.slot{i}" for i in range(12)]
+    sub = await ws(a)
+    await sub.subscribe_ok(*channels)
+    epochs = {}
+    for round_ in range(3):
+        results = b.publish_batch([(c, {"r": round_}) for c in channels])
+        for r in results:
+            epochs[r["channel"]] = r["epoch"]
+            assert r["offset"] == round_ + 1, r
+    got: dict[str, list[int]] = {c: [] for c in channels}
+    for _ in range(3 * len(channels)):
+        msg = await sub.next_msg()
+        got[msg["channel"]].append(msg["offset"])
+    assert all(offsets == [1, 2, 3] for offsets in got.values()), got
+    masters_used = 0
+    for server in cluster.servers:
+        if int(server.command("DBSIZE")) > 0:
+            masters_used += 1
+    assert masters_used == 3, "the channels did not spread over the masters"
+
+    again = await ws(b)
+    recover = {c: {"epoch": epochs[c], "offset": 1} for c in channels}
+    result = await again.subscribe(*channels, recover=recover)
+    assert all(result[c]["recovered"] is True and result[c]["replayed"] == 2 for c in channels)
+    replayed: dict[str, list[int]] = {c: [] for c in channels}
+    for _ in range(2 * len(channels)):
+        msg = await again.next_msg()
+        replayed[msg["channel"]].append(msg["offset"])
+    assert all(offsets == [2, 3] for offsets in replayed.values()), replayed
+    assert len(a.get("/api/nodes").json()["nodes"]) == 2
+
+
+async def test_nodes_follow_a_sentinel_failover(artifacts, track_process, start_server, ws):
+    import signal
+
+    redis = RedisSentinels(artifacts).start(track_process)
+    sets = ("broker.kind=redis", f"broker.sentinels={json.dumps(redis.sentinel_urls)}",
+            "broker.sentinel_master=mymaster", "broker.timeout_ms=500")
+    a, b = start_server(*sets), start_server(*sets)
+    channel = "chat.failover"
+    sub = await ws(a)
+    epoch = (await sub.subscribe_ok(channel))[channel]["epoch"]
+    for i in range(1, 4):
+        b.publish(channel, {"i": i})
+    assert [f["offset"] for f in await collect(sub, channel, 3)] == [1, 2, 3]
+    assert redis.primary.command("WAIT", 1, 2000) == 1, "the replica has the messages"
+
+    redis.primary.process.signal(signal.SIGKILL)
+    await wait_for(lambda: redis.primary_port() == redis.replica.port, 20, "the failover")
+
+    def publish_ok() -> bool:
+        r = b.post_publish({"channel": channel, "data": {"i": 4}})
+        return r.status == 200
+
+    await wait_for(publish_ok, 15, "publishes to succeed on the promoted replica")
+    live = await sub.next_msg(channel, timeout=15)
+    assert live["offset"] == 4 and live["epoch"] == epoch, live
+
+    # Node b's pub/sub reconnects to the new primary too (it is ready again once it has).
+    await wait_for(lambda: b.get("/readyz").status == 200, 15, "node b ready")
+    again = await ws(b)
+    result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": 1}})
+    assert result[channel].get("recovered") is True, result
+    frames = await collect(again, channel, 3)
+    assert [f["offset"] for f in frames] == [2, 3, 4]
