@@ -9,6 +9,8 @@
 //! | [`socketio`] | Socket.IO v4 (polling, websocket, upgrade) through `socketioxide` |
 //! | [`sio_engine`] | Engine.IO's HTTP side in front of `socketioxide`: drain cut-off, first ping |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
+//! | [`auth`] | connection and subscription tokens (JWT): verification, claims, refusals |
+//! | [`permissions`] | the one decision of who may subscribe, publish and read history |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
 //! | [`body`] | request bodies within limits of time (408) and size (413) |
 //! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
