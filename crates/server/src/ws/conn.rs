@@ -34,6 +34,9 @@ const FAILED_LINGER: Duration = Duration::from_millis(500);
 const FRAMES_PER_WRITE: usize = 256;
 /// Most reads handled per wake-up, so a flooding client cannot starve the others.
 const READS_PER_WAKE: usize = 16;
+/// Most client requests handled per wake-up: a client pipelining thousands of tiny requests
+/// yields its worker thread between batches instead of holding it for the whole burst.
+const REQUESTS_PER_WAKE: usize = 128;
 
 /// Why a connection is being admitted or refused right after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +78,7 @@ pub async fn run(
         pending_bytes: 0,
         pong_due: None,
         paused_since: None,
+        requests_this_wake: 0,
         closing: None,
         close_code: None,
         failed: false,
@@ -112,6 +116,8 @@ struct Conn {
     pong_due: Option<Vec<u8>>,
     /// Since when reading has been paused because the client does not take our output.
     paused_since: Option<TokioInstant>,
+    /// Requests handled in the current wake-up (see [`REQUESTS_PER_WAKE`]).
+    requests_this_wake: usize,
     /// Set once our close frame is queued: when to give up waiting for the client's.
     closing: Option<TokioInstant>,
     close_code: Option<u16>,
@@ -127,6 +133,8 @@ struct Conn {
 
 enum ReadOutcome {
     Open,
+    /// Open, with more to read: yield to other connections before reading on.
+    Busy,
     /// The client closed the connection (with its close frame, or by dropping TCP).
     Closed,
 }
@@ -235,6 +243,10 @@ impl Conn {
                     }
                     match self.read_ready() {
                         Ok(ReadOutcome::Open) => self.refresh_auth_due(),
+                        Ok(ReadOutcome::Busy) => {
+                            self.refresh_auth_due();
+                            tokio::task::yield_now().await;
+                        }
                         Ok(ReadOutcome::Closed) => {
                             let _ = self.flush();
                             return self.close_code.unwrap_or(1006);
@@ -486,12 +498,18 @@ impl Conn {
     /// Reads whatever is available and handles every complete frame.
     fn read_ready(&mut self) -> io::Result<ReadOutcome> {
         let mut buf = [0u8; 8192];
+        self.requests_this_wake = 0;
         for _ in 0..READS_PER_WAKE {
             match self.stream.try_read(&mut buf) {
                 Ok(0) => return Ok(ReadOutcome::Closed),
                 Ok(n) => {
                     if let Err(closed) = self.feed(&buf[..n]) {
                         return Ok(closed);
+                    }
+                    if self.requests_this_wake >= REQUESTS_PER_WAKE
+                        || (self.closing.is_none() && self.output_over_budget())
+                    {
+                        return Ok(ReadOutcome::Busy);
                     }
                     if n < buf.len() {
                         break;
@@ -513,7 +531,10 @@ impl Conn {
         let result = self.decoder.feed(bytes, &mut incoming);
         for frame in incoming {
             match frame {
-                Incoming::Text(text) if self.closing.is_none() => self.session.handle_text(&text),
+                Incoming::Text(text) if self.closing.is_none() => {
+                    self.requests_this_wake += 1;
+                    self.session.handle_text(&text)
+                }
                 Incoming::Text(_) => {}
                 Incoming::Ping(payload) if self.closing.is_none() => self.pong_due = Some(payload),
                 Incoming::Ping(_) => {}
