@@ -264,6 +264,31 @@ mod tests {
         use crate::config::{Config, Sources};
         use crate::{AppState, Server};
 
+        /// A real server on a free port, stopped (drained) by [`Running::stop`].
+        struct Running {
+            addr: std::net::SocketAddr,
+            stop: tokio::sync::oneshot::Sender<()>,
+            task: tokio::task::JoinHandle<()>,
+        }
+
+        impl Running {
+            async fn start(app: &std::sync::Arc<AppState>) -> Running {
+                let server =
+                    Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+                let addr = server.local_addr();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(server.run(async move {
+                    let _ = stopped.await;
+                }));
+                Running { addr, stop, task }
+            }
+
+            async fn stop(self) -> Result<(), tokio::task::JoinError> {
+                let _ = self.stop.send(());
+                self.task.await
+            }
+        }
+
         async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -330,13 +355,8 @@ mod tests {
             .await
             .unwrap();
             let app = AppState::new(config(&sim, "k"), None);
-            let server =
-                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
-            let addr = server.local_addr();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(server.run(async move {
-                let _ = stopped.await;
-            }));
+            let running = Running::start(&app).await;
+            let addr = running.addr;
             eventually("ready", async || http_get(addr, "/readyz").await.0 == 200).await;
 
             let mut client = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
@@ -361,8 +381,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             assert_eq!(sim.state().counter("rest_aggs"), 1);
             assert_eq!(hub.history("candles.MSFT.1m", 0, 1000).unwrap().messages.len(), 300);
-            let _ = stop.send(());
-            let _ = task.await;
+            let _ = running.stop().await;
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -380,13 +399,8 @@ mod tests {
             .await
             .unwrap();
             let app = AppState::new(config(&sim, "k"), None);
-            let server =
-                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
-            let addr = server.local_addr();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(server.run(async move {
-                let _ = stopped.await;
-            }));
+            let running = Running::start(&app).await;
+            let addr = running.addr;
             eventually("ready", async || http_get(addr, "/readyz").await.0 == 200).await;
 
             let mut client = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
@@ -447,8 +461,7 @@ mod tests {
             ] {
                 assert!(metrics.contains(family), "metrics lack {family}");
             }
-            let _ = stop.send(());
-            task.await.unwrap();
+            running.stop().await.unwrap();
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,13 +474,8 @@ mod tests {
             .await
             .unwrap();
             let app = AppState::new(config(&sim, "wrong"), None);
-            let server =
-                Server::bind(app.clone(), Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
-            let addr = server.local_addr();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(server.run(async move {
-                let _ = stopped.await;
-            }));
+            let running = Running::start(&app).await;
+            let addr = running.addr;
             eventually("stocks failed", async || {
                 http_get(addr, "/readyz").await.1.contains("is failed")
             })
@@ -475,8 +483,7 @@ mod tests {
             let (status, body) = http_get(addr, "/readyz").await;
             assert_eq!(status, 503);
             assert!(body.contains("stocks") && body.contains("auth_failed"), "{body}");
-            let _ = stop.send(());
-            task.await.unwrap();
+            running.stop().await.unwrap();
         }
     }
 }

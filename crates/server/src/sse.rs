@@ -846,7 +846,7 @@ async fn control(
             "no open event stream has this session id (it ended, or was opened on another server)",
         );
     };
-    if !constant_time_eq(auth.token.as_bytes(), stream.token.as_bytes()) {
+    if !crate::api::constant_time_eq(auth.token.as_bytes(), stream.token.as_bytes()) {
         app.metrics.frame_error(ErrorCode::Forbidden.as_str());
         return control_error(
             StatusCode::FORBIDDEN,
@@ -992,10 +992,6 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
 
 fn control_error(status: StatusCode, id: Option<u64>, code: &str, message: &str) -> Response<Body> {
     json_response(status, json!({"type": "error", "id": id, "code": code, "message": message}))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 // ------------------------------------------------------------------------------------------
