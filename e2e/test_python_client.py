@@ -1,7 +1,8 @@
 """The Python client (clients/python, imported as `ferrocast`) against real ferrocast
 processes: subscribe and publish (socket and HTTP, sync and async), typed publish errors,
 batched frames, recovery across an abrupt disconnect and across a server restart on the same
-port, a graceful drain with the 1001 hint, a terminal close code, the heartbeat and the
+port (a gap without shared history; every message with history in Redis), a graceful drain
+with the 1001 hint (and full recovery through it with Redis), a terminal close code, the heartbeat and the
 liveness timeout (through a TCP relay that can freeze), and the blocking SyncClient."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status
+from ferrocast_e2e.redis import RedisServer
 from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
 
 # Test the client next to this file even when the venv's editable install (from
@@ -344,6 +346,56 @@ async def test_graceful_drain_honours_after_ms_then_reconnects_to_the_new_server
     await events.until(lambda: len(events.subscribed) == 2, 5, "resubscribed")
     second.publish("chat.drain", "after the drain")
     assert (await sub.get(5)).data == "after the drain"
+
+
+@pytest.fixture
+def redis(artifacts, track_process):
+    server = RedisServer(artifacts).start()
+    track_process(server.process)
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["restart", "drain"])
+async def test_recovery_across_a_restart_and_a_drain_with_history_in_redis(
+    how, start_server, restart_on, redis, clients
+):
+    """With history kept in Redis, a server that goes away (killed, or drained with the 1001
+    hint) and comes back on the same port loses nothing: the client resumes from its
+    position and gets exactly what was published meanwhile (through another node), once, in
+    order, in the same epoch, with no gap."""
+    cluster = ("broker.kind=redis", f"broker.url={redis.url}", "server.reconnect_after_ms=300")
+    a = start_server(*cluster)
+    b = start_server(*cluster)
+    client = clients(a)
+    events = Events(client)
+    await client.connect(timeout=5)
+    sub = client.subscribe("chat.pyredis")
+    epoch = (await sub.ready(5))["epoch"]
+    with ferrocast.Publisher(b.base_url) as publisher:
+        publisher.publish_batch([("chat.pyredis", n) for n in range(1, 4)])
+        assert [(m.offset, m.data) for m in await received(sub, 3)] == [(1, 1), (2, 2), (3, 3)]
+
+        a.process.signal(signal.SIGKILL if how == "restart" else signal.SIGTERM)
+        await events.until(lambda: "reconnecting" in events.names(), 10, "reconnecting")
+        _, _, detail = events.states[events.names().index("reconnecting")]
+        assert detail["code"] == (1006 if how == "restart" else 1001), detail
+        await asyncio.to_thread(a.process.wait, 10)
+        missed = publisher.publish_batch([("chat.pyredis", n) for n in range(4, 9)])
+        assert [r.offset for r in missed] == [4, 5, 6, 7, 8] and {r.epoch for r in missed} == {epoch}
+        a2 = await asyncio.to_thread(restart_on, a, *cluster)
+
+        await events.until(lambda: len(events.subscribed) == 2, 15, "the resubscribe ack")
+        channel, result = events.subscribed[-1]
+        assert channel == "chat.pyredis" and result["recovered"] is True, result
+        assert result.get("replayed") == 5 and result["epoch"] == epoch, result
+        a2.publish("chat.pyredis", 9)
+        got = await received(sub, 6)
+    assert [(m.offset, m.data, m.epoch) for m in got] == [(n, n, epoch) for n in range(4, 10)]
+    assert events.gaps == []
+    stats = client.stats()
+    assert (stats.gaps, stats.duplicates, stats.reconnects) == (0, 0, 1), stats
 
 
 @pytest.mark.timeout(30)
