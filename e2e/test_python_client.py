@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -609,6 +610,42 @@ async def test_a_refused_channel_fails_its_ready_and_emits_error(start_server, c
     server.publish("chat.one", "kept")
     assert (await first.get(5)).data == "kept"
     assert client.state == "connected"
+
+
+def readme_python_blocks() -> list[str]:
+    """The Python code blocks of clients/python/README.md from "## Quick start" to the next
+    section's first block that is not a subscriber (the quick start and its asyncio twin)."""
+    text = (REPO_ROOT / "clients" / "python" / "README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    quick = quick[: quick.index("In a FastAPI")]
+    return [block.split("```", 1)[0] for block in quick.split("```python\n")[1:]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", [0, 1], ids=["quick-start", "asyncio"])
+def test_the_readme_quick_starts_run_as_written(block, server):
+    """Each quick start, with only the address changed, prints what is published."""
+    code = readme_python_blocks()[block].replace("http://127.0.0.1:8080", server.base_url)
+    assert block != 0 or len(code.strip().splitlines()) == 5, f"the quick start is five lines:\n{code}"
+    env = {**clean_env(), "PYTHONPATH": str(REPO_ROOT / "clients" / "python" / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not any(
+            c["channel"] == "chat.lobby" and c["subscribers"] == 1 for c in server.get("/api/channels").json()["channels"]
+        ):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the quick start did not subscribe"
+            time.sleep(0.05)
+        offset = server.publish("chat.lobby", {"text": "again"})["offset"]
+        # The five-line quick start published "hi" first: that was offset 1.
+        assert offset == (2 if block == 0 else 1)
+        assert proc.stdout.readline().strip() == f"{offset} {{'text': 'again'}}"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=5)
 
 
 def test_url_resolution_and_backoff_bounds():
