@@ -3,10 +3,11 @@
 (`ferrocast gen elastic-beanstalk`).
 
 - Dashboard and rules: every `ferrocast_*` name they use is a family the real server exports
-  (a server with an upstream feed, after connections, messages, a bad frame and a close);
-  `promtool check rules|config` and `promtool test rules` accept them; a real Prometheus
-  scraping two real servers (one whose feed's key is rejected) evaluates every rule without
-  error, fires FerrocastFeedFailed for the broken one only, and answers every dashboard query.
+  (a server with an upstream feed, after connections, messages, a bad frame and a close, and
+  a node with the Redis broker for the broker's health); `promtool check rules|config` and
+  `promtool test rules` accept them; a real Prometheus scraping three real servers (one whose
+  feed's key is rejected, one clustered through Redis) evaluates every rule without error,
+  fires FerrocastFeedFailed for the broken one only, and answers every dashboard query.
 - Kubernetes: the manifest is what `gen kubernetes` writes, parses, and is consistent (kinds,
   probes, grace period above the drain, ingress annotations, ports and names from Deployment
   to Service to Ingress, a ConfigMap that `ferrocast config check` accepts and a real server
@@ -46,6 +47,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status, tcp_connectable
+from ferrocast_e2e.redis import RedisServer
 from ferrocast_e2e.server import clean_env, ferrocast_bin, http_request, parse_metrics, run_ferrocast
 from ferrocast_e2e.wsclient import CONNECT_DEFAULTS
 
@@ -258,20 +260,32 @@ async def exercise(server) -> None:
                 break
 
 
+def start_clustered(start_server, artifacts: Path, track_process):
+    """A node with the Redis broker (a redis-server of its own): the `ferrocast_broker_*`
+    families exist only there."""
+    redis = RedisServer(artifacts).start()
+    track_process(redis.process)
+    return start_server("broker.kind=redis", f"broker.url={redis.url}")
+
+
 async def test_every_metric_the_dashboard_and_rules_use_is_exported(start_server, artifacts, track_process):
     up = start_upstream(artifacts, track_process)
     server = start_server(config=feed_config(artifacts / "ferrocast.toml", up), env={"MASSIVE_API_KEY": KEY})
-    await until("ready", lambda: server.get("/readyz").status == 200)
-    await exercise(server)
+    clustered = start_clustered(start_server, artifacts, track_process)
+    for node in (server, clustered):
+        await until("ready", lambda: node.get("/readyz").status == 200)
+        await exercise(node)
 
-    def counted() -> str | None:
-        t = server.metrics_text()
+    def counted(node) -> str | None:
+        t = node.metrics_text()
         return t if "ferrocast_closes_total{" in t and "ferrocast_frame_errors_total{" in t else None
 
-    text = await until("closes and frame errors counted", counted)
-    types = families(text)
-    samples = parse_metrics(text)
+    text = await until("closes and frame errors counted", lambda: counted(server))
+    cluster_text = await until("closes and frame errors counted (clustered)", lambda: counted(clustered))
+    types = families(text) | families(cluster_text)
+    samples = parse_metrics(text) + parse_metrics(cluster_text)
     assert server.metric("ferrocast_ready") == 1  # /readyz answers 200
+    assert clustered.metric("ferrocast_broker_published_total") >= 1, "the clustered node published through Redis"
 
     referenced: dict[str, list[str]] = {}
     for source, exprs in (("dashboard", dashboard_exprs()), ("rules", rule_exprs())):
@@ -285,6 +299,8 @@ async def test_every_metric_the_dashboard_and_rules_use_is_exported(start_server
     missing = {n: where[0] for n, where in referenced.items() if family_of(n, types) is None}
     assert not missing, f"not exported by the server: {missing}"
     assert len({family_of(n, types) for n in referenced}) >= 20, sorted(referenced)
+    broker = {family_of(n, types) for n in referenced if n.startswith("ferrocast_broker_")}
+    assert len(broker) >= 6, f"the broker's health is on the dashboard and in the rules: {broker}"
 
     # Every label an expression groups or filters by is on the samples of its metrics.
     unverified = set()
@@ -297,7 +313,11 @@ async def test_every_metric_the_dashboard_and_rules_use_is_exported(start_server
         present = set().union(*(set(lbls) for lbls in have))
         assert expr_labels(expr) <= present, f"{expr}: labels {expr_labels(expr) - present} never exported"
     # Only families that need an event this test does not cause have no samples yet.
-    assert unverified <= {"ferrocast_wrong_endpoint_total", "ferrocast_feed_disconnects_total"}, unverified
+    assert unverified <= {
+        "ferrocast_wrong_endpoint_total",
+        "ferrocast_feed_disconnects_total",
+        "ferrocast_broker_errors_total",
+    }, unverified
 
 
 # --- promtool and a real Prometheus ------------------------------------------------------
@@ -315,7 +335,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests(tmp_path: Path):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, f"{' '.join(argv[1:3])}:\n{r.stdout}{r.stderr}"
     r = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert "SUCCESS: 12 rules found" in r.stdout, r.stdout
+    assert "SUCCESS: 14 rules found" in r.stdout, r.stdout
     # The unit tests do test something: a wrong expectation fails them.
     broken = tmp_path / "broken.test.yml"
     broken.write_text(
@@ -347,7 +367,10 @@ async def test_prometheus_evaluates_the_rules_and_the_dashboard_on_real_servers(
     bad = start_server(config=feed_config(artifacts / "bad.toml", up), env={"MASSIVE_API_KEY": "wrong"})
     await until("the good feed live", lambda: good.get("/readyz").status == 200)
     await until("the bad feed failed", lambda: "failed" in bad.get("/readyz").text)
+    clustered = start_clustered(start_server, artifacts, track_process)
+    await until("the clustered node ready", lambda: clustered.get("/readyz").status == 200)
     await exercise(good)
+    await exercise(clustered)
     assert (good.metric("ferrocast_ready"), bad.metric("ferrocast_ready")) == (1, 0)
 
     prom_dir = artifacts / "prometheus"
@@ -357,7 +380,7 @@ async def test_prometheus_evaluates_the_rules_and_the_dashboard_on_real_servers(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "rule_files: [ferrocast-alerts.yml]\n"
         "scrape_configs:\n  - job_name: ferrocast\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{good.port}', '127.0.0.1:{bad.port}']\n"
+        f"      - targets: ['127.0.0.1:{good.port}', '127.0.0.1:{bad.port}', '127.0.0.1:{clustered.port}']\n"
     )
     port = free_port()
     proc = track_process(
@@ -390,11 +413,12 @@ async def test_prometheus_evaluates_the_rules_and_the_dashboard_on_real_servers(
         assert [(a["labels"]["instance"], a["state"]) for a in by_name[name]] == [
             (f"127.0.0.1:{bad.port}", "pending")
         ], by_name[name]
-    assert not [a for a in alerts if a["labels"].get("instance") == f"127.0.0.1:{good.port}"], alerts
+    for healthy in (good, clustered):
+        assert not [a for a in alerts if a["labels"].get("instance") == f"127.0.0.1:{healthy.port}"], alerts
     assert "FerrocastInstanceDown" not in by_name
 
     rules = [r for g in prometheus_api(port, "rules")["groups"] for r in g["rules"]]
-    assert len(rules) == 12
+    assert len(rules) == 14
     unhealthy = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not unhealthy, unhealthy
 
@@ -408,7 +432,8 @@ async def test_prometheus_evaluates_the_rules_and_the_dashboard_on_real_servers(
         if not result:
             empty.append(expr)
     core = [e for e in dashboard_exprs(variables=False) if re.search(
-        r"ferrocast_(connections|messages_out_total|queue_overflows_total|feed_state|closes_total|frame_errors_total|ready)\{", e)]
+        r"ferrocast_(connections|messages_out_total|queue_overflows_total|feed_state|closes_total|frame_errors_total|ready"
+        r"|broker_published_total|broker_publish_latency_seconds_bucket|broker_subscribed_channels)\{", e)]
     assert core and not set(core) & set(empty), f"no data for: {set(core) & set(empty)}"
 
 

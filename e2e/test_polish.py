@@ -1,7 +1,8 @@
 """Everyday polish end to end (issue 14, items 8-12): a configured feed turns the demo
 simulator off by itself, `ferrocast --listen ...` serves without naming `serve`, logs carry
-no colour codes off a terminal, `bench --json` stays machine-readable, and candle channels
-start with a backfilled past."""
+no colour codes off a terminal, `bench` and `sub` draw a live status line on a terminal and
+nothing on a pipe or with `--json`, and candle channels start with a backfilled past (the
+demo simulator's made-up one, the Massive REST aggregates of the Massive simulator)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,46 @@ def wait_http(proc: ManagedProcess, url: str, what: str, timeout: float = 20.0) 
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
+
+
+def run_with_terminal_stderr(argv: list[str], while_running=None, env=None) -> tuple[int, bytes, bytes]:
+    """Runs `argv` with stderr on a pseudo-terminal and stdout on a pipe; `while_running(proc,
+    shown)` is called once it started, with what the terminal showed so far. Returns (exit
+    code, what the terminal showed, stdout)."""
+    import os
+    import pty
+    import subprocess
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env or clean_env()
+    )
+    os.close(slave)
+    shown = bytearray()
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        if while_running is not None:
+            while_running(proc, shown)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(5)
+        os.close(master)
+    return proc.returncode, bytes(shown), stdout
 
 
 def until(what: str, cond, timeout: float = 10.0):
@@ -141,7 +182,7 @@ def test_top_level_serve_flags(artifacts, track_process):
     assert bad.returncode == 2 and "cannot be used with" in bad.stderr, bad.stderr
 
 
-# --- item 10: no colour codes off a terminal ------------------------------------------------
+# --- item 10: no colour codes off a terminal or with NO_COLOR ------------------------------
 
 
 def test_logs_have_no_colour_codes_off_a_terminal(artifacts, track_process):
@@ -159,6 +200,19 @@ def test_logs_have_no_colour_codes_off_a_terminal(artifacts, track_process):
     assert b" INFO " in text or b"INFO" in text, text[:500]
     assert b"\x1b[" not in text, text[:500]
 
+    # On a terminal: colour, unless NO_COLOR says otherwise.
+    for no_color, coloured in ((None, True), ("1", False)):
+        term_env = {**env, **({"NO_COLOR": no_color} if no_color else {})}
+
+        def stop_once_listening(proc, shown) -> None:
+            until("the listening line", lambda: b"listening on" in shown)
+            proc.terminate()
+
+        argv = [str(ferrocast_bin()), "serve", "--listen", f"127.0.0.1:{free_port()}", "--no-simulator"]
+        code, shown, _ = run_with_terminal_stderr(argv, stop_once_listening, env=term_env)
+        assert code == 0, shown
+        assert (b"\x1b[" in shown) is coloured, (no_color, shown[:300])
+
     # FORCE_COLOR asks for colour even into a file, so the check above can fail.
     port = free_port()
     forced = artifacts / "forced.log"
@@ -171,7 +225,7 @@ def test_logs_have_no_colour_codes_off_a_terminal(artifacts, track_process):
     assert b"\x1b[" in forced.read_bytes()
 
 
-# --- item 12: bench's live line only on a terminal -----------------------------------------
+# --- item 12: the live status line of bench and sub only on a terminal ---------------------
 
 
 BENCH = ["--subscribers", "3", "--channels", "1", "--rate", "200", "--duration", "1",
@@ -195,33 +249,49 @@ def test_bench_json_and_piped_stderr_stay_clean(start_server):
 
 
 def test_bench_draws_a_live_line_on_a_terminal(start_server):
-    import os
-    import pty
-    import subprocess
-
     server = start_server()
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [str(ferrocast_bin()), "bench", "--url", server.ws_url(), *BENCH],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
-    )
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not chunk:
-            break
-        seen += chunk
-    stdout, _ = proc.communicate(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0, seen
+    code, seen, stdout = run_with_terminal_stderr([str(ferrocast_bin()), "bench", "--url", server.ws_url(), *BENCH])
+    assert code == 0, seen
     assert b"\r\x1b[2K" in seen, seen
     assert b"measuring" in seen and b"conns 3" in seen and b"msgs " in seen, seen
     assert seen.endswith(b"\r\x1b[2K"), "the line is cleared at the end"
     assert stdout, "the report still goes to stdout"
+
+
+def test_sub_counts_on_a_terminal_while_its_messages_go_to_a_pipe(start_server):
+    server = start_server()
+    channel = "chat.progress"
+
+    def publish_slowly(*_) -> None:
+        until(
+            "the subscription",
+            lambda: any(c["channel"] == channel and c["subscribers"] == 1
+                        for c in server.get("/api/channels").json()["channels"]),
+        )
+        for n in range(1, 6):
+            server.publish(channel, {"n": n})
+            time.sleep(0.4)  # the line is redrawn every 0.5 s
+
+    code, shown, stdout = run_with_terminal_stderr(
+        [str(ferrocast_bin()), "sub", server.ws_url(), channel, "--count", "5"], publish_slowly
+    )
+    assert code == 0, shown
+    lines = stdout.decode().splitlines()
+    assert [json.loads(line)["data"]["n"] for line in lines] == [1, 2, 3, 4, 5], stdout
+    assert b"\r" not in stdout and b"\x1b[" not in stdout, "the messages stay machine-readable"
+    assert b"\r\x1b[2K" in shown and b"receiving" in shown and b" received" in shown, shown
+
+    # stderr not a terminal: not a byte of status.
+    import subprocess
+
+    proc = subprocess.Popen(
+        [str(ferrocast_bin()), "sub", server.ws_url(), channel, "--count", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(),
+    )
+    publish_slowly()
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and stderr == b"", stderr
+    assert len(stdout.splitlines()) == 2
 
 
 # --- item 11: candle backfill -----------------------------------------------------------------

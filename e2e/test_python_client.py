@@ -1,7 +1,8 @@
 """The Python client (clients/python, imported as `ferrocast`) against real ferrocast
 processes: subscribe and publish (socket and HTTP, sync and async), typed publish errors,
 batched frames, recovery across an abrupt disconnect and across a server restart on the same
-port, a graceful drain with the 1001 hint, a terminal close code, the heartbeat and the
+port (a gap without shared history; every message with history in Redis), a graceful drain
+with the 1001 hint (and full recovery through it with Redis), a terminal close code, the heartbeat and the
 liveness timeout (through a TCP relay that can freeze), and the blocking SyncClient."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, http_status
+from ferrocast_e2e.redis import RedisServer
 from ferrocast_e2e.server import FerrocastServer, clean_env, serve_argv
 
 # Test the client next to this file even when the venv's editable install (from
@@ -346,6 +349,56 @@ async def test_graceful_drain_honours_after_ms_then_reconnects_to_the_new_server
     assert (await sub.get(5)).data == "after the drain"
 
 
+@pytest.fixture
+def redis(artifacts, track_process):
+    server = RedisServer(artifacts).start()
+    track_process(server.process)
+    yield server
+    server.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["restart", "drain"])
+async def test_recovery_across_a_restart_and_a_drain_with_history_in_redis(
+    how, start_server, restart_on, redis, clients
+):
+    """With history kept in Redis, a server that goes away (killed, or drained with the 1001
+    hint) and comes back on the same port loses nothing: the client resumes from its
+    position and gets exactly what was published meanwhile (through another node), once, in
+    order, in the same epoch, with no gap."""
+    cluster = ("broker.kind=redis", f"broker.url={redis.url}", "server.reconnect_after_ms=300")
+    a = start_server(*cluster)
+    b = start_server(*cluster)
+    client = clients(a)
+    events = Events(client)
+    await client.connect(timeout=5)
+    sub = client.subscribe("chat.pyredis")
+    epoch = (await sub.ready(5))["epoch"]
+    with ferrocast.Publisher(b.base_url) as publisher:
+        publisher.publish_batch([("chat.pyredis", n) for n in range(1, 4)])
+        assert [(m.offset, m.data) for m in await received(sub, 3)] == [(1, 1), (2, 2), (3, 3)]
+
+        a.process.signal(signal.SIGKILL if how == "restart" else signal.SIGTERM)
+        await events.until(lambda: "reconnecting" in events.names(), 10, "reconnecting")
+        _, _, detail = events.states[events.names().index("reconnecting")]
+        assert detail["code"] == (1006 if how == "restart" else 1001), detail
+        await asyncio.to_thread(a.process.wait, 10)
+        missed = publisher.publish_batch([("chat.pyredis", n) for n in range(4, 9)])
+        assert [r.offset for r in missed] == [4, 5, 6, 7, 8] and {r.epoch for r in missed} == {epoch}
+        a2 = await asyncio.to_thread(restart_on, a, *cluster)
+
+        await events.until(lambda: len(events.subscribed) == 2, 15, "the resubscribe ack")
+        channel, result = events.subscribed[-1]
+        assert channel == "chat.pyredis" and result["recovered"] is True, result
+        assert result.get("replayed") == 5 and result["epoch"] == epoch, result
+        a2.publish("chat.pyredis", 9)
+        got = await received(sub, 6)
+    assert [(m.offset, m.data, m.epoch) for m in got] == [(n, n, epoch) for n in range(4, 10)]
+    assert events.gaps == []
+    stats = client.stats()
+    assert (stats.gaps, stats.duplicates, stats.reconnects) == (0, 0, 1), stats
+
+
 @pytest.mark.timeout(30)
 async def test_origin_refusal_1008_is_terminal_and_does_not_loop(start_server, clients):
     server = start_server('server.allowed_origins=["https://good.example"]')
@@ -557,6 +610,42 @@ async def test_a_refused_channel_fails_its_ready_and_emits_error(start_server, c
     server.publish("chat.one", "kept")
     assert (await first.get(5)).data == "kept"
     assert client.state == "connected"
+
+
+def readme_python_blocks() -> list[str]:
+    """The Python code blocks of clients/python/README.md from "## Quick start" to the next
+    section's first block that is not a subscriber (the quick start and its asyncio twin)."""
+    text = (REPO_ROOT / "clients" / "python" / "README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    quick = quick[: quick.index("In a FastAPI")]
+    return [block.split("```", 1)[0] for block in quick.split("```python\n")[1:]]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("block", [0, 1], ids=["quick-start", "asyncio"])
+def test_the_readme_quick_starts_run_as_written(block, server):
+    """Each quick start, with only the address changed, prints what is published."""
+    code = readme_python_blocks()[block].replace("http://127.0.0.1:8080", server.base_url)
+    assert block != 0 or len(code.strip().splitlines()) == 5, f"the quick start is five lines:\n{code}"
+    env = {**clean_env(), "PYTHONPATH": str(REPO_ROOT / "clients" / "python" / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not any(
+            c["channel"] == "chat.lobby" and c["subscribers"] == 1 for c in server.get("/api/channels").json()["channels"]
+        ):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the quick start did not subscribe"
+            time.sleep(0.05)
+        offset = server.publish("chat.lobby", {"text": "again"})["offset"]
+        # The five-line quick start published "hi" first: that was offset 1.
+        assert offset == (2 if block == 0 else 1)
+        assert proc.stdout.readline().strip() == f"{offset} {{'text': 'again'}}"
+    finally:
+        proc.kill()
+        proc.communicate(timeout=5)
 
 
 def test_url_resolution_and_backoff_bounds():

@@ -287,39 +287,37 @@ const statusIs = (page, states, timeout, what) =>
 
 const text = (page, selector) => page.locator(selector).first().textContent();
 
-/** Symbol -> the text of its "Last" cell. */
-const lastPrices = (page) =>
-  page.evaluate(() =>
-    Object.fromEntries([...document.querySelectorAll('#tickers tr[data-sym]')].map((tr) => [tr.dataset.sym, tr.querySelector('td.last').textContent])),
-  );
+let priceWaits = 0;
 
-/** Waits until some ticker row shows a price, then until one of those prices changes. */
+/**
+ * Waits until a price the ticker table showed changes: the first price each row shows
+ * (whenever it arrives) is its baseline, and any row moving off its baseline ends the wait.
+ * Every row counts, also one that gets its first price after the wait began: after a restart
+ * only the few symbols that traded just then have a price, and waiting on those alone would
+ * wait on whether one rarely traded symbol trades again. Returns `{sym, from, to}`.
+ */
 async function waitForPriceChange(page, timeout = 10000) {
-  const dash = '–';
-  await until(
+  const key = `__prices${(priceWaits += 1)}`;
+  const change = await until(
     page,
-    (dash) => [...document.querySelectorAll('#tickers tr[data-sym] td.last')].some((td) => td.textContent !== dash),
-    dash,
-    timeout,
-    'a ticker row with a price',
-  );
-  const before = await lastPrices(page);
-  await until(
-    page,
-    ({ before, dash }) =>
-      [...document.querySelectorAll('#tickers tr[data-sym]')].some((tr) => {
-        const was = before[tr.dataset.sym];
+    ({ key, dash }) => {
+      const baseline = (window[key] ??= {});
+      for (const tr of document.querySelectorAll('#tickers tr[data-sym]')) {
+        const sym = tr.dataset.sym;
         const now = tr.querySelector('td.last').textContent;
-        return was !== undefined && was !== dash && now !== dash && now !== was;
-      }),
-    { before, dash },
+        if (now === dash) continue;
+        if (baseline[sym] === undefined) baseline[sym] = now;
+        else if (baseline[sym] !== now) return { sym, from: baseline[sym], to: now };
+      }
+      return false;
+    },
+    { key, dash: '–' },
     timeout,
     'a ticker price to change',
-  );
-  const after = await lastPrices(page);
-  const changed = Object.keys(after).filter((sym) => before[sym] && before[sym] !== dash && after[sym] !== before[sym]);
-  assert.ok(changed.length > 0, `some price changed: ${JSON.stringify({ before, after })}`);
-  return changed;
+  ).then((handle) => handle.jsonValue());
+  assert.notEqual(change.from, change.to, JSON.stringify(change));
+  assert.match(change.to, /\d/, `a price: ${JSON.stringify(change)}`);
+  return change;
 }
 
 /**

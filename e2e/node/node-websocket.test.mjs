@@ -3,14 +3,17 @@
 // on it. undici reports a refused connect with an `error` event and no `close`; the client must
 // count that as a failed attempt at once and go on with its jittered backoff, not wait out its
 // 10 s handshake timeout (which would bring every client back in one synchronized wave).
+// Also: the five-line quick start of clients/js/README.md runs as written.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { test } from 'node:test';
-import { Ferrocast, Inbox, freePort, sleep } from './lib/server.mjs';
+import { Ferrocast, Inbox, REPO_ROOT, freePort, sleep, waitFor } from './lib/server.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CHILD = path.join(HERE, 'lib', 'undici-client.mjs');
@@ -63,4 +66,34 @@ test('the client on Node\'s built-in WebSocket retries a refused connect at once
   const { code, signal } = await exited;
   clearTimeout(timer);
   assert.deepEqual({ code, signal }, { code: 0, signal: null }, `the child exits on its own after close(); stderr: ${stderr}`);
+});
+
+test('the README quick start runs as written on Node\'s built-in WebSocket, imported by its package name', { timeout: 30000 }, async (t) => {
+  const readme = readFileSync(path.join(REPO_ROOT, 'clients', 'js', 'README.md'), 'utf8');
+  const quick = readme.slice(readme.indexOf('Quick start'));
+  const code = quick.slice(quick.indexOf('```js\n') + 6, quick.indexOf('```', quick.indexOf('```js\n') + 6));
+  assert.equal(code.trim().split('\n').length, 5, `five lines:\n${code}`);
+  assert.match(code, /from '@ferrocast\/client'/);
+  const server = await Ferrocast.start({ name: 'node-readme' });
+  t.after(() => server.stop());
+  // An application's node_modules with the package in it, as `npm install @ferrocast/client` makes.
+  const app = mkdtempSync(path.join(tmpdir(), 'ferrocast-readme-'));
+  t.after(() => rmSync(app, { recursive: true, force: true }));
+  mkdirSync(path.join(app, 'node_modules', '@ferrocast'), { recursive: true });
+  symlinkSync(path.join(REPO_ROOT, 'clients', 'js'), path.join(app, 'node_modules', '@ferrocast', 'client'));
+  writeFileSync(path.join(app, 'quick.mjs'), code.replace('https://push.example.com', server.url));
+  const child = spawn(process.execPath, [...FLAGS, path.join(app, 'quick.mjs')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.after(() => child.exitCode === null && child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr.on('data', (chunk) => (stderr += chunk));
+  const lines = new Inbox();
+  createInterface({ input: child.stdout }).on('line', (line) => lines.push(line));
+  assert.equal(await lines.next(10000, 'the first state line'), 'link connecting');
+  assert.equal(await lines.next(10000, `the connected line; stderr: ${stderr}`), 'link connected');
+  await waitFor(async () => {
+    const { channels } = await (await fetch(`${server.url}/api/channels`)).json();
+    return channels.some((c) => c.channel === 'ticks.AAPL' && c.subscribers === 1);
+  }, 10000, 'the subscription to ticks.AAPL');
+  await server.publish('ticks.AAPL', { price: 231.25 });
+  assert.equal(await lines.next(10000, 'the printed price'), '231.25');
 });

@@ -10,7 +10,8 @@
 //      channels and event listeners, and the server's subscriber counts, go back to zero;
 //   4. useConnectionState and the channel statuses follow a server stop and restart;
 //   5. without a browser: server rendering (as in Next.js) creates no client and renders
-//      `connecting`; `npm pack` ships index.js, index.d.ts and the README.
+//      `connecting`; `npm pack` ships index.js, index.d.ts and the README;
+//   6. the README's five-line quick start, bundled as written (JSX), shows a live price.
 //
 // The page comes from its own small web server on another port, as a Next.js app would, and
 // the client connects cross-origin to the gateway. Screenshots and the page console go to
@@ -19,7 +20,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:http';
-import { createWriteStream, mkdirSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { after, before, describe, test } from 'node:test';
@@ -39,9 +40,10 @@ const FAST = ['server.ping_interval_ms=1000', 'server.reconnect_after_ms=200'];
  * names resolve to the in-repo sources (esbuild's alias), and bare imports in those sources
  * (`react`) resolve from this suite's node_modules, so there is exactly one React.
  */
-async function bundle(entry, { platform = 'browser' } = {}) {
+async function bundle(entry, { platform = 'browser', jsx } = {}) {
   const result = await build({
     entryPoints: [entry],
+    ...(jsx && { jsx }),
     bundle: true,
     format: 'esm',
     platform,
@@ -87,6 +89,8 @@ describe('@ferrocast/react in Chromium', { skip }, () => {
   let browser;
   let site;
   let http;
+  // Further pages a test adds: path -> [content type, body].
+  const routes = new Map();
 
   before(async () => {
     mkdirSync(ARTIFACTS, { recursive: true });
@@ -96,6 +100,7 @@ describe('@ferrocast/react in Chromium', { skip }, () => {
       const { pathname } = new URL(req.url, 'http://x');
       if (pathname === '/app.js') res.writeHead(200, { 'content-type': 'text/javascript' }).end(appJs);
       else if (pathname === '/') res.writeHead(200, { 'content-type': 'text/html' }).end(PAGE);
+      else if (routes.has(pathname)) res.writeHead(200, { 'content-type': routes.get(pathname)[0] }).end(routes.get(pathname)[1]);
       else res.writeHead(404).end();
     });
     await new Promise((resolve) => http.listen(0, '127.0.0.1', resolve));
@@ -319,6 +324,31 @@ describe('@ferrocast/react in Chromium', { skip }, () => {
     assert.deepEqual(log.messages.r, [{ v: 'before' }, { v: 'after' }]);
     assert.equal((await subscribers(server))['react.restart'], 1);
     assert.deepEqual(page.errors, []);
+  });
+
+  test('6. the README quick start, as written (JSX), shows a live price', { timeout: 30000 }, async (t) => {
+    const readme = readFileSync(path.join(REACT_DIR, 'README.md'), 'utf8');
+    const code = readme.slice(readme.indexOf('```jsx\n') + 7, readme.indexOf('```', readme.indexOf('```jsx\n') + 7));
+    assert.equal(code.trim().split('\n').length, 5, `five lines:\n${code}`);
+    const server = await startServer({ name: 'readme' });
+    t.after(() => server.stop());
+    mkdirSync(ARTIFACTS, { recursive: true });
+    writeFileSync(path.join(ARTIFACTS, 'readme-app.jsx'), code.replace('https://push.example.com', server.url));
+    const entry = path.join(ARTIFACTS, 'readme-entry.jsx');
+    writeFileSync(entry, "import { createRoot } from 'react-dom/client';\nimport { App } from './readme-app.jsx';\ncreateRoot(document.getElementById('root')).render(<App />);\n");
+    routes.set('/readme.js', ['text/javascript', await bundle(entry, { jsx: 'automatic' })]);
+    routes.set('/readme', ['text/html', PAGE.replace('/app.js', '/readme.js')]);
+    const context = await browser.newContext();
+    t.after(() => context.close().catch(() => {}));
+    const page = await context.newPage();
+    const errors = [];
+    page.on('pageerror', (err) => errors.push(String(err)));
+    await page.goto(`${site}/readme`, { waitUntil: 'load' });
+    await page.waitForFunction(() => document.querySelector('#root b')?.textContent === '–', null, { timeout: 10000, polling: 25 });
+    await waitFor(async () => (await subscribers(server))['ticks.AAPL'] === 1, 10000, 'the subscription to ticks.AAPL');
+    await server.publish('ticks.AAPL', { price: 231.25 });
+    await page.waitForFunction(() => document.querySelector('#root b')?.textContent === '231.25', null, { timeout: 10000, polling: 25 });
+    assert.deepEqual(errors, []);
   });
 });
 

@@ -159,28 +159,31 @@ for (const transports of [['websocket'], ['polling']]) {
     socket.on('connect', async () => {
       subscribed.push(await socket.timeout(5000).emitWithAck('subscribe', channel));
     });
-    await subscribed.next(5000, 'the first subscribe');
-    await server.publish(channel, { n: 1 });
-    assert.deepEqual((await messages.next(5000, 'a message')).data, { n: 1 });
-    server.drain();
-    const close = await closes.next(5000, 'a close event');
-    assert.equal(close.code, 1001);
-    assert.equal(JSON.parse(close.reason).reconnect, true);
-    // A transport loss, not "io server disconnect": socket.io-client retries on its own.
-    const reason = await disconnects.next(5000, 'a disconnect');
-    assert.ok(['transport close', 'transport error'].includes(reason), reason);
-    assert.equal(socket.active, true, 'the client keeps trying to reconnect');
-    assert.equal(await server.exited, 0);
-    // A new server at the same address: the client comes back by itself.
-    const next = await Ferrocast.start({ sets, port: server.port, name: 'socketio-drain-next' });
+    // Whatever fails, the client stops retrying and no server is left behind.
+    let next = null;
     try {
+      await subscribed.next(5000, 'the first subscribe');
+      await server.publish(channel, { n: 1 });
+      assert.deepEqual((await messages.next(5000, 'a message')).data, { n: 1 });
+      server.drain();
+      const close = await closes.next(5000, 'a close event');
+      assert.equal(close.code, 1001);
+      assert.equal(JSON.parse(close.reason).reconnect, true);
+      // A transport loss, not "io server disconnect": socket.io-client retries on its own.
+      const reason = await disconnects.next(5000, 'a disconnect');
+      assert.ok(['transport close', 'transport error'].includes(reason), reason);
+      assert.equal(socket.active, true, 'the client keeps trying to reconnect');
+      assert.equal(await server.exited, 0);
+      // A new server at the same address: the client comes back by itself.
+      next = await Ferrocast.start({ sets, port: server.port, name: 'socketio-drain-next' });
       await subscribed.next(10000, 'a subscribe after reconnecting');
       assert.equal(socket.io.engine.transport.name, transports[0]);
       await next.publish(channel, { n: 2 });
       assert.deepEqual((await messages.next(5000, 'a message from the new server')).data, { n: 2 });
     } finally {
       socket.close();
-      await next.stop();
+      await server.stop();
+      await next?.stop();
     }
   });
 }

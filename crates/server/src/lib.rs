@@ -229,6 +229,11 @@ pub fn router(app: Arc<AppState>) -> Router {
 
 /// Pending-connection queue length requested from the kernel.
 const LISTEN_BACKLOG: u32 = 8192;
+/// How long, once draining starts, an idle keep-alive HTTP connection stays open for a
+/// request already on its way. Closing it at once would reset such a request: a Socket.IO
+/// long-poll, sent again the moment the previous one is answered, would fail before the
+/// server could give it the client's `close` event.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// A bound, not yet serving, server.
 #[derive(Debug)]
@@ -333,7 +338,15 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
                 if !http_allowed && !connections::ALWAYS_ANSWERED.contains(&path) {
                     return Ok::<_, Infallible>(app.connections.overloaded(peer, max));
                 }
-                router.oneshot(req).await
+                let mut res = router.oneshot(req).await?;
+                // While draining, every answer ends its connection (an upgrade's is taken over).
+                if app.shutdown.is_draining()
+                    && res.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                {
+                    res.headers_mut()
+                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                Ok(res)
             }
         });
         // A connection accepted while draining serves one request (e.g. /readyz) and closes;
@@ -353,8 +366,14 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
             tokio::select! {
                 result = conn.as_mut() => result,
                 _ = app.shutdown.draining() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+                    // Requests arriving meanwhile are answered, with `Connection: close`.
+                    match tokio::time::timeout(DRAIN_LINGER, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
                 }
             }
         };

@@ -5,11 +5,14 @@
 //! - **Drain.** socketioxide's `SocketIo::close` sends a Socket.IO DISCONNECT and an
 //!   Engine.IO close packet, which python-socketio (and socket.io-client: "io server
 //!   disconnect") read as "the server ended this on purpose": they do not reconnect. So on
-//!   drain the library is not asked to close anything. Once the `close` event (1001 and a
-//!   reconnect hint) had [`DRAIN_NOTICE`] to leave, the transports are dropped abruptly:
-//!   every websocket loses its TCP connection without a close packet, pending and new polling
-//!   requests are answered `503`, and new handshakes get `503` from the start of the drain.
-//!   Every Socket.IO client library reads these as a transport error and reconnects by itself.
+//!   drain the library is not asked to close anything: each socket's writer emits a `close`
+//!   event (1001 and a reconnect hint), then the transports are dropped abruptly. Every
+//!   websocket loses its TCP connection without a close packet once the event had
+//!   [`DRAIN_NOTICE`] to leave. A polling session is refused (`503`) once a poll has carried
+//!   its `close` event away ([`PollingDrain`]), however late the client comes for it, and at
+//!   the latest half the shutdown grace after the drain began. New handshakes and upgrades get
+//!   `503` from the start of the drain. Every Socket.IO client library reads these as a
+//!   transport error and reconnects by itself.
 //! - **First heartbeat.** engineioxide sends its first ping right at the handshake (its
 //!   heartbeat task does not wait for the first interval); Engine.IO says the server pings
 //!   after `pingInterval`. ferrocast holds that first ping (a ping within half an interval of
@@ -21,7 +24,7 @@
 //!
 //! Both are workarounds for socketioxide / engineioxide 0.18 / 0.17: see docs/protocol.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -33,21 +36,27 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tower::{Service, ServiceExt};
 
 use crate::AppState;
+use crate::shutdown::ConnectionGuard;
 use crate::ws::{switching_protocols, upgrade_problem};
 
-/// How long, once draining starts, sockets have to receive their `close` event before every
-/// transport is dropped.
+/// How long, once draining starts, websocket sockets have to receive their `close` event
+/// before their transport is dropped.
 pub const DRAIN_NOTICE: Duration = Duration::from_millis(200);
+/// How a socket's drain `close` event starts in a polling payload: an Engine.IO message (`4`)
+/// carrying a Socket.IO EVENT (`2`) on the main namespace, `close` with code 1001 (the
+/// writer emits `{"code":..,"reason":..}`; serde_json writes the keys in that order).
+const DRAIN_CLOSE_PACKET: &str = r#"42["close",{"code":1001,"#;
 /// Engine.IO v4 separates the packets of one polling payload with the record separator.
 const SEPARATOR: char = '\u{1e}';
 /// A polling session whose first poll has not come this long after its handshake is
@@ -77,8 +86,10 @@ struct FrontState {
     first_ping: Mutex<HashMap<String, Instant>>,
     /// `server.ping_interval_ms`.
     ping_interval: Duration,
-    /// Turns true when the drain notice is over and every transport is dropped.
+    /// Turns true when the drain notice is over and every websocket transport is dropped.
     cut: watch::Sender<bool>,
+    /// The polling sessions' side of the drain.
+    polls: Arc<PollingDrain>,
     /// Whether the task that turns `cut` on has been started.
     cutter: AtomicBool,
 }
@@ -97,23 +108,26 @@ impl FrontState {
         self.first_ping.lock().remove(sid).is_some_and(|until| Instant::now() < until)
     }
 
-    /// Starts (once, from inside the runtime) the task that cuts every transport after the
-    /// drain notice.
+    /// Starts (once, from inside the runtime) the task that cuts the websocket transports
+    /// after the drain notice, then gives up on polling sessions that never came for their
+    /// `close` event, half the shutdown grace after the drain began.
     fn start_cutter(&self) {
         if self.cutter.swap(true, Ordering::AcqRel) {
             return;
         }
         let shutdown = self.app.shutdown.clone();
         let cut = self.cut.clone();
+        let polls = self.polls.clone();
+        let window =
+            (Duration::from_millis(self.app.config.server.shutdown_grace_ms) / 2).max(DRAIN_NOTICE);
         tokio::spawn(async move {
             shutdown.draining().await;
+            let began = tokio::time::Instant::now();
             tokio::time::sleep(DRAIN_NOTICE).await;
             cut.send_replace(true);
+            tokio::time::sleep_until(began + window).await;
+            polls.over.send_replace(true);
         });
-    }
-
-    fn is_cut(&self) -> bool {
-        *self.cut.borrow()
     }
 
     /// Resolves when the transports are cut.
@@ -125,14 +139,79 @@ impl FrontState {
     }
 }
 
+/// The drain of polling sessions, shared by the front, which sees each session's `close`
+/// event leave in a poll's answer, and the sockets' writers, which end their session then.
+/// A polling client comes for its packets when it comes (a loaded client may take a while
+/// between polls), so its transport is dropped after it has its `close` event, not after a
+/// fixed time in which it may not have polled.
+#[derive(Debug)]
+pub struct PollingDrain {
+    /// Sessions whose `close` event has been handed to their client.
+    told: Mutex<HashSet<String>>,
+    told_changed: Notify,
+    /// Turns true when sessions not told yet are given up on.
+    over: watch::Sender<bool>,
+}
+
+impl PollingDrain {
+    pub fn new() -> Arc<PollingDrain> {
+        Arc::new(PollingDrain {
+            told: Mutex::default(),
+            told_changed: Notify::new(),
+            over: watch::channel(false).0,
+        })
+    }
+
+    fn tell(&self, sid: &str) {
+        self.told.lock().insert(sid.to_owned());
+        self.told_changed.notify_waiters();
+    }
+
+    fn was_told(&self, sid: &str) -> bool {
+        self.told.lock().contains(sid)
+    }
+
+    fn is_over(&self) -> bool {
+        *self.over.borrow()
+    }
+
+    /// Resolves once a poll has carried session `sid`'s `close` event to its client (and
+    /// the answer has been written), or the drain gave up on waiting for it.
+    pub async fn told_or_over(&self, sid: &str) {
+        let mut over = self.over.subscribe();
+        loop {
+            let changed = self.told_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.was_told(sid) {
+                return;
+            }
+            tokio::select! {
+                () = &mut changed => {}
+                _ = over.wait_for(|over| *over) => return,
+            }
+        }
+    }
+
+    /// Runs `fut` unless the drain gives up on polling sessions first.
+    async fn until_over<T>(&self, fut: impl Future<Output = T>) -> Option<T> {
+        let mut rx = self.over.subscribe();
+        tokio::select! {
+            out = fut => Some(out),
+            _ = rx.wait_for(|over| *over) => None,
+        }
+    }
+}
+
 impl<S> EngineFront<S> {
-    pub fn new(inner: S, app: Arc<AppState>, websocket: bool) -> Self {
+    pub fn new(inner: S, app: Arc<AppState>, websocket: bool, polls: Arc<PollingDrain>) -> Self {
         let state = FrontState {
             ping_interval: Duration::from_millis(app.config.server.ping_interval_ms),
             app,
             websocket,
             first_ping: Mutex::default(),
             cut: watch::channel(false).0,
+            polls,
             cutter: AtomicBool::new(false),
         };
         EngineFront { inner, state: Arc::new(state) }
@@ -205,11 +284,17 @@ where
 {
     state.start_cutter();
     let q = EioQuery::parse(req.uri().query());
-    if state.app.shutdown.is_draining() && (q.sid.is_none() || state.is_cut()) {
-        return draining();
-    }
     let is_get = req.method() == Method::GET;
     let transport = q.transport.as_deref();
+    let polling_get = is_get && transport == Some("polling");
+    if state.app.shutdown.is_draining()
+        && (q.sid.is_none()
+            || transport != Some("polling")
+            || state.polls.is_over()
+            || (polling_get && q.sid.as_deref().is_some_and(|sid| state.polls.was_told(sid))))
+    {
+        return draining();
+    }
     if is_get
         && transport == Some("websocket")
         && q.eio.as_deref() == Some("4")
@@ -247,23 +332,32 @@ where
         });
         return switching_protocols(key.as_bytes());
     }
-    let polling_get = is_get && transport == Some("polling");
     let Some(sid) = q.sid.filter(|_| polling_get) else {
         let handshake = polling_get;
-        let Some(res) = until_cut(&state, call_http(&mut inner, req)).await else {
+        let Some(res) = state.polls.until_over(call_http(&mut inner, req)).await else {
             return draining();
         };
         return if handshake { note_handshake(&state, res).await } else { res };
     };
     if !state.first_ping.lock().contains_key(&sid) {
-        return until_cut(&state, call_http(&mut inner, req)).await.unwrap_or_else(draining);
+        let Some(res) = state.polls.until_over(call_http(&mut inner, req)).await else {
+            return draining();
+        };
+        if !state.app.shutdown.is_draining() || res.status() != StatusCode::OK {
+            return res;
+        }
+        let (head, body) = res.into_parts();
+        let Ok(bytes) = body.collect().await.map(|b| b.to_bytes()) else {
+            return draining();
+        };
+        return answer_poll(&state, &sid, head, bytes);
     }
     // The session's first poll: hold its first ping back (answering it), polling again when
     // nothing else was in the payload.
     let (parts, _) = req.into_parts();
     loop {
         let req = Request::from_parts(parts.clone(), Body::empty());
-        let Some(res) = until_cut(&state, call_http(&mut inner, req)).await else {
+        let Some(res) = state.polls.until_over(call_http(&mut inner, req)).await else {
             return draining();
         };
         if res.status() != StatusCode::OK {
@@ -276,11 +370,11 @@ where
         let text = String::from_utf8_lossy(&bytes);
         let mut packets: Vec<&str> = text.split(SEPARATOR).collect();
         let Some(ping) = packets.iter().position(|p| *p == "2") else {
-            return Response::from_parts(head, Body::from(bytes));
+            return answer_poll(&state, &sid, head, bytes);
         };
         if !state.take_early_ping(&sid) {
             // A regular ping (the early one went over an upgrade, or never came).
-            return Response::from_parts(head, Body::from(bytes));
+            return answer_poll(&state, &sid, head, bytes);
         }
         packets.remove(ping);
         let pong = Request::builder()
@@ -295,9 +389,38 @@ where
         }
         if !packets.is_empty() {
             head.headers.remove(header::CONTENT_LENGTH);
-            return Response::from_parts(head, Body::from(packets.join("\u{1e}")));
+            return answer_poll(&state, &sid, head, packets.join("\u{1e}").into());
         }
     }
+}
+
+/// A poll's answer as the client gets it. While draining, an answer that carries the
+/// session's `close` event marks the session told (its later polls are refused) and holds a
+/// connection guard until written, so the server does not exit with it unsent.
+fn answer_poll(
+    state: &FrontState,
+    sid: &str,
+    head: http::response::Parts,
+    bytes: Bytes,
+) -> Response {
+    if !state.app.shutdown.is_draining() || !carries_drain_close(&bytes) {
+        return Response::from_parts(head, Body::from(bytes));
+    }
+    let guard: ConnectionGuard = state.app.shutdown.track();
+    state.polls.tell(sid);
+    tracing::debug!(%sid, "socket.io drain: close event polled");
+    let body = Full::new(bytes).map_frame(move |frame| {
+        let _written_first = &guard;
+        frame
+    });
+    Response::from_parts(head, Body::new(body))
+}
+
+/// Whether a polling payload carries a drain `close` event.
+fn carries_drain_close(payload: &[u8]) -> bool {
+    payload
+        .split(|b| *b == SEPARATOR as u8)
+        .any(|packet| packet.starts_with(DRAIN_CLOSE_PACKET.as_bytes()))
 }
 
 async fn call_http<S, R>(inner: &mut S, req: Request<Body>) -> Response
@@ -308,15 +431,6 @@ where
     let Ok(ready) = ServiceExt::<Request<Body>>::ready(inner).await;
     let Ok(res) = ready.call(req).await;
     res.into_response()
-}
-
-/// Runs `fut` unless the transports are cut first.
-async fn until_cut<T>(state: &FrontState, fut: impl Future<Output = T>) -> Option<T> {
-    let mut rx = state.cut.subscribe();
-    tokio::select! {
-        out = fut => Some(out),
-        _ = rx.wait_for(|cut| *cut) => None,
-    }
 }
 
 /// Remembers a new polling session, whose first poll will carry the library's early ping.

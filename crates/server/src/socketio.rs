@@ -55,7 +55,7 @@ use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::Session;
 use crate::shutdown::ConnectionGuard;
-use crate::sio_engine::EngineFront;
+use crate::sio_engine::{EngineFront, PollingDrain};
 use crate::sse::MsgView;
 use crate::ws::origin_allowed;
 
@@ -65,9 +65,10 @@ const ENGINE_BUFFER_PACKETS: usize = 1024;
 /// Retry delays while the engine's buffer is full.
 const MIN_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
-/// When a draining socket's writer ends its session: after
-/// [`crate::sio_engine::DRAIN_NOTICE`], when the
-/// transports are dropped, without waiting on the library's disconnect handler.
+/// When a draining websocket socket's writer ends its session: after
+/// [`crate::sio_engine::DRAIN_NOTICE`], when its transport is dropped, without waiting on the
+/// library's disconnect handler. A polling socket's writer ends it once a poll has carried
+/// the `close` event away ([`PollingDrain::told_or_over`]).
 const DRAIN_EXIT: Duration = Duration::from_millis(500);
 
 /// The Socket.IO routes (the configured path and everything under it), to merge into the
@@ -96,8 +97,9 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
     };
     let (service, io) = builder.build_svc();
     // ferrocast's front handles the drain cut-off and the first heartbeat (sio_engine).
-    let service = EngineFront::new(service, app.clone(), websocket);
-    let state = Arc::new(SioState { app: app.clone() });
+    let polls = PollingDrain::new();
+    let service = EngineFront::new(service, app.clone(), websocket, polls.clone());
+    let state = Arc::new(SioState { app: app.clone(), polls });
     let admit_state = state.clone();
     // The middleware runs before socketioxide sends the connect packet, the handler after it
     // (socketioxide spawns the future the handler returns). So the event handlers are
@@ -129,6 +131,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
 #[derive(Debug)]
 struct SioState {
     app: Arc<AppState>,
+    /// Which polling sockets have polled their drain `close` event.
+    polls: Arc<PollingDrain>,
 }
 
 /// Admission, before the socket joins the namespace: the same rules as a `/ws` upgrade. A
@@ -236,7 +240,7 @@ fn on_connect(state: Arc<SioState>, s: SocketRef) {
         transport = ?s.transport_type(),
         "socket.io connected"
     );
-    tokio::spawn(run_socket(conn, s, guard));
+    tokio::spawn(run_socket(conn, s, state.polls.clone(), guard));
 }
 
 /// One socket's state, shared by its event handlers and its writer.
@@ -477,16 +481,22 @@ enum Stage {
 struct Writer {
     conn: Arc<Conn>,
     socket: SocketRef,
+    polls: Arc<PollingDrain>,
     pending: VecDeque<Outbound>,
     stage: Stage,
 }
 
-async fn run_socket(conn: Arc<Conn>, socket: SocketRef, guard: ConnectionGuard) {
+async fn run_socket(
+    conn: Arc<Conn>,
+    socket: SocketRef,
+    polls: Arc<PollingDrain>,
+    guard: ConnectionGuard,
+) {
     let app = conn.app.clone();
     let conn_id = conn.conn_id;
     let sid = socket.id;
     let mut writer =
-        Writer { conn: conn.clone(), socket, pending: VecDeque::new(), stage: Stage::Start };
+        Writer { conn: conn.clone(), socket, polls, pending: VecDeque::new(), stage: Stage::Start };
     let code = writer.run().await;
     drop(writer);
     // Dropping the session leaves every channel.
@@ -506,6 +516,9 @@ impl Writer {
         let mut backoff = MIN_BACKOFF;
         let mut told_draining = false;
         let mut drain_exit = None;
+        let mut polled_away = false;
+        // The engine's session id is the socket's (the `sid` of its polling requests).
+        let sid = self.socket.id.to_string();
         loop {
             match self.flush() {
                 Flush::Done => backoff = MIN_BACKOFF,
@@ -533,7 +546,11 @@ impl Writer {
                 let after = rand::rng().random_range(base..=base * 2);
                 let hint = format!("{{\"reconnect\":true,\"after_ms\":{after}}}");
                 self.emit_close(CloseCode::GoingAway.code(), &hint);
-                drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
+                if self.socket.transport_type() == TransportType::Polling {
+                    polled_away = true;
+                } else {
+                    drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
+                }
             }
             // Read each turn: an `auth` event may have moved it.
             let auth = self.conn.session.lock().as_ref().and_then(Session::auth_deadline);
@@ -572,6 +589,9 @@ impl Writer {
                 }
                 _ = drain_rx.changed(), if !told_draining => {}
                 _ = sleep_until_some(drain_exit) => return CloseCode::GoingAway.code(),
+                () = self.polls.told_or_over(&sid), if polled_away => {
+                    return CloseCode::GoingAway.code();
+                }
             }
         }
     }

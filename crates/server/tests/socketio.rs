@@ -6,6 +6,7 @@
 
 mod transports;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,22 +20,22 @@ use transports::{TIMEOUT, TestServer, http, metric};
 const SEPARATOR: char = '\u{1e}';
 
 /// A Socket.IO client over HTTP long-polling.
-struct Polling<'a> {
-    server: &'a TestServer,
+struct Polling {
+    addr: SocketAddr,
     sid: String,
     handshake: Value,
 }
 
-impl<'a> Polling<'a> {
+impl Polling {
     /// Opens the Engine.IO session and joins the main namespace.
-    async fn connect(server: &'a TestServer) -> Polling<'a> {
+    async fn connect(server: &TestServer) -> Polling {
         let r = http(server.addr, "GET", "/socket.io/?EIO=4&transport=polling", &[], None).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let text = r.text();
         let open = text.strip_prefix('0').unwrap_or_else(|| panic!("not an open packet: {text}"));
         let handshake: Value = serde_json::from_str(open).unwrap();
         let sid = handshake["sid"].as_str().unwrap().to_owned();
-        let client = Polling { server, sid, handshake };
+        let client = Polling { addr: server.addr, sid, handshake };
         client.post("40").await;
         // The namespace's connect packet (a heartbeat ping may come first).
         loop {
@@ -53,13 +54,13 @@ impl<'a> Polling<'a> {
     }
 
     async fn post(&self, payload: &str) {
-        let r = http(self.server.addr, "POST", &self.path(), &[], Some(payload.as_bytes())).await;
+        let r = http(self.addr, "POST", &self.path(), &[], Some(payload.as_bytes())).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
 
     /// One long-poll: the packets the server had (or the next ones it sends).
     async fn poll(&self) -> Vec<String> {
-        let r = http(self.server.addr, "GET", &self.path(), &[], None).await;
+        let r = http(self.addr, "GET", &self.path(), &[], None).await;
         assert_eq!(r.status, 200, "{}", r.text());
         r.text().split(SEPARATOR).map(str::to_owned).collect()
     }
@@ -286,6 +287,91 @@ async fn drain_tells_sockets_to_reconnect_and_closes_the_transport() {
     .await
     .expect("transport closed within 5 s");
     assert_eq!(end, "socket closed");
+    server.shutdown().await;
+}
+
+/// The drain `close` event among polled packets (answering pings on the way).
+async fn poll_drain_close(client: &Polling) -> Value {
+    for packet in client.packets(1).await {
+        if packet["args"][0] == "close" {
+            return packet["args"][1].clone();
+        }
+    }
+    panic!("no close event in the first packet after the drain")
+}
+
+/// A polling client is not on a timer: one that comes for its packets late (here 600 ms
+/// after the drain began, later than the websocket transports are cut) still gets its
+/// `close` event; its next poll is then refused at once (a transport error, so it reconnects
+/// elsewhere), and the drain ends once every client has had its `close`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_late_polling_clients_to_take_their_close_event() {
+    // Half the grace (10 s) is how long the drain would wait for a client that never polls.
+    let mut server =
+        TestServer::start(&["server.reconnect_after_ms=300", "server.shutdown_grace_ms=20000"])
+            .await;
+    let late = Polling::connect(&server).await;
+    let later = Polling::connect(&server).await;
+    for client in [&late, &later] {
+        client.post(r#"421["subscribe","chat.late"]"#).await;
+        assert_eq!(client.packets(1).await[0]["kind"], "ack");
+    }
+    server.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let close = poll_drain_close(&late).await;
+    assert_eq!(close["code"], 1001, "{close}");
+    let hint: Value = serde_json::from_str(close["reason"].as_str().unwrap()).unwrap();
+    assert_eq!(hint["reconnect"], true);
+    // While `later` keeps the server up, `late`'s next poll is refused within TIMEOUT (5 s),
+    // not held for the 10 s the drain would wait for a session not told yet.
+    let r = http(server.addr, "GET", &late.path(), &[], None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(poll_drain_close(&later).await["code"], 1001);
+    server.shutdown().await;
+}
+
+/// A long-poll is sent again the moment the previous one is answered, on the same keep-alive
+/// connection. One that is on its way when the drain begins is answered, with its `close`
+/// event and `Connection: close`, not cut off with the idle connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_a_keep_alive_connection_gets_the_drain_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+
+    /// One answer on the kept-alive connection: status, headers and body.
+    async fn read_answer(conn: &mut BufReader<TcpStream>) -> (u16, Vec<(String, String)>, String) {
+        let (status, headers) = transports::read_head(conn).await;
+        let length = headers.iter().find(|(n, _)| n == "content-length").expect("a length");
+        let mut body = vec![0; length.1.parse().unwrap()];
+        conn.read_exact(&mut body).await.unwrap();
+        (status, headers, String::from_utf8(body).unwrap())
+    }
+
+    let mut server = TestServer::start(&["server.reconnect_after_ms=300"]).await;
+    let client = Polling::connect(&server).await;
+    client.post(r#"421["subscribe","chat.keepalive"]"#).await;
+    assert_eq!(client.packets(1).await[0]["kind"], "ack");
+    let get = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", client.path(), server.addr);
+    let mut conn = BufReader::new(TcpStream::connect(server.addr).await.unwrap());
+    // One long-poll answered on the connection, which then stays open, idle.
+    conn.get_mut().write_all(get.as_bytes()).await.unwrap();
+    server.publish("chat.keepalive", json!({"n": 1})).await;
+    let (status, headers, body) = read_answer(&mut conn).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""data":{"n":1}"#), "{body}");
+    assert!(!headers.iter().any(|(n, v)| n == "connection" && v == "close"), "{headers:?}");
+    server.begin_shutdown();
+    // The drain has begun (readiness says so), and only now does the next poll go out.
+    for _ in 0..100 {
+        if http(server.addr, "GET", "/readyz", &[], None).await.status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    conn.get_mut().write_all(get.as_bytes()).await.unwrap();
+    let (status, headers, body) = read_answer(&mut conn).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#"42["close",{"code":1001,"#), "{body}");
+    assert!(headers.iter().any(|(n, v)| n == "connection" && v == "close"), "{headers:?}");
     server.shutdown().await;
 }
 
