@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
-import time
 from functools import partial
-from pathlib import Path
 
 import pytest
 
 from ferrocast_e2e import attack
 from ferrocast_e2e.attack import frame
+from ferrocast_e2e.canary import rss_bytes
 from ferrocast_e2e.server import FerrocastServer
 
 ATTACK_SECONDS = float(os.environ.get("FERROCAST_ABUSE_SECONDS", "20"))
@@ -33,85 +31,30 @@ ATTACK_SECONDS = float(os.environ.get("FERROCAST_ABUSE_SECONDS", "20"))
 BUDGET = 1024 * 1024
 #: RSS noise that is not the attacker's doing (allocator arenas, the canary's traffic).
 RSS_ALLOWANCE = 6 * 1024 * 1024
-CANARY_CHANNEL = "chat.canary"
-CANARY_INTERVAL = 0.02
-MAX_CANARY_GAP = 0.25
 
 pytestmark = pytest.mark.timeout(ATTACK_SECONDS + 60)
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-class Canary:
-    """A subscriber that should not notice anything: a message every 20 ms, all in order."""
-
-    def __init__(self, server: FerrocastServer) -> None:
-        self.server = server
-        self.arrivals: list[float] = []
-        self.offsets: list[int] = []
-        self.stop = threading.Event()
-        self.sent = 0
-
-    def publish_forever(self) -> None:
-        publisher = self.server.keepalive_publisher()
-        try:
-            while not self.stop.is_set():
-                publisher.publish_batch([(CANARY_CHANNEL, {"n": self.sent})])
-                self.sent += 1
-                time.sleep(CANARY_INTERVAL)
-        finally:
-            publisher.close()
-
-    async def listen(self, client) -> None:
-        while True:
-            msg = await client.next_msg(CANARY_CHANNEL, timeout=30)
-            self.arrivals.append(time.monotonic())
-            self.offsets.append(msg["offset"])
-
-    def check(self) -> None:
-        assert self.sent > ATTACK_SECONDS / CANARY_INTERVAL / 4, self.sent
-        assert len(self.offsets) == self.sent, (len(self.offsets), self.sent)
-        first = self.offsets[0]
-        assert self.offsets == list(range(first, first + len(self.offsets)))
-        gaps = [b - a for a, b in zip(self.arrivals, self.arrivals[1:])]
-        print(f"canary: {len(self.offsets)} messages, largest gap {max(gaps):.3f}s")
-        assert max(gaps) < MAX_CANARY_GAP, f"canary's largest gap {max(gaps):.3f}s"
-
-
 async def run_attack(
     server: FerrocastServer,
-    ws,
+    canary,
     step,
     loop: attack.Loop = attack.attack_loop,
     expect_closed: bool = True,
 ) -> dict:
     """Runs `loop(port, step, deadline, stats)` in an attacker process with a canary
     watching; returns the attacker's figures and the server's growth."""
-    canary = Canary(server)
-    client = await ws(server)
-    await client.subscribe_ok(CANARY_CHANNEL)
-    listener = asyncio.create_task(canary.listen(client))
-    publisher = threading.Thread(target=canary.publish_forever, daemon=True)
-    publisher.start()
+    bird = await canary(server)
     await asyncio.sleep(1.0)
     pid = server.process.pid
-    baseline = rss(pid)
+    baseline = rss_bytes(pid)
     peak = baseline
     closes_before = await server.ametric("ferrocast_closes_total", code="4008") or 0
     attacker = attack.AttackProcess(loop, server.port, step, ATTACK_SECONDS)
     while not attacker.done():
-        peak = max(peak, rss(pid))
+        peak = max(peak, rss_bytes(pid))
         await asyncio.sleep(0.1)
     stats = await asyncio.to_thread(attacker.stats)
-    canary.stop.set()
-    publisher.join(timeout=5)
-    await asyncio.sleep(0.5)
-    listener.cancel()
     stats["growth"] = peak - baseline
     stats["closes_4008"] = (
         await server.ametric("ferrocast_closes_total", code="4008") or 0
@@ -123,7 +66,8 @@ async def run_attack(
     if expect_closed:
         assert stats["closed"] >= 1, f"the attacker was never closed: {stats}"
         assert stats["closes_4008"] >= 1, stats
-    canary.check()
+    # The canary was published to every 20 ms for the whole attack.
+    await bird.check(min_published=int(ATTACK_SECONDS / 0.02 / 4))
     return stats
 
 
@@ -147,7 +91,7 @@ def frames(*requests: dict) -> bytes:
     return b"".join(frame(0x1, json.dumps(r).encode()) for r in requests)
 
 
-async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, ws):
+async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, canary):
     server = start_server()
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     step = partial(
@@ -162,27 +106,27 @@ async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, ws
             {"op": "unsubscribe", "id": 2, "channels": ["ticks.ABUSE"]},
         ),
     )
-    await run_attack(server, ws, step)
+    await run_attack(server, canary, step)
     assert "does not read the replies" in server.log() or "replies exceed" in server.log()
 
 
-async def test_ping_op_flood_from_a_non_reader(start_server, ws):
+async def test_ping_op_flood_from_a_non_reader(start_server, canary):
     """Thousands of tiny requests a second: the flooding connection yields its worker after
     a bounded amount of work however the bytes arrive, so tokio keeps polling everyone
     else's sockets and timers (this canary's gaps reached 0.45 s when the limit counted per
     read and a steady flood of short reads never let the task yield)."""
     server = start_server()
-    await run_attack(server, ws, attack.ping_ops)
+    await run_attack(server, canary, attack.ping_ops)
     assert "does not read the replies; closing with 4008" in server.log()
 
 
-async def test_blind_pongs_do_not_keep_a_non_reader_alive(start_server, ws):
+async def test_blind_pongs_do_not_keep_a_non_reader_alive(start_server, canary):
     """A client that answers heartbeats it never read, and floods pings, is still closed."""
     server = start_server()
-    await run_attack(server, ws, attack.pong_and_ping_op)
+    await run_attack(server, canary, attack.pong_and_ping_op)
 
 
-async def test_candle_snapshot_churn_from_a_non_reader(start_server, ws):
+async def test_candle_snapshot_churn_from_a_non_reader(start_server, canary):
     server = start_server()
     publish_history(server, "candles.ABUSE.1m", 500, 150)
     step = partial(
@@ -192,34 +136,34 @@ async def test_candle_snapshot_churn_from_a_non_reader(start_server, ws):
             {"op": "unsubscribe", "id": 2, "channels": ["candles.ABUSE.1m"]},
         ),
     )
-    await run_attack(server, ws, step)
+    await run_attack(server, canary, step)
 
 
-async def test_websocket_ping_flood_from_a_non_reader(start_server, ws):
+async def test_websocket_ping_flood_from_a_non_reader(start_server, canary):
     server = start_server()
     step = partial(attack.send_bytes, frame(0x9, b"p" * 125) * 20)
-    await run_attack(server, ws, step)
+    await run_attack(server, canary, step)
     # Closed because it stopped being read (its pongs piled up), not by chance.
     assert "does not read the replies; closing with 4008" in server.log()
 
 
-async def test_sse_control_flood_onto_a_stream_never_read(start_server, ws):
+async def test_sse_control_flood_onto_a_stream_never_read(start_server, canary):
     server = start_server()
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     loop = partial(attack.sse_recovery_flood, "ticks.ABUSE", epoch)
-    stats = await run_attack(server, ws, None, loop=loop)
+    stats = await run_attack(server, canary, None, loop=loop)
     statuses = stats["statuses"]
     assert statuses.get(503, 0) >= 1, f"control was never refused for backpressure: {statuses}"
 
 
-async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(start_server, ws):
+async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(start_server, canary):
     """A non-reader on 50 quote channels keeps a full queue while quotes flood in: every
     publish conflates into that queue, and must not stall the hub for anyone else."""
     server = start_server()
     channels = [f"quotes.Q{i}" for i in range(50)]
     conflated_before = await server.ametric("ferrocast_queue_overflows_total", policy="conflate") or 0
     loop = partial(attack.conflating_flood, channels)
-    stats = await run_attack(server, ws, None, loop=loop, expect_closed=False)
+    stats = await run_attack(server, canary, None, loop=loop, expect_closed=False)
     conflated = (await server.ametric("ferrocast_queue_overflows_total", policy="conflate") or 0) - conflated_before
     # The non-reader's queue was full for most of the flood: most publishes conflated there.
     assert conflated > stats["published"] / 4, (conflated, stats)
@@ -230,7 +174,7 @@ async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
     that was never published to is forgotten when its last subscriber leaves."""
     server = start_server()
     good = await healthy(server)
-    baseline = rss(server.process.pid)
+    baseline = rss_bytes(server.process.pid)
     c = await ws(server)
     for batch in range(200):
         channels = [f"churn.b{batch}c{i}" for i in range(100)]
@@ -240,7 +184,7 @@ async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
     held = await server.ametric("ferrocast_channels")
     # Only the canary's channel (and none of the 20,000 churned ones) is left.
     assert held is not None and held <= 2, held
-    assert rss(server.process.pid) - baseline < 32 * 1024 * 1024
+    assert rss_bytes(server.process.pid) - baseline < 32 * 1024 * 1024
     await good.check()
 
 
@@ -275,7 +219,7 @@ async def test_the_channel_limit_ends_publish_churn_with_a_precise_error(start_s
     await good.check()
 
 
-async def test_socketio_event_flood_from_a_non_reader(start_server, ws):
+async def test_socketio_event_flood_from_a_non_reader(start_server, canary):
     """Socket.IO acks go to the engine's per-socket buffer: a client that floods events with
     acks but never reads fills it, and its session is ended with 4008 (its memory freed).
     socketioxide offers no way to drop one socket's transport, so the Engine.IO connection
@@ -283,7 +227,7 @@ async def test_socketio_event_flood_from_a_non_reader(start_server, ws):
     meanwhile (1,024 packets, and a `ping` over 1 KiB is not echoed)."""
     server = start_server()
     step = partial(attack.socketio_events, json.dumps({"pad": "s" * 900}))
-    await run_attack(server, ws, step, loop=attack.socketio_attack_loop, expect_closed=False)
+    await run_attack(server, canary, step, loop=attack.socketio_attack_loop, expect_closed=False)
     assert "does not read the replies; closing with 4008" in server.log()
     closed = await server.ametric("ferrocast_closes_total", code="4008")
     assert closed and closed >= 1, closed
