@@ -130,8 +130,8 @@ async def test_slow_bodies_and_headers_are_timed_out(start_server, canary, ws):
         assert "server.body_read_timeout_ms" in reply["message"], reply
     # A client trickling its headers gets no answer, only the close.
     assert all(not c["response"].startswith("HTTP/1.1 2") for c in by_kind["header"])
-    # The flood held no more than a few MiB while it lasted.
-    assert rss_during - rss_before < 50 * 1024, (rss_before, rss_during)
+    # The flood held a few MiB while it lasted, not the 100 kB each publish declared (17 MB).
+    assert rss_during - rss_before < 12 * 1024, (rss_before, rss_during)
     assert await server.ametric("ferrocast_http_timeouts_total", phase="body") == 200
     assert await server.ametric("ferrocast_http_timeouts_total", phase="header") >= 20
     log = server.log()
