@@ -169,11 +169,11 @@ async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(sta
     assert conflated > stats["published"] / 4, (conflated, stats)
 
 
-async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
+async def test_subscribe_churn_mints_no_channels(start_server, ws, canary):
     """Subscribe/unsubscribe churn over fresh channel names leaves nothing behind: a channel
     that was never published to is forgotten when its last subscriber leaves."""
     server = start_server()
-    good = await healthy(server)
+    bird = await canary(server)
     baseline = rss_bytes(server.process.pid)
     c = await ws(server)
     for batch in range(200):
@@ -181,13 +181,13 @@ async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
         reply = await c.request({"op": "subscribe", "channels": channels})
         assert all("epoch" in r for r in reply["result"].values()), reply
         await c.request({"op": "unsubscribe", "channels": channels})
-    # Only the healthy subscriber's channel is left of the 20,001.
+    # Only the canary's channel is left of the 20,001.
     assert await server.ametric("ferrocast_channels") == 1
     listed = server.get("/api/channels").json()
-    assert [ch["channel"] for ch in listed["channels"]] == [good.CHANNEL], listed
+    assert [ch["channel"] for ch in listed["channels"]] == [bird.CHANNEL], listed
     # Kept, 20,000 channels would take ~24 MB.
     assert rss_bytes(server.process.pid) - baseline < 8 * 1024 * 1024
-    await good.check()
+    await bird.check()
 
 
 def sse_ack(port: int, channels: str) -> dict:
@@ -210,12 +210,12 @@ def sse_ack(port: int, channels: str) -> dict:
         s.close()
 
 
-async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws, healthy):
+async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws, canary):
     """With `server.max_channels` held, no ingress creates another channel: /ws publish and
     subscribe, HTTP batches, SSE streams; each gets `channel_limit` naming the option, and
     existing channels keep working."""
     server = start_server("server.max_channels=500")
-    good = await healthy(server)
+    bird = await canary(server)
     c = await ws(server)
     refused = None
     for i in range(1000):
@@ -227,11 +227,12 @@ async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws,
     i, reply = refused
     assert reply["code"] == "channel_limit", reply
     assert "server.max_channels" in reply["message"], reply
-    # The healthy subscriber's channel is the 500th.
+    # The canary's channel is the 500th.
     assert i == 499, i
     # One HTTP batch cannot mint channels past the limit either.
-    resp = server.post_publish(
-        {"messages": [{"channel": f"chat.batch{i}", "data": i} for i in range(5000)]}
+    resp = await asyncio.to_thread(
+        server.post_publish,
+        {"messages": [{"channel": f"chat.batch{i}", "data": i} for i in range(5000)]},
     )
     assert resp.status == 503, resp.text
     assert resp.json()["error"] == "channel_limit", resp.text
@@ -240,7 +241,7 @@ async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws,
     assert result["chat.sub-new"]["error"]["code"] == "channel_limit", result
     assert "error" not in result["chat.mint0"], result
     # So does a stream's subscribe.
-    ack = sse_ack(server.port, "chat.sse-new,chat.mint1")
+    ack = await asyncio.to_thread(sse_ack, server.port, "chat.sse-new,chat.mint1")
     assert ack["result"]["chat.sse-new"]["error"]["code"] == "channel_limit", ack
     assert "error" not in ack["result"]["chat.mint1"], ack
     # Existing channels keep working, the limit is counted, and the listing pages.
@@ -251,7 +252,7 @@ async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws,
     assert len(first["channels"]) == 100 and first["total"] == 500, first["total"]
     second = server.get(f"/api/channels?limit=100&after={first['next']}").json()
     assert second["channels"][0]["channel"] > first["channels"][-1]["channel"]
-    await good.check()
+    await bird.check()
 
 
 async def test_a_namespace_can_refuse_channel_creation_by_subscribe(start_server, ws):
