@@ -234,7 +234,8 @@ def conflating_flood(
     published in `stats["published"]`."""
     attacker = NonReader(port)
     stats["connections"] += 1
-    attacker.send(frame(0x1, json.dumps({"op": "subscribe", "id": 1, "channels": channels}).encode()))
+    subscribe = {"op": "subscribe", "id": 1, "channels": channels}
+    attacker.send(frame(0x1, json.dumps(subscribe).encode()))
     publisher = KeepAlivePublisher(port)
     pad = "q" * 100
     try:
@@ -279,10 +280,16 @@ class AttackProcess:
 
     def stats(self, timeout: float = 30.0) -> Stats:
         """The attacker's figures; fails if it crashed or outlives its time."""
-        if not self._results.poll(timeout):
+        try:
+            if not self._results.poll(timeout):
+                raise EOFError
+            stats = self._results.recv()
+        except EOFError:
             self.process.kill()
-            raise AssertionError(f"the attacker process sent no figures (exit {self.process.exitcode})")
-        stats = self._results.recv()
+            self.process.join(5)
+            raise AssertionError(
+                f"the attacker process sent no figures (exit {self.process.exitcode})"
+            ) from None
         self.process.join(timeout)
         assert "error" not in stats, f"the attacker failed: {stats['error']}"
         return stats
