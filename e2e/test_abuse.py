@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from functools import partial
 
 import pytest
@@ -66,6 +67,8 @@ async def run_attack(
     if expect_closed:
         assert stats["closed"] >= 1, f"the attacker was never closed: {stats}"
         assert stats["closes_4008"] >= 1, stats
+        # Logged with the connection's id.
+        assert re.search(r" INFO .*4008.* conn=\d+", server.log()), "no log line for the 4008"
     # The canary was published to every 20 ms for the whole attack.
     await bird.check(min_published=int(ATTACK_SECONDS / 0.02 / 4))
     return stats
