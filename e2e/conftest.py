@@ -13,6 +13,8 @@ Fixtures:
   (`ferrocast_e2e.wsclient.Client`), closed at teardown.
 - `healthy(server)`: a second connection subscribed to a channel of its own, whose
   `await check()` proves it still receives published messages in order.
+- `canary(server)`: a started `ferrocast_e2e.canary.Canary`, a subscriber published to every
+  20 ms whose `await check()` asserts every message arrived in order with no long gap.
 - `track_process(proc)`: registers any other `ManagedProcess` (nginx, Redis, ...) so it is
   stopped at teardown and its log attached on failure.
 """
@@ -29,6 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ferrocast_e2e.canary import Canary  # noqa: E402
 from ferrocast_e2e.procs import ARTIFACTS_DIR, ManagedProcess  # noqa: E402
 from ferrocast_e2e.server import FerrocastServer, start_ferrocast  # noqa: E402
 from ferrocast_e2e.wsclient import Client, connect_client  # noqa: E402
@@ -170,5 +173,15 @@ def healthy(ws):
         client = await ws(server)
         result = await client.subscribe_ok(Healthy.CHANNEL)
         return Healthy(server, client, result[Healthy.CHANNEL]["offset"])
+
+    return make
+
+
+@pytest.fixture
+def canary(ws):
+    async def make(server: FerrocastServer) -> Canary:
+        c = Canary(server, await ws(server))
+        await c.start()
+        return c
 
     return make

@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+
+from ferrocast_e2e.attack import NonReader, frame
+from ferrocast_e2e.canary import rss_bytes
 
 
 async def test_recovery_replays_missed_messages_in_order_before_live(server, ws):
@@ -204,3 +208,45 @@ async def test_idle_channels_expire_and_return_with_a_new_epoch(start_server):
     assert await server.ametric("ferrocast_channels_expired_total") >= 1
     again = server.publish("tmp.gone", 2)
     assert again["offset"] == 1 and again["epoch"] != first["epoch"]
+
+
+async def test_a_recovery_larger_than_the_queue_budget_streams_as_the_reader_reads(start_server, ws):
+    """A recovery of ~3.5 MB through a 64 KiB queue budget: a reader gets every message in
+    order and then live ones, and clients that ask for the same recovery but never read cost
+    the server a fraction of it (each replay is a cursor read as its socket drains, never a
+    copy of the history)."""
+    server = start_server(
+        "server.queue_max_bytes=65536",
+        "namespaces.big.history_size=10000",
+        "namespaces.big.max_replay=10000",
+    )
+    publisher = server.keepalive_publisher()
+    try:
+        for start in range(0, 10_000, 1000):
+            epoch = publisher.publish_batch(
+                [("big.r", {"i": i, "pad": "x" * 300}) for i in range(start, start + 1000)]
+            )[-1]["epoch"]
+    finally:
+        publisher.close()
+    recover = {"big.r": {"epoch": epoch, "offset": 0}}
+
+    # Ten clients that ask for all of it and never read.
+    baseline = rss_bytes(server.process.pid)
+    request = frame(0x1, json.dumps({"op": "subscribe", "id": 1, "channels": ["big.r"], "recover": recover}).encode())
+    idle = [NonReader(server.port) for _ in range(10)]
+    for c in idle:
+        assert c.send(request)
+    await asyncio.sleep(1.0)
+    growth = rss_bytes(server.process.pid) - baseline
+    # Copies of the history would take 10 x 3.5 MB; cursors and full budgets take ~1 MB.
+    assert growth < 8 * 1024 * 1024, growth
+    for c in idle:
+        c.close()
+
+    reader = await ws(server)
+    result = await reader.subscribe("big.r", recover=recover)
+    assert result["big.r"]["recovered"] is True, result
+    assert result["big.r"]["replayed"] == 10_000, result
+    server.publish("big.r", {"i": 10_000})
+    got = [(await reader.next_msg("big.r"))["data"]["i"] for _ in range(10_001)]
+    assert got == list(range(10_001))

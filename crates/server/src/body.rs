@@ -136,6 +136,9 @@ impl Refusal {
 /// anyway. The body's deadline bounds the time this takes.
 const DRAIN_MAX: u64 = 16 * 1024 * 1024;
 
+/// The most a body's buffer reserves before its bytes arrive.
+const FIRST_CHUNK: u64 = 16 * 1024;
+
 /// Reads a whole request body of at most `limit` bytes (`option` names the setting, for the
 /// message).
 pub async fn read(
@@ -151,7 +154,10 @@ pub async fn read(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let limit64 = limit as u64;
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit64) as usize);
+    // Grown as bytes arrive: a declared length is only a promise, and a client trickling a
+    // body must hold no more than it sent.
+    let mut buf =
+        BytesMut::with_capacity(declared.unwrap_or(0).min(limit64).min(FIRST_CHUNK) as usize);
     let mut seen: u64 = 0;
     let mut failure = None;
     if declared.is_none_or(|len| len <= limit64 + DRAIN_MAX) {

@@ -32,10 +32,18 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 const FAILED_LINGER: Duration = Duration::from_millis(500);
 /// Most frames per vectored write (each takes two slices; Linux allows 1024).
 const FRAMES_PER_WRITE: usize = 256;
-/// Most reads handled per wake-up, so a flooding client cannot starve the others.
+/// Most socket reads between two yields to the scheduler, so a flooding client cannot starve
+/// the others.
 const READS_PER_WAKE: usize = 16;
-/// Most client requests handled per wake-up: a client pipelining thousands of tiny requests
-/// yields its worker thread between batches instead of holding it for the whole burst.
+/// Most client requests handled between two yields: a client pipelining thousands of tiny
+/// requests yields its worker thread between batches instead of holding it for the whole
+/// burst.
+///
+/// Both count since the last yield, not per read: a client that keeps data arriving gets
+/// short reads that each leave the socket readable, and the task would otherwise loop for as
+/// long as the flood lasts without ever returning to the runtime. Meanwhile tokio polls
+/// I/O and timers only between tasks (the runtime's other worker may be asleep), so every
+/// other connection would wait for the flood to pause.
 const REQUESTS_PER_WAKE: usize = 128;
 
 /// Why a connection is being admitted or refused right after the handshake.
@@ -78,7 +86,8 @@ pub async fn run(
         pending_bytes: 0,
         pong_due: None,
         paused_since: None,
-        requests_this_wake: 0,
+        reads_since_yield: 0,
+        requests_since_yield: 0,
         closing: None,
         close_code: None,
         failed: false,
@@ -116,8 +125,9 @@ struct Conn {
     pong_due: Option<Vec<u8>>,
     /// Since when reading has been paused because the client does not take our output.
     paused_since: Option<TokioInstant>,
-    /// Requests handled in the current wake-up (see [`REQUESTS_PER_WAKE`]).
-    requests_this_wake: usize,
+    /// Reads and requests handled since the task last yielded (see [`REQUESTS_PER_WAKE`]).
+    reads_since_yield: usize,
+    requests_since_yield: usize,
     /// Set once our close frame is queued: when to give up waiting for the client's.
     closing: Option<TokioInstant>,
     close_code: Option<u16>,
@@ -246,6 +256,8 @@ impl Conn {
                         Ok(ReadOutcome::Busy) => {
                             self.refresh_auth_due();
                             tokio::task::yield_now().await;
+                            self.reads_since_yield = 0;
+                            self.requests_since_yield = 0;
                         }
                         Ok(ReadOutcome::Closed) => {
                             let _ = self.flush();
@@ -495,31 +507,32 @@ impl Conn {
         }
     }
 
-    /// Reads whatever is available and handles every complete frame.
+    /// Reads whatever is available and handles every complete frame; `Busy` when the task
+    /// has done its share of work since it last yielded (or must stop reading).
     fn read_ready(&mut self) -> io::Result<ReadOutcome> {
         let mut buf = [0u8; 8192];
-        self.requests_this_wake = 0;
-        for _ in 0..READS_PER_WAKE {
+        loop {
             match self.stream.try_read(&mut buf) {
                 Ok(0) => return Ok(ReadOutcome::Closed),
                 Ok(n) => {
+                    self.reads_since_yield += 1;
                     if let Err(closed) = self.feed(&buf[..n]) {
                         return Ok(closed);
                     }
-                    if self.requests_this_wake >= REQUESTS_PER_WAKE
+                    if self.reads_since_yield >= READS_PER_WAKE
+                        || self.requests_since_yield >= REQUESTS_PER_WAKE
                         || (self.closing.is_none() && self.output_over_budget())
                     {
                         return Ok(ReadOutcome::Busy);
                     }
                     if n < buf.len() {
-                        break;
+                        return Ok(ReadOutcome::Open);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadOutcome::Open),
                 Err(e) => return Err(e),
             }
         }
-        Ok(ReadOutcome::Open)
     }
 
     /// Decodes and handles `bytes`. `Err` means the connection is finished.
@@ -532,7 +545,7 @@ impl Conn {
         for frame in incoming {
             match frame {
                 Incoming::Text(text) if self.closing.is_none() => {
-                    self.requests_this_wake += 1;
+                    self.requests_since_yield += 1;
                     self.session.handle_text(&text)
                 }
                 Incoming::Text(_) => {}
