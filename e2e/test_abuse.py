@@ -10,6 +10,10 @@ Meanwhile a well-behaved canary subscriber gets a message every 20 ms. Each test
 - the attacker is closed (more than once: it keeps coming back), with 4008 in the metrics
   and a log line naming the connection;
 - the canary got every message, in order, and its largest gap stayed under 250 ms.
+
+These attacks exercise the outbound queue's defences, so the per-connection request limit
+(`limits.commands_per_s`, which closes such a flood with 4029 long before; see
+test_limits.py) is turned off for them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ RSS_ALLOWANCE = 6 * 1024 * 1024
 CANARY_CHANNEL = "chat.canary"
 CANARY_INTERVAL = 0.02
 MAX_CANARY_GAP = 0.25
+
+#: The request limit off: these tests are about what a connection's queue lets it cost.
+NO_REQUEST_LIMIT = "limits.commands_per_s=0"
 
 pytestmark = pytest.mark.timeout(ATTACK_SECONDS + 60)
 
@@ -229,7 +236,7 @@ def publish_history(server: FerrocastServer, channel: str, count: int, size: int
 
 
 async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, ws):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     subscribe = json.dumps(
         {
@@ -254,7 +261,7 @@ async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, ws
     strict=False,
 )
 async def test_ping_op_flood_from_a_non_reader(start_server, ws):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
 
     def step(a: NonReader, n: int) -> bytes:
         return b"".join(a.frame(0x1, b'{"op":"ping","id":%d}' % (n * 10 + i)) for i in range(10))
@@ -264,7 +271,7 @@ async def test_ping_op_flood_from_a_non_reader(start_server, ws):
 
 async def test_blind_pongs_do_not_keep_a_non_reader_alive(start_server, ws):
     """A client that answers heartbeats it never read, and floods pings, is still closed."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
 
     def step(a: NonReader, n: int) -> bytes:
         return a.frame(0x1, b'{"op":"pong"}') + a.frame(0x1, b'{"op":"ping","id":%d}' % n)
@@ -273,7 +280,7 @@ async def test_blind_pongs_do_not_keep_a_non_reader_alive(start_server, ws):
 
 
 async def test_candle_snapshot_churn_from_a_non_reader(start_server, ws):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     publish_history(server, "candles.ABUSE.1m", 500, 150)
     sub = b'{"op":"subscribe","id":1,"channels":["candles.ABUSE.1m"]}'
     unsub = b'{"op":"unsubscribe","id":2,"channels":["candles.ABUSE.1m"]}'
@@ -285,7 +292,7 @@ async def test_candle_snapshot_churn_from_a_non_reader(start_server, ws):
 
 
 async def test_websocket_ping_flood_from_a_non_reader(start_server, ws):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     payload = b"p" * 125
 
     def step(a: NonReader, n: int) -> bytes:
@@ -332,7 +339,7 @@ class SseNonReader:
 
 
 async def test_sse_control_flood_onto_a_stream_never_read(start_server, ws):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     statuses: dict[int, int] = {}
 
@@ -371,7 +378,7 @@ async def test_sse_control_flood_onto_a_stream_never_read(start_server, ws):
 async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(start_server, ws):
     """A non-reader on 50 quote channels keeps a full queue while quotes flood in: every
     publish conflates into that queue, and must not stall the hub for anyone else."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     channels = [f"quotes.Q{i}" for i in range(50)]
     subscribe = json.dumps({"op": "subscribe", "id": 1, "channels": channels}).encode()
     pad = "q" * 100
@@ -401,7 +408,7 @@ async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(sta
 async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
     """Subscribe/unsubscribe churn over fresh channel names leaves nothing behind: a channel
     that was never published to is forgotten when its last subscriber leaves."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     good = await healthy(server)
     baseline = rss(server.process.pid)
     c = await ws(server)
@@ -418,7 +425,7 @@ async def test_subscribe_churn_mints_no_channels(start_server, ws, healthy):
 
 
 async def test_the_channel_limit_ends_publish_churn_with_a_precise_error(start_server, ws, healthy):
-    server = start_server("server.max_channels=500")
+    server = start_server("server.max_channels=500", NO_REQUEST_LIMIT)
     good = await healthy(server)
     c = await ws(server)
     refused = None
@@ -454,7 +461,7 @@ async def test_socketio_event_flood_from_a_non_reader(start_server, ws):
     socketioxide offers no way to drop one socket's transport, so the Engine.IO connection
     itself lingers until the library's heartbeat gives up on it; the buffer stays bounded
     meanwhile (1,024 packets, and a `ping` over 1 KiB is not echoed)."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     payload = json.dumps({"pad": "s" * 900})
 
     def step(a: NonReader, n: int) -> bytes:

@@ -30,6 +30,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from ferrocast_e2e.certs import make_ca_and_certificate
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, tcp_connectable
 from ferrocast_e2e.server import FerrocastServer, run_ferrocast
 from ferrocast_e2e.wsclient import CONNECT_DEFAULTS
@@ -210,30 +211,6 @@ async def test_generated_site_passes_every_check_and_carries_every_transport(
     await native_roundtrip(port)
     await asyncio.to_thread(sse_receives, port, server)
     await socketio_roundtrip(port)
-
-
-def make_ca_and_certificate(dir: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate it signed for 127.0.0.1 and localhost (openssl):
-    returns the CA certificate, the server certificate and its key."""
-    dir.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key = dir / "ca.pem", dir / "ca.key"
-    cert, key, csr, ext = dir / "cert.pem", dir / "key.pem", dir / "cert.csr", dir / "ext.cnf"
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    steps = [
-        ["openssl", "req", "-x509", *ec, "-days", "30", "-subj", "/CN=ferrocast e2e CA",
-         "-keyout", ca_key, "-out", ca_cert],
-        ["openssl", "req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr],
-        ["openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
-         "-CAcreateserial", "-days", "30", "-extfile", ext, "-out", cert],
-    ]
-    for argv in steps:
-        r = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-        assert r.returncode == 0, f"{argv}: {r.stderr}"
-    return ca_cert, cert, key
 
 
 @pytest.mark.slow

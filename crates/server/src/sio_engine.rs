@@ -228,6 +228,9 @@ where
         && state.websocket
         && let Some(key) = handshake
     {
+        if let Some(tls) = state.app.tls.get() {
+            tls.count_websocket(key.is_none());
+        }
         let on_upgrade = hyper::upgrade::on(&mut req);
         let (mut parts, _) = req.into_parts();
         // The library opens sessions on GET only.

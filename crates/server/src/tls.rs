@@ -220,7 +220,8 @@ impl Tls {
         self.counters.handshake_timeouts.fetch_add(1, Relaxed);
     }
 
-    /// Counts a native WebSocket accepted over TLS, by the HTTP version of its handshake.
+    /// Counts a WebSocket (native or Socket.IO) accepted over TLS, by the HTTP version of its
+    /// handshake.
     pub fn count_websocket(&self, http2: bool) {
         let n = if http2 { &self.counters.websockets_h2 } else { &self.counters.websockets_h1 };
         n.fetch_add(1, Relaxed);
@@ -246,8 +247,8 @@ impl Tls {
             &mut out,
             "ferrocast_tls_websockets_total",
             "counter",
-            "Native WebSockets opened over TLS, by handshake: HTTP/1.1 upgrade or HTTP/2 \
-             extended CONNECT (RFC 8441).",
+            "WebSockets (native and Socket.IO) opened over TLS, by handshake: HTTP/1.1 \
+             upgrade or HTTP/2 extended CONNECT (RFC 8441).",
         );
         for (http, n) in [("1.1", &c.websockets_h1), ("2", &c.websockets_h2)] {
             let _ = writeln!(
