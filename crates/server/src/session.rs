@@ -132,7 +132,12 @@ impl Session {
     /// (see [`Session::must_close`]) and its later requests are dropped unanswered.
     pub fn admit_request(&mut self) -> Result<(), FrameError> {
         if self.rate_closed {
-            return Err(FrameError::new(None, ErrorCode::RateLimited, "closing: rate limited"));
+            self.app.limits.count_command_refusal();
+            return Err(FrameError::new(
+                None,
+                ErrorCode::RateLimited,
+                "rate limited: this connection is being closed with 4029",
+            ));
         }
         match self.commands.take(Instant::now()) {
             Verdict::Allowed => Ok(()),

@@ -66,6 +66,9 @@ const ENGINE_BUFFER_PACKETS: usize = 1024;
 /// Retry delays while the engine's buffer is full.
 const MIN_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a socket condemned for flooding (4029) keeps its transport for the replies
+/// queued before its `close` event.
+const RATE_CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// When a draining socket's writer ends its session: after
 /// [`crate::sio_engine::DRAIN_NOTICE`], when the
 /// transports are dropped, without waiting on the library's disconnect handler.
@@ -567,6 +570,11 @@ impl Writer {
                     "disconnecting socket.io client: {reason}"
                 );
                 self.emit_close(code.code(), reason);
+                // A flood leaves many replies queued in the engine, ahead of `close`: let a
+                // client that reads get them before the transport goes. Its further events
+                // are dropped unanswered meanwhile.
+                let gone = self.conn.disconnected.notified();
+                let _ = tokio::time::timeout(RATE_CLOSE_LINGER, gone).await;
                 let _ = self.socket.clone().disconnect();
                 return code.code();
             }

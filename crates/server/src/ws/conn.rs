@@ -209,6 +209,8 @@ impl Conn {
             if self.closing.is_none()
                 && let Some((code, reason)) = self.session.must_close()
             {
+                // What the client's requests got, their refusals included, goes out first.
+                self.take_queue(&queue, &mut drained);
                 self.start_close(code.code(), reason);
                 continue;
             }
