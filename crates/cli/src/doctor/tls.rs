@@ -1,6 +1,8 @@
 //! TLS for the doctor: the client configuration (Mozilla's roots from `webpki-roots`, plus
-//! `--ca-file`; or no verification with `--insecure`) and the certificate check: chain,
-//! hostname and expiry, with the certificate's details even when verification fails.
+//! `--ca-file`; or no verification with `--insecure`), the certificate check (chain,
+//! hostname and expiry, with the certificate's details even when verification fails), and
+//! what a browser would negotiate on top ([`http_offer`]: ALPN with `h2` offered, and over
+//! HTTP/2 whether WebSockets may run on a stream, RFC 8441).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -141,6 +143,120 @@ fn inspect(der: &CertificateDer<'_>) -> Option<CertInfo> {
         not_after_unix: not_after.timestamp(),
         not_after: not_after.to_datetime().date().to_string(),
     })
+}
+
+/// What the server agreed to when offered what a browser offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpOffer {
+    /// The protocol ALPN chose (`h2`, `http/1.1`), or `None` when the server chose none.
+    pub alpn: Option<String>,
+    /// Over HTTP/2: the status of `GET /healthz` on the connection.
+    pub h2_status: Option<u16>,
+    /// Over HTTP/2: the answer to an extended CONNECT (`:protocol = websocket`) on the
+    /// WebSocket path: its status, or why it could not be sent.
+    pub websocket: Option<Result<u16, String>>,
+}
+
+/// Offers `h2` and `http/1.1` by ALPN on `tcp` (verifying as `config` does); when the server
+/// picks `h2`, asks for `/healthz` over HTTP/2, then opens a WebSocket on a stream of the
+/// same connection (RFC 8441) at `ws_path`, which hyper sends only when the server has
+/// advertised SETTINGS_ENABLE_CONNECT_PROTOCOL.
+pub async fn http_offer(
+    tcp: TcpStream,
+    host: &str,
+    config: &ClientConfig,
+    ws_path: &str,
+) -> std::io::Result<HttpOffer> {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = super::net::server_name(host)?;
+    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut offer = HttpOffer { alpn, h2_status: None, websocket: None };
+    if offer.alpn.as_deref() != Some("h2") {
+        return Ok(offer);
+    }
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    let driver = tokio::spawn(conn);
+    let authority = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+    let health = http::Request::get(format!("https://{authority}/healthz"))
+        .body(Empty::new())
+        .map_err(std::io::Error::other)?;
+    // Answered, the request also means the server's SETTINGS have been read.
+    let status = sender.send_request(health).await.map_err(std::io::Error::other)?.status();
+    offer.h2_status = Some(status.as_u16());
+    let mut connect = http::Request::connect(format!("https://{authority}{ws_path}"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .map_err(std::io::Error::other)?;
+    connect.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    offer.websocket = Some(match sender.send_request(connect).await {
+        Ok(response) => Ok(response.status().as_u16()),
+        Err(e) => Err(e.to_string()),
+    });
+    drop(sender);
+    driver.abort();
+    Ok(offer)
+}
+
+impl HttpOffer {
+    /// The lines the TLS check adds about it, and its JSON for `--json`.
+    pub fn describe(&self) -> (Vec<String>, serde_json::Value) {
+        let mut lines = Vec::new();
+        match self.alpn.as_deref() {
+            Some("h2") => lines.push(match self.h2_status {
+                Some(status) => format!(
+                    "ALPN: h2 (HTTP/2) when offered h2 and http/1.1, as browsers do: SSE and \
+                     the HTTP API share one connection (GET /healthz over HTTP/2: {status})"
+                ),
+                None => "ALPN: h2 (HTTP/2) when offered h2 and http/1.1".into(),
+            }),
+            Some(other) => lines.push(format!(
+                "ALPN: {other} when offered h2 and http/1.1: no HTTP/2, so a browser holds at \
+                 most six connections (SSE streams included) to this origin"
+            )),
+            None => lines.push(
+                "ALPN: none chosen when offered h2 and http/1.1: HTTP/1.1, so a browser holds \
+                 at most six connections (SSE streams included) to this origin"
+                    .into(),
+            ),
+        }
+        match &self.websocket {
+            Some(Ok(200)) => lines.push(
+                "WebSocket over HTTP/2 (RFC 8441): accepted on a stream of the HTTP/2 \
+                 connection"
+                    .into(),
+            ),
+            Some(Ok(status)) => lines.push(format!(
+                "WebSocket over HTTP/2 (RFC 8441): the extended CONNECT was answered {status}; \
+                 browsers then fail that WebSocket"
+            )),
+            Some(Err(e)) => lines.push(format!(
+                "WebSocket over HTTP/2 (RFC 8441): not offered ({e}); browsers open WebSockets \
+                 on a separate HTTP/1.1 connection"
+            )),
+            None => {}
+        }
+        let websocket = match &self.websocket {
+            Some(Ok(status)) => serde_json::json!(*status == 200),
+            Some(Err(_)) => serde_json::json!(false),
+            None => serde_json::Value::Null,
+        };
+        let data = serde_json::json!({
+            "alpn": self.alpn,
+            "http2": self.alpn.as_deref() == Some("h2"),
+            "websocket_over_http2": websocket,
+        });
+        (lines, data)
+    }
 }
 
 /// Handshake details worth showing.
