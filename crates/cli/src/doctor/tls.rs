@@ -496,6 +496,58 @@ mod tests {
         (outcome, config.is_some())
     }
 
+    /// What a browser would get from a ferrocast serving TLS, and from a server without ALPN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_offer_reports_alpn_http2_and_websockets_over_http2() {
+        let ca = ca();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca.issuer)
+            .unwrap();
+        let dir = std::env::temp_dir()
+            .join(format!("ferrocast-doctor-{}", ferrocast_server::random_id(8)));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let mut config = ferrocast_server::Config::default();
+        config.simulator.enabled = false;
+        config.server.tls.cert_file = dir.join("cert.pem").display().to_string();
+        config.server.tls.key_file = dir.join("key.pem").display().to_string();
+        let tls = ferrocast_server::tls::Tls::from_config(&config.server.tls).unwrap().unwrap();
+        let app = ferrocast_server::AppState::new(config, None);
+        let gateway = ferrocast_server::Server::bind(app, Some("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap()
+            .with_tls(tls);
+        let addr = gateway.local_addr();
+        tokio::spawn(gateway.run(std::future::pending()));
+        let verifying = verifying_config(Some(&ca.pem_path)).unwrap();
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/ws").await.unwrap();
+        let expected =
+            HttpOffer { alpn: Some("h2".into()), h2_status: Some(200), websocket: Some(Ok(200)) };
+        assert_eq!(offer, expected);
+        let (lines, data) = offer.describe();
+        assert!(lines[1].contains("RFC 8441): accepted"), "{lines:?}");
+        assert_eq!(data, json!({"alpn": "h2", "http2": true, "websocket_over_http2": true}));
+        // A CONNECT to a path that is not a WebSocket endpoint is refused by the server.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/healthz").await.unwrap();
+        assert_eq!(offer.websocket, Some(Ok(405)), "{offer:?}");
+
+        // No ALPN chosen: HTTP/1.1, and nothing is asked over HTTP/2.
+        let plain = server(&ca, &["localhost"], -1, 90).await;
+        let tcp = TcpStream::connect(plain).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/ws").await.unwrap();
+        assert_eq!(offer, HttpOffer { alpn: None, h2_status: None, websocket: None });
+        let (lines, data) = offer.describe();
+        assert!(lines[0].contains("six connections"), "{lines:?}");
+        assert_eq!(data["http2"], false);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test]
     async fn verdicts_for_chain_name_and_expiry() {
         let ca = ca();
