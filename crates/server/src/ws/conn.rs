@@ -4,7 +4,8 @@
 //! Reads wait for readiness and then read into a stack buffer, so an idle connection holds
 //! no read buffer; writes hand every queued frame to one vectored write (headers built on the
 //! fly, payloads shared with every other subscriber), and a write buffer exists only while
-//! the socket pushes back.
+//! the socket pushes back. Over TLS or an HTTP/2 stream the same calls go through the small
+//! buffers of [`super::socket`].
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
