@@ -91,6 +91,7 @@ def start_server(artifacts, track_process):
         config: Path | None = None,
         extra_args: tuple[str, ...] = (),
         test_defaults: bool = True,
+        tls=None,
     ) -> FerrocastServer:
         nonlocal count
         count += 1
@@ -104,6 +105,7 @@ def start_server(artifacts, track_process):
             config=config,
             extra_args=extra_args,
             test_defaults=test_defaults,
+            tls=tls,
         )
         track_process(server.process)
         return server

@@ -32,6 +32,8 @@ ATTACK_SECONDS = float(os.environ.get("FERROCAST_ABUSE_SECONDS", "20"))
 BUDGET = 1024 * 1024
 #: RSS noise that is not the attacker's doing (allocator arenas, the canary's traffic).
 RSS_ALLOWANCE = 6 * 1024 * 1024
+#: The request limit off: these tests are about what a connection's queue lets it cost.
+NO_REQUEST_LIMIT = "limits.commands_per_s=0"
 
 pytestmark = pytest.mark.timeout(ATTACK_SECONDS + 60)
 
@@ -95,7 +97,7 @@ def frames(*requests: dict) -> bytes:
 
 
 async def test_repeated_recovering_subscribes_from_a_non_reader(start_server, canary):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     step = partial(
         attack.send_bytes,
@@ -118,19 +120,19 @@ async def test_ping_op_flood_from_a_non_reader(start_server, canary):
     a bounded amount of work however the bytes arrive, so tokio keeps polling everyone
     else's sockets and timers (this canary's gaps reached 0.45 s when the limit counted per
     read and a steady flood of short reads never let the task yield)."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     await run_attack(server, canary, attack.ping_ops)
     assert "does not read the replies; closing with 4008" in server.log()
 
 
 async def test_blind_pongs_do_not_keep_a_non_reader_alive(start_server, canary):
     """A client that answers heartbeats it never read, and floods pings, is still closed."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     await run_attack(server, canary, attack.pong_and_ping_op)
 
 
 async def test_candle_snapshot_churn_from_a_non_reader(start_server, canary):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     publish_history(server, "candles.ABUSE.1m", 500, 150)
     step = partial(
         attack.send_bytes,
@@ -143,7 +145,7 @@ async def test_candle_snapshot_churn_from_a_non_reader(start_server, canary):
 
 
 async def test_websocket_ping_flood_from_a_non_reader(start_server, canary):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     step = partial(attack.send_bytes, frame(0x9, b"p" * 125) * 20)
     await run_attack(server, canary, step)
     # Closed because it stopped being read (its pongs piled up), not by chance.
@@ -151,7 +153,7 @@ async def test_websocket_ping_flood_from_a_non_reader(start_server, canary):
 
 
 async def test_sse_control_flood_onto_a_stream_never_read(start_server, canary):
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     epoch = publish_history(server, "ticks.ABUSE", 1000, 300)
     loop = partial(attack.sse_recovery_flood, "ticks.ABUSE", epoch)
     stats = await run_attack(server, canary, None, loop=loop)
@@ -162,7 +164,7 @@ async def test_sse_control_flood_onto_a_stream_never_read(start_server, canary):
 async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(start_server, canary):
     """A non-reader on 50 quote channels keeps a full queue while quotes flood in: every
     publish conflates into that queue, and must not stall the hub for anyone else."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     channels = [f"quotes.Q{i}" for i in range(50)]
     conflated_before = await server.ametric("ferrocast_queue_overflows_total", policy="conflate") or 0
     loop = partial(attack.conflating_flood, channels)
@@ -175,7 +177,7 @@ async def test_conflating_publishes_into_a_full_queue_do_not_freeze_the_feed(sta
 async def test_subscribe_churn_mints_no_channels(start_server, ws, canary):
     """Subscribe/unsubscribe churn over fresh channel names leaves nothing behind: a channel
     that was never published to is forgotten when its last subscriber leaves."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     bird = await canary(server)
     baseline = rss_bytes(server.process.pid)
     c = await ws(server)
@@ -217,7 +219,7 @@ async def test_the_channel_limit_ends_minting_on_every_ingress(start_server, ws,
     """With `server.max_channels` held, no ingress creates another channel: /ws publish and
     subscribe, HTTP batches, SSE streams; each gets `channel_limit` naming the option, and
     existing channels keep working."""
-    server = start_server("server.max_channels=500")
+    server = start_server("server.max_channels=500", NO_REQUEST_LIMIT)
     bird = await canary(server)
     c = await ws(server)
     refused = None
@@ -354,7 +356,7 @@ async def test_socketio_event_flood_from_a_non_reader(start_server, canary):
     socketioxide offers no way to drop one socket's transport, so the Engine.IO connection
     itself lingers until the library's heartbeat gives up on it; the buffer stays bounded
     meanwhile (1,024 packets, and a `ping` over 1 KiB is not echoed)."""
-    server = start_server()
+    server = start_server(NO_REQUEST_LIMIT)
     step = partial(attack.socketio_events, json.dumps({"pad": "s" * 900}))
     await run_attack(server, canary, step, loop=attack.socketio_attack_loop, expect_closed=False)
     assert "does not read the replies; closing with 4008" in server.log()

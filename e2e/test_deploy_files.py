@@ -185,3 +185,49 @@ def test_dockerfile_follows_the_settings():
     r = run_ferrocast(["config", "show"], env={"FERROCAST_SERVER_WS_PATHS": "/ws,/ws/price"})
     assert r.returncode == 0, r.stderr
     assert re.search(r'ws_paths = \["/ws", "/ws/price"\]', r.stdout), r.stdout
+
+
+# --- TLS served by ferrocast itself ([server.tls]) ------------------------------------------
+
+TLS_SETS = (
+    "--set", "server.tls.cert_file=/etc/ferrocast/tls/cert.pem",
+    "--set", "server.tls.key_file=/etc/ferrocast/tls/key.pem",
+)
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
+def test_systemd_unit_with_tls_reloads_on_sighup_and_verifies(tmp_path: Path):
+    text = gen("systemd", *TLS_SETS)
+    service = parse_unit(text)["Service"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["SupplementaryGroups"] == ["ferrocast-tls"]
+    assert "--deploy-hook" in text and "systemctl reload ferrocast" in text
+    unit = tmp_path / "ferrocast.service"
+    unit.write_text(text.replace("/usr/local/bin/ferrocast", str(ferrocast_bin())))
+    r = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr.strip(), f"systemd-analyze verify:\n{r.stderr}"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("openssl") is None,
+                    reason="curl or openssl is not installed")
+def test_dockerfile_with_tls_health_checks_over_https(start_server, artifacts):
+    """The TLS variant's health check (curl, which that image installs), run against a real
+    ferrocast serving TLS, passes; against a closed port it fails."""
+    from ferrocast_e2e.certs import client_context, make_ca_and_certificate
+
+    text = gen("container", *TLS_SETS)
+    instrs = dockerfile_instructions(text)
+    envs = dict(a.split("=", 1) for i, a in instrs if i == "ENV")
+    assert envs["FERROCAST_SERVER_TLS_CERT_FILE"] == '"/etc/ferrocast/tls/cert.pem"'
+    assert any(i == "RUN" and "install -y --no-install-recommends curl" in a for i, a in instrs)
+    health = next(a for i, a in instrs if i == "HEALTHCHECK")
+    argv = json.loads(health[health.index("CMD") + 3 :].strip())
+    assert argv[0] == "curl" and argv[-1] == "https://127.0.0.1:8080/healthz", argv
+    ca, cert, key = make_ca_and_certificate(artifacts / "tls")
+    server = start_server(
+        f"server.tls.cert_file={cert}", f"server.tls.key_file={key}", tls=client_context(ca)
+    )
+    live = [a.replace(":8080/", f":{server.port}/") for a in argv]
+    assert subprocess.run(live, timeout=10).returncode == 0
+    closed = [a.replace(":8080/", ":1/") for a in argv]
+    assert subprocess.run(closed, timeout=10, capture_output=True).returncode != 0

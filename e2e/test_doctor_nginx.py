@@ -30,8 +30,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from ferrocast_e2e.certs import client_context, make_ca_and_certificate
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, free_port, tcp_connectable
-from ferrocast_e2e.server import FerrocastServer, run_ferrocast
+from ferrocast_e2e.server import FerrocastServer, http_request, run_ferrocast
 from ferrocast_e2e.wsclient import CONNECT_DEFAULTS
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -212,30 +213,6 @@ async def test_generated_site_passes_every_check_and_carries_every_transport(
     await socketio_roundtrip(port)
 
 
-def make_ca_and_certificate(dir: Path) -> tuple[Path, Path, Path]:
-    """A private CA and a server certificate it signed for 127.0.0.1 and localhost (openssl):
-    returns the CA certificate, the server certificate and its key."""
-    dir.mkdir(parents=True, exist_ok=True)
-    ca_cert, ca_key = dir / "ca.pem", dir / "ca.key"
-    cert, key, csr, ext = dir / "cert.pem", dir / "key.pem", dir / "cert.csr", dir / "ext.cnf"
-    ext.write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    steps = [
-        ["openssl", "req", "-x509", *ec, "-days", "30", "-subj", "/CN=ferrocast e2e CA",
-         "-keyout", ca_key, "-out", ca_cert],
-        ["openssl", "req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr],
-        ["openssl", "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key,
-         "-CAcreateserial", "-days", "30", "-extfile", ext, "-out", cert],
-    ]
-    for argv in steps:
-        r = subprocess.run([str(a) for a in argv], capture_output=True, text=True)
-        assert r.returncode == 0, f"{argv}: {r.stderr}"
-    return ca_cert, cert, key
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 async def test_deploy_example_with_tls_passes_every_check(start_server, artifacts, track_process):
@@ -246,8 +223,8 @@ async def test_deploy_example_with_tls_passes_every_check(start_server, artifact
     tls_port, http_port = free_port(), free_port()
     site = DEPLOY_NGINX.read_text()
     site = site.replace("server 127.0.0.1:8080;", f"server 127.0.0.1:{server.port};")
-    site = site.replace("    listen [::]:443 ssl;\n", "").replace("    listen [::]:80;\n", "")
-    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;")
+    site = site.replace("    listen [::]:443 ssl http2;\n", "").replace("    listen [::]:80;\n", "")
+    site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
     site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/fullchain\.pem", str(cert), site)
     site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/privkey\.pem", str(key), site)
@@ -260,6 +237,9 @@ async def test_deploy_example_with_tls_passes_every_check(start_server, artifact
     assert all(c["status"] == "pass" for c in checks.values()), describe(checks)
     assert code == 0
     assert "valid until" in checks["tls"]["summary"], checks["tls"]
+    # nginx offers browsers HTTP/2, but not WebSockets on its streams (RFC 8441).
+    assert checks["tls"]["data"]["alpn"] == "h2", checks["tls"]
+    assert checks["tls"]["data"]["websocket_over_http2"] is False, checks["tls"]
     assert checks["headers"]["data"]["via_proxy"] is True
     assert "x-forwarded-proto: https" in checks["headers"]["summary"], checks["headers"]
 
@@ -275,6 +255,78 @@ async def test_deploy_example_with_tls_passes_every_check(start_server, artifact
     code, checks, _ = await asyncio.to_thread(doctor, f"ws://127.0.0.1:{http_port}/ws")
     assert checks["upgrade"]["status"] == "fail", describe(checks)
     assert "redirect" in checks["upgrade"]["summary"], checks["upgrade"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_doctor_reports_tls_and_http2_of_ferrocast_serving_tls_itself(
+    start_server, artifacts
+):
+    """ferrocast with [server.tls] and no proxy: the doctor passes every check and reports
+    TLS 1.3, ALPN h2 and WebSockets over HTTP/2 (RFC 8441)."""
+    ca, cert, key = make_ca_and_certificate(artifacts / "tls")
+    server = start_server(
+        f"server.tls.cert_file={cert}", f"server.tls.key_file={key}", tls=client_context(ca)
+    )
+    code, checks, _ = await asyncio.to_thread(
+        doctor, f"wss://127.0.0.1:{server.port}/ws", "--ca-file", str(ca)
+    )
+    assert all(c["status"] in ("pass", "skip") for c in checks.values()), describe(checks)
+    assert code == 0
+    tls = checks["tls"]
+    assert tls["summary"].startswith("TLSv1.3"), tls
+    assert (tls["data"]["alpn"], tls["data"]["http2"]) == ("h2", True), tls
+    assert tls["data"]["websocket_over_http2"] is True, tls
+    assert any("RFC 8441): accepted" in d for d in tls["details"]), tls
+    # The same for a Socket.IO endpoint: its WebSocket transport runs on an HTTP/2 stream.
+    code, checks, _ = await asyncio.to_thread(
+        doctor, f"https://127.0.0.1:{server.port}/socket.io/", "--ca-file", str(ca)
+    )
+    assert checks["tls"]["data"]["websocket_over_http2"] is True, checks["tls"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+async def test_generated_site_reencrypts_to_ferrocast_serving_tls(
+    start_server, artifacts, track_process
+):
+    """`gen nginx` for a ferrocast with [server.tls], with nginx terminating TLS for clients
+    and checking ferrocast's certificate (--upstream-ca): every check passes through it, and
+    the hop to ferrocast is TLS (ferrocast counts the handshakes)."""
+    ca, cert, key = make_ca_and_certificate(artifacts / "tls")
+    server = start_server(
+        f"server.tls.cert_file={cert}", f"server.tls.key_file={key}", tls=client_context(ca)
+    )
+    port = free_port()
+    site = gen_nginx(
+        server, port, "--server-name", "localhost",
+        "--tls-cert", str(cert), "--tls-key", str(key), "--upstream-ca", str(ca),
+    )
+    assert "proxy_pass http://" not in site and "proxy_ssl_verify on;" in site, site
+    start_nginx(artifacts, track_process, site, port)
+    code, checks, _ = await asyncio.to_thread(
+        doctor, f"wss://localhost:{port}/ws", "--ca-file", str(ca)
+    )
+    assert all(c["status"] in ("pass", "skip") for c in checks.values()), describe(checks)
+    assert code == 0
+    assert checks["headers"]["data"]["via_proxy"] is True
+    assert (await server.ametric("ferrocast_tls_handshakes_total", result="ok") or 0) >= 1
+    assert (await server.ametric("ferrocast_tls_handshakes_total", result="failed") or 0) == 0
+
+    # Checking against another CA, nginx refuses ferrocast's certificate: 502, not a
+    # silently unverified hop.
+    other_ca, _, _ = make_ca_and_certificate(artifacts / "other")
+    port = free_port()
+    site = gen_nginx(
+        server, port, "--server-name", "localhost",
+        "--tls-cert", str(cert), "--tls-key", str(key), "--upstream-ca", str(other_ca),
+    )
+    start_nginx(artifacts, track_process, site, port, name="nginx-wrong-ca")
+    r = await asyncio.to_thread(
+        http_request, f"https://localhost:{port}/healthz", "GET", None, None, 10,
+        client_context(ca),
+    )
+    assert r.status == 502, (r.status, r.text)
 
 
 def strip_upgrade_headers(site: str) -> str:

@@ -267,8 +267,8 @@ async def test_deploy_example_for_several_nodes_keeps_sessions_over_tls(
         example = f"server 10.0.0.{i}:8080 "
         assert site.count(example) == 2, example  # in both upstreams
         site = site.replace(example, f"server 127.0.0.1:{node.port} ")
-    site = site.replace("    listen [::]:443 ssl;\n", "").replace("    listen [::]:80;\n", "")
-    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{tls_port} ssl;")
+    site = site.replace("    listen [::]:443 ssl http2;\n", "").replace("    listen [::]:80;\n", "")
+    site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
     site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/fullchain\.pem", str(cert), site)
     site = re.sub(r"/etc/letsencrypt/live/push\.example\.com/privkey\.pem", str(key), site)

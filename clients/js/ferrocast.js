@@ -362,7 +362,7 @@ function controlError(res, text, id) {
   return { ...reply, id: reply.id ?? id ?? null };
 }
 
-/** Parses the JSON reconnect hint a server puts in the reason of a 1001 close. */
+/** Parses the JSON reconnect hint a server puts in the reason of a 1001 or 1013 close. */
 function parseReconnectHint(reason) {
   if (!reason) return null;
   try {
@@ -783,7 +783,8 @@ export class Ferrocast {
       this.#halt({ code: info.code, reason: info.reason || 'token expired' });
       return;
     }
-    const hint = info.code === 1001 ? parseReconnectHint(info.reason) : null;
+    // 1001 (draining) and 1013 (a connection limit) may say when to come back.
+    const hint = info.code === 1001 || info.code === 1013 ? parseReconnectHint(info.reason) : null;
     if (hint?.reconnect === false) {
       this.#halt({ code: info.code, reason: info.reason });
       return;

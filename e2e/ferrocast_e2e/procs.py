@@ -47,10 +47,11 @@ def tcp_connectable(port: int, host: str = "127.0.0.1", timeout: float = 0.2) ->
         return False
 
 
-def http_status(url: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status of GET `url`, or None when nothing answered."""
+def http_status(url: str, timeout: float = 1.0, context=None) -> int | None:
+    """The HTTP status of GET `url` (https with the `ssl.SSLContext` given), or None when
+    nothing answered."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code

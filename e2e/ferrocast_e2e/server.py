@@ -98,9 +98,10 @@ def http_request(
     body: bytes | str | Any | None = None,
     headers: Mapping[str, str] | None = None,
     timeout: float = 10.0,
+    context=None,
 ) -> Response:
     """One HTTP/1.1 request on a new connection (http.client, which sends the headers given
-    as they are); any status is returned, not raised."""
+    as they are; https with the `ssl.SSLContext` given); any status is returned, not raised."""
     import http.client
     from urllib.parse import urlsplit
 
@@ -119,7 +120,12 @@ def http_request(
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout, context=context
+        )
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         conn.request(method, target, body=data, headers=hdrs)
         resp = conn.getresponse()
@@ -186,18 +192,23 @@ class FerrocastServer:
     argv: list[str]
     api_key: str | None = None
     sets: list[str] = field(default_factory=list)
+    #: With TLS ([server.tls]): an `ssl.SSLContext` trusting the server's certificate; the
+    #: URLs are then https:// and wss://.
+    tls: Any = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def ws_url(self, path: str = "/ws") -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
+        scheme = "wss" if self.tls is not None else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
 
     # --- HTTP --------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, headers=None, timeout=10.0):
-        return http_request(self.base_url + path, method, body, headers, timeout)
+        return http_request(self.base_url + path, method, body, headers, timeout, self.tls)
 
     def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
         return self.request("GET", path, None, headers, timeout)
@@ -299,17 +310,20 @@ def start_ferrocast(
     extra_args: Sequence[str] = (),
     test_defaults: bool = True,
     ready_timeout: float = 20.0,
+    tls: Any = None,
 ) -> FerrocastServer:
-    """Starts `ferrocast serve` on a free port and waits until /healthz answers 200."""
+    """Starts `ferrocast serve` on a free port and waits until /healthz answers 200 (over
+    TLS with `tls`, an `ssl.SSLContext` trusting the certificate the sets configure)."""
     last_error: Exception | None = None
     for _attempt in range(3):
         port = free_port()
         argv = serve_argv(port, sets, simulator, api_key, config, extra_args, test_defaults)
         proc = ManagedProcess("ferrocast", argv, log_path, clean_env(env)).start()
-        server = FerrocastServer(port, proc, argv, api_key, list(sets))
+        server = FerrocastServer(port, proc, argv, api_key, list(sets), tls)
         try:
             proc.wait_until(
-                lambda: http_status(server.base_url + "/healthz", timeout=0.5) == 200,
+                lambda: http_status(server.base_url + "/healthz", timeout=0.5, context=tls)
+                == 200,
                 ready_timeout,
                 f"/healthz on port {port} answered 200",
             )

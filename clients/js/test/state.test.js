@@ -93,6 +93,21 @@ test('close 1001 honours the after_ms hint in its reason', () => {
   client.close();
 });
 
+test('close 1013 from a connection limit honours its after_ms hint; a bare 1013 backs off', () => {
+  const limited = setup({ random: () => 0 });
+  limited.client.connect();
+  limited.ws.drop(1013, '{"reconnect":true,"after_ms":2500,"limit":"limits.connections_per_ip"}');
+  assert.equal(limited.client.state, 'reconnecting');
+  assert.equal(limited.states.at(-1)[1].delayMs, 2500);
+  limited.client.close();
+
+  const bare = setup();
+  bare.client.connect();
+  bare.ws.drop(1013, 'connection limit reached; try again later');
+  assert.equal(bare.states.at(-1)[1].delayMs, 250);
+  bare.client.close();
+});
+
 test('the 1001 hint is spread by at most one base step of jitter', () => {
   const harness = setup({ random: () => 0.999999 });
   harness.client.connect();

@@ -1,4 +1,5 @@
-//! `ferrocast config check|show|example`: the same validation `serve` runs, without binding.
+//! `ferrocast config check|show|example`: the same validation `serve` runs (the TLS
+//! certificate and key included), without binding.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,7 +31,11 @@ pub fn run(cmd: ConfigCommand) -> ExitCode {
         ConfigCommand::Check { file, sets } => {
             let flags = ConfigFlags { config: Some(file.clone()), sets, ..Default::default() };
             match flags.load() {
-                Ok(_) => {
+                Ok((config, _)) => {
+                    if let Err(e) = ferrocast_server::tls::Tls::from_config(&config.server.tls) {
+                        eprintln!("ferrocast: invalid configuration:\n  {}: {}", e.key, e.reason);
+                        return ExitCode::from(2);
+                    }
                     println!("{}: ok", file.display());
                     ExitCode::SUCCESS
                 }

@@ -3,6 +3,13 @@
 //! `serve`), so the proxy's timeouts follow the heartbeat, the locations follow the WebSocket
 //! paths, the unit's limits follow the connection limit and grace periods follow the drain.
 //! The examples in `deploy/` are this command's output (a test keeps them identical).
+//!
+//! TLS: `gen nginx --tls-cert/--tls-key` terminates TLS in nginx (with HTTP/2 for browsers);
+//! when ferrocast serves TLS itself (`[server.tls]` in the settings), every output follows:
+//! nginx re-encrypts to it (`--upstream-ca` checks its certificate), the systemd unit reloads
+//! the certificate with SIGHUP, the container's health check speaks https, and the Kubernetes
+//! manifest mounts a TLS Secret with HTTPS probes and backends. On Elastic Beanstalk the load
+//! balancer terminates TLS (`--certificate-arn`).
 
 mod beanstalk;
 mod kubernetes;
@@ -54,6 +61,10 @@ pub struct NginxArgs {
     /// Private key for TLS.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<String>,
+    /// When ferrocast serves TLS itself (server.tls): the CA certificate (PEM) nginx checks
+    /// ferrocast's certificate against. Without it the hop is encrypted but not verified.
+    #[arg(long, value_name = "PEM")]
+    pub upstream_ca: Option<String>,
     /// Address nginx connects to (default: from server.listen). Repeat it for several nodes:
     /// WebSocket is then balanced by least connections, and Socket.IO and SSE are pinned to
     /// one node per client address (their sessions live on one node).
@@ -128,6 +139,10 @@ pub struct ElasticBeanstalkArgs {
     /// Address nginx connects to (default: 127.0.0.1 and the port of server.listen).
     #[arg(long, value_name = "HOST:PORT")]
     pub upstream: Option<String>,
+    /// An ACM certificate for an HTTPS listener (port 443) on the load balancer, which then
+    /// terminates TLS (wss://, https://, HTTP/2 for browsers).
+    #[arg(long, value_name = "ARN")]
+    pub certificate_arn: Option<String>,
 }
 
 pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
@@ -148,7 +163,19 @@ pub fn run(cmd: GenCommand) -> anyhow::Result<ExitCode> {
         GenCommand::Container(a) => container(&config, &a.rust_version),
         GenCommand::Kubernetes(a) => kubernetes::kubernetes(&config, &KubernetesOptions::from(a)),
         GenCommand::ElasticBeanstalk(a) => {
-            let files = beanstalk::elastic_beanstalk(&config, a.upstream.as_deref());
+            if config.server.tls.enabled() {
+                eprintln!(
+                    "ferrocast: server.tls is set, but on Elastic Beanstalk the load balancer \
+                     terminates TLS and the instance's nginx speaks plain HTTP to ferrocast: \
+                     generate without server.tls, and pass --certificate-arn for an HTTPS listener"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let files = beanstalk::elastic_beanstalk(
+                &config,
+                a.upstream.as_deref(),
+                a.certificate_arn.as_deref(),
+            );
             write_tree(&a.out, &files)?;
             return Ok(ExitCode::SUCCESS);
         }
@@ -242,6 +269,8 @@ pub struct NginxOptions {
     pub tls: Option<(String, String)>,
     /// The nodes nginx balances over; empty means one, at `server.listen`.
     pub upstreams: Vec<String>,
+    /// The CA that signed ferrocast's own certificate, when it serves TLS.
+    pub upstream_ca: Option<String>,
 }
 
 impl From<&NginxArgs> for NginxOptions {
@@ -251,6 +280,7 @@ impl From<&NginxArgs> for NginxOptions {
             binds: a.binds.clone(),
             tls: a.tls_cert.clone().zip(a.tls_key.clone()),
             upstreams: a.upstreams.clone(),
+            upstream_ca: a.upstream_ca.clone(),
         }
     }
 }
@@ -298,7 +328,9 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
     let several = nodes.len() > 1;
     // Where requests that belong to a session on one node go (see `several_nodes_upstreams`).
     let sticky = if several { STICKY_UPSTREAM } else { "ferrocast" };
-    let tls_suffix = if opts.tls.is_some() { " ssl" } else { "" };
+    // HTTP/2 for browsers: their SSE streams and API requests share one connection instead of
+    // competing for HTTP/1.1's six per origin. (nginx 1.25.1+ also accepts `http2 on;`.)
+    let tls_suffix = if opts.tls.is_some() { " ssl http2" } else { "" };
     let default_port = if opts.tls.is_some() { 443 } else { 80 };
     let binds: Vec<String> = if opts.binds.is_empty() {
         vec![default_port.to_string(), format!("[::]:{default_port}")]
@@ -381,6 +413,9 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
             w,
             "    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_session_cache shared:ferrocast_tls:10m;"
         );
+    }
+    if config.server.tls.enabled() {
+        upstream_tls(w, opts);
     }
     let _ = writeln!(
         w,
@@ -499,7 +534,43 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
             ""
         }
     );
+    if config.server.tls.enabled() {
+        o = o.replace("proxy_pass http://", "proxy_pass https://");
+    }
     o
+}
+
+/// The directives for a ferrocast that serves TLS itself (`[server.tls]`): nginx connects to
+/// it over TLS, and checks its certificate when the CA is given.
+fn upstream_tls(w: &mut String, opts: &NginxOptions) {
+    let name = if opts.server_name == "_" { "localhost" } else { &opts.server_name };
+    let _ = writeln!(
+        w,
+        "\n    # ferrocast serves TLS itself (server.tls): nginx connects to it over TLS too, naming\n    \
+         # the host its certificate is for, and reuses sessions across connections.\n    \
+         proxy_ssl_server_name on;\n    \
+         proxy_ssl_name {name};\n    \
+         proxy_ssl_protocols TLSv1.2 TLSv1.3;\n    \
+         proxy_ssl_session_reuse on;"
+    );
+    match &opts.upstream_ca {
+        Some(ca) => {
+            let _ = writeln!(
+                w,
+                "    # ferrocast's certificate must chain to this CA and be valid for {name}.\n    \
+                 proxy_ssl_verify on;\n    \
+                 proxy_ssl_trusted_certificate {ca};"
+            );
+        }
+        None => {
+            let _ = writeln!(
+                w,
+                "    # Encrypted, but ferrocast's certificate is not checked: regenerate with\n    \
+                 # --upstream-ca CA.pem to verify it.\n    \
+                 proxy_ssl_verify off;"
+            );
+        }
+    }
 }
 
 /// The upstream whose nodes keep sessions: Socket.IO polling, SSE and its control requests.
@@ -550,6 +621,24 @@ pub fn systemd(config: &Config, binary: &str, config_path: &str) -> String {
     let nofile = s.max_connections.saturating_add(1024).max(65_536);
     let caps = if port < 1024 { "CAP_NET_BIND_SERVICE" } else { "" };
     let config_dir = config_path.rsplit_once('/').map_or("/etc/ferrocast", |(dir, _)| dir);
+    let tls = &s.tls;
+    let tls_lines = if tls.enabled() {
+        format!(
+            "# TLS (server.tls): SIGHUP (systemctl reload ferrocast) reads the certificate and key\n\
+             # again; new handshakes use them, open connections stay. The throwaway user reads them\n\
+             # through the group ferrocast-tls (create it once: groupadd --system ferrocast-tls).\n\
+             # After each renewal, e.g. as certbot's --deploy-hook:\n\
+             #   install -m 0640 -g ferrocast-tls \"$RENEWED_LINEAGE/fullchain.pem\" {cert}\n\
+             #   install -m 0640 -g ferrocast-tls \"$RENEWED_LINEAGE/privkey.pem\" {key}\n\
+             #   systemctl reload ferrocast\n\
+             ExecReload=/bin/kill -HUP $MAINPID\n\
+             SupplementaryGroups=ferrocast-tls\n",
+            cert = tls.cert_file,
+            key = tls.key_file,
+        )
+    } else {
+        String::new()
+    };
     format!(
         "# ferrocast.service, generated by `ferrocast gen systemd` for server.listen = {listen}.\n\
          # Install:\n\
@@ -576,6 +665,7 @@ pub fn systemd(config: &Config, binary: &str, config_path: &str) -> String {
          # hint, for up to server.shutdown_grace_ms ({grace} ms).\n\
          KillSignal=SIGTERM\n\
          TimeoutStopSec={stop_timeout}\n\
+         {tls_lines}\
          Restart=on-failure\n\
          RestartSec=2\n\
          # One descriptor per connection (server.max_connections = {max_conn}), plus headroom.\n\
@@ -644,6 +734,43 @@ pub fn container(config: &Config, rust_version: &str) -> String {
         );
         "CMD [\"serve\", \"--config\", \"/etc/ferrocast/ferrocast.toml\"]".to_owned()
     };
+    let tls = &config.server.tls;
+    let (health, curl) = if tls.enabled() {
+        let dirs: Vec<&str> = [&tls.cert_file, &tls.key_file]
+            .iter()
+            .map(|f| f.rsplit_once('/').map_or(".", |(dir, _)| dir))
+            .collect();
+        let mut mounts = format!("-v {0}:{0}:ro", dirs[0]);
+        if dirs[1] != dirs[0] {
+            let _ = write!(mounts, " -v {0}:{0}:ro", dirs[1]);
+        }
+        let _ = writeln!(
+            notes,
+            "# TLS (server.tls): ferrocast serves wss:// and https:// itself. Mount the certificate\n\
+             # and key, readable by uid 65532:  {mounts}\n\
+             # After a renewal, reload them without dropping connections:\n\
+             #   docker kill --signal=HUP CONTAINER"
+        );
+        (
+            format!(
+                "# The health check speaks https, so this image has curl. The certificate is for the public\n\
+                 # name, not 127.0.0.1: -k checks that the server answers, not who it is.\n\
+                 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \\\n    \
+                 CMD [\"curl\", \"-fsSk\", \"-o\", \"/dev/null\", \"https://127.0.0.1:{port}/healthz\"]\n"
+            ),
+            "RUN apt-get update && apt-get install -y --no-install-recommends curl \\\n    \
+             && rm -rf /var/lib/apt/lists/*\n",
+        )
+    } else {
+        (
+            format!(
+                "# bash's /dev/tcp instead of curl, which the slim image does not have.\n\
+                 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \\\n    \
+                 CMD [\"bash\", \"-c\", \"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /healthz HTTP/1.0\\\\r\\\\n\\\\r\\\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '\"]\n"
+            ),
+            "",
+        )
+    };
     format!(
         "# syntax=docker/dockerfile:1\n\
          # ferrocast container image, generated by `ferrocast gen container`.\n\
@@ -667,14 +794,13 @@ pub fn container(config: &Config, rust_version: &str) -> String {
          \n\
          # No CA bundle needed: upstream TLS uses Mozilla's roots compiled into the binary.\n\
          FROM docker.io/library/debian:bookworm-slim\n\
+         {curl}\
          COPY --from=build /usr/local/bin/ferrocast /usr/local/bin/ferrocast\n\
          {env_lines}\
          USER 65532:65532\n\
          EXPOSE {port}\n\
          STOPSIGNAL SIGTERM\n\
-         # bash's /dev/tcp instead of curl, which the slim image does not have.\n\
-         HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \\\n    \
-             CMD [\"bash\", \"-c\", \"exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /healthz HTTP/1.0\\\\r\\\\n\\\\r\\\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '\"]\n\
+         {health}\
          ENTRYPOINT [\"/usr/local/bin/ferrocast\"]\n\
          {cmd}\n"
     )
@@ -791,7 +917,7 @@ mod tests {
             "deploy/kubernetes/ferrocast.yaml",
             &kubernetes::kubernetes(&config, &KubernetesOptions::default()),
         );
-        for (rel, text) in beanstalk::elastic_beanstalk(&config, None) {
+        for (rel, text) in beanstalk::elastic_beanstalk(&config, None, None) {
             golden(&format!("deploy/elastic-beanstalk/{rel}"), &text);
         }
     }
@@ -841,7 +967,7 @@ mod tests {
     fn elastic_beanstalk_follows_the_settings() {
         let c = config(&["server.ping_interval_ms=50000", "server.listen=127.0.0.1:9000"]);
         let files: std::collections::BTreeMap<_, _> =
-            beanstalk::elastic_beanstalk(&c, None).into_iter().collect();
+            beanstalk::elastic_beanstalk(&c, None, None).into_iter().collect();
         assert!(files[beanstalk::HTTP_CONF].contains("server 127.0.0.1:9000;"));
         let server = &files[beanstalk::SERVER_CONF];
         assert!(server.contains("proxy_read_timeout 150s;"), "{server}");
@@ -881,6 +1007,66 @@ mod tests {
         let keyed = nginx(&config(&["api.key=k"]), &NginxOptions::default());
         assert!(keyed.contains("client_max_body_size 4m;"), "{keyed}");
         assert_eq!(proxy_timeout_secs(&config(&["server.ping_interval_ms=2000"])), 60);
+    }
+
+    /// `--set` flags for a ferrocast that serves TLS itself.
+    const SERVES_TLS: [&str; 2] = [
+        "server.tls.cert_file=/etc/ferrocast/tls/cert.pem",
+        "server.tls.key_file=/etc/ferrocast/tls/key.pem",
+    ];
+
+    #[test]
+    fn tls_variants_follow_server_tls() {
+        let plain = Config::default();
+        let tls = config(&SERVES_TLS);
+        // nginx terminating TLS offers HTTP/2; in front of a TLS ferrocast it re-encrypts,
+        // verifying only when given the CA.
+        let front = nginx(&plain, &nginx_example_options());
+        assert!(front.contains("listen 443 ssl http2;"), "{front}");
+        assert!(!front.contains("proxy_pass https://") && !front.contains("proxy_ssl"), "{front}");
+        let opts = NginxOptions {
+            server_name: "push.example.com".into(),
+            upstream_ca: Some("/etc/nginx/ferrocast-ca.pem".into()),
+            ..Default::default()
+        };
+        let reencrypt = nginx(&tls, &opts);
+        assert!(!reencrypt.contains("proxy_pass http://"), "{reencrypt}");
+        assert!(reencrypt.contains("proxy_pass https://ferrocast;"), "{reencrypt}");
+        assert!(reencrypt.contains("proxy_ssl_name push.example.com;"), "{reencrypt}");
+        assert!(reencrypt.contains("proxy_ssl_verify on;"), "{reencrypt}");
+        assert!(reencrypt.contains("proxy_ssl_trusted_certificate /etc/nginx/ferrocast-ca.pem;"));
+        let unverified = nginx(&tls, &NginxOptions::default());
+        assert!(unverified.contains("proxy_ssl_verify off;"), "{unverified}");
+        assert!(unverified.contains("--upstream-ca"), "{unverified}");
+        // systemd reloads with SIGHUP and reads the files through a group.
+        let unit = systemd(&tls, "/b", "/etc/ferrocast/ferrocast.toml");
+        assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"), "{unit}");
+        assert!(unit.contains("SupplementaryGroups=ferrocast-tls"), "{unit}");
+        assert!(unit.contains("/etc/ferrocast/tls/key.pem"), "{unit}");
+        assert!(!systemd(&plain, "/b", "/c").contains("ExecReload"));
+        // The container's health check speaks https, with the curl it installs.
+        let image = container(&tls, "1.95");
+        assert!(image.contains("\"https://127.0.0.1:8080/healthz\""), "{image}");
+        assert!(image.contains("apt-get install -y --no-install-recommends curl"), "{image}");
+        assert!(image.contains("-v /etc/ferrocast/tls:/etc/ferrocast/tls:ro"), "{image}");
+        assert!(image.contains("docker kill --signal=HUP"), "{image}");
+        assert!(!container(&plain, "1.95").contains("curl\""));
+        // Kubernetes: a TLS Secret mounted where the configuration points, HTTPS everywhere.
+        let k8s = kubernetes::kubernetes(&tls, &KubernetesOptions::default());
+        assert!(k8s.contains("cert_file = \"/etc/ferrocast-tls/tls.crt\""), "{k8s}");
+        assert!(k8s.contains("secretName: \"ferrocast-tls\""), "{k8s}");
+        assert_eq!(k8s.matches("scheme: HTTPS").count(), 2, "{k8s}");
+        assert!(k8s.contains("backend-protocol: \"HTTPS\""), "{k8s}");
+        assert!(!k8s.contains("name: http\n"), "{k8s}");
+        // Elastic Beanstalk: TLS ends at the load balancer.
+        let eb = beanstalk::elastic_beanstalk(
+            &plain,
+            None,
+            Some("arn:aws:acm:eu-west-1:1:certificate/x"),
+        );
+        let ext = &eb.iter().find(|(p, _)| *p == beanstalk::EBEXTENSION).unwrap().1;
+        assert!(ext.contains("aws:elbv2:listener:443:"), "{ext}");
+        assert!(ext.contains("SSLCertificateArns: arn:aws:acm:eu-west-1:1:certificate/x"), "{ext}");
     }
 
     #[test]

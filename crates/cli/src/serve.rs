@@ -1,5 +1,6 @@
-//! `ferrocast serve`: load and validate the configuration, bind, serve until SIGTERM or
-//! SIGINT, then drain and exit 0.
+//! `ferrocast serve`: load and validate the configuration (the TLS certificate and key
+//! included), bind, serve until SIGTERM or SIGINT, then drain and exit 0. SIGHUP reloads the
+//! TLS certificate and key.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -109,8 +110,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
+    let tls = match ferrocast_server::tls::Tls::from_config(&config.server.tls) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("ferrocast: invalid configuration:\n  {}: {}", e.key, e.reason);
+            return Ok(ExitCode::from(2));
+        }
+    };
     let app = AppState::with_auth(config, api_key, auth);
-    let server = match Server::bind(app.clone(), None).await {
+    let mut server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ferrocast: cannot listen on {}: {e}", app.config.server.listen);
@@ -118,8 +126,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let addr = server.local_addr();
+    let (http, ws) = if tls.is_some() { ("https", "wss") } else { ("http", "ws") };
+    reload_on_sighup(tls.clone());
+    if let Some(tls) = tls {
+        server = server.with_tls(tls);
+    }
     tracing::info!(
-        "ferrocast {} listening on http://{addr} (websocket: ws://{addr}{}, dashboard: http://{addr}/)",
+        "ferrocast {} listening on {http}://{addr} (websocket: {ws}://{addr}{}, dashboard: {http}://{addr}/)",
         env!("CARGO_PKG_VERSION"),
         app.config.server.ws_paths[0]
     );
@@ -160,6 +173,30 @@ fn use_colour(stderr_is_terminal: bool, var: impl Fn(&str) -> Option<std::ffi::O
         return true;
     }
     stderr_is_terminal
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP (a failed reload keeps the current
+/// pair and is logged; see [`ferrocast_server::tls::Tls::reload`]). Without TLS a SIGHUP
+/// (a service manager's generic reload) is logged and otherwise ignored.
+fn reload_on_sighup(tls: Option<ferrocast_server::tls::Tls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler");
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match &tls {
+                    Some(tls) => {
+                        tracing::info!("SIGHUP received: reloading the TLS certificate and key");
+                        let _ = tls.reload();
+                    }
+                    None => tracing::info!("SIGHUP received: nothing to reload (no [server.tls])"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -51,6 +51,20 @@ pub enum ClientFrame<'a> {
     },
 }
 
+impl ClientFrame<'_> {
+    /// The request id, if the frame carries one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Publish { id, .. }
+            | ClientFrame::Ping { id }
+            | ClientFrame::Auth { id, .. } => *id,
+            ClientFrame::Pong => None,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RawFrame<'a> {
     #[serde(borrow, default)]

@@ -33,6 +33,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// The token presented has expired (`exp` is past, beyond the allowed clock skew).
     TokenExpired,
+    /// The connection sends requests faster than `limits.commands_per_s` allows.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -52,6 +54,7 @@ impl ErrorCode {
             ErrorCode::UnknownChannel => "unknown_channel",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }

@@ -425,6 +425,10 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
     );
     extra.push_str(&format!("ferrocast_ready {}\n", u8::from(ready)));
     extra.push_str(&app.auth.render_metrics());
+    extra.push_str(&app.limits.render_metrics());
+    if let Some(tls) = app.tls.get() {
+        extra.push_str(&tls.render_metrics());
+    }
     let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")

@@ -28,6 +28,8 @@ pub struct Config {
     pub diagnostics: DiagnosticsConfig,
     /// Connection tokens (JWT) and whether anonymous connections are served.
     pub auth: crate::auth::AuthConfig,
+    /// Limits against abuse: connections per address and per user, requests per connection.
+    pub limits: crate::limits::LimitsConfig,
     /// Where channel offsets and history live: this process, or Redis shared by many nodes.
     pub broker: BrokerConfig,
     /// Settings for channels whose namespace has no table of its own.
@@ -85,6 +87,8 @@ pub struct ServerConfig {
     pub body_read_timeout_ms: u64,
     /// Deepest nesting of arrays and objects accepted in published `data` (`bad_request`).
     pub max_data_depth: usize,
+    /// `wss://` and `https://` served directly, with HTTP/2 by ALPN.
+    pub tls: crate::tls::TlsConfig,
 }
 
 /// The HTTP publish API.
@@ -269,6 +273,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             max_data_depth: 64,
+            tls: crate::tls::TlsConfig::default(),
         }
     }
 }
@@ -337,6 +342,7 @@ impl Default for Config {
             socketio: SocketIoConfig::default(),
             diagnostics: DiagnosticsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            limits: crate::limits::LimitsConfig::default(),
             broker: BrokerConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
@@ -548,6 +554,9 @@ impl Config {
             "server.max_data_depth",
             format!("{} is outside 1..=1024", s.max_data_depth),
         );
+        for (key, reason) in s.tls.problems().into_iter().chain(self.limits.problems()) {
+            check(false, &key, reason);
+        }
         check(
             (1024..=256 * 1024 * 1024).contains(&self.api.max_body_bytes),
             "api.max_body_bytes",

@@ -183,7 +183,7 @@ fn forwarded_clients(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `[2001:db8::1]:80`, `::1`.
-fn parse_ip(s: &str) -> Option<IpAddr> {
+pub(crate) fn parse_ip(s: &str) -> Option<IpAddr> {
     let s = s.trim();
     if let Ok(ip) = s.parse() {
         return Some(ip);

@@ -11,9 +11,11 @@
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
 //! | [`auth`] | connection and subscription tokens (JWT): verification, claims, refusals |
 //! | [`permissions`] | the one decision of who may subscribe, publish and read history |
+//! | [`limits`] | limits against abuse: connections per address and user, requests per connection |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
 //! | [`body`] | request bodies within limits of time (408) and size (413) |
 //! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
+//! | [`tls`] | TLS served directly (rustls), HTTP/2 by ALPN, certificate reload on SIGHUP |
 //! | [`metrics`] | counters and the Prometheus exposition |
 //! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
 //! | [`sources`] | built-in sources wired to the hub: simulator and candles |
@@ -21,8 +23,9 @@
 //! | [`assets`] | the embedded dashboard and browser client |
 //! | [`shutdown`] | the drain signal and the count of live connections |
 //!
-//! [`Server::bind`] validates nothing and binds; [`Server::run`] serves until the shutdown
-//! future resolves, then drains. Tests start a real server on `127.0.0.1:0` this way.
+//! [`Server::bind`] validates nothing and binds; [`Server::with_tls`] adds TLS;
+//! [`Server::run`] serves until the shutdown future resolves, then drains. Tests start a real
+//! server on `127.0.0.1:0` this way.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -34,6 +37,7 @@ pub mod connections;
 pub mod connectors;
 pub mod diagnostics;
 pub mod feedboard;
+pub mod limits;
 pub mod metrics;
 pub mod permissions;
 pub mod session;
@@ -42,24 +46,25 @@ pub mod sio_engine;
 pub mod socketio;
 pub mod sources;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::routing::{any, get, post};
+use axum::routing::{MethodFilter, any, get, on, post};
 use config::BrokerKind;
 use ferrocast_broker_redis::{RedisBroker, RedisOptions};
 use ferrocast_hub::{Broker, Hub, HubOptions, MemoryBroker, Namespaces, Pending};
 use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tower::ServiceExt;
@@ -92,6 +97,10 @@ pub struct AppState {
     pub api_key: Option<String>,
     /// Token verification (`[auth]`).
     pub auth: auth::Auth,
+    /// Per-address, per-user and per-connection limits (`[limits]`).
+    pub limits: limits::Limits,
+    /// TLS, when served directly (set once by [`Server::with_tls`]).
+    pub tls: OnceLock<tls::Tls>,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
@@ -142,6 +151,7 @@ impl AppState {
                 broker
             }
         };
+        let limits = limits::Limits::new(&config.limits, config.server.reconnect_after_ms);
         Arc::new(AppState {
             hub,
             broker,
@@ -154,6 +164,8 @@ impl AppState {
             connections: Connections::default(),
             api_key,
             auth,
+            limits,
+            tls: OnceLock::new(),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         })
@@ -217,7 +229,8 @@ pub fn router(app: Arc<AppState>) -> Router {
             .route("/socket.io/{*rest}", any(api::socketio_disabled));
     }
     for path in &app.config.server.ws_paths {
-        r = r.route(path, get(ws::upgrade));
+        // CONNECT: a WebSocket over HTTP/2 (RFC 8441).
+        r = r.route(path, on(MethodFilter::GET.or(MethodFilter::CONNECT), ws::upgrade));
     }
     if app.config.server.dashboard {
         for path in assets::paths() {
@@ -261,6 +274,14 @@ impl Server {
 
     pub fn app(&self) -> &Arc<AppState> {
         &self.app
+    }
+
+    /// Serves TLS (`wss://`, `https://`, HTTP/2 by ALPN) with `tls` on this server's port.
+    pub fn with_tls(self, tls: tls::Tls) -> Self {
+        if self.app.tls.set(tls).is_err() {
+            tracing::warn!("TLS was set already; keeping the first configuration");
+        }
+        self
     }
 
     /// Serves until `stop` resolves, then drains: readiness turns 503, no new connection is
@@ -319,8 +340,9 @@ impl Server {
     }
 }
 
-/// Serves one TCP connection's HTTP/1.1 requests (and hands WebSocket upgrades over). The
-/// connection counts toward the total from here until its socket closes, upgrades included.
+/// Serves one TCP connection: its TLS handshake first when TLS is on, then HTTP/1.1 (and
+/// hands WebSocket upgrades over) or, when ALPN chose it, HTTP/2. The connection counts
+/// toward the total from here until its socket closes, upgrades included.
 fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppState>) {
     let _ = stream.set_nodelay(true);
     let (count, open) = app.connections.count();
@@ -328,66 +350,150 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
     let http_allowed = Connections::http_allowed(open, max);
     let stream = CountedStream::new(stream, count);
     tokio::spawn(async move {
-        let service_app = app.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let router = router.clone();
-            let app = service_app.clone();
-            async move {
-                let path = req.uri().path();
-                if !http_allowed && !connections::ALWAYS_ANSWERED.contains(&path) {
-                    return Ok::<_, Infallible>(app.connections.overloaded(peer, max));
-                }
-                let mut res = router.oneshot(req).await?;
-                // While draining, every answer ends its connection (an upgrade's is taken over).
-                if app.shutdown.is_draining()
-                    && res.status() != http::StatusCode::SWITCHING_PROTOCOLS
-                {
-                    res.headers_mut()
-                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
-                }
-                Ok(res)
-            }
-        });
-        // A connection accepted while draining serves one request (e.g. /readyz) and closes;
-        // so does one beyond the limit.
-        let draining = app.shutdown.is_draining();
-        let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(!draining && http_allowed)
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        let result = if draining {
-            conn.await
-        } else {
-            tokio::select! {
-                result = conn.as_mut() => result,
-                _ = app.shutdown.draining() => {
-                    // Requests arriving meanwhile are answered, with `Connection: close`.
-                    match tokio::time::timeout(DRAIN_LINGER, conn.as_mut()).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
-                }
-            }
+        let Some(tls) = app.tls.get() else {
+            return serve_connection(TokioIo::new(stream), peer, None, router, app, http_allowed)
+                .await;
         };
-        if let Err(e) = result {
-            if e.is_timeout() {
-                // Also how idle keep-alive connections end: hyper times the wait for the
-                // next request's headers too.
-                app.connections.counters.header_timeouts.fetch_add(1, Relaxed);
-                tracing::debug!(%peer, "closing connection: no complete request headers in time");
-            } else {
-                tracing::debug!(%peer, "connection ended with an error: {e}");
+        // A handshake is held to the same deadline as a request's headers.
+        let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
+        match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+            Ok(Ok((stream, negotiated))) => {
+                let io = TokioIo::new(stream);
+                serve_connection(io, peer, Some(negotiated), router, app, http_allowed).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+            Err(_) => {
+                tls.count_handshake_timeout();
+                tracing::debug!(%peer, "closing connection: no TLS handshake in time");
             }
         }
     });
+}
+
+/// Serves HTTP on one connection until it ends. With TLS, `negotiated` says what the
+/// handshake chose (every request carries it as an extension); ALPN `h2` gets HTTP/2, with
+/// RFC 8441's extended CONNECT enabled for WebSockets, anything else HTTP/1.1.
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    negotiated: Option<tls::Negotiated>,
+    router: Router,
+    app: Arc<AppState>,
+    http_allowed: bool,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let max = app.config.server.max_connections;
+    let is_h2 = negotiated.is_some_and(|n| n.is_h2());
+    let service_app = app.clone();
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(negotiated) = negotiated {
+            req.extensions_mut().insert(negotiated);
+        }
+        let router = router.clone();
+        let app = service_app.clone();
+        async move {
+            let path = req.uri().path();
+            if !http_allowed && !connections::ALWAYS_ANSWERED.contains(&path) {
+                return Ok::<_, Infallible>(app.connections.overloaded(peer, max));
+            }
+            let mut res = router.oneshot(req).await?;
+            // While draining, every HTTP/1.1 answer ends its connection (an upgrade's is
+            // taken over; HTTP/2 winds down with its GOAWAY instead).
+            if app.shutdown.is_draining()
+                && !is_h2
+                && res.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                res.headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            Ok(res)
+        }
+    });
+    // A connection accepted while draining serves one request (e.g. /readyz) and closes;
+    // so does one beyond the limit.
+    let wind_down = app.shutdown.is_draining() || !http_allowed;
+    let server = &app.config.server;
+    let result = if is_h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .enable_connect_protocol()
+            .keep_alive_interval(Duration::from_millis(server.ping_interval_ms))
+            .keep_alive_timeout(Duration::from_millis(server.pong_timeout_ms));
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        // HTTP/2 winds down with a GOAWAY, which lets the requests already sent finish.
+        let start = if wind_down { Start::GoAway } else { Start::Serve };
+        drive(conn, start, &app, |c| c.graceful_shutdown()).await
+    } else {
+        let header_timeout = Duration::from_millis(server.header_read_timeout_ms);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(!wind_down)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        // Without keep-alive, HTTP/1.1 winds down after its first request by itself.
+        let start = if app.shutdown.is_draining() { Start::Finish } else { Start::Serve };
+        drive(conn, start, &app, |c| c.graceful_shutdown()).await
+    };
+    if let Err(e) = result {
+        if e.is_timeout() {
+            // Also how idle keep-alive connections end: hyper times the wait for the
+            // next request's headers too.
+            app.connections.counters.header_timeouts.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, "closing connection: no complete request headers in time");
+        } else {
+            tracing::debug!(%peer, "connection ended with an error: {e}");
+        }
+    }
+}
+
+/// How [`drive`] starts a connection.
+enum Start {
+    /// Serve, and shut down gracefully when the server starts draining.
+    Serve,
+    /// Serve until the connection ends by itself.
+    Finish,
+    /// Shut down gracefully at once.
+    GoAway,
+}
+
+/// Runs a hyper connection to its end.
+async fn drive<C>(
+    mut conn: std::pin::Pin<&mut C>,
+    start: Start,
+    app: &AppState,
+    graceful_shutdown: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    match start {
+        Start::Serve => {}
+        Start::Finish => return conn.await,
+        Start::GoAway => {
+            graceful_shutdown(conn.as_mut());
+            return conn.await;
+        }
+    }
+    tokio::select! {
+        result = conn.as_mut() => result,
+        _ = app.shutdown.draining() => {
+            // Requests already on their way are answered (with `Connection: close`) before
+            // an idle connection is shut.
+            match tokio::time::timeout(DRAIN_LINGER, conn.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => {
+                    graceful_shutdown(conn.as_mut());
+                    conn.await
+                }
+            }
+        }
+    }
 }
 
 /// With a cluster broker, tells the other nodes about this one every 2 s (`/api/nodes`).
@@ -407,15 +513,17 @@ fn spawn_advertiser(app: &Arc<AppState>) {
     });
 }
 
-/// Periodically forgets idle channels so memory stays bounded.
+/// Periodically forgets idle channels and idle client addresses so memory stays bounded.
 fn spawn_sweeper(app: &Arc<AppState>) {
     let hub = app.hub.clone();
+    let limits = app.limits.clone();
     let shutdown = app.shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    limits.sweep();
                     let removed = hub.sweep(Instant::now());
                     if removed > 0 {
                         tracing::debug!(removed, "expired idle channels");

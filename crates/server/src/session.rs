@@ -4,8 +4,16 @@
 //! Transports only move bytes: `/ws` feeds text frames to [`Session::handle_text`], SSE's
 //! control endpoint and Socket.IO events call the typed methods. Whatever the transport,
 //! the same channels, permissions, limits and metrics apply.
+//!
+//! The `[limits]` decisions are made here too: [`admit_address`] for a new connection's
+//! address, the user's count when a token first names the user ([`Session::authenticate`]),
+//! and the request budget ([`Session::admit_request`], which `/ws` text frames, SSE control
+//! requests and Socket.IO events all pass). A connection that keeps flooding after being
+//! refused is condemned: it takes no more requests, and its transport closes it with 4029
+//! when [`Session::must_close`] says so.
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,6 +31,7 @@ use ferrocast_protocol::{
 
 use crate::AppState;
 use crate::auth::{Identity, Refusal};
+use crate::limits::{CommandBucket, IpSlot, LimitRefusal, UserSlot, Verdict};
 use crate::metrics::Transport;
 use crate::permissions::{self, Action, Who};
 
@@ -46,6 +55,38 @@ pub struct Session {
     /// Who the connection is, once a token was accepted.
     identity: Option<Identity>,
     connected_at: Instant,
+    /// The request budget (`limits.commands_per_s`, `limits.commands_burst`).
+    commands: CommandBucket,
+    /// Set when the client kept sending after being rate limited: close with 4029.
+    rate_closed: bool,
+    /// The connection's place in its address's and its user's counts.
+    _address: Option<IpSlot>,
+    _user: Option<UserSlot>,
+}
+
+/// The close code for a connection whose token, presented at connect, was refused with
+/// `code`: 4011 (get a new token) for an expired one, 1013 (try again later) when the user
+/// holds `limits.connections_per_user` connections already, 4001 otherwise.
+pub fn refused_token_close(code: ErrorCode) -> CloseCode {
+    match code {
+        ErrorCode::TokenExpired => CloseCode::TokenExpired,
+        ErrorCode::LimitExceeded => CloseCode::TryAgainLater,
+        _ => CloseCode::Unauthorized,
+    }
+}
+
+/// Admits a new client connection from `peer` under the per-address limits (the client's
+/// own address when `peer` is a trusted proxy). The slot is held for the connection's life:
+/// by its session ([`Session::hold_address`]) or, for `/ws`, by its task.
+pub fn admit_address(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &axum::http::HeaderMap,
+) -> Result<IpSlot, LimitRefusal> {
+    let ip = app.limits.client_ip(peer, headers);
+    app.limits.admit_ip(ip).inspect_err(|refusal| {
+        tracing::info!(%peer, client = %ip, limit = refusal.limit, "refusing connection: {}", refusal.message);
+    })
 }
 
 /// The answer to an accepted `auth`: `{"user":"42","expires_at":N}`.
@@ -72,8 +113,69 @@ impl Session {
             errors_logged: 0,
             identity: None,
             connected_at: Instant::now(),
+            commands: app.limits.command_bucket(),
+            rate_closed: false,
+            _address: None,
+            _user: None,
             app,
         }
+    }
+
+    /// Keeps the connection's place in its address's count (from [`admit_address`]) until
+    /// the session ends.
+    pub fn hold_address(&mut self, slot: IpSlot) {
+        self._address = Some(slot);
+    }
+
+    /// Counts one client request against the connection's budget. Over it the request is
+    /// refused with `rate_limited`; a client that keeps sending while refused is condemned
+    /// (see [`Session::must_close`]) and its later requests are dropped unanswered.
+    pub fn admit_request(&mut self) -> Result<(), FrameError> {
+        if self.rate_closed {
+            self.app.limits.count_command_refusal();
+            return Err(FrameError::new(
+                None,
+                ErrorCode::RateLimited,
+                "rate limited: this connection is being closed with 4029",
+            ));
+        }
+        match self.commands.take(Instant::now()) {
+            Verdict::Allowed => Ok(()),
+            verdict => {
+                self.app.limits.count_command_refusal();
+                if verdict == Verdict::Abusive {
+                    self.rate_closed = true;
+                    self.app.limits.count_rate_close();
+                    tracing::info!(
+                        conn = self.conn_id,
+                        transport = self.transport.as_str(),
+                        "the client keeps sending after being rate limited; closing with 4029"
+                    );
+                    // Wake the transport's writer, which closes the connection.
+                    let wake = self.queue.reserve();
+                    self.queue.fill(wake, Bytes::new());
+                }
+                let (rate, burst) = self.commands.describe();
+                Err(FrameError::new(
+                    None,
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {rate} requests per second (limits.commands_per_s, bursts of \
+                         {burst}: limits.commands_burst); slow down, or the connection is closed \
+                         with 4029"
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Whether the transport must close the connection now, with which code and reason:
+    /// 4029 once the client kept flooding after being rate limited.
+    pub fn must_close(&self) -> Option<(CloseCode, &'static str)> {
+        self.rate_closed.then_some((
+            CloseCode::RateLimited,
+            "rate limited: too many requests after being refused (limits.commands_per_s)",
+        ))
     }
 
     pub fn app(&self) -> &Arc<AppState> {
@@ -87,7 +189,26 @@ impl Session {
 
     /// Handles one text frame of the native protocol; replies go into the queue.
     pub fn handle_text(&mut self, text: &str) {
-        match parse_client_frame(text) {
+        if self.rate_closed {
+            return;
+        }
+        let frame = parse_client_frame(text);
+        // Pongs answer the server's heartbeat and cost nothing; every other frame, even a
+        // malformed one, is a request.
+        if !matches!(frame, Ok(ClientFrame::Pong))
+            && let Err(e) = self.admit_request()
+        {
+            let id = match &frame {
+                Ok(f) => f.id(),
+                Err(e) => e.id,
+            };
+            if !self.rate_closed {
+                let reply = self.error_frame(FrameError { id, ..e });
+                self.push_control(reply);
+            }
+            return;
+        }
+        match frame {
             Ok(ClientFrame::Subscribe { id, channels, recover, tokens }) => {
                 let reservation = self.queue.reserve();
                 let reply = match self.subscribe_with_tokens(&channels, &recover, &tokens) {
@@ -226,6 +347,20 @@ impl Session {
             return Err(self.refused("token refresh", refusal));
         }
         let first = self.identity.is_none();
+        if first {
+            // The user's connection count: a refusal leaves the connection anonymous.
+            let slot = self.app.limits.user_slot(&identity.user).map_err(|refusal| {
+                tracing::info!(
+                    conn = self.conn_id,
+                    transport = self.transport.as_str(),
+                    limit = refusal.limit,
+                    "token refused: {}",
+                    refusal.message
+                );
+                FrameError::new(None, ErrorCode::LimitExceeded, refusal.message)
+            })?;
+            self._user = Some(slot);
+        }
         let result_user = identity.user.clone();
         let expires_at = identity.expires_at;
         let channels = identity.channels.clone();

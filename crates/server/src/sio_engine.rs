@@ -22,7 +22,11 @@
 //!   connection through an [`EioStream`] (socketioxide's `(stream, request)` service), which
 //!   drops the ping frame and feeds the library a pong frame at a client frame boundary.
 //!
-//! Both are workarounds for socketioxide / engineioxide 0.18 / 0.17: see docs/protocol.md.
+//! - **WebSocket over HTTP/2.** Browsers that reach ferrocast over HTTP/2 (TLS with ALPN `h2`)
+//!   open WebSockets as RFC 8441 extended CONNECT streams, which the library does not accept;
+//!   ferrocast answers the CONNECT (200) and hands the library the stream like any upgrade.
+//!
+//! All are workarounds for socketioxide / engineioxide 0.18 / 0.17: see docs/protocol.md.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -295,15 +299,27 @@ where
     {
         return draining();
     }
-    if is_get
-        && transport == Some("websocket")
+    // The 101 of an HTTP/1.1 upgrade needs the client's key; an HTTP/2 extended CONNECT
+    // (RFC 8441) is answered 200 without one.
+    let handshake = if is_get && upgrade_problem(req.headers()).is_none() {
+        req.headers().get(header::SEC_WEBSOCKET_KEY).cloned().map(Some)
+    } else if is_extended_connect(&req) {
+        Some(None)
+    } else {
+        None
+    };
+    if transport == Some("websocket")
         && q.eio.as_deref() == Some("4")
         && state.websocket
-        && upgrade_problem(req.headers()).is_none()
-        && let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned()
+        && let Some(key) = handshake
     {
+        if let Some(tls) = state.app.tls.get() {
+            tls.count_websocket(key.is_none());
+        }
         let on_upgrade = hyper::upgrade::on(&mut req);
-        let (parts, _) = req.into_parts();
+        let (mut parts, _) = req.into_parts();
+        // The library opens sessions on GET only.
+        parts.method = Method::GET;
         // A new websocket session holds its first ping back. An upgraded polling session
         // does too if that ping was not polled yet (python-socketio upgrades before its
         // first poll): the library then flushes it over the websocket.
@@ -330,7 +346,10 @@ where
                 tracing::debug!("socket.io websocket refused: {e}");
             }
         });
-        return switching_protocols(key.as_bytes());
+        return match key {
+            Some(key) => switching_protocols(key.as_bytes()),
+            None => Response::new(Body::empty()),
+        };
     }
     let Some(sid) = q.sid.filter(|_| polling_get) else {
         let handshake = polling_get;
@@ -421,6 +440,13 @@ fn carries_drain_close(payload: &[u8]) -> bool {
     payload
         .split(|b| *b == SEPARATOR as u8)
         .any(|packet| packet.starts_with(DRAIN_CLOSE_PACKET.as_bytes()))
+}
+
+/// Whether `req` opens a WebSocket on an HTTP/2 stream (RFC 8441 extended CONNECT).
+fn is_extended_connect(req: &Request<Body>) -> bool {
+    req.method() == Method::CONNECT
+        && req.extensions().get::<hyper::ext::Protocol>().is_some_and(|p| p.as_str() == "websocket")
+        && req.headers().get(header::SEC_WEBSOCKET_VERSION).is_some_and(|v| v == "13")
 }
 
 async fn call_http<S, R>(inner: &mut S, req: Request<Body>) -> Response

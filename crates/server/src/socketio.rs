@@ -52,6 +52,7 @@ use socketioxide::{SendError, SocketError, SocketIo, TransportType};
 use tokio::sync::Notify;
 
 use crate::AppState;
+use crate::limits::IpSlot;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::Session;
 use crate::shutdown::ConnectionGuard;
@@ -65,6 +66,9 @@ const ENGINE_BUFFER_PACKETS: usize = 1024;
 /// Retry delays while the engine's buffer is full.
 const MIN_BACKOFF: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a socket condemned for flooding (4029) keeps its transport for the replies
+/// queued before its `close` event.
+const RATE_CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// When a draining websocket socket's writer ends its session: after
 /// [`crate::sio_engine::DRAIN_NOTICE`], when its transport is dropped, without waiting on the
 /// library's disconnect handler. A polling socket's writer ends it once a poll has carried
@@ -109,7 +113,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         let state = admit_state.clone();
         // The CONNECT packet's `auth: {token}` (socket.io-client's `auth` option).
         let token = auth.ok().and_then(|a| a.get("token")?.as_str().map(str::to_owned));
-        async move { admit(&state, &s).and_then(|()| prepare(&state, &s, token)) }
+        async move { admit(&state, &s).and_then(|address| prepare(&state, &s, token, address)) }
     };
     let handler = move |s: SocketRef| {
         on_connect(state.clone(), s);
@@ -136,8 +140,9 @@ struct SioState {
 }
 
 /// Admission, before the socket joins the namespace: the same rules as a `/ws` upgrade. A
-/// refusal reaches the client as a `connect_error` whose message names the close code.
-fn admit(state: &SioState, s: &SocketRef) -> Result<(), String> {
+/// refusal reaches the client as a `connect_error` whose message names the close code (and,
+/// for a `[limits]` refusal, the limit and the delay before trying again).
+fn admit(state: &SioState, s: &SocketRef) -> Result<IpSlot, String> {
     let app = &state.app;
     let refusal = if app.shutdown.is_draining() {
         Some((CloseCode::GoingAway, "the server is shutting down; reconnect"))
@@ -151,7 +156,17 @@ fn admit(state: &SioState, s: &SocketRef) -> Result<(), String> {
     } else {
         None
     };
-    let Some((code, message)) = refusal else { return Ok(()) };
+    let Some((code, message)) = refusal else {
+        let peer = s.req_parts().extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        return crate::session::admit_address(app, peer, &s.req_parts().headers).map_err(
+            |refusal| {
+                app.metrics.connection_opened(Transport::SocketIo);
+                app.metrics.connection_closed(Transport::SocketIo, 1013);
+                format!("{} (retry after {} ms) (1013)", refusal.message, refusal.retry_after_ms)
+            },
+        );
+    };
     tracing::info!(peer = %peer(s), code = code.code(), "refusing socket.io connection: {message}");
     app.metrics.connection_opened(Transport::SocketIo);
     app.metrics.connection_closed(Transport::SocketIo, code.code());
@@ -169,16 +184,18 @@ fn peer(s: &Socket<LocalAdapter>) -> String {
 /// An admitted socket, about to join the namespace: give it a session (authenticated with
 /// the CONNECT packet's token, if any) and its event handlers. A refused token is a
 /// CONNECT_ERROR whose message gives the error code, the reason and the close code.
-fn prepare(state: &SioState, s: &SocketRef, token: Option<String>) -> Result<(), String> {
+fn prepare(
+    state: &SioState,
+    s: &SocketRef,
+    token: Option<String>,
+    address: IpSlot,
+) -> Result<(), String> {
     let app = state.app.clone();
     let mut session = Session::new(app.clone(), Transport::SocketIo);
+    session.hold_address(address);
     let refusal = match token {
         Some(token) => session.authenticate(&token).err().map(|e| {
-            let code = if e.code == ErrorCode::TokenExpired {
-                CloseCode::TokenExpired
-            } else {
-                CloseCode::Unauthorized
-            };
+            let code = crate::session::refused_token_close(e.code);
             (format!("{}: {} ({})", e.code.as_str(), e.message, code.code()), code)
         }),
         None if !app.auth.anonymous => {
@@ -300,6 +317,16 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
             }
             Err(_) => serde_json::Value::Null,
         };
+        if let Err(e) = session.admit_request() {
+            // A condemned socket's requests go unanswered: it is being closed with 4029.
+            let closing = session.must_close().is_some();
+            let reply = refused(session, e);
+            drop(guard);
+            if !closing {
+                send_ack(conn, ack, &reply);
+            }
+            return;
+        }
         let reply = match self.op {
             Op::Subscribe => {
                 // The ack must reach the client before the replay the subscribe queues: hold
@@ -551,6 +578,22 @@ impl Writer {
                 } else {
                     drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
                 }
+            }
+            let must_close = self.conn.session.lock().as_ref().and_then(Session::must_close);
+            if let Some((code, reason)) = must_close {
+                tracing::info!(
+                    conn = self.conn.conn_id,
+                    code = code.code(),
+                    "disconnecting socket.io client: {reason}"
+                );
+                self.emit_close(code.code(), reason);
+                // A flood leaves many replies queued in the engine, ahead of `close`: let a
+                // client that reads get them before the transport goes. Its further events
+                // are dropped unanswered meanwhile.
+                let gone = self.conn.disconnected.notified();
+                let _ = tokio::time::timeout(RATE_CLOSE_LINGER, gone).await;
+                let _ = self.socket.clone().disconnect();
+                return code.code();
             }
             // Read each turn: an `auth` event may have moved it.
             let auth = self.conn.session.lock().as_ref().and_then(Session::auth_deadline);

@@ -161,6 +161,10 @@ async fn stream(
         return resp;
     }
 
+    let address = match crate::session::admit_address(app, peer, &headers) {
+        Ok(slot) => slot,
+        Err(refusal) => return limited(&refusal),
+    };
     let sub_tokens: BTreeMap<String, String> = match query.tokens.as_deref() {
         None | Some("") => BTreeMap::new(),
         Some(text) => match serde_json::from_str(text) {
@@ -174,6 +178,7 @@ async fn stream(
         },
     };
     let mut session = Session::new(app.clone(), Transport::Sse);
+    session.hold_address(address);
     let presented = crate::auth::bearer(&headers)
         .or(query.token.clone().filter(|t| !t.is_empty()))
         .or_else(|| crate::auth::token_from_request(&headers, None, &app.auth.cookie));
@@ -184,8 +189,13 @@ async fn stream(
         Some(token) => match session.authenticate(&token) {
             Ok(result) => auth_result = Some(result),
             Err(e) => {
+                let status = if e.code == ErrorCode::LimitExceeded {
+                    StatusCode::TOO_MANY_REQUESTS
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
                 return json_response(
-                    StatusCode::UNAUTHORIZED,
+                    status,
                     json!({"error": e.code.as_str(), "message": e.message}),
                 );
             }
@@ -321,6 +331,22 @@ fn initial_subscribe(
     Ok(results)
 }
 
+/// The answer to a stream or control request refused by a `[limits]` limit: `429` with
+/// `Retry-After`, and a JSON body naming the limit.
+fn limited(refusal: &crate::limits::LimitRefusal) -> Response<Body> {
+    let mut resp = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({
+            "error": "rate_limited",
+            "limit": format!("limits.{}", refusal.limit),
+            "message": refusal.message,
+            "retry_after_ms": refusal.retry_after_ms,
+        }),
+    );
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(refusal.retry_after_s()));
+    resp
+}
+
 fn event_stream_response(body: Body) -> Response<Body> {
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
@@ -381,6 +407,16 @@ impl Writer {
                 let (after_ms, reason) = reconnect_hint(&self.app);
                 tracing::debug!(conn = self.conn_id, "draining: ending event stream with 1001");
                 return self.close(CloseCode::GoingAway.code(), &reason, after_ms).await;
+            }
+            let must_close = self.stream.session.lock().as_ref().and_then(Session::must_close);
+            if let Some((code, reason)) = must_close {
+                tracing::info!(
+                    conn = self.conn_id,
+                    code = code.code(),
+                    "ending event stream: {reason}"
+                );
+                let (after_ms, _) = reconnect_hint(&self.app);
+                return self.close(code.code(), reason, after_ms).await;
             }
             // Read each turn: an `auth` on the control endpoint may have moved it.
             let auth = self.stream.session.lock().as_ref().and_then(Session::auth_deadline);
@@ -867,7 +903,20 @@ async fn control(
              (server.queue_max_bytes); read the stream, then retry",
         );
     }
-    let (status, reply) = match parse_client_frame(text) {
+    let frame = parse_client_frame(text);
+    // Every request counts against the stream's budget, even a malformed one; pongs are free.
+    if !matches!(frame, Ok(ClientFrame::Pong)) {
+        let id = frame.as_ref().map_or_else(|e| e.id, ClientFrame::id);
+        if let Some(reply) = admit_control(&stream, id) {
+            let mut resp = Response::new(Body::from(reply));
+            *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            let headers = resp.headers_mut();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
+            return resp;
+        }
+    }
+    let (status, reply) = match frame {
         Ok(frame) => match handle_control(&stream, frame) {
             Some(reply) => (StatusCode::OK, reply),
             None => {
@@ -897,6 +946,15 @@ async fn control(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(reply))
         .expect("static response")
+}
+
+/// Counts a control request against the stream's request budget; the `rate_limited` error
+/// reply when it is over.
+fn admit_control(stream: &SseStream, id: Option<u64>) -> Option<Bytes> {
+    let mut guard = stream.session.lock();
+    let session = guard.as_mut()?;
+    let e = session.admit_request().err()?;
+    Some(session.error_frame(FrameError { id, ..e }))
 }
 
 /// Carries out one request on a stream; `None` when the stream has ended meanwhile.

@@ -5,6 +5,7 @@
 
 import { spawn } from 'node:child_process';
 import { createWriteStream, existsSync, mkdirSync } from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -50,9 +51,11 @@ export class Ferrocast {
   /**
    * Starts a server. `sets` are `--set KEY=VALUE` overrides; `port` reuses a given port (to
    * stand in for a restarted server at the same address); `simulator: true` keeps the demo
-   * market feed on (off by default, so tests publish their own data).
+   * market feed on (off by default, so tests publish their own data). `tls: {cert, key, ca}`
+   * (PEM paths, see lib/certs.mjs) serves https:// and wss:// with that certificate; the
+   * helpers below then trust `ca`.
    */
-  static async start({ sets = [], port, name = 'ferrocast', simulator = false } = {}) {
+  static async start({ sets = [], port, name = 'ferrocast', simulator = false, tls } = {}) {
     const bin = ferrocastBin();
     if (!existsSync(bin)) {
       throw new Error(`ferrocast binary not found at ${bin}: run cargo build or set FERROCAST_BIN`);
@@ -65,6 +68,7 @@ export class Ferrocast {
       '--set', 'server.shutdown_grace_ms=3000',
       '--set', 'log.level=info,ferrocast_server=debug',
     ];
+    if (tls) args.push('--set', `server.tls.cert_file=${tls.cert}`, '--set', `server.tls.key_file=${tls.key}`);
     for (const s of sets) args.push('--set', s);
     mkdirSync(ARTIFACTS, { recursive: true });
     serial += 1;
@@ -79,12 +83,12 @@ export class Ferrocast {
     proc.stdout.pipe(log, { end: false });
     proc.stderr.pipe(log, { end: false });
     proc.once('close', () => log.end());
-    const server = new Ferrocast(port, proc, logPath);
+    const server = new Ferrocast(port, proc, logPath, tls);
     await waitFor(
       async () => {
         if (proc.exitCode !== null) throw new Error(`ferrocast exited (${proc.exitCode}); log: ${logPath}`);
         try {
-          return (await fetch(`${server.url}/healthz`)).status === 200;
+          return (await server.fetch('/healthz')).status === 200;
         } catch {
           return false;
         }
@@ -95,17 +99,41 @@ export class Ferrocast {
     return server;
   }
 
-  constructor(port, proc, logPath) {
+  constructor(port, proc, logPath, tls) {
     this.port = port;
     this.proc = proc;
     this.logPath = logPath;
-    this.url = `http://127.0.0.1:${port}`;
+    this.tls = tls;
+    this.url = `${tls ? 'https' : 'http'}://127.0.0.1:${port}`;
+    this.wsUrl = `${tls ? 'wss' : 'ws'}://127.0.0.1:${port}`;
     this.exited = new Promise((resolve) => proc.on('exit', (code) => resolve(code)));
+  }
+
+  /**
+   * `fetch(url + path)`, or, with TLS, the same over node:https trusting the test CA (Node's
+   * fetch takes no CA of its own): `{status, headers, text(), json()}`.
+   */
+  async fetch(path, options = {}) {
+    if (!this.tls) return fetch(`${this.url}${path}`, options);
+    const { readFileSync } = await import('node:fs');
+    const ca = readFileSync(this.tls.ca);
+    return new Promise((resolve, reject) => {
+      const req = https.request(`${this.url}${path}`, { method: options.method ?? 'GET', headers: options.headers, ca }, (res) => {
+        const chunks = [];
+        res.on('data', (c) => chunks.push(c));
+        res.on('end', () => {
+          const body = Buffer.concat(chunks).toString();
+          resolve({ status: res.statusCode, headers: res.headers, text: async () => body, json: async () => JSON.parse(body) });
+        });
+      });
+      req.on('error', reject);
+      req.end(options.body);
+    });
   }
 
   /** POST /api/publish; returns the result entry ({channel, offset, epoch}). */
   async publish(channel, data, { ephemeral = false } = {}) {
-    const r = await fetch(`${this.url}/api/publish`, {
+    const r = await this.fetch('/api/publish', {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify({ channel, data, ephemeral }),
@@ -117,7 +145,7 @@ export class Ferrocast {
 
   /** The value of a metric sample whose labels include `labels` (a substring), or null. */
   async metric(name, labels = '') {
-    const text = await (await fetch(`${this.url}/metrics`)).text();
+    const text = await (await this.fetch('/metrics')).text();
     for (const line of text.split('\n')) {
       if (!line.startsWith(name)) continue;
       const rest = line.slice(name.length);

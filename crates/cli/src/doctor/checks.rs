@@ -188,6 +188,29 @@ impl Doctor {
             || async move { TcpStream::connect(addr).await.ok() },
         )
         .await;
+        let mut outcome = outcome;
+        if let Some(config) = &config
+            && let Ok(tcp) = TcpStream::connect(addr).await
+        {
+            let path = self.upgrade_path();
+            let offer = tokio::time::timeout(
+                timeout,
+                tls::http_offer(tcp, &self.target.host, config, &path),
+            )
+            .await;
+            match offer {
+                Ok(Ok(offer)) => {
+                    let (lines, data) = offer.describe();
+                    outcome = outcome.details(lines);
+                    match (&mut outcome.data, data) {
+                        (Value::Object(map), Value::Object(extra)) => map.extend(extra),
+                        (slot, extra) => *slot = extra,
+                    }
+                }
+                Ok(Err(e)) => outcome = outcome.detail(format!("HTTP/2 probe failed: {e}")),
+                Err(_) => outcome = outcome.detail("HTTP/2 probe: no answer in time"),
+            }
+        }
         if let Some(config) = config {
             self.connector = Some(Connector {
                 target: self.target.clone(),

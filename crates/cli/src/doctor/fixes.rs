@@ -167,6 +167,11 @@ pub fn renew_certificate() -> Vec<Fix> {
             "nginx",
             "ssl_certificate     /etc/letsencrypt/live/HOST/fullchain.pem;\nssl_certificate_key /etc/letsencrypt/live/HOST/privkey.pem;",
         ),
+        Fix::new(
+            "ferrocast",
+            "# serving TLS itself ([server.tls]): replace cert_file and key_file, then\n\
+             systemctl reload ferrocast   # SIGHUP: new handshakes get it, connections stay",
+        ),
     ]
 }
 
@@ -187,6 +192,10 @@ pub fn certificate_chain() -> Vec<Fix> {
         Fix::new(
             "nginx",
             "ssl_certificate /etc/letsencrypt/live/HOST/fullchain.pem;   # fullchain, not cert.pem",
+        ),
+        Fix::new(
+            "ferrocast",
+            "[server.tls]\ncert_file = \"/etc/letsencrypt/live/HOST/fullchain.pem\"   # fullchain, not cert.pem",
         ),
         Fix::new(
             "doctor",

@@ -1,6 +1,8 @@
 //! TLS for the doctor: the client configuration (Mozilla's roots from `webpki-roots`, plus
-//! `--ca-file`; or no verification with `--insecure`) and the certificate check: chain,
-//! hostname and expiry, with the certificate's details even when verification fails.
+//! `--ca-file`; or no verification with `--insecure`), the certificate check (chain,
+//! hostname and expiry, with the certificate's details even when verification fails), and
+//! what a browser would negotiate on top ([`http_offer`]: ALPN with `h2` offered, and over
+//! HTTP/2 whether WebSockets may run on a stream, RFC 8441).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -141,6 +143,120 @@ fn inspect(der: &CertificateDer<'_>) -> Option<CertInfo> {
         not_after_unix: not_after.timestamp(),
         not_after: not_after.to_datetime().date().to_string(),
     })
+}
+
+/// What the server agreed to when offered what a browser offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpOffer {
+    /// The protocol ALPN chose (`h2`, `http/1.1`), or `None` when the server chose none.
+    pub alpn: Option<String>,
+    /// Over HTTP/2: the status of `GET /healthz` on the connection.
+    pub h2_status: Option<u16>,
+    /// Over HTTP/2: the answer to an extended CONNECT (`:protocol = websocket`) on the
+    /// WebSocket path: its status, or why it could not be sent.
+    pub websocket: Option<Result<u16, String>>,
+}
+
+/// Offers `h2` and `http/1.1` by ALPN on `tcp` (verifying as `config` does); when the server
+/// picks `h2`, asks for `/healthz` over HTTP/2, then opens a WebSocket on a stream of the
+/// same connection (RFC 8441) at `ws_path`, which hyper sends only when the server has
+/// advertised SETTINGS_ENABLE_CONNECT_PROTOCOL.
+pub async fn http_offer(
+    tcp: TcpStream,
+    host: &str,
+    config: &ClientConfig,
+    ws_path: &str,
+) -> std::io::Result<HttpOffer> {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let mut config = config.clone();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let name = super::net::server_name(host)?;
+    let tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+    let mut offer = HttpOffer { alpn, h2_status: None, websocket: None };
+    if offer.alpn.as_deref() != Some("h2") {
+        return Ok(offer);
+    }
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, Empty<bytes::Bytes>>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .map_err(std::io::Error::other)?;
+    let driver = tokio::spawn(conn);
+    let authority = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+    let health = http::Request::get(format!("https://{authority}/healthz"))
+        .body(Empty::new())
+        .map_err(std::io::Error::other)?;
+    // Answered, the request also means the server's SETTINGS have been read.
+    let status = sender.send_request(health).await.map_err(std::io::Error::other)?.status();
+    offer.h2_status = Some(status.as_u16());
+    let mut connect = http::Request::connect(format!("https://{authority}{ws_path}"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::new())
+        .map_err(std::io::Error::other)?;
+    connect.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    offer.websocket = Some(match sender.send_request(connect).await {
+        Ok(response) => Ok(response.status().as_u16()),
+        Err(e) => Err(e.to_string()),
+    });
+    drop(sender);
+    driver.abort();
+    Ok(offer)
+}
+
+impl HttpOffer {
+    /// The lines the TLS check adds about it, and its JSON for `--json`.
+    pub fn describe(&self) -> (Vec<String>, serde_json::Value) {
+        let mut lines = Vec::new();
+        match self.alpn.as_deref() {
+            Some("h2") => lines.push(match self.h2_status {
+                Some(status) => format!(
+                    "ALPN: h2 (HTTP/2) when offered h2 and http/1.1, as browsers do: SSE and \
+                     the HTTP API share one connection (GET /healthz over HTTP/2: {status})"
+                ),
+                None => "ALPN: h2 (HTTP/2) when offered h2 and http/1.1".into(),
+            }),
+            Some(other) => lines.push(format!(
+                "ALPN: {other} when offered h2 and http/1.1: no HTTP/2, so a browser holds at \
+                 most six connections (SSE streams included) to this origin"
+            )),
+            None => lines.push(
+                "ALPN: none chosen when offered h2 and http/1.1: HTTP/1.1, so a browser holds \
+                 at most six connections (SSE streams included) to this origin"
+                    .into(),
+            ),
+        }
+        match &self.websocket {
+            Some(Ok(200)) => lines.push(
+                "WebSocket over HTTP/2 (RFC 8441): accepted on a stream of the HTTP/2 \
+                 connection"
+                    .into(),
+            ),
+            Some(Ok(status)) => lines.push(format!(
+                "WebSocket over HTTP/2 (RFC 8441): the extended CONNECT was answered {status}; \
+                 browsers then fail that WebSocket"
+            )),
+            Some(Err(e)) => lines.push(format!(
+                "WebSocket over HTTP/2 (RFC 8441): not offered ({e}); browsers open WebSockets \
+                 on a separate HTTP/1.1 connection"
+            )),
+            None => {}
+        }
+        let websocket = match &self.websocket {
+            Some(Ok(status)) => serde_json::json!(*status == 200),
+            Some(Err(_)) => serde_json::json!(false),
+            None => serde_json::Value::Null,
+        };
+        let data = serde_json::json!({
+            "alpn": self.alpn,
+            "http2": self.alpn.as_deref() == Some("h2"),
+            "websocket_over_http2": websocket,
+        });
+        (lines, data)
+    }
 }
 
 /// Handshake details worth showing.
@@ -378,6 +494,58 @@ mod tests {
             })
             .await;
         (outcome, config.is_some())
+    }
+
+    /// What a browser would get from a ferrocast serving TLS, and from a server without ALPN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_offer_reports_alpn_http2_and_websockets_over_http2() {
+        let ca = ca();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca.issuer)
+            .unwrap();
+        let dir = std::env::temp_dir()
+            .join(format!("ferrocast-doctor-{}", ferrocast_server::random_id(8)));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let mut config = ferrocast_server::Config::default();
+        config.simulator.enabled = false;
+        config.server.tls.cert_file = dir.join("cert.pem").display().to_string();
+        config.server.tls.key_file = dir.join("key.pem").display().to_string();
+        let tls = ferrocast_server::tls::Tls::from_config(&config.server.tls).unwrap().unwrap();
+        let app = ferrocast_server::AppState::new(config, None);
+        let gateway = ferrocast_server::Server::bind(app, Some("127.0.0.1:0".parse().unwrap()))
+            .await
+            .unwrap()
+            .with_tls(tls);
+        let addr = gateway.local_addr();
+        tokio::spawn(gateway.run(std::future::pending()));
+        let verifying = verifying_config(Some(&ca.pem_path)).unwrap();
+
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/ws").await.unwrap();
+        let expected =
+            HttpOffer { alpn: Some("h2".into()), h2_status: Some(200), websocket: Some(Ok(200)) };
+        assert_eq!(offer, expected);
+        let (lines, data) = offer.describe();
+        assert!(lines[1].contains("RFC 8441): accepted"), "{lines:?}");
+        assert_eq!(data, json!({"alpn": "h2", "http2": true, "websocket_over_http2": true}));
+        // A CONNECT to a path that is not a WebSocket endpoint is refused by the server.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/healthz").await.unwrap();
+        assert_eq!(offer.websocket, Some(Ok(405)), "{offer:?}");
+
+        // No ALPN chosen: HTTP/1.1, and nothing is asked over HTTP/2.
+        let plain = server(&ca, &["localhost"], -1, 90).await;
+        let tcp = TcpStream::connect(plain).await.unwrap();
+        let offer = http_offer(tcp, "localhost", &verifying, "/ws").await.unwrap();
+        assert_eq!(offer, HttpOffer { alpn: None, h2_status: None, websocket: None });
+        let (lines, data) = offer.describe();
+        assert!(lines[0].contains("six connections"), "{lines:?}");
+        assert_eq!(data["http2"], false);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! `ferrocast gen elastic-beanstalk`: the files of an AWS Elastic Beanstalk source bundle that
 //! make WebSocket, SSE and Socket.IO work behind its load balancer and nginx: nginx blocks for
 //! `.platform/nginx/conf.d/`, an `.ebextensions` file with the load balancer's idle timeout,
-//! health check and stickiness, a `Procfile` and the configuration file.
+//! health check and stickiness (and, with `--certificate-arn`, an HTTPS listener that
+//! terminates TLS), a `Procfile` and the configuration file.
 
 use std::fmt::Write as _;
 
@@ -33,13 +34,17 @@ const PROXY_HEADERS: &str = "    proxy_pass http://ferrocast;\n    \
 const LOOPBACK_ONLY: &str = "    allow 127.0.0.1;\n    allow ::1;\n    deny all;\n";
 
 /// Every file of the bundle for `config`, as (path inside the bundle, contents).
-pub fn elastic_beanstalk(config: &Config, upstream: Option<&str>) -> Vec<(&'static str, String)> {
+pub fn elastic_beanstalk(
+    config: &Config,
+    upstream: Option<&str>,
+    certificate_arn: Option<&str>,
+) -> Vec<(&'static str, String)> {
     let port = config.listen_addr().port();
     let upstream = upstream.map_or_else(|| format!("127.0.0.1:{port}"), str::to_owned);
     vec![
         (HTTP_CONF, http_conf(config, &upstream)),
         (SERVER_CONF, server_conf(config)),
-        (EBEXTENSION, ebextension(config)),
+        (EBEXTENSION, ebextension(config, certificate_arn)),
         (PROCFILE, format!("web: ./ferrocast serve --config {CONFIG_FILE}\n")),
         (CONFIG_FILE, config_file(config, port)),
     ]
@@ -132,8 +137,20 @@ fn server_conf(config: &Config) -> String {
     o
 }
 
-fn ebextension(config: &Config) -> String {
+fn ebextension(config: &Config, certificate_arn: Option<&str>) -> String {
     let s = &config.server;
+    let https = match certificate_arn {
+        Some(arn) => format!(
+            "  # TLS ends at the load balancer (wss://, https://, and HTTP/2 for browsers, which\n  \
+             # an Application Load Balancer speaks by itself); the instances get plain HTTP.\n  \
+             aws:elbv2:listener:443:\n    \
+             ListenerEnabled: \"true\"\n    \
+             Protocol: HTTPS\n    \
+             SSLCertificateArns: {arn}\n    \
+             SSLPolicy: ELBSecurityPolicy-TLS13-1-2-2021-06\n"
+        ),
+        None => String::new(),
+    };
     let timeout = proxy_timeout_secs(config);
     let port = config.listen_addr().port();
     let deregistration = s.shutdown_grace_ms.div_ceil(1000) + 5;
@@ -171,7 +188,8 @@ fn ebextension(config: &Config) -> String {
              DeregistrationDelay: {deregistration}\n    \
              StickinessEnabled: \"true\"\n    \
              StickinessType: lb_cookie\n    \
-             StickinessLBCookieDuration: 86400\n",
+             StickinessLBCookieDuration: 86400\n\
+         {https}",
         ping = s.ping_interval_ms,
         drain = s.shutdown_grace_ms,
         listen = format_args!("127.0.0.1:{port}"),

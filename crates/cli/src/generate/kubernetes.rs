@@ -1,6 +1,8 @@
 //! `ferrocast gen kubernetes`: one multi-document manifest (ConfigMap, Deployment, Service,
 //! ingress-nginx Ingress, PodDisruptionBudget) whose probes, grace period, proxy timeouts and
-//! ports follow the configuration the command reads.
+//! ports follow the configuration the command reads. When ferrocast serves TLS itself
+//! (`[server.tls]`), the pods mount a TLS Secret, probes and the Ingress's backend speak HTTPS,
+//! and the Service's port is `https`.
 
 use std::fmt::Write as _;
 
@@ -14,6 +16,8 @@ pub const PRE_STOP_SLEEP_SECS: u64 = 5;
 
 /// Where the ConfigMap is mounted in the container.
 const CONFIG_DIR: &str = "/etc/ferrocast";
+/// Where the TLS Secret (`tls.crt`, `tls.key`) is mounted, when ferrocast serves TLS.
+const TLS_DIR: &str = "/etc/ferrocast-tls";
 
 /// The manifest generator's inputs besides the configuration.
 #[derive(Debug, Clone)]
@@ -92,7 +96,17 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
         config.api.key_env.clone()
     };
     let body_size = nginx_size(s.max_frame_bytes.max(config.api.max_body_bytes));
-    let toml_text = cluster_config_toml(config, &format!("0.0.0.0:{port}"));
+    let tls =
+        s.tls.enabled().then(|| opts.tls_secret.clone().unwrap_or_else(|| format!("{name}-tls")));
+    // The pods read the certificate and key where the Secret is mounted.
+    let mut cluster = config.clone();
+    if tls.is_some() {
+        cluster.server.tls.cert_file = format!("{TLS_DIR}/tls.crt");
+        cluster.server.tls.key_file = format!("{TLS_DIR}/tls.key");
+    }
+    let toml_text = cluster_config_toml(&cluster, &format!("0.0.0.0:{port}"));
+    let port_name = if tls.is_some() { "https" } else { "http" };
+    let probe_scheme = if tls.is_some() { "\n              scheme: HTTPS" } else { "" };
     let mut o = String::new();
     let w = &mut o;
     let _ = writeln!(
@@ -113,6 +127,17 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
         sio = config.socketio.enabled,
         image = opts.image,
     );
+    if let Some(secret) = &tls {
+        let _ = writeln!(
+            w,
+            "# TLS (server.tls): the pods serve wss:// and https:// with the Secret {secret:?} (type\n\
+             # kubernetes.io/tls, e.g. from cert-manager, or:\n\
+             #   kubectl -n {ns} create secret tls {secret} --cert=fullchain.pem --key=privkey.pem),\n\
+             # mounted at {TLS_DIR}. The kubelet updates the files when the Secret changes; reload\n\
+             # them in each pod without dropping connections:\n\
+             #   kubectl -n {ns} exec POD -- bash -c 'kill -HUP 1'"
+        );
+    }
     // ConfigMap
     let _ = writeln!(
         w,
@@ -178,7 +203,7 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
                annotations:\n        \
                  prometheus.io/scrape: \"true\"\n        \
                  prometheus.io/port: \"{port}\"\n        \
-                 prometheus.io/path: /metrics\n    \
+                 prometheus.io/path: /metrics{prom_scheme}\n    \
              spec:\n      \
                # preStop sleep ({PRE_STOP_SLEEP_SECS} s) + drain (server.shutdown_grace_ms = {drain} ms) + 5 s to exit.\n      \
                terminationGracePeriodSeconds: {grace}\n      \
@@ -194,7 +219,7 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
                    image: {qimage}\n          \
                    args: [\"serve\", \"--config\", \"{CONFIG_DIR}/ferrocast.toml\"]\n          \
                    ports:\n            \
-                     - name: http\n              \
+                     - name: {port_name}\n              \
                        containerPort: {port}\n              \
                        protocol: TCP\n          \
                    env:\n            \
@@ -210,7 +235,7 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
                    readinessProbe:\n            \
                      httpGet:\n              \
                        path: /readyz\n              \
-                       port: http\n            \
+                       port: {port_name}{probe_scheme}\n            \
                      periodSeconds: 5\n            \
                      timeoutSeconds: 2\n            \
                      failureThreshold: 2\n          \
@@ -218,7 +243,7 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
                    livenessProbe:\n            \
                      httpGet:\n              \
                        path: /healthz\n              \
-                       port: http\n            \
+                       port: {port_name}{probe_scheme}\n            \
                      periodSeconds: 10\n            \
                      timeoutSeconds: 3\n            \
                      failureThreshold: 3\n          \
@@ -244,16 +269,31 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
                    volumeMounts:\n            \
                      - name: config\n              \
                        mountPath: {CONFIG_DIR}\n              \
-                       readOnly: true\n      \
+                       readOnly: true{tls_mount}\n      \
                volumes:\n        \
                  - name: config\n          \
                    configMap:\n            \
-                     name: {qname}",
+                     name: {qname}{tls_volume}",
         qname = q(name),
         qns = q(ns),
         replicas = opts.replicas,
         drain = s.shutdown_grace_ms,
         qimage = q(&opts.image),
+        prom_scheme = if tls.is_some() { "\n        prometheus.io/scheme: https" } else { "" },
+        tls_mount = if tls.is_some() {
+            format!(
+                "\n            - name: tls\n              mountPath: {TLS_DIR}\n              readOnly: true"
+            )
+        } else {
+            String::new()
+        },
+        tls_volume = match &tls {
+            Some(secret) => format!(
+                "\n        - name: tls\n          secret:\n            secretName: {}",
+                q(secret)
+            ),
+            None => String::new(),
+        },
     );
     // Service
     let _ = writeln!(
@@ -271,12 +311,13 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
            selector:\n    \
              app.kubernetes.io/name: {qname}\n  \
            ports:\n    \
-             - name: http\n      \
-               port: 80\n      \
-               targetPort: http\n      \
+             - name: {port_name}\n      \
+               port: {service_port}\n      \
+               targetPort: {port_name}\n      \
                protocol: TCP",
         qname = q(name),
         qns = q(ns),
+        service_port = if tls.is_some() { 443 } else { 80 },
     );
     // Ingress
     let _ = writeln!(
@@ -305,13 +346,19 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
              nginx.ingress.kubernetes.io/affinity: \"cookie\"\n    \
              nginx.ingress.kubernetes.io/affinity-mode: \"persistent\"\n    \
              nginx.ingress.kubernetes.io/session-cookie-name: \"ferrocast_affinity\"\n    \
-             nginx.ingress.kubernetes.io/session-cookie-path: \"/\"\n\
+             nginx.ingress.kubernetes.io/session-cookie-path: \"/\"{backend_tls}\n\
          spec:\n  \
            ingressClassName: {qclass}",
         qname = q(name),
         qns = q(ns),
         ping = s.ping_interval_ms,
         qclass = q(&opts.ingress_class),
+        backend_tls = if tls.is_some() {
+            "\n    # The pods serve TLS themselves (server.tls): the controller speaks HTTPS to them.\n    \
+             nginx.ingress.kubernetes.io/backend-protocol: \"HTTPS\""
+        } else {
+            ""
+        },
     );
     if let Some(secret) = &opts.tls_secret {
         let _ = writeln!(
@@ -334,7 +381,7 @@ pub fn kubernetes(config: &Config, opts: &KubernetesOptions) -> String {
         let _ = writeln!(
             w,
             "          - path: {}\n            pathType: {kind}\n            backend:\n              \
-             service:\n                name: {}\n                port:\n                  name: http",
+             service:\n                name: {}\n                port:\n                  name: {port_name}",
             q(&path),
             q(name)
         );

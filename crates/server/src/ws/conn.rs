@@ -4,7 +4,8 @@
 //! Reads wait for readiness and then read into a stack buffer, so an idle connection holds
 //! no read buffer; writes hand every queued frame to one vectored write (headers built on the
 //! fly, payloads shared with every other subscriber), and a write buffer exists only while
-//! the socket pushes back.
+//! the socket pushes back. Over TLS or an HTTP/2 stream the same calls go through the small
+//! buffers of [`super::socket`].
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -16,10 +17,10 @@ use ferrocast_hub::{ConnQueue, Drained};
 use ferrocast_protocol::CloseCode;
 use ferrocast_protocol::server::{PING_FRAME, encode_welcome};
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use super::frame::{self, Decoder, Incoming};
+use super::socket::Socket;
 use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::Session;
@@ -47,10 +48,12 @@ const READS_PER_WAKE: usize = 16;
 const REQUESTS_PER_WAKE: usize = 128;
 
 /// Why a connection is being admitted or refused right after the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
     Accept,
     Refuse(CloseCode),
+    /// Refused by a `[limits]` limit: 1013 with a JSON reconnect hint naming it.
+    Limited(crate::limits::LimitRefusal),
 }
 
 /// A frame part waiting to be written: a header and a shared payload, or a raw frame.
@@ -69,7 +72,7 @@ fn text_part(body: Bytes) -> Part {
 /// Runs one connection to completion.
 pub async fn run(
     app: Arc<AppState>,
-    stream: TcpStream,
+    stream: Socket,
     already_read: Bytes,
     admission: Admission,
     token: Option<String>,
@@ -112,7 +115,7 @@ pub async fn run(
 struct Conn {
     app: Arc<AppState>,
     session: Session,
-    stream: TcpStream,
+    stream: Socket,
     decoder: Decoder,
     /// Frames handed to the socket but not fully written yet.
     parts: VecDeque<Part>,
@@ -162,6 +165,17 @@ impl Conn {
                 tracing::info!(conn = conn_id, code = code.code(), "refusing websocket: {reason}");
                 self.start_close(code.code(), &reason);
             }
+            Admission::Limited(refusal) => {
+                let code = CloseCode::TryAgainLater.code();
+                tracing::info!(
+                    conn = conn_id,
+                    code,
+                    limit = refusal.limit,
+                    "refusing websocket: {}",
+                    refusal.message
+                );
+                self.start_close(code, &refusal.close_reason());
+            }
             Admission::Accept => {
                 let welcome =
                     encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
@@ -172,11 +186,7 @@ impl Conn {
                 if let Some(token) = token
                     && let Err(e) = self.session.authenticate(&token)
                 {
-                    let code = if e.code == ferrocast_protocol::ErrorCode::TokenExpired {
-                        CloseCode::TokenExpired
-                    } else {
-                        CloseCode::Unauthorized
-                    };
+                    let code = crate::session::refused_token_close(e.code);
                     let reply = self.session.error_frame(e);
                     self.queue_text(reply);
                     self.start_close(code.code(), code.reason());
@@ -205,6 +215,14 @@ impl Conn {
             if self.closing.is_none() && *drain_rx.borrow() {
                 let hint = self.reconnect_hint();
                 self.start_close(CloseCode::GoingAway.code(), &hint);
+                continue;
+            }
+            if self.closing.is_none()
+                && let Some((code, reason)) = self.session.must_close()
+            {
+                // What the client's requests got, their refusals included, goes out first.
+                self.take_queue(&queue, &mut drained);
+                self.start_close(code.code(), reason);
                 continue;
             }
             if self.failed && !self.write_shut && self.parts.is_empty() {
@@ -269,7 +287,7 @@ impl Conn {
                         }
                     }
                 }
-                ready = self.stream.writable(), if !self.parts.is_empty() => {
+                ready = self.stream.writable(), if !self.parts.is_empty() || self.stream.has_pending_output() => {
                     if ready.is_err() {
                         return self.close_code.unwrap_or(1006);
                     }
@@ -391,7 +409,7 @@ impl Conn {
     /// and then EOF at once; the socket itself goes when the client's close frame or FIN
     /// arrives, or after [`FAILED_LINGER`].
     async fn half_close(&mut self) {
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.stream).await;
+        let _ = self.stream.shutdown().await;
         self.write_shut = true;
         let deadline = TokioInstant::now() + FAILED_LINGER;
         self.closing = Some(self.closing.map_or(deadline, |d| d.min(deadline)));

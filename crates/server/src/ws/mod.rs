@@ -1,14 +1,21 @@
 //! The native WebSocket endpoint (`/ws` and its configured aliases): the HTTP upgrade, with
-//! admission control, then one task per connection ([`conn`]) speaking RFC 6455 ([`frame`]).
+//! admission control, then one task per connection ([`conn`]) speaking RFC 6455 ([`frame`])
+//! over its [`socket`].
+//!
+//! Two handshakes lead there: the HTTP/1.1 upgrade (`GET` with `Upgrade: websocket`, answered
+//! 101), on plain TCP or TLS; and, on an HTTP/2 connection (TLS with ALPN `h2`), RFC 8441's
+//! extended CONNECT (`:protocol = websocket`, answered 200), which runs the WebSocket on one
+//! stream of the connection. The frames and the connection task are the same for both.
 
 pub mod conn;
 pub mod frame;
+pub mod socket;
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use base64::Engine;
 use ferrocast_protocol::CloseCode;
 use hyper_util::rt::TokioIo;
@@ -16,7 +23,9 @@ use sha1::{Digest, Sha1};
 
 use crate::AppState;
 use crate::connections::CountedStream;
+use crate::limits::IpSlot;
 use conn::Admission;
+use socket::Socket;
 
 const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -28,15 +37,10 @@ pub async fn upgrade(
     mut req: Request<Body>,
 ) -> Response<Body> {
     let headers = req.headers();
-    if let Some(problem) = upgrade_problem(headers) {
-        app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(%peer, path = req.uri().path(), "not a websocket upgrade: {problem}");
-        return upgrade_required(req.uri().path(), &problem);
-    }
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-    let key = match key_problem(key.as_ref()) {
-        None => key.expect("checked by key_problem"),
-        Some(problem) => {
+    // RFC 8441: a WebSocket on a stream of an HTTP/2 connection.
+    let extended_connect = req.method() == Method::CONNECT;
+    let key = if extended_connect {
+        if let Some(problem) = extended_connect_problem(&req) {
             app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(%peer, path = req.uri().path(), "bad websocket handshake: {problem}");
             return json_response(
@@ -44,8 +48,33 @@ pub async fn upgrade(
                 serde_json::json!({"error":"bad_request","message":problem}),
             );
         }
+        None
+    } else {
+        if let Some(problem) = upgrade_problem(headers) {
+            app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(%peer, path = req.uri().path(), "not a websocket upgrade: {problem}");
+            return upgrade_required(req.uri().path(), &problem);
+        }
+        let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+        match key_problem(key.as_ref()) {
+            None => key,
+            Some(problem) => {
+                app.metrics.upgrade_rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(%peer, path = req.uri().path(), "bad websocket handshake: {problem}");
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error":"bad_request","message":problem}),
+                );
+            }
+        }
     };
-    let admission = admit(&app, headers);
+    let (admission, ip_slot) = match admit(&app, peer, headers) {
+        Ok(slot) => (Admission::Accept, Some(slot)),
+        Err(refused) => (refused, None),
+    };
+    if let Some(tls) = app.tls.get() {
+        tls.count_websocket(extended_connect);
+    }
     let token = crate::auth::token_from_request(headers, req.uri().query(), &app.auth.cookie);
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -58,17 +87,46 @@ pub async fn upgrade(
                 return;
             }
         };
+        // The address keeps its place in the per-address count until the connection ends.
+        let _ip_slot = ip_slot;
+        let peer_text = peer.to_string();
         match upgraded.downcast::<TokioIo<CountedStream>>() {
             Ok(parts) => {
                 // The connection keeps its place in the total until the socket closes.
                 let (stream, _counted) = parts.io.into_inner().into_parts();
-                let peer = peer.to_string();
-                conn::run(task_app, stream, parts.read_buf, admission, token, peer, guard).await;
+                let socket = Socket::Plain(stream);
+                conn::run(task_app, socket, parts.read_buf, admission, token, peer_text, guard)
+                    .await;
             }
-            Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
+            // TLS, or a stream of an HTTP/2 connection: polled through a small buffer.
+            Err(upgraded) => {
+                let socket = Socket::stream(TokioIo::new(upgraded));
+                let none = bytes::Bytes::new();
+                conn::run(task_app, socket, none, admission, token, peer_text, guard).await;
+            }
         }
     });
-    switching_protocols(key.as_bytes())
+    match key {
+        Some(key) => switching_protocols(key.as_bytes()),
+        None => Response::new(Body::empty()),
+    }
+}
+
+/// What is wrong with an RFC 8441 extended CONNECT, if anything.
+fn extended_connect_problem(req: &Request<Body>) -> Option<String> {
+    let protocol = req.extensions().get::<hyper::ext::Protocol>().map(|p| p.as_str());
+    if protocol != Some("websocket") {
+        return Some(format!(
+            "a CONNECT here must be an RFC 8441 extended CONNECT with :protocol = websocket, \
+             not {protocol:?}"
+        ));
+    }
+    match req.headers().get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) {
+        Some("13") => None,
+        other => Some(format!(
+            "unsupported Sec-WebSocket-Version {other:?}; this server speaks version 13"
+        )),
+    }
 }
 
 /// The `101 Switching Protocols` answer to a WebSocket upgrade with client key `key`.
@@ -85,18 +143,22 @@ pub(crate) fn switching_protocols(key: &[u8]) -> Response<Body> {
 /// Decides, before the handshake completes, whether the connection will be served. Refused
 /// connections still complete the handshake so the client sees a close code it can act on
 /// (browsers hide HTTP statuses of failed upgrades).
-fn admit(app: &AppState, headers: &HeaderMap) -> Admission {
+fn admit(
+    app: &AppState,
+    peer: std::net::SocketAddr,
+    headers: &HeaderMap,
+) -> Result<IpSlot, Admission> {
     if app.shutdown.is_draining() {
-        return Admission::Refuse(CloseCode::GoingAway);
+        return Err(Admission::Refuse(CloseCode::GoingAway));
     }
     if !origin_allowed(&app.config.server.allowed_origins, headers.get(header::ORIGIN)) {
-        return Admission::Refuse(CloseCode::PolicyViolation);
+        return Err(Admission::Refuse(CloseCode::PolicyViolation));
     }
     // Every TCP connection counts, this one included.
     if app.connections.over_client_limit(app.config.server.max_connections) {
-        return Admission::Refuse(CloseCode::TryAgainLater);
+        return Err(Admission::Refuse(CloseCode::TryAgainLater));
     }
-    Admission::Accept
+    crate::session::admit_address(app, peer, headers).map_err(Admission::Limited)
 }
 
 /// Whether the request's Origin is in the allowlist (an empty list or `*` allows any;
