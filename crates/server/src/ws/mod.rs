@@ -46,7 +46,8 @@ pub async fn upgrade(
         }
     };
     let admission = admit(&app, headers);
-    let token = crate::auth::token_from_request(headers, req.uri().query(), &app.auth.cookie);
+    let credentials =
+        crate::session::Credentials::from_request(&app, headers, req.uri().query(), peer);
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
@@ -63,7 +64,8 @@ pub async fn upgrade(
                 // The connection keeps its place in the total until the socket closes.
                 let (stream, _counted) = parts.io.into_inner().into_parts();
                 let peer = peer.to_string();
-                conn::run(task_app, stream, parts.read_buf, admission, token, peer, guard).await;
+                conn::run(task_app, stream, parts.read_buf, admission, credentials, peer, guard)
+                    .await;
             }
             Err(_) => tracing::error!(%peer, "upgraded connection is not a TCP stream"),
         }
