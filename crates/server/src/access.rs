@@ -358,21 +358,26 @@ pub fn status_of(refusal: &Refusal) -> StatusCode {
     }
 }
 
-/// Counts, logs and answers a refused API request: `{"error":CODE,"message":...}`.
+/// Counts, logs and answers a refused API request: `{"error":CODE,"message":...}`. The
+/// request's body is not read, so the connection closes after the answer (a kept-alive
+/// connection would otherwise carry the unread body into the next request).
 pub fn refuse(app: &AppState, peer: SocketAddr, what: &str, refusal: Refusal) -> Response<Body> {
     app.auth.count_refusal(refusal.reason);
     tracing::info!(%peer, reason = refusal.reason, "{what} refused: {}", refusal.message);
-    crate::ws::json_response(
+    let mut response = crate::ws::json_response(
         status_of(&refusal),
         serde_json::json!({ "error": refusal.code.as_str(), "message": refusal.message }),
-    )
+    );
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 // ------------------------------------------------------------------------------------------
 // CORS
 
 /// Request headers a cross-origin page may send: the ones the API and transports read.
-const ALLOWED_HEADERS: &str = "authorization, content-type, last-event-id";
+const ALLOWED_HEADERS: &str =
+    "authorization, content-type, last-event-id, x-ferrocast-stream-token";
 
 /// Cross-origin access to every HTTP endpoint. An origin listed in `server.allowed_origins`
 /// is echoed back with credentials allowed; with no list (or `"*"`) any page may read the

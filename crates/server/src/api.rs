@@ -185,7 +185,7 @@ pub async fn channels(
     headers: HeaderMap,
     Query(q): Query<ChannelsQuery>,
 ) -> Response<Body> {
-    if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Read, false) {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
         return refuse_access(&app, peer, "channel listing", refusal);
     }
     let limit = q.limit.unwrap_or(CHANNELS_PAGE_DEFAULT).clamp(1, CHANNELS_PAGE_MAX);
@@ -254,11 +254,24 @@ pub async fn history(
         .expect("static response")
 }
 
+/// Whether a read endpoint (channels, stats, nodes) may answer: a key with the `read` scope
+/// (or, with no key configured, this machine's trust), or anyone with `api.public_read`.
+fn read_allowed(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), crate::auth::Refusal> {
+    if app.config.api.public_read {
+        return Ok(());
+    }
+    crate::access::check(app, peer, headers, Scope::Read, false).map(|_| ())
+}
+
 /// Whether a history read may go ahead: a key with the `read` scope (or, with no key
 /// configured, this machine's trust) always may; otherwise, with `history = "subscribe"`,
-/// whoever passes the channel's subscribe rule as a subscriber would — anonymously, or with
-/// a user's connection token in `Authorization: Bearer` — and, for a `"proxy"` rule, whom the
-/// subscribe proxy admits.
+/// a user's connection token in `Authorization: Bearer` that passes the channel's subscribe
+/// rule, the subscribe proxy's yes for a `"proxy"` rule (the application sees the forwarded
+/// headers), or, with `api.public_read`, an anonymous request the rule admits.
 async fn history_allowed(
     app: &AppState,
     peer: SocketAddr,
@@ -279,6 +292,12 @@ async fn history_allowed(
         Some(_) => return Err(by_key),
         None => None,
     };
+    if identity.is_none()
+        && !app.config.api.public_read
+        && ns.subscribe != ferrocast_hub::SubscribeRule::Proxy
+    {
+        return Err(by_key);
+    }
     let who = Who { user: identity.as_ref().map(|i| i.user.as_str()) };
     let verdict = decide(&app.auth, ns, who, channel, Action::History { token: None })?;
     if verdict == Verdict::AskProxy {
@@ -312,7 +331,7 @@ pub async fn stats(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response<Body> {
-    if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Read, false) {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
         return refuse_access(&app, peer, "stats", refusal);
     }
     let m = &app.metrics;
@@ -360,7 +379,7 @@ pub async fn nodes(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response<Body> {
-    if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Read, false) {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
         return refuse_access(&app, peer, "node listing", refusal);
     }
     let Some(listed) = app.broker.nodes() else {

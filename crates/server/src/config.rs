@@ -105,6 +105,9 @@ pub struct ApiConfig {
     pub key_env: String,
     /// Further keys, each with its own scopes (`[[api.keys]]`).
     pub keys: Vec<ApiKeyConfig>,
+    /// Lets anyone use the read endpoints (channels, stats, nodes, and the history of
+    /// channels whose rules admit an anonymous subscriber), as a public dashboard needs.
+    pub public_read: bool,
     /// Largest publish request body accepted, in bytes.
     pub max_body_bytes: usize,
 }
@@ -306,6 +309,7 @@ impl Default for ApiConfig {
             key: String::new(),
             key_env: String::new(),
             keys: Vec::new(),
+            public_read: false,
             max_body_bytes: 4 * 1024 * 1024,
         }
     }

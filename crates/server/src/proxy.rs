@@ -9,7 +9,9 @@
 //! ```
 //!
 //! (`headers` holds the request headers named by `proxy.forward_headers`, taken from the
-//! connection's opening request; `token` whatever token the client presented, unverified;
+//! connection's opening request, which are also sent as headers of the call itself, so the
+//! application's own session middleware (a Flask session cookie, an OAuth header) reads them
+//! as usual; `token` whatever token the client presented, unverified;
 //! `user`, `info` and `session` once known; `channel` for subscribe and publish; `data` for
 //! publish.) The application answers `{"result":{...}}` (connect: `user`, `info`,
 //! `channels`, `expire_at`; publish: optionally `data`, which replaces the data published),
@@ -41,6 +43,19 @@ const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 const IDLE_PER_ORIGIN: usize = 32;
 /// Longest message or reason taken from the application's answer.
 const MAX_MESSAGE_CHARS: usize = 200;
+/// Headers of the call that forwarding never replaces: they describe the call itself.
+const OWN_HEADERS: &[&str] = &[
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "accept",
+];
 
 /// The `[proxy]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,13 +320,32 @@ impl Proxy {
                     .await
                     .map_err(|e| unavailable(format!("the {what} proxy cannot be reached: {e}")))?,
             };
-            let req = http::Request::post(url.path())
-                .header(http::header::HOST, url.host_str().unwrap_or_default())
+            let target = match url.query() {
+                Some(q) => format!("{}?{q}", url.path()),
+                None => url.path().to_owned(),
+            };
+            let host = match url.port() {
+                Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+                None => url.host_str().unwrap_or_default().to_owned(),
+            };
+            let mut req = http::Request::post(target)
+                .header(http::header::HOST, host)
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .header(http::header::ACCEPT, "application/json")
                 .header(http::header::USER_AGENT, concat!("ferrocast/", env!("CARGO_PKG_VERSION")))
                 .body(Full::new(body.clone()))
                 .map_err(|e| unavailable(format!("building the {what} proxy request: {e}")))?;
+            for (name, value) in &request.headers {
+                if OWN_HEADERS.iter().any(|own| name.eq_ignore_ascii_case(own)) {
+                    continue;
+                }
+                if let (Ok(name), Ok(value)) = (
+                    http::HeaderName::from_bytes(name.as_bytes()),
+                    http::HeaderValue::from_str(value),
+                ) {
+                    req.headers_mut().insert(name, value);
+                }
+            }
             match sender.send_request(req).await {
                 Ok(response) => break (response, sender),
                 // A kept-alive connection the application closed meanwhile: once more on a

@@ -423,7 +423,10 @@ impl Session {
     ) -> proxy::Request<'a> {
         let context = self.proxy_context.as_deref();
         proxy::Request {
-            transport: self.transport.as_str(),
+            transport: match self.transport {
+                Transport::Ws => "websocket",
+                other => other.as_str(),
+            },
             client: context.map_or("", |c| c.client.as_str()),
             headers: context
                 .map(|c| c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())

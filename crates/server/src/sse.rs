@@ -220,7 +220,7 @@ async fn stream(
     app.metrics.connection_opened(Transport::Sse);
 
     let mut first = BytesMut::with_capacity(512);
-    let welcome = json!({
+    let mut welcome = json!({
         "type": "welcome",
         "session": session.id,
         "version": PROTOCOL_VERSION,
@@ -228,6 +228,12 @@ async fn stream(
         "transport": "sse",
         "token": token,
     });
+    // The identity the URL's token (or the connect proxy) gave, so a client knows when to
+    // send a fresh token through the control endpoint.
+    if let Some(identity) = session.identity() {
+        welcome["user"] = json!(identity.user);
+        welcome["expires_at"] = json!(identity.expires_at);
+    }
     put_event(&mut first, None, welcome.to_string().as_bytes());
 
     let last_event_id = headers
@@ -844,9 +850,14 @@ struct ControlAuth<'a> {
     token: std::borrow::Cow<'a, str>,
 }
 
-/// `POST /sse/control`: one native request (`subscribe`, `unsubscribe`, `publish`, `ping`)
-/// for a live stream, with the stream's `session` id and `token`. The reply frame is the
-/// response body; replayed messages go onto the stream.
+/// The header that may carry the stream's secret instead of the body's `token`, which then
+/// belongs to the request (an `auth` op's connection token).
+pub const STREAM_TOKEN_HEADER: &str = "x-ferrocast-stream-token";
+
+/// `POST /sse/control`: one native request (`subscribe`, `unsubscribe`, `publish`, `ping`,
+/// `auth`) for a live stream, with the stream's `session` id and its secret (the body's
+/// `token`, or the [`STREAM_TOKEN_HEADER`] header). The reply frame is the response body;
+/// replayed messages go onto the stream.
 async fn control(
     State(st): State<SseState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -892,7 +903,11 @@ async fn control(
             "no open event stream has this session id (it ended, or was opened on another server)",
         );
     };
-    if !crate::access::secrets_equal(auth.token.as_bytes(), stream.token.as_bytes()) {
+    let secret = match headers.get(STREAM_TOKEN_HEADER) {
+        Some(value) => value.as_bytes(),
+        None => auth.token.as_bytes(),
+    };
+    if !crate::access::secrets_equal(secret, stream.token.as_bytes()) {
         app.metrics.frame_error(ErrorCode::Forbidden.as_str());
         return control_error(
             StatusCode::FORBIDDEN,
