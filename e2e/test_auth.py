@@ -268,9 +268,12 @@ async def test_user_channel_history_over_http(hmac_server):
         r = await http.get(path, headers={**remote, "Authorization": f"Bearer {token('43')}"})
         assert r.status_code == 200, r.text
         assert r.json()["messages"][0]["data"] == {"secret": 1}
-        # Channels every connection may read answer anyone, as before.
+        # Channels every connection may subscribe to: any user's token, but not nobody
+        # (api.public_read would open them).
         await server.apublish("news.x", {"a": 1})
         r = await http.get("/api/channels/news.x/history", headers=remote)
+        assert r.status_code == 401, r.text
+        r = await http.get("/api/channels/news.x/history", headers={**remote, "Authorization": f"Bearer {token('7')}"})
         assert r.status_code == 200, r.text
 
 
