@@ -42,8 +42,6 @@ const LOGGED_ERRORS_PER_CONNECTION: u32 = 5;
 #[derive(Debug)]
 pub struct Session {
     app: Arc<AppState>,
-    /// Public session id (sent in the welcome).
-    pub id: String,
     /// Internal connection id, used in logs and by the hub.
     pub conn_id: u64,
     pub transport: Transport,
@@ -140,10 +138,9 @@ impl Session {
     pub fn new(app: Arc<AppState>, transport: Transport) -> Self {
         let conn_id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(ConnQueue::new(conn_id, app.config.server.queue_max_bytes));
-        let id = crate::random_id(16);
-        let handle = Arc::new(ConnHandle::new(conn_id, id.clone(), transport, queue.clone()));
+        let handle =
+            Arc::new(ConnHandle::new(conn_id, crate::random_id(16), transport, queue.clone()));
         Session {
-            id,
             conn_id,
             transport,
             queue,
@@ -159,6 +156,11 @@ impl Session {
 
     pub fn app(&self) -> &Arc<AppState> {
         &self.app
+    }
+
+    /// The public session id (sent in the welcome).
+    pub fn id(&self) -> &str {
+        &self.handle.session_id
     }
 
     /// Channels this session is subscribed to.
@@ -434,7 +436,7 @@ impl Session {
             token,
             user: self.identity.as_ref().map(|i| i.user.as_str()).filter(|u| !u.is_empty()),
             info: self.identity.as_ref().and_then(|i| i.info.as_ref()),
-            session: Some(&self.id),
+            session: Some(self.id()),
             channel,
             data,
         }

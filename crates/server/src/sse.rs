@@ -222,7 +222,7 @@ async fn stream(
     let mut first = BytesMut::with_capacity(512);
     let mut welcome = json!({
         "type": "welcome",
-        "session": session.id,
+        "session": session.id(),
         "version": PROTOCOL_VERSION,
         "ping_interval_ms": app.config.server.ping_interval_ms,
         "transport": "sse",
@@ -272,7 +272,7 @@ async fn stream(
     );
 
     let queue = session.queue.clone();
-    let id = session.id.clone();
+    let id = session.id().to_owned();
     let shared = Arc::new(SseStream {
         token,
         session: Mutex::new(Some(session)),

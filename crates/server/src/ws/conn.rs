@@ -154,7 +154,7 @@ impl Conn {
             }
             Admission::Accept => {
                 let welcome =
-                    encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
+                    encode_welcome(self.session.id(), self.app.config.server.ping_interval_ms);
                 self.pending_bytes += welcome.len() + 2;
                 self.parts.push_front(text_part(welcome));
                 // A token presented with the upgrade (header, query or cookie), or the
