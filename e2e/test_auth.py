@@ -479,6 +479,14 @@ async def test_secret_from_env_and_bad_key_configs(start_server, ws, tmp_path):
         (["auth.public_key_file=" + str(tmp_path / "missing.pem")], "cannot read"),
         (["auth.hmac_secret_env=FERROCAST_JWT_UNSET"], "auth.hmac_secret_env"),
         (["auth.anonymous=false"], "auth.anonymous"),
+        (["auth.jwks_url=ftp://keys.example/jwks.json"], "auth.jwks_url"),
+        (["proxy.connect_url=not a url"], "proxy.connect_url"),
+        (["proxy.timeout_ms=0"], "proxy.timeout_ms"),
+        (["namespaces.payments.subscribe=proxy"], "namespaces.payments.subscribe"),
+        (["namespaces.payments.publish=proxy"], "namespaces.payments.publish"),
+        (['api.keys=[{name="x",scopes=["read"]}]'], "api.keys[0]"),
+        (['api.keys=[{name="x",key="k",scopes=["write"]}]'], "api.keys"),
+        (["server.allowed_hosts=[\"http://x/\"]"], "server.allowed_hosts[0]"),
     ]:
         argv = [str(ferrocast_bin()), "serve", "--listen", "127.0.0.1:0", "--no-simulator"]
         for s in sets:

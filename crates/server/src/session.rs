@@ -66,7 +66,7 @@ pub struct Credentials {
     pub token: Option<String>,
     /// The request headers named by `proxy.forward_headers`.
     pub headers: Vec<(String, String)>,
-    /// The client's address (the TCP peer).
+    /// The client's address (the TCP peer), kept only when a proxy is configured.
     pub client: String,
 }
 
@@ -79,10 +79,11 @@ impl Credentials {
         query: Option<&str>,
         peer: std::net::SocketAddr,
     ) -> Self {
+        let proxied = app.proxy.any();
         Credentials {
             token: crate::auth::token_from_request(headers, query, &app.auth.cookie),
             headers: app.proxy.forwarded(headers),
-            client: peer.ip().to_string(),
+            client: if proxied { peer.ip().to_string() } else { String::new() },
         }
     }
 }
@@ -319,7 +320,9 @@ impl Session {
             return Ok(Some(result));
         }
         let request = self.proxy_request(credentials.token.as_deref(), None, None);
-        let answer = app.proxy.call(proxy::Kind::Connect, &request).await;
+        // Boxed: the call's state (an HTTP client, maybe TLS) would otherwise be part of
+        // every WebSocket task's future for the connection's whole life.
+        let answer = Box::pin(app.proxy.call(proxy::Kind::Connect, &request)).await;
         let granted = match answer {
             Ok(granted) => granted,
             Err(Denied::Refused(refusal)) => {
@@ -742,5 +745,20 @@ impl Drop for Session {
             drop(state);
             self.app.users.remove(&user, self.conn_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WebSocket task keeps its `serve` future, and so the connect future's state, for the
+    /// connection's whole life: the proxy call inside must stay behind a pointer.
+    #[test]
+    fn the_connect_future_stays_small() {
+        let app = crate::AppState::new(crate::Config::default(), None);
+        let mut session = Session::new(app, Transport::Ws);
+        let future = session.connect(Credentials::default());
+        assert!(std::mem::size_of_val(&future) <= 512, "{} bytes", std::mem::size_of_val(&future));
     }
 }

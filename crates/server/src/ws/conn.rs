@@ -160,7 +160,9 @@ impl Conn {
                 // A token presented with the upgrade (header, query or cookie), or the
                 // connect proxy's answer: a refusal gets its error, then the close code that
                 // tells the client what to do.
-                if let Err(refusal) = self.session.connect(credentials).await {
+                // Boxed, so its state is not part of this task's future for the
+                // connection's whole life.
+                if let Err(refusal) = Box::pin(self.session.connect(credentials)).await {
                     if let Some(e) = refusal.error {
                         let reply = self.session.error_frame(e);
                         self.queue_text(reply);
@@ -262,7 +264,7 @@ impl Conn {
                 // overflowed: a client that stopped reading is closed now, not when (if
                 // ever) it reads again or the heartbeat notices.
                 _ = queue.notified(), if want_queue && !self.parts.is_empty() => {
-                    if queue.is_overflowed() {
+                    if queue.is_overflowed() || queue.close_requested().is_some() {
                         // The close frame may never get through; the linger bounds the wait.
                         self.take_queue(&queue, &mut drained);
                     } else {
