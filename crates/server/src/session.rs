@@ -404,7 +404,7 @@ impl Session {
         );
         if first {
             let mut state = self.handle.lock();
-            state.info.clone_from(&identity.info);
+            state.info = identity.info.clone().map(Box::new);
             if !identity.user.is_empty() {
                 state.user = Some(identity.user.clone());
                 drop(state);

@@ -34,7 +34,8 @@ pub struct ConnHandle {
 pub struct HandleState {
     /// The connection's user and `info`, once known.
     pub user: Option<String>,
-    pub info: Option<Value>,
+    /// Boxed: most connections have none, and every connection has a handle.
+    pub info: Option<Box<Value>>,
     /// Channels the connection is subscribed to.
     pub subscriptions: HashSet<String>,
     /// Set when the session ends: nothing may subscribe it any more.

@@ -64,7 +64,7 @@ pub async fn run(
     stream: TcpStream,
     already_read: Bytes,
     admission: Admission,
-    credentials: Credentials,
+    credentials: Box<Credentials>,
     peer: String,
     _guard: ConnectionGuard,
 ) {
@@ -141,7 +141,7 @@ enum ReadOutcome {
 
 impl Conn {
     /// Serves until the connection ends; returns the close code recorded for metrics.
-    async fn serve(&mut self, admission: Admission, credentials: Credentials) -> u16 {
+    async fn serve(&mut self, admission: Admission, credentials: Box<Credentials>) -> u16 {
         let conn_id = self.session.conn_id;
         match admission {
             Admission::Refuse(code) => {
@@ -162,7 +162,7 @@ impl Conn {
                 // tells the client what to do.
                 // Boxed, so its state is not part of this task's future for the
                 // connection's whole life.
-                if let Err(refusal) = Box::pin(self.session.connect(credentials)).await {
+                if let Err(refusal) = Box::pin(self.session.connect(*credentials)).await {
                     if let Some(e) = refusal.error {
                         let reply = self.session.error_frame(e);
                         self.queue_text(reply);

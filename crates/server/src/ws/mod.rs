@@ -46,8 +46,10 @@ pub async fn upgrade(
         }
     };
     let admission = admit(&app, headers);
+    // Boxed: the connection task holds it until the connect step, and the task's future is
+    // kept for the connection's whole life.
     let credentials =
-        crate::session::Credentials::from_request(&app, headers, req.uri().query(), peer);
+        Box::new(crate::session::Credentials::from_request(&app, headers, req.uri().query(), peer));
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
