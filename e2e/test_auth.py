@@ -268,9 +268,12 @@ async def test_user_channel_history_over_http(hmac_server):
         r = await http.get(path, headers={**remote, "Authorization": f"Bearer {token('43')}"})
         assert r.status_code == 200, r.text
         assert r.json()["messages"][0]["data"] == {"secret": 1}
-        # Channels every connection may read answer anyone, as before.
+        # Channels every connection may subscribe to: any user's token, but not nobody
+        # (api.public_read would open them).
         await server.apublish("news.x", {"a": 1})
         r = await http.get("/api/channels/news.x/history", headers=remote)
+        assert r.status_code == 401, r.text
+        r = await http.get("/api/channels/news.x/history", headers={**remote, "Authorization": f"Bearer {token('7')}"})
         assert r.status_code == 200, r.text
 
 
@@ -476,6 +479,14 @@ async def test_secret_from_env_and_bad_key_configs(start_server, ws, tmp_path):
         (["auth.public_key_file=" + str(tmp_path / "missing.pem")], "cannot read"),
         (["auth.hmac_secret_env=FERROCAST_JWT_UNSET"], "auth.hmac_secret_env"),
         (["auth.anonymous=false"], "auth.anonymous"),
+        (["auth.jwks_url=ftp://keys.example/jwks.json"], "auth.jwks_url"),
+        (["proxy.connect_url=not a url"], "proxy.connect_url"),
+        (["proxy.timeout_ms=0"], "proxy.timeout_ms"),
+        (["namespaces.payments.subscribe=proxy"], "namespaces.payments.subscribe"),
+        (["namespaces.payments.publish=proxy"], "namespaces.payments.publish"),
+        (['api.keys=[{name="x",scopes=["read"]}]'], "api.keys[0]"),
+        (['api.keys=[{name="x",key="k",scopes=["write"]}]'], "api.keys"),
+        (["server.allowed_hosts=[\"http://x/\"]"], "server.allowed_hosts[0]"),
     ]:
         argv = [str(ferrocast_bin()), "serve", "--listen", "127.0.0.1:0", "--no-simulator"]
         for s in sets:

@@ -134,7 +134,8 @@ async def test_api_key_is_required_when_configured(start_server, ws):
     assert (await c.next_msg("chat.auth"))["data"] == 1
     rejected = server.metric("ferrocast_http_publish_rejected_total")
     assert rejected == 6, rejected
-    # Reading is not behind the key.
+    # Reading is behind the key too (api.key has every scope).
+    assert server.get("/api/channels", headers={"Authorization": ""}).status == 401
     assert server.get("/api/channels").status == 200
 
 

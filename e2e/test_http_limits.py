@@ -97,9 +97,9 @@ async def test_slow_bodies_and_headers_are_timed_out(start_server, canary, ws):
     # 200 bodies trickled a byte a second (to the publish API and the SSE control endpoint,
     # whose bodies never complete, so no session is needed), and 20 request heads.
     plan = [
-        ["publish", "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        ["publish", "POST /api/publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
          "Content-Length: 100000\r\n\r\n{", 170],
-        ["control", "POST /sse/control HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{", 30],
+        ["control", "POST /sse/control HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{", 30],
         ["header", "GET /api/stats HTTP/1.1\r\n", 20],
     ]
     rss_before = rss_bytes(server.process.pid) // 1024

@@ -3,7 +3,9 @@ processes: subscribe and publish (socket and HTTP, sync and async), typed publis
 batched frames, recovery across an abrupt disconnect and across a server restart on the same
 port (a gap without shared history; every message with history in Redis), a graceful drain
 with the 1001 hint (and full recovery through it with Redis), a terminal close code, the heartbeat and the
-liveness timeout (through a TCP relay that can freeze), and the blocking SyncClient."""
+liveness timeout (through a TCP relay that can freeze), the blocking SyncClient, and
+connection tokens (PyJWT): a fixed token, get_token() refreshing short-lived ones, 4011 and
+4001 ending the client without a reconnect loop."""
 
 from __future__ import annotations
 
@@ -646,6 +648,77 @@ def test_the_readme_quick_starts_run_as_written(block, server):
     finally:
         proc.kill()
         proc.communicate(timeout=5)
+
+
+# ---- connection tokens ----------------------------------------------------------------------
+
+TOKEN_SECRET = "python-client-e2e-secret-0123456789ab"
+
+
+def user_token(sub: str, seconds: float = 600, secret: str = TOKEN_SECRET) -> str:
+    import jwt
+
+    return jwt.encode({"sub": sub, "exp": int(time.time() + seconds)}, secret, algorithm="HS256")
+
+
+@pytest.mark.timeout(40)
+async def test_tokens_open_user_channels_and_get_token_refreshes_them(start_server, clients):
+    server = start_server(f"auth.hmac_secret={TOKEN_SECRET}", "auth.leeway_ms=0", "auth.expiry_grace_ms=200",
+                          "namespaces.payments.subscribe=authenticated")
+    fixed = clients(server, token=user_token("42"))
+    await fixed.connect(timeout=5)
+    sub = fixed.subscribe("payments.eu#42")
+    await sub.ready(5)
+    server.publish("payments.eu#42", {"amount": 1})
+    assert (await sub.get(5)).data == {"amount": 1}
+
+    calls = 0
+
+    def short_lived() -> str:
+        nonlocal calls
+        calls += 1
+        return user_token("42", seconds=2)
+
+    refreshed = clients(server, get_token=short_lived, token_refresh_margin=1.0)
+    events = Events(refreshed)
+    await refreshed.connect(timeout=5)
+    sub = refreshed.subscribe("payments.eu#42")
+    await sub.ready(5)
+    await asyncio.sleep(5)  # two and a half token lifetimes
+    assert calls >= 3, calls
+    assert events.names() == ["connecting", "connected"], events.names()
+    server.publish("payments.eu#42", {"amount": 2})
+    assert (await sub.get(5)).data == {"amount": 2}
+
+    expiring = clients(server, token=user_token("42", seconds=1))
+    events = Events(expiring)
+    await expiring.connect(timeout=5)
+    await events.until(lambda: expiring.state == "disconnected", 10, "the 4011 close")
+    assert expiring.state_detail["code"] == ferrocast.TOKEN_EXPIRED_CLOSE_CODE, expiring.state_detail
+    await asyncio.sleep(1.0)
+    assert events.names() == ["connecting", "connected", "disconnected"], events.names()
+
+
+@pytest.mark.timeout(30)
+async def test_a_refused_token_ends_with_4001_without_a_loop(start_server, clients):
+    server = start_server(f"auth.hmac_secret={TOKEN_SECRET}", "auth.anonymous=false", "auth.auth_timeout_ms=500")
+    calls = 0
+
+    async def forged() -> str:
+        nonlocal calls
+        calls += 1
+        return user_token("42", secret="not-the-servers-secret-0123456789")
+
+    client = clients(server, get_token=forged)
+    events = Events(client)
+    # The welcome comes first; the refused token is answered `unauthorized`, and with
+    # auth.anonymous = false the connection is closed with 4001 after auth_timeout_ms.
+    await client.connect(timeout=5)
+    await events.until(lambda: client.state == "disconnected", 10, "the 4001 close")
+    assert client.state_detail["code"] == 4001, client.state_detail
+    assert [e.code for e in events.errors] == ["unauthorized"], events.errors
+    await asyncio.sleep(1.0)
+    assert calls == 1, "get_token() called again: a reconnect loop"
 
 
 def test_url_resolution_and_backoff_bounds():

@@ -300,12 +300,13 @@ class SseConnection {
 
   send(frame) {
     if (this.#done || !this.welcome) return false;
+    // The stream's secret also travels as a header, so an `auth` frame's own `token` can take the body's.
     const body = JSON.stringify({ session: this.welcome.session, token: this.welcome.token, ...frame });
     const abort = new AbortController();
     const timer = this.#clock.setTimeout(() => abort.abort(), this.#timeoutMs);
     this.#fetch(this.#controlUrl, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', 'x-ferrocast-stream-token': this.welcome.token },
       body,
       signal: abort.signal,
       cache: 'no-store',
@@ -745,8 +746,10 @@ export class Ferrocast {
     if (conn.transport === 'websocket') this.#wsFailures = 0;
     this.#lastFrameAt = this.#clock.now();
     for (const channel of conn.initialChannels ?? []) this.#serverSubs.add(channel);
-    // The token goes first, so the server knows the user before any subscribe (SSE sent it in the URL).
+    // The token goes first, so the server knows the user before any subscribe (SSE sent it in the URL,
+    // and its welcome says when the token expires).
     if (this.#token && conn.transport === 'websocket') this.#request({ op: 'auth', token: this.#token }, 'auth');
+    else if (this.#token) this.#scheduleRefresh(welcome.expires_at);
     this.#armLiveness();
     this.#reconcile();
     for (const { frame, resolve, reject } of this.#queue.splice(0)) this.#request(frame, 'publish', resolve, reject);

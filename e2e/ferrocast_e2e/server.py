@@ -211,7 +211,8 @@ class FerrocastServer:
         return http_request(self.base_url + path, method, body, headers, timeout, self.tls)
 
     def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
-        return self.request("GET", path, None, headers, timeout)
+        """GET with the server's API key (if any) unless headers override it."""
+        return self.request("GET", path, None, self._auth(headers), timeout)
 
     def _auth(self, headers: Mapping[str, str] | None) -> dict[str, str]:
         h = dict(headers or {})

@@ -17,7 +17,7 @@ import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { CHROMIUM, CHROMIUM_ARGS, chromiumMissing } from './lib/browser.mjs';
 import { issue, makeCa, spkiHash } from './lib/certs.mjs';
-import { Ferrocast, Inbox, REPO_ROOT, waitFor } from './lib/server.mjs';
+import { Ferrocast, Inbox, REPO_ROOT, freePort, waitFor } from './lib/server.mjs';
 import { chromium } from 'playwright-core';
 
 const pki = makeCa();
@@ -195,7 +195,15 @@ describe('TLS and HTTP/2 in Chromium', { skip: chromiumMissing() }, () => {
   let server;
   let plain;
   before(async () => {
-    server = await Ferrocast.start({ name: 'tls-chromium', tls });
+    // The page publishes with fetch(): a web page may use the API without a key only from
+    // an allowed origin (its own, here).
+    const port = await freePort();
+    server = await Ferrocast.start({
+      name: 'tls-chromium',
+      tls,
+      port,
+      sets: [`server.allowed_origins=["https://127.0.0.1:${port}"]`],
+    });
     plain = await Ferrocast.start({ name: 'h1-chromium' });
     browser = await chromium.launch({
       executablePath: CHROMIUM,

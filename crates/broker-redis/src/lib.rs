@@ -4,6 +4,7 @@
 //! - [`keys`]: the key layout and the server-side Lua scripts (publish, read);
 //! - [`pubsub`]: the node's pub/sub connection, one subscription per channel with local
 //!   subscribers, delivery into the hub with gap filling, resubscription and position checks;
+//! - [`commands`]: the cluster-wide command topic (the server API's per-user commands);
 //! - [`metrics`]: `ferrocast_broker_*` counters.
 //!
 //! How a publish travels: [`RedisBroker::publish`] queues the message for the publisher task
@@ -20,6 +21,7 @@
 //! Cluster support exist in the same crate for later.
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod keys;
 pub mod metrics;
 pub mod pubsub;
@@ -31,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Lease, Pending,
-    PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, CommandHandler, DemandListener, HistoryPage, Hub, Lease,
+    Pending, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -103,6 +105,8 @@ struct Inner {
     leases: Mutex<Vec<String>>,
     /// Set by `close`: no lease is taken or renewed any more.
     closing: tokio::sync::Mutex<bool>,
+    /// Where commands from the other nodes go.
+    commands: commands::Commands,
 }
 
 impl std::fmt::Debug for Inner {
@@ -178,6 +182,7 @@ impl RedisBroker {
             node_id: format!("{}-{}", new_epoch(), std::process::id()),
             leases: Mutex::new(Vec::new()),
             closing: tokio::sync::Mutex::new(false),
+            commands: commands::Commands::default(),
             hub: hub.clone(),
             opts,
         });
@@ -185,6 +190,7 @@ impl RedisBroker {
         tokio::spawn(pubsub::run(inner.clone(), pubsub_rx));
         tokio::spawn(pubsub::check_positions(inner.clone()));
         tokio::spawn(health(inner.clone()));
+        tokio::spawn(commands::run(inner.clone()));
         let broker = Arc::new(RedisBroker { inner });
         hub.add_demand_listener(Arc::new(Demand(broker.inner.clone())));
         Ok(broker)
@@ -394,6 +400,14 @@ impl Broker for RedisBroker {
             .map_err(|e| inner.redis_error(e))?;
             Ok(infos.into_iter().flatten().collect())
         }))
+    }
+
+    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>> {
+        commands::send(&self.inner, command)
+    }
+
+    fn on_command(&self, handler: CommandHandler) {
+        self.inner.commands.set_handler(handler);
     }
 
     fn close(&self) -> Option<BrokerFuture<()>> {

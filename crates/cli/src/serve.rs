@@ -98,11 +98,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     for note in notes {
         tracing::info!("{note}");
     }
-    let api_key = config.api_key(&env);
-    if !config.api.key_env.is_empty() && api_key.is_none() && config.api.key.is_empty() {
-        eprintln!("ferrocast: api.key_env names {:?}, which is not set", config.api.key_env);
-        return Ok(ExitCode::from(2));
-    }
+    let api_keys = match ferrocast_server::access::ApiKeys::from_config(&config.api, &env) {
+        Ok(keys) => keys,
+        Err(e) => {
+            eprintln!("ferrocast: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let auth = match ferrocast_server::auth::Auth::from_config(&config.auth, &env) {
         Ok(auth) => auth,
         Err(e) => {
@@ -117,7 +119,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    let app = AppState::with_auth(config, api_key, auth);
+    let app = AppState::with_auth(config, api_keys, auth);
     let mut server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {
@@ -136,9 +138,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         env!("CARGO_PKG_VERSION"),
         app.config.server.ws_paths[0]
     );
-    if app.api_key.is_none() {
+    if app.api_keys.is_empty() {
         tracing::warn!(
-            "no API key configured (api.key): POST /api/publish accepts loopback clients only"
+            "no API key configured (api.key, api.keys): the HTTP API (publish, channels, history, \
+             stats) answers loopback clients only"
+        );
+    }
+    let cookies = !app.config.auth.cookie.is_empty()
+        || (app.proxy.any()
+            && app.config.proxy.forward_headers.iter().any(|h| h.eq_ignore_ascii_case("cookie")));
+    if cookies && app.config.server.allowed_origins.is_empty() {
+        tracing::warn!(
+            "connections may authenticate with cookies (auth.cookie, or the proxy forwards Cookie) \
+             but server.allowed_origins is empty: any web page can open a connection with a \
+             visitor's cookies; list your site's origins"
         );
     }
     server.run(shutdown_signal()).await;

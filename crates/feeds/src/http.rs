@@ -2,12 +2,16 @@
 //! for the REST calls connectors make besides their WebSocket (Massive's aggregates, for
 //! backfill). A whole request, from connecting to the last body byte, has one deadline, and
 //! the body one size limit, so a slow or huge answer can never hold a connector up.
+//!
+//! [`open`] gives the HTTP/1.1 connection itself, for callers that keep connections alive
+//! between requests (the server's auth proxy).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -36,6 +40,43 @@ pub async fn get(url: &str, timeout: Duration, max_body: usize) -> Result<Respon
 }
 
 async fn exchange(url: &url::Url, host: &str, max_body: usize) -> Result<Response, String> {
+    let mut sender = open(url).await?;
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_owned(),
+    };
+    let req = http::Request::get(target)
+        .header(http::header::HOST, authority)
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::USER_AGENT, concat!("ferrocast/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("building the request: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = read_body(resp, max_body).await?;
+    Ok(Response { status, body })
+}
+
+/// Reads a response's body, failing beyond `max_body` bytes.
+pub async fn read_body(
+    resp: http::Response<hyper::body::Incoming>,
+    max_body: usize,
+) -> Result<Bytes, String> {
+    Ok(Limited::new(resp.into_body(), max_body)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the body (limit {max_body} bytes): {e}"))?
+        .to_bytes())
+}
+
+/// Opens an HTTP/1.1 connection to `url`'s host (TCP, or TLS for `https://`). The
+/// connection's task ends when the returned sender is dropped or the server closes.
+pub async fn open(url: &url::Url) -> Result<SendRequest<Full<Bytes>>, String> {
+    let host = url.host_str().ok_or("URL without a host")?;
     let tls = match url.scheme() {
         "http" => false,
         "https" => true,
@@ -52,53 +93,23 @@ async fn exchange(url: &url::Url, host: &str, max_body: usize) -> Result<Respons
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-        request(stream, url, host, max_body).await
+        handshake(stream).await
     } else {
-        request(tcp, url, host, max_body).await
+        handshake(tcp).await
     }
 }
 
-async fn request<S>(
-    stream: S,
-    url: &url::Url,
-    host: &str,
-    max_body: usize,
-) -> Result<Response, String>
+async fn handshake<S>(stream: S) -> Result<SendRequest<Full<Bytes>>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
-    // The connection task ends with the exchange (or with this function's deadline).
-    let driver = tokio::spawn(conn);
-    let target = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let authority = match url.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_owned(),
-    };
-    let req = http::Request::get(target)
-        .header(http::header::HOST, authority)
-        .header(http::header::ACCEPT, "application/json")
-        .header(http::header::USER_AGENT, concat!("ferrocast/", env!("CARGO_PKG_VERSION")))
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("building the request: {e}"))?;
-    let result = async {
-        let resp = sender.send_request(req).await.map_err(|e| format!("request: {e}"))?;
-        let status = resp.status().as_u16();
-        let body = Limited::new(resp.into_body(), max_body)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the body (limit {max_body} bytes): {e}"))?
-            .to_bytes();
-        Ok(Response { status, body })
-    }
-    .await;
-    driver.abort();
-    result
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 fn tls_config() -> Arc<rustls::ClientConfig> {

@@ -10,6 +10,9 @@
 //! each node's hub is its local fan-out and history cache, fed by
 //! [`Hub::deliver`](crate::Hub::deliver)).
 //!
+//! The broker also carries commands between nodes ([`Broker::send_command`]): the server
+//! API's "disconnect this user" reaches the user's connections on every node that way.
+//!
 //! Results come back as [`Pending`]: `Ready` when the broker answered at once (the memory
 //! broker always does, so its publish path allocates nothing more than before), `Later` with
 //! a future when the answer needs a round trip. A caller that does not need the answer
@@ -23,6 +26,9 @@ use ferrocast_protocol::StreamPosition;
 
 use crate::hub::{HistoryPage, Hub, PublishError, Published};
 use crate::queue::PublishKind;
+
+/// Receives the commands any node sent with [`Broker::send_command`] (a JSON text each).
+pub type CommandHandler = Arc<dyn Fn(String) + Send + Sync>;
 
 /// A boxed future a broker answers with.
 pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -124,6 +130,14 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Sends `command` (a JSON text) to the command handler of every node, this one's
+    /// included (see [`Broker::on_command`]). Commands sent by one node arrive in order;
+    /// a node that is not connected to the broker at that moment misses them.
+    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>>;
+
+    /// Installs the handler of commands from every node; called once, at startup.
+    fn on_command(&self, handler: CommandHandler);
+
     /// Called once the server has drained, before the process exits: gives up this node's
     /// leases (so another node takes its roles at once) and its place among the nodes.
     fn close(&self) -> Option<BrokerFuture<()>> {
@@ -141,15 +155,22 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// One node: the hub assigns offsets and keeps history itself.
-#[derive(Debug)]
+/// One node: the hub assigns offsets and keeps history itself, and commands go straight to
+/// this node's handler.
 pub struct MemoryBroker {
     hub: Arc<Hub>,
+    commands: parking_lot::Mutex<Option<CommandHandler>>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
 }
 
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>) -> Self {
-        MemoryBroker { hub }
+        MemoryBroker { hub, commands: parking_lot::Mutex::new(None) }
     }
 }
 
@@ -193,6 +214,24 @@ impl Broker for MemoryBroker {
         limit: usize,
     ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
         Pending::Ready(Ok(self.hub.history(channel, since, limit)))
+    }
+
+    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>> {
+        // Cloned out of the lock: the handler may send a command (a reply) itself.
+        let handler = self.commands.lock().clone();
+        match handler {
+            Some(handler) => {
+                handler(command);
+                Pending::Ready(Ok(()))
+            }
+            None => Pending::Ready(Err(BrokerError::Unavailable(
+                "no command handler is installed".into(),
+            ))),
+        }
+    }
+
+    fn on_command(&self, handler: CommandHandler) {
+        *self.commands.lock() = Some(handler);
     }
 }
 

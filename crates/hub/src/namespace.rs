@@ -50,6 +50,8 @@ pub enum SubscribeRule {
     Authenticated,
     /// Connections presenting a subscription token for the channel and their user.
     Token,
+    /// Whatever the application answers to the subscribe proxy (`proxy.subscribe_url`).
+    Proxy,
 }
 
 /// Who may publish into a namespace's channels from a client connection (the HTTP API,
@@ -63,6 +65,9 @@ pub enum PublishRule {
     Anyone,
     /// Connections with a user.
     Authenticated,
+    /// Whatever the application answers to the publish proxy (`proxy.publish_url`), which
+    /// may also replace the data.
+    Proxy,
 }
 
 /// Who may read a namespace's history over the HTTP API.

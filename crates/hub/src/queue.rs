@@ -150,6 +150,9 @@ pub struct Drained {
     pub frames: Vec<Outbound>,
     /// The queue overflowed: after writing `frames`, close the connection with 4008.
     pub overflowed: bool,
+    /// The server asked for the connection to be closed (see [`ConnQueue::request_close`]):
+    /// after writing `frames`, close it with this code and reason.
+    pub close: Option<(u16, Arc<str>)>,
 }
 
 /// Hasher for the per-channel index: channel ids are already unique integers.
@@ -224,6 +227,8 @@ struct Inner {
     reservations: Vec<(u64, u64)>,
     next_reservation: u64,
     overflowed: bool,
+    /// A close asked for by the server (API, proxy): code and reason.
+    close: Option<(u16, Arc<str>)>,
     /// What a pending replay counts (see [`REPLAY_COST`]).
     replay_cost: usize,
 }
@@ -532,6 +537,23 @@ impl ConnQueue {
         self.notify.notify_one();
     }
 
+    /// Asks the connection's writer to close it with `code` and `reason` once what is queued
+    /// now is written (a server API disconnect, a proxy's `disconnect` answer). The first
+    /// request wins.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        let mut q = self.inner.lock();
+        if q.close.is_none() {
+            q.close = Some((code, reason.into()));
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// The close asked for with [`ConnQueue::request_close`], if any.
+    pub fn close_requested(&self) -> Option<(u16, Arc<str>)> {
+        self.inner.lock().close.clone()
+    }
+
     /// Takes every frame that can be written now, in order, appending to `out.frames`. A
     /// replay cursor yields one chunk per call; the writer is woken again for the rest.
     pub fn drain_into(&self, out: &mut Drained) {
@@ -565,6 +587,7 @@ impl ConnQueue {
             q.droppable = VecDeque::new();
         }
         out.overflowed = q.overflowed;
+        out.close.clone_from(&q.close);
     }
 
     /// Reads the next chunk of the replay at the front. The history lock is taken with the
@@ -684,6 +707,19 @@ mod tests {
         assert_eq!(d.frames.iter().map(|f| f.channel_id).collect::<Vec<_>>(), vec![1, 2]);
         assert!(d.frames[0].bytes.starts_with(b"latest"));
         assert_eq!(q.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_requested_close_comes_after_what_was_queued_and_the_first_wins() {
+        let q = ConnQueue::new(1, 4096);
+        q.push_control(Bytes::from_static(b"bye"));
+        q.request_close(4003, "banned");
+        q.request_close(1000, "later");
+        let d = q.drain();
+        assert_eq!(d.frames.len(), 1);
+        assert_eq!(d.close, Some((4003, "banned".into())));
+        assert_eq!(q.close_requested(), Some((4003, "banned".into())));
+        assert!(!d.overflowed);
     }
 
     #[test]

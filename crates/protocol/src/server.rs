@@ -79,6 +79,13 @@ pub fn encode_unsubscribed(channel: &str, reason: &str) -> Bytes {
     to_bytes(&serde_json::json!({ "type": "unsubscribed", "channel": channel, "reason": reason }))
 }
 
+/// `{"type":"subscribed","channel":C,"result":{...}}` when the server subscribes the
+/// connection itself (a token's or the connect proxy's `channels`, the server API); the
+/// result is the one a subscribe ack would carry for the channel.
+pub fn encode_subscribed(channel: &str, result: &ChannelResult) -> Bytes {
+    to_bytes(&serde_json::json!({ "type": "subscribed", "channel": channel, "result": result }))
+}
+
 /// The result of a `publish`: where the message landed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PublishResult {

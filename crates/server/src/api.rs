@@ -17,6 +17,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::AppState;
+use crate::access::{Scope, refuse as refuse_access};
 use crate::metrics::Transport;
 use crate::ws::json_response;
 
@@ -62,30 +63,9 @@ pub async fn publish(
         tracing::info!(%peer, code, "publish refused: {message}");
         error(status, code, message)
     };
-    match &app.api_key {
-        Some(key) => {
-            let given = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "missing or wrong API key: send \"Authorization: Bearer <api key>\"".into(),
-                );
-            }
-        }
-        None if !crate::diagnostics::is_loopback_request(peer, &headers) => {
-            return refuse(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "no API key is configured, so only clients on this machine may publish \
-                 (requests forwarded by a proxy for another address are refused); set api.key"
-                    .into(),
-            );
-        }
-        None => {}
+    if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Publish, true) {
+        app.metrics.http_publish_rejected.fetch_add(1, Relaxed);
+        return crate::access::refuse(&app, peer, "publish", refusal);
     }
     let limit = app.config.api.max_body_bytes;
     let body =
@@ -186,10 +166,6 @@ pub async fn publish(
     json_response(StatusCode::OK, json!({ "results": results }))
 }
 
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[derive(Deserialize)]
 pub struct ChannelsQuery {
     /// Only channels whose names sort after this one (the previous page's `next`).
@@ -205,8 +181,13 @@ const CHANNELS_PAGE_MAX: usize = 10_000;
 /// total and the `next` cursor (null on the last page).
 pub async fn channels(
     State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Query(q): Query<ChannelsQuery>,
 ) -> Response<Body> {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
+        return refuse_access(&app, peer, "channel listing", refusal);
+    }
     let limit = q.limit.unwrap_or(CHANNELS_PAGE_DEFAULT).clamp(1, CHANNELS_PAGE_MAX);
     let page = app.hub.channels_page(q.after.as_deref(), limit);
     json_response(
@@ -236,14 +217,8 @@ pub async fn history(
     if let Err(e) = validate_channel(&channel) {
         return error(StatusCode::BAD_REQUEST, "invalid_channel", e.to_string());
     }
-    if let Err(refusal) = history_allowed(&app, peer, &headers, &channel) {
-        app.auth.count_refusal(refusal.reason);
-        tracing::info!(%peer, reason = refusal.reason, "history of {channel:?} refused: {}", refusal.message);
-        let status = match refusal.code {
-            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            _ => StatusCode::UNAUTHORIZED,
-        };
-        return error(status, refusal.code.as_str(), refusal.message);
+    if let Err(refusal) = history_allowed(&app, peer, &headers, &channel).await {
+        return refuse_access(&app, peer, &format!("history of {channel:?}"), refusal);
     }
     let limit = q.limit.unwrap_or(100).min(HISTORY_LIMIT_MAX);
     let page = match app.broker.history(&channel, q.since, limit).wait().await {
@@ -279,44 +254,86 @@ pub async fn history(
         .expect("static response")
 }
 
-/// Whether a history read may go ahead. Channels every connection may subscribe to (rule
-/// `anyone`, no user suffix) answer anyone, as before. Others need the API key (or, with no
-/// key configured, a loopback client), or, with `history = "subscribe"`, a user's connection
-/// token in `Authorization: Bearer` that passes the subscribe rule.
-fn history_allowed(
+/// Whether a read endpoint (channels, stats, nodes) may answer: a key with the `read` scope
+/// (or, with no key configured, this machine's trust), or anyone with `api.public_read`.
+fn read_allowed(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), crate::auth::Refusal> {
+    if app.config.api.public_read {
+        return Ok(());
+    }
+    crate::access::check(app, peer, headers, Scope::Read, false).map(|_| ())
+}
+
+/// Whether a history read may go ahead: a key with the `read` scope (or, with no key
+/// configured, this machine's trust) always may; otherwise, with `history = "subscribe"`,
+/// a user's connection token in `Authorization: Bearer` that passes the channel's subscribe
+/// rule, the subscribe proxy's yes for a `"proxy"` rule (the application sees the forwarded
+/// headers), or, with `api.public_read`, an anonymous request the rule admits.
+async fn history_allowed(
     app: &AppState,
     peer: SocketAddr,
     headers: &HeaderMap,
     channel: &str,
 ) -> Result<(), crate::auth::Refusal> {
-    use crate::permissions::{Action, Who, decide};
+    use crate::permissions::{Action, Verdict, Who, decide};
+    let by_key = match crate::access::check(app, peer, headers, Scope::Read, false) {
+        Ok(_) => return Ok(()),
+        Err(refusal) => refusal,
+    };
     let ns = app.hub.namespace(channel);
-    let protected = ferrocast_protocol::channel_users(channel).is_some()
-        || ns.subscribe != ferrocast_hub::SubscribeRule::Anyone
-        || ns.history == ferrocast_hub::HistoryRule::Key
-        || !app.auth.anonymous;
-    if !protected {
-        return Ok(());
-    }
-    let bearer = crate::auth::bearer(headers);
-    let key_ok = match (&app.api_key, &bearer) {
-        (Some(key), Some(given)) => constant_time_eq(given.as_bytes(), key.as_bytes()),
-        (None, _) => crate::diagnostics::is_loopback_request(peer, headers),
-        (Some(_), None) => false,
+    // A bearer is a user's connection token, or else a (wrong) API key.
+    let identity = match crate::auth::bearer(headers) {
+        Some(token) if app.auth.enabled() && token.matches('.').count() == 2 => {
+            Some(app.auth.verify_connection(&token)?)
+        }
+        Some(_) => return Err(by_key),
+        None => None,
     };
-    if key_ok {
-        return Ok(());
+    if identity.is_none()
+        && !app.config.api.public_read
+        && ns.subscribe != ferrocast_hub::SubscribeRule::Proxy
+    {
+        return Err(by_key);
     }
-    let identity = match &bearer {
-        Some(token) if app.auth.enabled() => Some(app.auth.verify_connection(token)?),
-        _ => None,
-    };
     let who = Who { user: identity.as_ref().map(|i| i.user.as_str()) };
-    decide(&app.auth, ns, who, channel, Action::History { token: None })
+    let verdict = decide(&app.auth, ns, who, channel, Action::History { token: None })?;
+    if verdict == Verdict::AskProxy {
+        if !app.proxy.enabled(crate::proxy::Kind::Subscribe) {
+            return Err(by_key);
+        }
+        let forwarded = app.proxy.forwarded(headers);
+        let client = peer.ip().to_string();
+        let request = crate::proxy::Request {
+            transport: "http",
+            client: &client,
+            headers: forwarded.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+            user: who.user.filter(|u| !u.is_empty()),
+            channel: Some(channel),
+            ..Default::default()
+        };
+        return match app.proxy.call(crate::proxy::Kind::Subscribe, &request).await {
+            Ok(_) => Ok(()),
+            Err(crate::proxy::Denied::Refused(refusal)) => Err(refusal),
+            Err(crate::proxy::Denied::Disconnect { reason, .. }) => {
+                Err(crate::auth::Refusal::new("proxy_refused", ErrorCode::Forbidden, reason))
+            }
+        };
+    }
+    Ok(())
 }
 
 /// `GET /api/stats`: a JSON summary for dashboards.
-pub async fn stats(State(app): State<Arc<AppState>>) -> Response<Body> {
+pub async fn stats(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
+        return refuse_access(&app, peer, "stats", refusal);
+    }
     let m = &app.metrics;
     let hub = app.hub.metrics();
     json_response(
@@ -357,7 +374,14 @@ pub fn node_info(app: &AppState) -> serde_json::Value {
 
 /// `GET /api/nodes`: the live nodes of the cluster (this one alone with the memory broker),
 /// each as it last advertised itself (every 2 s; a node silent for 6 s is left out).
-pub async fn nodes(State(app): State<Arc<AppState>>) -> Response<Body> {
+pub async fn nodes(
+    State(app): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if let Err(refusal) = read_allowed(&app, peer, &headers) {
+        return refuse_access(&app, peer, "node listing", refusal);
+    }
     let Some(listed) = app.broker.nodes() else {
         return json_response(StatusCode::OK, json!({ "nodes": [node_info(&app)] }));
     };
@@ -429,6 +453,8 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
     if let Some(tls) = app.tls.get() {
         extra.push_str(&tls.render_metrics());
     }
+    extra.push_str(&app.proxy.render_metrics());
+    extra.push_str(&app.waiting.render_metrics());
     let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")

@@ -8,6 +8,8 @@
 //! HS256/384/512, a public key only the algorithms of its own kind (RSA: RS*/PS*, EC:
 //! ES256/384, Ed25519: EdDSA). `alg: none` and an HMAC token signed with the public key (the
 //! classic algorithm confusion) are therefore refused before any signature is checked.
+//! Keys from `auth.jwks_url` ([`crate::jwks`]) are chosen by the token's `kid`, with the
+//! same rule.
 //!
 //! A refusal ([`Refusal`]) carries a short metric label (`reason`), the error code the client
 //! gets and a message naming the claim or check that failed; the token itself is never logged.
@@ -33,6 +35,13 @@ pub struct AuthConfig {
     pub hmac_secret_env: String,
     /// PEM public key (RSA, EC P-256/P-384 or Ed25519) for RS*/PS*/ES256/ES384/EdDSA tokens.
     pub public_key_file: String,
+    /// URL of a JSON Web Key Set; tokens name their key with `kid`. Empty: none.
+    pub jwks_url: String,
+    /// How often the key set is fetched again, in milliseconds (a removed key stops
+    /// verifying).
+    pub jwks_refresh_ms: u64,
+    /// An unknown `kid` fetches the key set again at most this often, in milliseconds.
+    pub jwks_min_refresh_ms: u64,
     /// Checked against the token's `aud` when set (the claim is then required).
     pub audience: String,
     /// Checked against the token's `iss` when set (the claim is then required).
@@ -57,6 +66,9 @@ impl Default for AuthConfig {
             hmac_secret: String::new(),
             hmac_secret_env: String::new(),
             public_key_file: String::new(),
+            jwks_url: String::new(),
+            jwks_refresh_ms: 3_600_000,
+            jwks_min_refresh_ms: 10_000,
             audience: String::new(),
             issuer: String::new(),
             anonymous: true,
@@ -113,13 +125,16 @@ struct Claims {
 }
 
 /// A key and the algorithms it may verify.
-struct Key {
-    key: DecodingKey,
-    algorithms: &'static [Algorithm],
+pub(crate) struct Key {
+    pub(crate) key: DecodingKey,
+    pub(crate) algorithms: &'static [Algorithm],
 }
 
+/// How long one fetch of `auth.jwks_url` may take.
+const JWKS_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 const HMAC_ALGS: &[Algorithm] = &[Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
-const RSA_ALGS: &[Algorithm] = &[
+pub(crate) const RSA_ALGS: &[Algorithm] = &[
     Algorithm::RS256,
     Algorithm::RS384,
     Algorithm::RS512,
@@ -128,11 +143,13 @@ const RSA_ALGS: &[Algorithm] = &[
     Algorithm::PS512,
 ];
 const EC_ALGS: &[Algorithm] = &[Algorithm::ES256, Algorithm::ES384];
-const ED_ALGS: &[Algorithm] = &[Algorithm::EdDSA];
+pub(crate) const ED_ALGS: &[Algorithm] = &[Algorithm::EdDSA];
 
 /// The configured verifier, with refusal counters.
 pub struct Auth {
     keys: Vec<Key>,
+    /// Keys from `auth.jwks_url`, by `kid`.
+    pub jwks: Option<std::sync::Arc<crate::jwks::Jwks>>,
     audience: String,
     issuer: String,
     leeway_s: u64,
@@ -212,14 +229,32 @@ impl Auth {
             };
             keys.push(key);
         }
-        if !config.anonymous && keys.is_empty() {
+        let jwks = if config.jwks_url.is_empty() {
+            None
+        } else {
+            let parsed = url::Url::parse(&config.jwks_url).ok();
+            if !parsed.as_ref().is_some_and(|u| ["http", "https"].contains(&u.scheme())) {
+                return Err(err(
+                    "auth.jwks_url",
+                    format!("{:?} is not an http:// or https:// URL", config.jwks_url),
+                ));
+            }
+            Some(std::sync::Arc::new(crate::jwks::Jwks::new(
+                config.jwks_url.clone(),
+                std::time::Duration::from_millis(config.jwks_refresh_ms.max(1000)),
+                std::time::Duration::from_millis(config.jwks_min_refresh_ms),
+                JWKS_FETCH_TIMEOUT,
+            )))
+        };
+        if !config.anonymous && keys.is_empty() && jwks.is_none() {
             return Err(err(
                 "auth.anonymous",
-                "false needs a key to verify tokens (auth.hmac_secret, auth.hmac_secret_env or auth.public_key_file)".into(),
+                "false needs a key to verify tokens (auth.hmac_secret, auth.hmac_secret_env, auth.public_key_file or auth.jwks_url)".into(),
             ));
         }
         Ok(Auth {
             keys,
+            jwks,
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
             leeway_s: config.leeway_ms.div_ceil(1000),
@@ -234,7 +269,7 @@ impl Auth {
 
     /// Whether any key is configured (tokens can be verified at all).
     pub fn enabled(&self) -> bool {
-        !self.keys.is_empty()
+        !self.keys.is_empty() || self.jwks.is_some()
     }
 
     /// Counts a refusal by reason (for `/metrics`).
@@ -268,6 +303,27 @@ impl Auth {
         );
         for (reason, n) in self.refusals() {
             out.push_str(&format!("ferrocast_auth_refused_total{{reason=\"{reason}\"}} {n}\n"));
+        }
+        if let Some(jwks) = &self.jwks {
+            crate::metrics::family(
+                &mut out,
+                "ferrocast_auth_jwks_fetches_total",
+                "counter",
+                "Fetches of auth.jwks_url, by result.",
+            );
+            for (result, n) in [("ok", &jwks.fetches_ok), ("error", &jwks.fetches_failed)] {
+                out.push_str(&format!(
+                    "ferrocast_auth_jwks_fetches_total{{result=\"{result}\"}} {}\n",
+                    n.load(Relaxed)
+                ));
+            }
+            crate::metrics::family(
+                &mut out,
+                "ferrocast_auth_jwks_keys",
+                "gauge",
+                "Keys of the auth.jwks_url key set in use.",
+            );
+            out.push_str(&format!("ferrocast_auth_jwks_keys {}\n", jwks.len()));
         }
         out
     }
@@ -322,18 +378,53 @@ impl Auth {
     }
 
     fn decode(&self, token: &str) -> Result<Claims, Refusal> {
-        if self.keys.is_empty() {
+        if !self.enabled() {
             return Err(Refusal::unauthorized(
                 "no_keys",
-                "this server verifies no tokens (no auth.hmac_secret or auth.public_key_file configured)",
+                "this server verifies no tokens (no auth.hmac_secret, auth.public_key_file or auth.jwks_url configured)",
             ));
         }
-        let alg_name = header_alg(token)?;
-        let Some((key, alg)) = self
-            .keys
-            .iter()
-            .find_map(|k| k.algorithms.iter().find(|a| alg_str(**a) == alg_name).map(|a| (k, *a)))
-        else {
+        let header = read_header(token)?;
+        let alg_name = header.alg;
+        let static_key = || {
+            self.keys.iter().find_map(|k| {
+                k.algorithms.iter().find(|a| alg_str(**a) == alg_name).map(|a| (k, *a))
+            })
+        };
+        let from_set;
+        let chosen = match (&self.jwks, header.kid) {
+            (Some(jwks), Some(kid)) => match jwks.key(&kid) {
+                crate::jwks::Lookup::Found(key) => {
+                    from_set = key;
+                    let Some(alg) =
+                        from_set.algorithms.iter().find(|a| alg_str(**a) == alg_name).copied()
+                    else {
+                        let accepted: Vec<&str> =
+                            from_set.algorithms.iter().map(|a| alg_str(*a)).collect();
+                        return Err(Refusal::unauthorized(
+                            "algorithm",
+                            format!(
+                                "the token's alg {alg_name:?} is not one its key {kid:?} verifies (accepted: {})",
+                                accepted.join(", ")
+                            ),
+                        ));
+                    };
+                    Some((&*from_set, alg))
+                }
+                crate::jwks::Lookup::Unknown(message) => match static_key() {
+                    Some(found) => Some(found),
+                    None => return Err(Refusal::unauthorized("unknown_kid", message)),
+                },
+            },
+            (Some(_), None) if static_key().is_none() => {
+                return Err(Refusal::unauthorized(
+                    "unknown_kid",
+                    "the token has no \"kid\": keys from auth.jwks_url are chosen by kid",
+                ));
+            }
+            _ => static_key(),
+        };
+        let Some((key, alg)) = chosen else {
             let accepted: Vec<&str> =
                 self.keys.iter().flat_map(|k| k.algorithms.iter().map(|a| alg_str(*a))).collect();
             return Err(Refusal::unauthorized(
@@ -402,8 +493,13 @@ impl Auth {
     }
 }
 
-/// The `alg` of a token's header, read before anything is trusted.
-fn header_alg(token: &str) -> Result<String, Refusal> {
+/// What a token's header says, read before anything is trusted.
+struct TokenHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+fn read_header(token: &str) -> Result<TokenHeader, Refusal> {
     let malformed = || {
         Refusal::unauthorized(
             "malformed",
@@ -416,6 +512,7 @@ fn header_alg(token: &str) -> Result<String, Refusal> {
     #[derive(Deserialize)]
     struct Header {
         alg: Option<String>,
+        kid: Option<String>,
     }
     let header: Header = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
     match header.alg {
@@ -424,7 +521,7 @@ fn header_alg(token: &str) -> Result<String, Refusal> {
             "algorithm",
             "the token's alg \"none\" is never accepted: tokens must be signed",
         )),
-        Some(a) => Ok(a),
+        Some(alg) => Ok(TokenHeader { alg, kid: header.kid }),
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Limits against abuse: connections per address and per user, requests per connection.
     pub limits: crate::limits::LimitsConfig,
+    /// The application's own login: connect, subscribe and publish decided by HTTP calls.
+    pub proxy: crate::proxy::ProxyConfig,
     /// Where channel offsets and history live: this process, or Redis shared by many nodes.
     pub broker: BrokerConfig,
     /// Settings for channels whose namespace has no table of its own.
@@ -51,8 +53,13 @@ pub struct ServerConfig {
     /// so existing apps keep their URLs (for example `/ws/price`, `/api/socket`).
     pub ws_paths: Vec<String>,
     /// Origins allowed to open WebSocket connections (`https://app.example.com`); empty or
-    /// `["*"]` allows any. A request from another origin is closed with 1008.
+    /// `["*"]` allows any. A request from another origin is closed with 1008. Also the
+    /// origins whose pages may call the HTTP API (CORS with credentials, and the cross-site
+    /// check on publishing and the server API).
     pub allowed_origins: Vec<String>,
+    /// Host names (besides loopback names) under which loopback clients keep the trust that
+    /// stands in for an API key; any other `Host` loses it (DNS rebinding).
+    pub allowed_hosts: Vec<String>,
     /// Most concurrent client connections; beyond it new ones are closed with 1013.
     pub max_connections: usize,
     /// Largest client frame accepted, in bytes; a larger one closes the connection with 1009.
@@ -95,12 +102,34 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Bearer key for `POST /api/publish`. Empty: only loopback clients may publish.
+    /// Bearer key with every scope. Empty (and no `keys`): only loopback clients may use
+    /// the API.
     pub key: String,
     /// Name of an environment variable holding the key (used when `key` is empty).
     pub key_env: String,
+    /// Further keys, each with its own scopes (`[[api.keys]]`).
+    pub keys: Vec<ApiKeyConfig>,
+    /// Lets anyone use the read endpoints (channels, stats, nodes, and the history of
+    /// channels whose rules admit an anonymous subscriber), as a public dashboard needs.
+    pub public_read: bool,
     /// Largest publish request body accepted, in bytes.
     pub max_body_bytes: usize,
+}
+
+/// One `[[api.keys]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Shown in logs (never the key).
+    pub name: String,
+    /// The key; or
+    #[serde(default)]
+    pub key: String,
+    /// the name of an environment variable holding it.
+    #[serde(default)]
+    pub key_env: String,
+    /// What it may do: `publish`, `read`, `admin` (which includes `read`).
+    pub scopes: Vec<crate::access::Scope>,
 }
 
 /// Logging.
@@ -258,6 +287,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".into(),
             ws_paths: vec!["/ws".into()],
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
             max_connections: 100_000,
             max_frame_bytes: 64 * 1024,
             max_channels_per_request: 100,
@@ -280,7 +310,13 @@ impl Default for ServerConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { key: String::new(), key_env: String::new(), max_body_bytes: 4 * 1024 * 1024 }
+        ApiConfig {
+            key: String::new(),
+            key_env: String::new(),
+            keys: Vec::new(),
+            public_read: false,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
     }
 }
 
@@ -343,6 +379,7 @@ impl Default for Config {
             diagnostics: DiagnosticsConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             limits: crate::limits::LimitsConfig::default(),
+            proxy: crate::proxy::ProxyConfig::default(),
             broker: BrokerConfig::default(),
             namespace_defaults: NamespaceConfig::default(),
             namespaces,
@@ -453,20 +490,6 @@ impl Config {
         self.server.listen.parse().expect("validated")
     }
 
-    /// The API key, from `api.key` or the variable named by `api.key_env`.
-    pub fn api_key(&self, env: &[(String, String)]) -> Option<String> {
-        if !self.api.key.is_empty() {
-            return Some(self.api.key.clone());
-        }
-        if self.api.key_env.is_empty() {
-            return None;
-        }
-        env.iter()
-            .find(|(k, _)| *k == self.api.key_env)
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_empty())
-    }
-
     /// Checks every rule and reports all violations.
     pub fn validate(&self) -> Result<(), Vec<ConfigError>> {
         let mut errors = Vec::new();
@@ -510,6 +533,42 @@ impl Config {
                 &format!("server.allowed_origins[{i}]"),
                 format!("{origin:?} must be \"*\" or an origin such as https://app.example.com"),
             );
+        }
+        for (i, host) in s.allowed_hosts.iter().enumerate() {
+            check(
+                !host.is_empty() && !host.contains('/') && !host.contains(' '),
+                &format!("server.allowed_hosts[{i}]"),
+                format!(
+                    "{host:?} must be a host name such as ferrocast.internal (no scheme or path)"
+                ),
+            );
+        }
+        let api = &self.api;
+        for (i, entry) in api.keys.iter().enumerate() {
+            let key = format!("api.keys[{i}]");
+            check(
+                !entry.name.is_empty(),
+                &format!("{key}.name"),
+                "a name is needed (it is logged instead of the key)".into(),
+            );
+            check(
+                api.keys.iter().filter(|k| k.name == entry.name).count() == 1,
+                &format!("{key}.name"),
+                format!("{:?} is used by two keys", entry.name),
+            );
+            check(
+                entry.key.is_empty() != entry.key_env.is_empty(),
+                &key,
+                "set exactly one of key and key_env".into(),
+            );
+            check(
+                !entry.scopes.is_empty(),
+                &format!("{key}.scopes"),
+                "at least one of \"publish\", \"read\", \"admin\" is needed".into(),
+            );
+        }
+        if let Err(e) = self.proxy.validate() {
+            check(false, &e.key, e.reason);
         }
         check(s.max_connections >= 1, "server.max_connections", "must be at least 1".into());
         check(
@@ -718,6 +777,27 @@ impl Config {
             "broker.ready_grace_ms",
             format!("{} must be at most 600000", b.ready_grace_ms),
         );
+        let proxy = &self.proxy;
+        for (key, ns) in
+            std::iter::once(("namespace_defaults".to_string(), &self.namespace_defaults))
+                .chain(self.namespaces.iter().map(|(name, ns)| (format!("namespaces.{name}"), ns)))
+        {
+            if ns.subscribe == ferrocast_hub::SubscribeRule::Proxy && proxy.subscribe_url.is_empty()
+            {
+                errors.push(ConfigError::new(
+                    format!("{key}.subscribe"),
+                    "\"proxy\" needs proxy.subscribe_url",
+                ));
+            }
+            if ns.publish_rule() == ferrocast_hub::PublishRule::Proxy
+                && proxy.publish_url.is_empty()
+            {
+                errors.push(ConfigError::new(
+                    format!("{key}.publish"),
+                    "\"proxy\" needs proxy.publish_url",
+                ));
+            }
+        }
         check_namespace("namespace_defaults", &self.namespace_defaults, &mut errors);
         for (name, ns) in &self.namespaces {
             let key = format!("namespaces.{name}");
@@ -765,6 +845,8 @@ const BUILTIN_PATHS: &[&str] = &[
     "/api/stats",
     "/api/feeds",
     "/api/diagnostics",
+    "/api/nodes",
+    "/api/users",
     "/metrics",
     "/healthz",
     "/readyz",
@@ -959,6 +1041,9 @@ fn check_unknown_env(merged: &Value, env: &[(String, String)], errors: &mut Vec<
     let named_by = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_owned);
     known.extend(named_by(lookup(merged, "api.key_env")));
     known.extend(named_by(lookup(merged, "auth.hmac_secret_env")));
+    if let Some(Value::Array(keys)) = lookup(merged, "api.keys") {
+        known.extend(keys.iter().filter_map(|k| named_by(k.get("key_env"))));
+    }
     if let Some(Value::Array(feeds)) = merged.get("feeds") {
         known.extend(feeds.iter().filter_map(|f| named_by(f.get("api_key_env"))));
     }

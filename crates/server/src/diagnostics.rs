@@ -69,12 +69,8 @@ pub async fn handle(
             json!({"error": "not_found", "message": "diagnostics are turned off (diagnostics.allow = \"off\")"}),
         );
     }
-    if let Err(reason) = check_access(&app, peer, req.headers()) {
-        tracing::info!(%peer, "diagnostics refused: {reason}");
-        return json_response(
-            StatusCode::FORBIDDEN,
-            json!({"error": "forbidden", "message": reason}),
-        );
+    if let Err(refusal) = check_access(&app, peer, req.headers()) {
+        return crate::access::refuse(&app, peer, "diagnostics", refusal);
     }
     let problem = upgrade_problem(req.headers());
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -116,82 +112,48 @@ pub async fn handle(
     switching_protocols(key.as_bytes())
 }
 
-/// Whether this request may read diagnostics, or why not.
-fn check_access(app: &AppState, peer: SocketAddr, headers: &HeaderMap) -> Result<(), String> {
-    let has_key = app.api_key.as_deref().is_some_and(|key| {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| crate::api::constant_time_eq(given.as_bytes(), key.as_bytes()))
-    });
-    match app.config.diagnostics.allow {
-        DiagnosticsAccess::All => Ok(()),
-        _ if has_key => Ok(()),
-        DiagnosticsAccess::Key | DiagnosticsAccess::Off => Err(
-            "diagnostics.allow = \"key\": send \"Authorization: Bearer <api key>\" (ferrocast doctor --api-key)"
-                .into(),
-        ),
-        DiagnosticsAccess::Local => {
-            let forwarded = forwarded_clients(headers);
-            let remote = std::iter::once(peer.ip().to_string())
-                .chain(forwarded)
-                .find(|addr| !parse_ip(addr).is_some_and(is_local));
-            match remote {
-                None => Ok(()),
-                Some(addr) => Err(format!(
-                    "diagnostics answer loopback and private-network clients only, and {addr} is \
-                     neither (diagnostics.allow = \"local\"): send \"Authorization: Bearer <api key>\" \
-                     (ferrocast doctor --api-key), or set diagnostics.allow = \"all\" while you debug"
-                )),
-            }
+/// Whether this request may read diagnostics, or why not. With API keys configured, a key
+/// with the `admin` scope is needed (`allow = "local"` or `"key"`); under `allow = "local"`
+/// without keys, loopback and private-network clients may. The `Host` is not checked here:
+/// the doctor reaches the endpoint through proxies under the site's public name, and the
+/// report holds no secret.
+fn check_access(
+    app: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<(), crate::auth::Refusal> {
+    use crate::access::{self, Scope};
+    use crate::auth::Refusal;
+    use ferrocast_protocol::ErrorCode;
+    let allow = app.config.diagnostics.allow;
+    if allow == DiagnosticsAccess::All {
+        return Ok(());
+    }
+    if !app.api_keys.is_empty() || allow != DiagnosticsAccess::Local {
+        if app.api_keys.is_empty() {
+            return Err(Refusal::new(
+                "api_key",
+                ErrorCode::Forbidden,
+                "diagnostics.allow = \"key\" and no API key is configured (api.key, api.keys)",
+            ));
         }
+        return access::check(app, peer, headers, Scope::Admin, false).map(|_| ());
     }
-}
-
-/// Whether a request comes from this machine: the TCP peer is loopback and so is every client
-/// a proxy says it forwarded for (a same-host proxy makes internet clients look loopback).
-pub(crate) fn is_loopback_request(peer: SocketAddr, headers: &HeaderMap) -> bool {
-    peer.ip().is_loopback()
-        && forwarded_clients(headers)
-            .iter()
-            .all(|addr| parse_ip(addr).is_some_and(|ip| ip.is_loopback()))
-}
-
-/// The client addresses proxies say they forwarded for: the rightmost entry of
-/// `X-Forwarded-For` and of `Forwarded`, the ones the nearest proxy wrote (entries further
-/// left come from the client and can be forged).
-fn forwarded_clients(headers: &HeaderMap) -> Vec<String> {
-    let joined = |name: &str| {
-        let values: Vec<&str> =
-            headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-        (!values.is_empty()).then(|| values.join(","))
-    };
-    let mut out = Vec::new();
-    if let Some(xff) = joined("x-forwarded-for") {
-        out.push(xff.rsplit(',').next().unwrap_or_default().trim().to_owned());
+    let remote = std::iter::once(peer.ip().to_string())
+        .chain(access::forwarded_clients(headers))
+        .find(|addr| !access::parse_ip(addr).is_some_and(is_local));
+    match remote {
+        None => Ok(()),
+        Some(addr) => Err(Refusal::new(
+            "not_local",
+            ErrorCode::Forbidden,
+            format!(
+                "diagnostics answer loopback and private-network clients only, and {addr} is \
+                 neither (diagnostics.allow = \"local\"): configure an API key with the admin scope \
+                 and send it (ferrocast doctor --api-key), or set diagnostics.allow = \"all\" while you debug"
+            ),
+        )),
     }
-    if let Some(fwd) = joined("forwarded") {
-        let last = fwd.rsplit(',').next().unwrap_or_default();
-        let node = last.split(';').find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            k.trim().eq_ignore_ascii_case("for").then(|| v.trim().trim_matches('"').to_owned())
-        });
-        out.push(node.unwrap_or_default());
-    }
-    out
-}
-
-/// An address as proxies write it: `1.2.3.4`, `1.2.3.4:5678`, `[2001:db8::1]:80`, `::1`.
-pub(crate) fn parse_ip(s: &str) -> Option<IpAddr> {
-    let s = s.trim();
-    if let Ok(ip) = s.parse() {
-        return Some(ip);
-    }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Some(sa.ip());
-    }
-    s.strip_prefix('[').and_then(|r| r.split(']').next()).and_then(|ip| ip.parse().ok())
 }
 
 /// Loopback, private (RFC 1918, RFC 6598 shared, IPv6 unique-local) or link-local.
@@ -246,7 +208,7 @@ fn report(
         "version": env!("CARGO_PKG_VERSION"),
         "transport": "http",
         "peer": peer.to_string(),
-        "forwarded_for": forwarded_clients(req.headers()),
+        "forwarded_for": crate::access::forwarded_clients(req.headers()),
         "request": {
             "method": req.method().as_str(),
             "path": req.uri().path(),
@@ -343,15 +305,6 @@ async fn write_frame<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
 
     #[test]
     fn local_addresses() {
@@ -371,20 +324,5 @@ mod tests {
         for ip in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:db8::1", "::ffff:8.8.8.8"] {
             assert!(!is_local(ip.parse().unwrap()), "{ip}");
         }
-    }
-
-    #[test]
-    fn forwarded_takes_the_rightmost_entry() {
-        let h = headers(&[
-            ("x-forwarded-for", "127.0.0.1, 10.0.0.1"),
-            ("x-forwarded-for", "203.0.113.7"),
-        ]);
-        assert_eq!(forwarded_clients(&h), vec!["203.0.113.7"]);
-        let h = headers(&[("forwarded", "for=127.0.0.1, for=\"[2001:db8::1]:4711\";proto=https")]);
-        let got = forwarded_clients(&h);
-        assert_eq!(got, vec!["[2001:db8::1]:4711"]);
-        assert_eq!(parse_ip(&got[0]), Some("2001:db8::1".parse().unwrap()));
-        assert_eq!(parse_ip("10.0.0.1:80"), Some("10.0.0.1".parse().unwrap()));
-        assert_eq!(parse_ip("unknown"), None);
     }
 }

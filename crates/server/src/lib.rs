@@ -10,9 +10,14 @@
 //! | [`sio_engine`] | Engine.IO's HTTP side in front of `socketioxide`: drain cut-off, first ping |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
 //! | [`auth`] | connection and subscription tokens (JWT): verification, claims, refusals |
+//! | [`jwks`] | keys fetched from `auth.jwks_url`, chosen by `kid`, cached and refreshed |
+//! | [`proxy`] | the application's own login: connect, subscribe and publish asked over HTTP |
 //! | [`permissions`] | the one decision of who may subscribe, publish and read history |
 //! | [`limits`] | limits against abuse: connections per address and user, requests per connection |
+//! | [`users`] | live connections by user, the part of a session other tasks may touch |
+//! | [`access`] | who may use the HTTP API: keys and scopes, loopback trust, CORS |
 //! | [`api`] | the HTTP API: publish, channels, history, stats, health, metrics |
+//! | [`server_api`] | a user's connections on every node: list, disconnect, (un)subscribe |
 //! | [`body`] | request bodies within limits of time (408) and size (413) |
 //! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
 //! | [`tls`] | TLS served directly (rustls), HTTP/2 by ALPN, certificate reload on SIGHUP |
@@ -28,6 +33,7 @@
 //! server on `127.0.0.1:0` this way.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod assets;
 pub mod auth;
@@ -37,9 +43,12 @@ pub mod connections;
 pub mod connectors;
 pub mod diagnostics;
 pub mod feedboard;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod permissions;
+pub mod proxy;
+pub mod server_api;
 pub mod session;
 pub mod shutdown;
 pub mod sio_engine;
@@ -47,6 +56,7 @@ pub mod socketio;
 pub mod sources;
 pub mod sse;
 pub mod tls;
+pub mod users;
 pub mod ws;
 
 use std::convert::Infallible;
@@ -93,22 +103,28 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Every open TCP connection, and the HTTP layer's counters.
     pub connections: Connections,
-    /// The publish API key, if one is configured.
-    pub api_key: Option<String>,
+    /// The API keys and their scopes (none: loopback clients are trusted instead).
+    pub api_keys: access::ApiKeys,
     /// Token verification (`[auth]`).
     pub auth: auth::Auth,
     /// Per-address, per-user and per-connection limits (`[limits]`).
     pub limits: limits::Limits,
     /// TLS, when served directly (set once by [`Server::with_tls`]).
     pub tls: OnceLock<tls::Tls>,
+    /// The application's connect, subscribe and publish proxy (`[proxy]`).
+    pub proxy: proxy::Proxy,
+    /// Live connections by user (the server API's reach on this node).
+    pub users: users::Users,
+    /// Server API requests of this node waiting for the other nodes' replies.
+    pub waiting: server_api::Waiting,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
 
 impl AppState {
-    /// Builds the state for a validated config; `api_key` comes from [`Config::api_key`].
-    /// `[auth]` is built without an environment (`auth.hmac_secret_env` unresolved): the
-    /// binary uses [`AppState::with_auth`].
+    /// Builds the state for a validated config; `api_key`, when given, replaces `api.key`.
+    /// `[auth]` and `[api]` are built without an environment (`*_env` names unresolved):
+    /// the binary uses [`AppState::with_auth`].
     /// With `broker.kind = "redis"` this starts the broker's tasks, so it must be called
     /// inside a multi-threaded tokio runtime.
     pub fn new(config: Config, api_key: Option<String>) -> Arc<Self> {
@@ -116,11 +132,24 @@ impl AppState {
             tracing::error!("{e}; no token will be accepted");
             auth::Auth::default()
         });
-        AppState::with_auth(config, api_key, auth)
+        let mut api = config.api.clone();
+        if let Some(key) = api_key {
+            api.key = key;
+        }
+        let keys = access::ApiKeys::from_config(&api, &[]).unwrap_or_else(|e| {
+            tracing::error!("{e}; only api.key is in use");
+            access::ApiKeys::new(vec![(
+                "api.key".into(),
+                api.key.clone(),
+                access::ALL_SCOPES.to_vec(),
+            )])
+        });
+        AppState::with_auth(config, keys, auth)
     }
 
-    /// Builds the state with a verifier made by [`auth::Auth::from_config`].
-    pub fn with_auth(config: Config, api_key: Option<String>, auth: auth::Auth) -> Arc<Self> {
+    /// Builds the state with API keys made by [`access::ApiKeys::from_config`] and a verifier
+    /// made by [`auth::Auth::from_config`].
+    pub fn with_auth(config: Config, api_keys: access::ApiKeys, auth: auth::Auth) -> Arc<Self> {
         let namespaces =
             Namespaces::new(config.namespaces.clone(), config.namespace_defaults.clone());
         let hub = Arc::new(Hub::new(
@@ -152,7 +181,8 @@ impl AppState {
             }
         };
         let limits = limits::Limits::new(&config.limits, config.server.reconnect_after_ms);
-        Arc::new(AppState {
+        let proxy = proxy::Proxy::new(config.proxy.clone());
+        let app = Arc::new(AppState {
             hub,
             broker,
             node_id,
@@ -162,13 +192,18 @@ impl AppState {
             candles: sources::Candles::default(),
             shutdown: Shutdown::default(),
             connections: Connections::default(),
-            api_key,
+            api_keys,
             auth,
             limits,
             tls: OnceLock::new(),
+            proxy,
+            users: users::Users::default(),
+            waiting: server_api::Waiting::default(),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
-        })
+        });
+        server_api::install(&app);
+        app
     }
 
     /// Checks that published `data` nests at most `server.max_data_depth` levels, counting a
@@ -199,6 +234,34 @@ pub fn wait_for_broker<T>(pending: Pending<T>) -> T {
     }
 }
 
+/// Waits for `future` from synchronous code (a session request that asks the auth proxy or
+/// fetches the JWKS): on the multi-threaded runtime `ferrocast serve` runs on, the worker
+/// thread is handed over to the runtime's other tasks meanwhile; elsewhere (unit tests) the
+/// future runs on a thread of its own.
+pub fn block_on<F>(future: F) -> F::Output
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| handle.block_on(future))
+        }
+        _ => std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for one blocking wait")
+                        .block_on(future)
+                })
+                .join()
+                .expect("the blocking wait does not panic")
+        }),
+    }
+}
+
 /// A random id of `len` characters from `[a-z0-9]`.
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -219,6 +282,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .route("/api/diagnostics", get(diagnostics::handle))
+        .route("/api/users/{user}/connections", get(server_api::connections))
+        .route("/api/users/{user}/{action}", post(server_api::act))
         .merge(sse::routes(&app));
     if app.config.socketio.enabled {
         r = r.merge(socketio::routes(&app));
@@ -237,7 +302,9 @@ pub fn router(app: Arc<AppState>) -> Router {
             r = r.route(path, get(move || async move { assets::serve(path) }));
         }
     }
-    r.layer(axum::middleware::from_fn_with_state(app.clone(), body::deadline)).with_state(app)
+    r.layer(axum::middleware::from_fn_with_state(app.clone(), access::cors))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), body::deadline))
+        .with_state(app)
 }
 
 /// Pending-connection queue length requested from the kernel.
@@ -294,6 +361,9 @@ impl Server {
         connectors::start(&app);
         spawn_sweeper(&app);
         spawn_advertiser(&app);
+        if let Some(jwks) = &app.auth.jwks {
+            tokio::spawn(jwks.clone().keep_fresh());
+        }
         let router = router(app.clone());
         let mut acceptor = Acceptor::new(listener);
         tokio::pin!(stop);

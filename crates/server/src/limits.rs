@@ -217,7 +217,7 @@ impl Limits {
             .collect::<Vec<_>>();
         let mut last_trusted = None;
         for entry in forwarded.iter().rev() {
-            let Some(ip) = crate::diagnostics::parse_ip(entry).map(canonical) else {
+            let Some(ip) = crate::access::parse_ip(entry).map(canonical) else {
                 // A garbled entry: whatever is left of it was written by the client.
                 break;
             };
@@ -230,7 +230,7 @@ impl Limits {
             && let Some(ip) = headers
                 .get("x-real-ip")
                 .and_then(|v| v.to_str().ok())
-                .and_then(crate::diagnostics::parse_ip)
+                .and_then(crate::access::parse_ip)
         {
             return canonical(ip);
         }

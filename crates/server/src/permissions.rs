@@ -4,7 +4,9 @@
 //!
 //! The order of checks: a connection that must authenticate and has not is `unauthorized`;
 //! a user channel (`payments.eu#42`) admits only its users; then the namespace's rule
-//! (`subscribe`, `publish`, `history`) applies.
+//! (`subscribe`, `publish`, `history`) applies. A `"proxy"` rule is answered
+//! [`Verdict::AskProxy`]: the caller asks the application (see [`crate::proxy`]), which is
+//! I/O this function does not do.
 
 use ferrocast_hub::{HistoryRule, NamespaceConfig, PublishRule, SubscribeRule};
 use ferrocast_protocol::{ErrorCode, channel_users, namespace_of};
@@ -37,6 +39,14 @@ impl Who<'_> {
     }
 }
 
+/// A request the rules do not refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed,
+    /// The namespace's rule is `"proxy"`: the application decides.
+    AskProxy,
+}
+
 /// Decides whether `who` may do `action` on `channel` of namespace `ns`.
 pub fn decide(
     auth: &Auth,
@@ -44,7 +54,8 @@ pub fn decide(
     who: Who<'_>,
     channel: &str,
     action: Action<'_>,
-) -> Result<(), Refusal> {
+) -> Result<Verdict, Refusal> {
+    use Verdict::{Allowed, AskProxy};
     let namespace = namespace_of(channel);
     if who.user.is_none() && !auth.anonymous {
         return Err(Refusal::new(
@@ -83,16 +94,17 @@ pub fn decide(
     let token = match action {
         Action::Publish => {
             return match ns.publish_rule() {
-                PublishRule::Anyone => Ok(()),
+                PublishRule::Anyone => Ok(Allowed),
+                PublishRule::Proxy => Ok(AskProxy),
                 PublishRule::Authenticated => match who.authenticated_user() {
-                    Some(_) => Ok(()),
+                    Some(_) => Ok(Allowed),
                     None => Err(needs_user("authenticated", "publish = \"authenticated\"")),
                 },
                 PublishRule::None => Err(Refusal::new(
                     "publish",
                     ErrorCode::Forbidden,
                     format!(
-                        "namespace {namespace:?} does not allow client publishing (set namespaces.{namespace}.publish = \"anyone\" or \"authenticated\")"
+                        "namespace {namespace:?} does not allow client publishing (set namespaces.{namespace}.publish = \"anyone\", \"authenticated\" or \"proxy\")"
                     ),
                 )),
             };
@@ -107,9 +119,10 @@ pub fn decide(
         Action::Subscribe { token } | Action::History { token } => token,
     };
     match ns.subscribe {
-        SubscribeRule::Anyone => Ok(()),
+        SubscribeRule::Anyone => Ok(Allowed),
+        SubscribeRule::Proxy => Ok(AskProxy),
         SubscribeRule::Authenticated => match who.authenticated_user() {
-            Some(_) => Ok(()),
+            Some(_) => Ok(Allowed),
             None => Err(needs_user("authenticated", "subscribe = \"authenticated\"")),
         },
         SubscribeRule::Token => {
@@ -122,7 +135,7 @@ pub fn decide(
                     ),
                 ));
             };
-            auth.verify_subscription(token, who.user.unwrap_or(""), channel)
+            auth.verify_subscription(token, who.user.unwrap_or(""), channel).map(|()| Allowed)
         }
     }
 }
@@ -184,6 +197,23 @@ mod tests {
         };
         assert!(decide(&a, &authed, anon, "p.x", Action::Publish).is_err());
         assert!(decide(&a, &authed, user, "p.x", Action::Publish).is_ok());
+    }
+
+    #[test]
+    fn proxy_rules_ask_the_application_after_the_user_channel_check() {
+        let a = auth(true);
+        let ns = NamespaceConfig {
+            subscribe: SubscribeRule::Proxy,
+            publish: Some(PublishRule::Proxy),
+            ..Default::default()
+        };
+        let anon = Who { user: None };
+        assert_eq!(decide(&a, &ns, anon, "p.x", SUB), Ok(Verdict::AskProxy));
+        assert_eq!(decide(&a, &ns, anon, "p.x", Action::Publish), Ok(Verdict::AskProxy));
+        let history = Action::History { token: None };
+        assert_eq!(decide(&a, &ns, anon, "p.x", history), Ok(Verdict::AskProxy));
+        let u42 = Who { user: Some("42") };
+        assert_eq!(decide(&a, &ns, u42, "p.x#43", SUB).unwrap_err().reason, "user_channel");
     }
 
     #[test]

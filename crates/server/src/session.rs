@@ -11,8 +11,14 @@
 //! requests and Socket.IO events all pass). A connection that keeps flooding after being
 //! refused is condemned: it takes no more requests, and its transport closes it with 4029
 //! when [`Session::must_close`] says so.
+//!
+//! Identity comes from [`Session::connect`] (a token presented with the opening request, or
+//! the connect proxy's answer) and [`Session::authenticate`] (the `auth` op); every request
+//! then passes [`permissions::decide`], and a `"proxy"` rule asks the application. The part
+//! of the session other tasks touch (subscriptions, the server API's commands) is its
+//! [`ConnHandle`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,12 +34,15 @@ use ferrocast_protocol::{
     ClientFrame, CloseCode, ErrorCode, FrameError, StreamPosition, parse_client_frame,
     validate_channel,
 };
+use serde_json::value::RawValue;
 
 use crate::AppState;
 use crate::auth::{Identity, Refusal};
-use crate::limits::{CommandBucket, IpSlot, LimitRefusal, UserSlot, Verdict};
+use crate::limits::{self, CommandBucket, IpSlot, LimitRefusal, UserSlot};
 use crate::metrics::Transport;
-use crate::permissions::{self, Action, Who};
+use crate::permissions::{self, Action, Verdict, Who};
+use crate::proxy::{self, Denied};
+use crate::users::ConnHandle;
 
 /// How many request errors per connection are logged before further ones are only counted.
 const LOGGED_ERRORS_PER_CONNECTION: u32 = 5;
@@ -42,18 +51,20 @@ const LOGGED_ERRORS_PER_CONNECTION: u32 = 5;
 #[derive(Debug)]
 pub struct Session {
     app: Arc<AppState>,
-    /// Public session id (sent in the welcome).
-    pub id: String,
     /// Internal connection id, used in logs and by the hub.
     pub conn_id: u64,
     pub transport: Transport,
     pub queue: Arc<ConnQueue>,
-    subscriptions: HashSet<String>,
+    /// What other tasks may touch: subscriptions, and the user for the server API.
+    handle: Arc<ConnHandle>,
     /// Set when a `pong` arrives; the transport's heartbeat reads and clears it.
     pub pong_received: bool,
     errors_logged: u32,
-    /// Who the connection is, once a token was accepted.
+    /// Who the connection is, once a token (or the connect proxy) was accepted.
     identity: Option<Identity>,
+    /// What the subscribe and publish proxies are told about the connection (kept only when
+    /// a proxy is configured).
+    proxy_context: Option<Box<ProxyContext>>,
     connected_at: Instant,
     /// The request budget (`limits.commands_per_s`, `limits.commands_burst`).
     commands: CommandBucket,
@@ -62,17 +73,6 @@ pub struct Session {
     /// The connection's place in its address's and its user's counts.
     _address: Option<IpSlot>,
     _user: Option<UserSlot>,
-}
-
-/// The close code for a connection whose token, presented at connect, was refused with
-/// `code`: 4011 (get a new token) for an expired one, 1013 (try again later) when the user
-/// holds `limits.connections_per_user` connections already, 4001 otherwise.
-pub fn refused_token_close(code: ErrorCode) -> CloseCode {
-    match code {
-        ErrorCode::TokenExpired => CloseCode::TokenExpired,
-        ErrorCode::LimitExceeded => CloseCode::TryAgainLater,
-        _ => CloseCode::Unauthorized,
-    }
 }
 
 /// Admits a new client connection from `peer` under the per-address limits (the client's
@@ -89,6 +89,73 @@ pub fn admit_address(
     })
 }
 
+/// What a connection presented when it opened.
+#[derive(Debug, Default, Clone)]
+pub struct Credentials {
+    /// A token from the header, the query or the cookie.
+    pub token: Option<String>,
+    /// The request headers named by `proxy.forward_headers`.
+    pub headers: Vec<(String, String)>,
+    /// The client's address (the TCP peer), kept only when a proxy is configured.
+    pub client: String,
+}
+
+impl Credentials {
+    /// The credentials of an opening request: the token (`Authorization: Bearer`, the
+    /// `token` query parameter or the `auth.cookie` cookie) and what the proxy forwards.
+    pub fn from_request(
+        app: &AppState,
+        headers: &http::HeaderMap,
+        query: Option<&str>,
+        peer: std::net::SocketAddr,
+    ) -> Self {
+        let proxied = app.proxy.any();
+        Credentials {
+            token: crate::auth::token_from_request(headers, query, &app.auth.cookie),
+            headers: app.proxy.forwarded(headers),
+            client: if proxied { peer.ip().to_string() } else { String::new() },
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ProxyContext {
+    headers: Vec<(String, String)>,
+    client: String,
+}
+
+/// Why a connection is refused at connect: the error for the client, if any, then the close
+/// code and reason.
+#[derive(Debug)]
+pub struct ConnectRefusal {
+    pub error: Option<FrameError>,
+    pub code: u16,
+    pub reason: String,
+}
+
+impl ConnectRefusal {
+    /// A refused token or proxy answer: `unauthorized` closes with 4001, `forbidden` 4003,
+    /// `token_expired` 4011 (get a new token), `unavailable` and `limit_exceeded` (the user
+    /// holds `limits.connections_per_user` connections already) 1013 (try again later).
+    pub fn from_error(error: FrameError) -> Self {
+        let close = match error.code {
+            ErrorCode::TokenExpired => CloseCode::TokenExpired,
+            ErrorCode::Unauthorized => CloseCode::Unauthorized,
+            ErrorCode::Unavailable | ErrorCode::LimitExceeded => CloseCode::TryAgainLater,
+            _ => CloseCode::Forbidden,
+        };
+        ConnectRefusal { error: Some(error), code: close.code(), reason: close.reason().to_owned() }
+    }
+
+    /// The message a Socket.IO CONNECT_ERROR carries: `CODE: reason (CLOSE)`.
+    pub fn connect_error_message(&self) -> String {
+        match &self.error {
+            Some(e) => format!("{}: {} ({})", e.code.as_str(), e.message, self.code),
+            None => format!("disconnect: {} ({})", self.reason, self.code),
+        }
+    }
+}
+
 /// The answer to an accepted `auth`: `{"user":"42","expires_at":N}`.
 #[derive(Debug, serde::Serialize)]
 pub struct AuthResult {
@@ -103,15 +170,17 @@ impl Session {
     pub fn new(app: Arc<AppState>, transport: Transport) -> Self {
         let conn_id = app.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(ConnQueue::new(conn_id, app.config.server.queue_max_bytes));
+        let handle =
+            Arc::new(ConnHandle::new(conn_id, crate::random_id(16), transport, queue.clone()));
         Session {
-            id: crate::random_id(16),
             conn_id,
             transport,
             queue,
-            subscriptions: HashSet::new(),
+            handle,
             pong_received: false,
             errors_logged: 0,
             identity: None,
+            proxy_context: None,
             connected_at: Instant::now(),
             commands: app.limits.command_bucket(),
             rate_closed: false,
@@ -140,10 +209,10 @@ impl Session {
             ));
         }
         match self.commands.take(Instant::now()) {
-            Verdict::Allowed => Ok(()),
+            limits::Verdict::Allowed => Ok(()),
             verdict => {
                 self.app.limits.count_command_refusal();
-                if verdict == Verdict::Abusive {
+                if verdict == limits::Verdict::Abusive {
                     self.rate_closed = true;
                     self.app.limits.count_rate_close();
                     tracing::info!(
@@ -182,9 +251,19 @@ impl Session {
         &self.app
     }
 
+    /// The public session id (sent in the welcome).
+    pub fn id(&self) -> &str {
+        &self.handle.session_id
+    }
+
     /// Channels this session is subscribed to.
-    pub fn subscriptions(&self) -> impl Iterator<Item = &String> {
-        self.subscriptions.iter()
+    pub fn subscribed_channels(&self) -> Vec<String> {
+        self.handle.lock().subscriptions.iter().cloned().collect()
+    }
+
+    /// Whether this session is subscribed to `channel`.
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.handle.lock().subscriptions.contains(channel)
     }
 
     /// Handles one text frame of the native protocol; replies go into the queue.
@@ -330,12 +409,84 @@ impl Session {
         FrameError::new(None, refusal.code, refusal.message)
     }
 
+    /// Decides who an opening connection is: the connect proxy's answer when
+    /// `proxy.connect_url` is set (told the token, if any, unverified), otherwise the token
+    /// presented with the request, if any. `Ok(None)`: no identity yet (an anonymous
+    /// connection, or one that will send an `auth` op).
+    pub async fn connect(
+        &mut self,
+        credentials: Credentials,
+    ) -> Result<Option<AuthResult>, ConnectRefusal> {
+        let app = self.app.clone();
+        if app.proxy.any() {
+            self.proxy_context = Some(Box::new(ProxyContext {
+                headers: credentials.headers.clone(),
+                client: credentials.client.clone(),
+            }));
+        }
+        if !app.proxy.enabled(proxy::Kind::Connect) {
+            let Some(token) = credentials.token else { return Ok(None) };
+            let result =
+                self.authenticate_with(&token, true).map_err(ConnectRefusal::from_error)?;
+            return Ok(Some(result));
+        }
+        let request = self.proxy_request(credentials.token.as_deref(), None, None);
+        // Boxed: the call's state (an HTTP client, maybe TLS) would otherwise be part of
+        // every WebSocket task's future for the connection's whole life.
+        let answer = Box::pin(app.proxy.call(proxy::Kind::Connect, &request)).await;
+        let granted = match answer {
+            Ok(granted) => granted,
+            Err(Denied::Refused(refusal)) => {
+                return Err(ConnectRefusal::from_error(self.refused("connect", refusal)));
+            }
+            Err(Denied::Disconnect { code, reason }) => {
+                app.auth.count_refusal("proxy_disconnect");
+                tracing::info!(
+                    conn = self.conn_id,
+                    transport = self.transport.as_str(),
+                    code,
+                    "connect refused by the proxy: {reason}"
+                );
+                return Err(ConnectRefusal { error: None, code, reason });
+            }
+        };
+        let identity = Identity {
+            user: granted.user.unwrap_or_default(),
+            expires_at: granted.expire_at,
+            info: granted.info,
+            channels: granted.channels,
+        };
+        let result = self
+            .accept_identity(identity, "connect proxy", true)
+            .map_err(ConnectRefusal::from_error)?;
+        Ok(Some(result))
+    }
+
     /// Accepts a connection token (at connect or in an `auth` op): the first one sets the
     /// identity and subscribes the token's `channels`; later ones refresh the expiry and
-    /// must name the same user.
+    /// must name the same user. With no key to verify tokens but a connect proxy, the token
+    /// is handed to the proxy instead.
     pub fn authenticate(&mut self, token: &str) -> Result<AuthResult, FrameError> {
-        let identity =
-            self.app.auth.verify_connection(token).map_err(|r| self.refused("token", r))?;
+        self.authenticate_with(token, false)
+    }
+
+    /// [`Session::authenticate`]; `notify`: tell the client about the channels subscribed
+    /// with `subscribed` notices (at connect, where no ack carries the results).
+    fn authenticate_with(&mut self, token: &str, notify: bool) -> Result<AuthResult, FrameError> {
+        let identity = if !self.app.auth.enabled() && self.app.proxy.enabled(proxy::Kind::Connect) {
+            let request = self.proxy_request(Some(token), None, None);
+            match crate::block_on(self.app.proxy.call(proxy::Kind::Connect, &request)) {
+                Ok(granted) => Identity {
+                    user: granted.user.unwrap_or_default(),
+                    expires_at: granted.expire_at,
+                    info: granted.info,
+                    channels: granted.channels,
+                },
+                Err(denied) => return Err(self.denied("token", denied)),
+            }
+        } else {
+            self.app.auth.verify_connection(token).map_err(|r| self.refused("token", r))?
+        };
         if let Some(current) = &self.identity
             && current.user != identity.user
         {
@@ -346,6 +497,18 @@ impl Session {
             );
             return Err(self.refused("token refresh", refusal));
         }
+        self.accept_identity(identity, "token", notify)
+    }
+
+    /// Takes `identity` as the connection's (the first time: lists it under its user and
+    /// subscribes its `channels`, which the token's signer or the application granted, so
+    /// no namespace rule applies to them).
+    fn accept_identity(
+        &mut self,
+        identity: Identity,
+        source: &str,
+        notify: bool,
+    ) -> Result<AuthResult, FrameError> {
         let first = self.identity.is_none();
         if first {
             // The user's connection count: a refusal leaves the connection anonymous.
@@ -370,14 +533,67 @@ impl Session {
             user = identity.user.as_str(),
             expires_at,
             refresh = !first,
-            "token accepted"
+            "{source} accepted"
         );
+        if first {
+            let mut state = self.handle.lock();
+            state.info = identity.info.clone().map(Box::new);
+            if !identity.user.is_empty() {
+                state.user = Some(identity.user.clone());
+                drop(state);
+                self.app.users.add(&identity.user, &self.handle);
+            }
+        }
         self.identity = Some(identity);
         let mut results = SubscribeResults::new();
         if first && !channels.is_empty() {
-            results = self.subscribe(&channels, &BTreeMap::new())?;
+            results = self.subscribe_granted(&channels, notify);
         }
         Ok(AuthResult { user: result_user, expires_at, channels: results })
+    }
+
+    /// What the proxy is told about this connection.
+    fn proxy_request<'a>(
+        &'a self,
+        token: Option<&'a str>,
+        channel: Option<&'a str>,
+        data: Option<&'a RawValue>,
+    ) -> proxy::Request<'a> {
+        let context = self.proxy_context.as_deref();
+        proxy::Request {
+            transport: match self.transport {
+                Transport::Ws => "websocket",
+                other => other.as_str(),
+            },
+            client: context.map_or("", |c| c.client.as_str()),
+            headers: context
+                .map(|c| c.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
+                .unwrap_or_default(),
+            token,
+            user: self.identity.as_ref().map(|i| i.user.as_str()).filter(|u| !u.is_empty()),
+            info: self.identity.as_ref().and_then(|i| i.info.as_ref()),
+            session: Some(self.id()),
+            channel,
+            data,
+        }
+    }
+
+    /// A proxy's refusal as an error reply; a `disconnect` answer also closes the connection.
+    fn denied(&self, what: &str, denied: Denied) -> FrameError {
+        match denied {
+            Denied::Refused(refusal) => self.refused(what, refusal),
+            Denied::Disconnect { code, reason } => {
+                self.app.auth.count_refusal("proxy_disconnect");
+                tracing::info!(
+                    conn = self.conn_id,
+                    transport = self.transport.as_str(),
+                    code,
+                    "{what} refused by the proxy, which disconnects the connection: {reason}"
+                );
+                self.queue.request_close(code, &reason);
+                FrameError::new(None, ErrorCode::Forbidden, reason)
+            }
+        }
     }
 
     /// When the connection must be closed for want of a (fresh) token, the close code, and
@@ -446,40 +662,95 @@ impl Session {
             let result = if let Err(e) = validate_channel(channel) {
                 self.app.metrics.frame_error(ErrorCode::InvalidChannel.as_str());
                 ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string())
-            } else if let Err(refusal) = permissions::decide(
-                &self.app.auth,
-                self.app.hub.namespace(channel),
-                self.who(),
-                channel,
-                Action::Subscribe { token: tokens.get(channel).map(String::as_str) },
-            ) {
-                let e = self.refused(&format!("subscribe to {channel:?}"), refusal);
+            } else if let Err(e) =
+                self.may_subscribe(channel, tokens.get(channel).map(String::as_str))
+            {
                 self.app.metrics.frame_error(e.code.as_str());
                 ChannelResult::failed(e.code, e.message)
-            } else if !self.subscriptions.contains(channel)
-                && self.subscriptions.len() >= limits.max_subscriptions
-            {
-                self.app.metrics.frame_error(ErrorCode::LimitExceeded.as_str());
-                ChannelResult::failed(
-                    ErrorCode::LimitExceeded,
-                    format!(
-                        "this connection already holds {} subscriptions (server.max_subscriptions)",
-                        limits.max_subscriptions
-                    ),
-                )
-            } else if let Err(e) = self.prepare(channel, recover.get(channel)) {
-                self.app.metrics.frame_error(ErrorCode::Unavailable.as_str());
-                ChannelResult::failed(ErrorCode::Unavailable, e.to_string())
             } else {
-                let sub = self.app.hub.subscribe(channel, &self.queue, recover.get(channel));
-                if sub.added {
-                    self.subscriptions.insert(channel.to_owned());
-                }
-                sub.result
+                self.join(channel, recover.get(channel))
             };
             results.insert(channel.to_owned(), result);
         }
         Ok(results)
+    }
+
+    /// Subscribes channels the server grants by itself (a token's or the connect proxy's
+    /// `channels`): names are checked, namespace rules are not. With `notify`, each result
+    /// also goes to the client as a `subscribed` notice, ahead of the channel's messages.
+    pub fn subscribe_granted<S: AsRef<str>>(
+        &mut self,
+        channels: &[S],
+        notify: bool,
+    ) -> SubscribeResults {
+        let mut results = SubscribeResults::new();
+        for channel in channels {
+            let channel = channel.as_ref();
+            let reservation = notify.then(|| self.queue.reserve());
+            let result = match validate_channel(channel) {
+                Err(e) => ChannelResult::failed(ErrorCode::InvalidChannel, e.to_string()),
+                Ok(()) => self.join(channel, None),
+            };
+            if let Some(reservation) = reservation {
+                let notice = ferrocast_protocol::server::encode_subscribed(channel, &result);
+                self.queue.fill(reservation, notice);
+            }
+            results.insert(channel.to_owned(), result);
+        }
+        results
+    }
+
+    /// Whether this connection may subscribe to `channel`: the rules, then the subscribe
+    /// proxy where the namespace says so.
+    fn may_subscribe(&mut self, channel: &str, token: Option<&str>) -> Result<(), FrameError> {
+        let verdict = permissions::decide(
+            &self.app.auth,
+            self.app.hub.namespace(channel),
+            self.who(),
+            channel,
+            Action::Subscribe { token },
+        )
+        .map_err(|r| self.refused(&format!("subscribe to {channel:?}"), r))?;
+        if verdict == Verdict::AskProxy {
+            let app = self.app.clone();
+            if !app.proxy.enabled(proxy::Kind::Subscribe) {
+                return Err(
+                    self.refused(&format!("subscribe to {channel:?}"), no_proxy("subscribe"))
+                );
+            }
+            let request = self.proxy_request(token, Some(channel), None);
+            crate::block_on(app.proxy.call(proxy::Kind::Subscribe, &request))
+                .map_err(|d| self.denied(&format!("subscribe to {channel:?}"), d))?;
+        }
+        Ok(())
+    }
+
+    /// Joins `channel` (allowed already): the subscription limit, the broker, the hub.
+    fn join(&mut self, channel: &str, recover: Option<&StreamPosition>) -> ChannelResult {
+        let max = self.app.config.server.max_subscriptions;
+        {
+            let state = self.handle.lock();
+            if !state.subscriptions.contains(channel) && state.subscriptions.len() >= max {
+                drop(state);
+                self.app.metrics.frame_error(ErrorCode::LimitExceeded.as_str());
+                return ChannelResult::failed(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "this connection already holds {max} subscriptions (server.max_subscriptions)"
+                    ),
+                );
+            }
+        }
+        if let Err(e) = self.prepare(channel, recover) {
+            self.app.metrics.frame_error(ErrorCode::Unavailable.as_str());
+            return ChannelResult::failed(ErrorCode::Unavailable, e.to_string());
+        }
+        let mut state = self.handle.lock();
+        let sub = self.app.hub.subscribe(channel, &self.queue, recover);
+        if sub.added {
+            state.subscriptions.insert(channel.to_owned());
+        }
+        sub.result
     }
 
     /// Lets the broker bring the channel's local copy up to date before the hub answers the
@@ -505,8 +776,9 @@ impl Session {
                 ),
             ));
         }
+        let mut state = self.handle.lock();
         for channel in channels {
-            if self.subscriptions.remove(channel.as_ref()) {
+            if state.subscriptions.remove(channel.as_ref()) {
                 self.app.hub.unsubscribe(channel.as_ref(), self.conn_id);
             }
         }
@@ -528,7 +800,7 @@ impl Session {
     ) -> Result<Pending<Result<Published, BrokerError>>, FrameError> {
         validate_channel(channel)
             .map_err(|e| FrameError::new(None, ErrorCode::InvalidChannel, e.to_string()))?;
-        permissions::decide(
+        let verdict = permissions::decide(
             &self.app.auth,
             self.app.hub.namespace(channel),
             self.who(),
@@ -537,6 +809,29 @@ impl Session {
         )
         .map_err(|r| self.refused(&format!("publish to {channel:?}"), r))?;
         self.app.check_data_depth(data)?;
+        if verdict == Verdict::AskProxy {
+            let what = format!("publish to {channel:?}");
+            if !self.app.proxy.enabled(proxy::Kind::Publish) {
+                return Err(self.refused(&what, no_proxy("publish")));
+            }
+            let raw = std::str::from_utf8(data)
+                .ok()
+                .and_then(|text| serde_json::from_str::<&RawValue>(text).ok())
+                .ok_or_else(|| {
+                    FrameError::new(None, ErrorCode::BadRequest, "\"data\" is not JSON")
+                })?;
+            let request = self.proxy_request(None, Some(channel), Some(raw));
+            let granted = crate::block_on(self.app.proxy.call(proxy::Kind::Publish, &request))
+                .map_err(|d| self.denied(&what, d))?;
+            if let Some(replaced) = granted.data {
+                self.app.check_data_depth(replaced.get().as_bytes())?;
+                return Ok(self.app.broker.publish(
+                    channel,
+                    replaced.get().as_bytes(),
+                    PublishKind::Retained,
+                ));
+            }
+        }
         Ok(self.app.broker.publish(channel, data, PublishKind::Retained))
     }
 }
@@ -561,11 +856,42 @@ pub fn publish_result(
     })
 }
 
+/// A `"proxy"` rule without its URL (the config check prevents it; kept for safety).
+fn no_proxy(kind: &str) -> Refusal {
+    Refusal::new(
+        "proxy_unavailable",
+        ErrorCode::Unavailable,
+        format!("the namespace's rule is \"proxy\" but proxy.{kind}_url is not set"),
+    )
+}
+
 impl Drop for Session {
-    /// Leaves every channel, so the hub never keeps a dead connection's queue.
+    /// Leaves every channel and the user's list, so the hub and the server API never keep a
+    /// dead connection.
     fn drop(&mut self) {
-        for channel in self.subscriptions.drain() {
+        let mut state = self.handle.lock();
+        state.closed = true;
+        for channel in state.subscriptions.drain() {
             self.app.hub.unsubscribe(&channel, self.conn_id);
         }
+        if let Some(user) = state.user.take() {
+            drop(state);
+            self.app.users.remove(&user, self.conn_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WebSocket task keeps its `serve` future, and so the connect future's state, for the
+    /// connection's whole life: the proxy call inside must stay behind a pointer.
+    #[test]
+    fn the_connect_future_stays_small() {
+        let app = crate::AppState::new(crate::Config::default(), None);
+        let mut session = Session::new(app, Transport::Ws);
+        let future = session.connect(Credentials::default());
+        assert!(std::mem::size_of_val(&future) <= 512, "{} bytes", std::mem::size_of_val(&future));
     }
 }

@@ -54,7 +54,7 @@ use tokio::sync::Notify;
 use crate::AppState;
 use crate::limits::IpSlot;
 use crate::metrics::{LocalHistogram, Transport};
-use crate::session::Session;
+use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
 use crate::sio_engine::{EngineFront, PollingDrain};
 use crate::sse::MsgView;
@@ -113,7 +113,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         let state = admit_state.clone();
         // The CONNECT packet's `auth: {token}` (socket.io-client's `auth` option).
         let token = auth.ok().and_then(|a| a.get("token")?.as_str().map(str::to_owned));
-        async move { admit(&state, &s).and_then(|address| prepare(&state, &s, token, address)) }
+        async move {
+            let address = admit(&state, &s)?;
+            prepare(&state, &s, token, address).await
+        }
     };
     let handler = move |s: SocketRef| {
         on_connect(state.clone(), s);
@@ -126,7 +129,6 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
         .route_service(path, service.clone())
         .route_service(&format!("{path}/"), service.clone())
         .route_service(&format!("{path}/{{*rest}}"), service)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::sse::cors))
 }
 
 /// State shared by the namespace's handlers. On drain nothing here closes sockets through
@@ -182,9 +184,10 @@ fn peer(s: &Socket<LocalAdapter>) -> String {
 }
 
 /// An admitted socket, about to join the namespace: give it a session (authenticated with
-/// the CONNECT packet's token, if any) and its event handlers. A refused token is a
-/// CONNECT_ERROR whose message gives the error code, the reason and the close code.
-fn prepare(
+/// the CONNECT packet's token, or by the connect proxy, which sees the handshake's headers)
+/// and its event handlers. A refusal is a CONNECT_ERROR whose message gives the error code,
+/// the reason and the close code.
+async fn prepare(
     state: &SioState,
     s: &SocketRef,
     token: Option<String>,
@@ -193,26 +196,31 @@ fn prepare(
     let app = state.app.clone();
     let mut session = Session::new(app.clone(), Transport::SocketIo);
     session.hold_address(address);
-    let refusal = match token {
-        Some(token) => session.authenticate(&token).err().map(|e| {
-            let code = crate::session::refused_token_close(e.code);
-            (format!("{}: {} ({})", e.code.as_str(), e.message, code.code()), code)
-        }),
-        None if !app.auth.anonymous => {
+    let parts = s.req_parts();
+    let peer_addr = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |ConnectInfo(addr)| *addr);
+    let mut credentials = Credentials::from_request(&app, &parts.headers, None, peer_addr);
+    // The CONNECT packet's token, not one from the handshake's headers.
+    credentials.token = token;
+    let refusal = match session.connect(credentials).await {
+        Err(refusal) => Some((refusal.connect_error_message(), refusal.code)),
+        Ok(_) if session.identity().is_none() && !app.auth.anonymous => {
             app.auth.count_refusal("no_token");
             let code = CloseCode::Unauthorized;
             let message = format!(
                 "unauthorized: this server requires a token (auth.anonymous = false): pass auth: {{token}} ({})",
                 code.code()
             );
-            Some((message, code))
+            Some((message, code.code()))
         }
-        None => None,
+        Ok(_) => None,
     };
     if let Some((message, code)) = refusal {
         tracing::info!(conn = session.conn_id, peer = %peer(s), "refusing socket.io connection: {message}");
         app.metrics.connection_opened(Transport::SocketIo);
-        app.metrics.connection_closed(Transport::SocketIo, code.code());
+        app.metrics.connection_closed(Transport::SocketIo, code);
         return Err(message);
     }
     let conn = Arc::new(Conn {
@@ -556,6 +564,16 @@ impl Writer {
                     let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
                     return self.disconnect_code();
                 }
+            }
+            if let Some((code, reason)) = drained.close.take() {
+                tracing::info!(
+                    conn = self.conn.conn_id,
+                    code,
+                    "disconnecting socket.io client as the server asked: {reason}"
+                );
+                self.emit_close(code, &reason);
+                let _ = self.socket.clone().disconnect();
+                return code;
             }
             if drained.overflowed || queue.is_overflowed() {
                 tracing::info!(

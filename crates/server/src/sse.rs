@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use axum::routing::{get, post};
 use bytes::{BufMut, BytesMut};
 use ferrocast_hub::{ConnQueue, Drained};
@@ -49,7 +48,7 @@ use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
-use crate::session::Session;
+use crate::session::{Credentials, Session};
 use crate::shutdown::{ConnectionGuard, Shutdown};
 use crate::ws::{json_response, origin_allowed};
 
@@ -65,11 +64,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// main router.
 pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S> {
     let state = SseState { app: app.clone(), streams: Arc::default() };
-    Router::new()
-        .route("/sse", get(stream))
-        .route("/sse/control", post(control))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), cors))
-        .with_state(state)
+    Router::new().route("/sse", get(stream)).route("/sse/control", post(control)).with_state(state)
 }
 
 #[derive(Debug, Clone)]
@@ -179,36 +174,50 @@ async fn stream(
     };
     let mut session = Session::new(app.clone(), Transport::Sse);
     session.hold_address(address);
-    let presented = crate::auth::bearer(&headers)
-        .or(query.token.clone().filter(|t| !t.is_empty()))
-        .or_else(|| crate::auth::token_from_request(&headers, None, &app.auth.cookie));
+    let mut credentials = Credentials::from_request(app, &headers, None, peer);
+    if let Some(token) = query.token.clone().filter(|t| !t.is_empty())
+        && crate::auth::bearer(&headers).is_none()
+    {
+        credentials.token = Some(token);
+    }
+    let presented = credentials.token.is_some();
     // An EventSource gives up for good on a non-200 answer, which is what a refused token
-    // must mean; the body says why for clients that read it.
-    let mut auth_result = None;
-    match presented {
-        Some(token) => match session.authenticate(&token) {
-            Ok(result) => auth_result = Some(result),
-            Err(e) => {
-                let status = if e.code == ErrorCode::LimitExceeded {
-                    StatusCode::TOO_MANY_REQUESTS
-                } else {
-                    StatusCode::UNAUTHORIZED
-                };
-                return json_response(
-                    status,
-                    json!({"error": e.code.as_str(), "message": e.message}),
-                );
+    // must mean; the body says why for clients that read it. A proxy that could not answer
+    // (1013) or that disconnects gets a stream that ends with a `close` event instead.
+    match session.connect(credentials).await {
+        Ok(_) => {}
+        Err(refusal) => {
+            let retry = refusal.error.as_ref().is_none_or(|e| e.code == ErrorCode::Unavailable);
+            if retry {
+                app.metrics.connection_opened(Transport::Sse);
+                app.metrics.connection_closed(Transport::Sse, refusal.code);
+                let (after_ms, _) = reconnect_hint(app);
+                let mut out = BytesMut::new();
+                if let Some(e) = &refusal.error {
+                    let error = json!({"type": "error", "id": null, "code": e.code.as_str(), "message": e.message});
+                    put_event(&mut out, None, error.to_string().as_bytes());
+                }
+                put_close(&mut out, refusal.code, &refusal.reason, after_ms);
+                let mut resp = event_stream_response(Body::from(out.freeze()));
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return resp;
             }
-        },
-        None if !app.auth.anonymous => {
-            app.auth.count_refusal("no_token");
-            tracing::info!(%peer, "refusing event stream: no token and auth.anonymous = false");
-            return json_response(
-                StatusCode::UNAUTHORIZED,
-                json!({"error": "unauthorized", "message": "this server requires a token (auth.anonymous = false): pass ?token=..., Authorization: Bearer or the auth.cookie cookie"}),
-            );
+            let e = refusal.error.expect("checked above");
+            let status = match e.code {
+                ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+                ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            return json_response(status, json!({"error": e.code.as_str(), "message": e.message}));
         }
-        None => {}
+    }
+    if session.identity().is_none() && !app.auth.anonymous {
+        app.auth.count_refusal("no_token");
+        tracing::info!(%peer, presented, "refusing event stream: no token and auth.anonymous = false");
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "unauthorized", "message": "this server requires a token (auth.anonymous = false): pass ?token=..., Authorization: Bearer or the auth.cookie cookie"}),
+        );
     }
     let guard = app.shutdown.track();
     let token = crate::random_id(32);
@@ -216,14 +225,20 @@ async fn stream(
     app.metrics.connection_opened(Transport::Sse);
 
     let mut first = BytesMut::with_capacity(512);
-    let welcome = json!({
+    let mut welcome = json!({
         "type": "welcome",
-        "session": session.id,
+        "session": session.id(),
         "version": PROTOCOL_VERSION,
         "ping_interval_ms": app.config.server.ping_interval_ms,
         "transport": "sse",
         "token": token,
     });
+    // The identity the URL's token (or the connect proxy) gave, so a client knows when to
+    // send a fresh token through the control endpoint.
+    if let Some(identity) = session.identity() {
+        welcome["user"] = json!(identity.user);
+        welcome["expires_at"] = json!(identity.expires_at);
+    }
     put_event(&mut first, None, welcome.to_string().as_bytes());
 
     let last_event_id = headers
@@ -243,14 +258,6 @@ async fn stream(
         .map(str::to_owned)
         .collect();
     let mut cursor = Cursor::default();
-    // Channels the token's `channels` claim subscribed.
-    if let Some(result) = auth_result {
-        for (channel, result) in &result.channels {
-            if session.subscriptions().any(|c| c == channel) {
-                cursor.subscribed(channel, result, None);
-            }
-        }
-    }
     let ack = match initial_subscribe(&mut session, &requested, &recover, &sub_tokens) {
         Ok(results) => {
             for (channel, result) in &results {
@@ -270,7 +277,7 @@ async fn stream(
     );
 
     let queue = session.queue.clone();
-    let id = session.id.clone();
+    let id = session.id().to_owned();
     let shared = Arc::new(SseStream {
         token,
         session: Mutex::new(Some(session)),
@@ -453,6 +460,10 @@ impl Writer {
                     {
                         return self.ended(end);
                     }
+                    if let Some((code, reason)) = drained.close.take() {
+                        tracing::info!(conn = self.conn_id, code, "ending event stream as the server asked: {reason}");
+                        return self.close(code, &reason, 0).await;
+                    }
                     if drained.overflowed {
                         tracing::info!(conn = self.conn_id, "slow consumer: outbound queue overflowed, ending event stream with 4008");
                         let (after_ms, _) = reconnect_hint(&self.app);
@@ -555,6 +566,7 @@ impl Writer {
                 continue;
             }
             if !frame.is_message() {
+                cursor.notice(&frame.bytes);
                 put_event(&mut out, None, &frame.bytes);
                 continue;
             }
@@ -714,6 +726,41 @@ impl Cursor {
         }
     }
 
+    /// Follows the server's own subscription changes (`subscribed` and `unsubscribed`
+    /// notices: a token's channels, the server API), so a resumed stream keeps them.
+    fn notice(&mut self, frame: &[u8]) {
+        #[derive(Deserialize)]
+        struct Notice<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            channel: Option<String>,
+            result: Option<Position>,
+        }
+        #[derive(Deserialize)]
+        struct Position {
+            epoch: Option<String>,
+            offset: Option<u64>,
+        }
+        let Ok(notice) = serde_json::from_slice::<Notice<'_>>(frame) else { return };
+        let Some(channel) = notice.channel else { return };
+        match (notice.kind, notice.result) {
+            ("subscribed", Some(Position { epoch: Some(epoch), offset: Some(offset) })) => {
+                let result = ChannelResult::Subscribed {
+                    epoch,
+                    offset,
+                    recovered: None,
+                    replayed: None,
+                    snapshot: None,
+                };
+                self.subscribed(&channel, &result, None);
+            }
+            ("unsubscribed", _) => {
+                self.positions.remove(&channel);
+            }
+            _ => {}
+        }
+    }
+
     /// Moves `channel` to a delivered message. Channels not in the cursor (unsubscribed) are
     /// left out, so a message still queued after an unsubscribe does not bring them back.
     fn advance(&mut self, channel: &str, epoch: &str, offset: u64) {
@@ -834,9 +881,14 @@ struct ControlAuth<'a> {
     token: std::borrow::Cow<'a, str>,
 }
 
-/// `POST /sse/control`: one native request (`subscribe`, `unsubscribe`, `publish`, `ping`)
-/// for a live stream, with the stream's `session` id and `token`. The reply frame is the
-/// response body; replayed messages go onto the stream.
+/// The header that may carry the stream's secret instead of the body's `token`, which then
+/// belongs to the request (an `auth` op's connection token).
+pub const STREAM_TOKEN_HEADER: &str = "x-ferrocast-stream-token";
+
+/// `POST /sse/control`: one native request (`subscribe`, `unsubscribe`, `publish`, `ping`,
+/// `auth`) for a live stream, with the stream's `session` id and its secret (the body's
+/// `token`, or the [`STREAM_TOKEN_HEADER`] header). The reply frame is the response body;
+/// replayed messages go onto the stream.
 async fn control(
     State(st): State<SseState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -882,7 +934,11 @@ async fn control(
             "no open event stream has this session id (it ended, or was opened on another server)",
         );
     };
-    if !crate::api::constant_time_eq(auth.token.as_bytes(), stream.token.as_bytes()) {
+    let secret = match headers.get(STREAM_TOKEN_HEADER) {
+        Some(value) => value.as_bytes(),
+        None => auth.token.as_bytes(),
+    };
+    if !crate::access::secrets_equal(secret, stream.token.as_bytes()) {
         app.metrics.frame_error(ErrorCode::Forbidden.as_str());
         return control_error(
             StatusCode::FORBIDDEN,
@@ -986,7 +1042,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
                 return None;
             };
             let outcome = session.subscribe_with_tokens(&channels, &recover, &tokens);
-            let subscribed: HashSet<String> = session.subscriptions().cloned().collect();
+            let subscribed: HashSet<String> = session.subscribed_channels().into_iter().collect();
             let reply = match &outcome {
                 Ok(results) => encode_ack_with(id, results),
                 Err(e) => session.error_frame(FrameError { id, ..e.clone() }),
@@ -1050,58 +1106,6 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
 
 fn control_error(status: StatusCode, id: Option<u64>, code: &str, message: &str) -> Response<Body> {
     json_response(status, json!({"type": "error", "id": id, "code": code, "message": message}))
-}
-
-// ------------------------------------------------------------------------------------------
-// CORS
-
-/// Cross-origin access for the HTTP transports (SSE and Socket.IO polling), under the same
-/// `server.allowed_origins` rule as WebSocket upgrades: an allowed Origin is echoed back (with
-/// credentials allowed), and preflight requests are answered here.
-pub(crate) async fn cors(
-    State(app): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response<Body> {
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    let allowed = origin
-        .as_ref()
-        .filter(|o| origin_allowed(&app.config.server.allowed_origins, Some(o)))
-        .cloned();
-    if request.method() == Method::OPTIONS
-        && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
-    {
-        let mut response = Response::builder()
-            .status(if allowed.is_some() { StatusCode::NO_CONTENT } else { StatusCode::FORBIDDEN })
-            .body(Body::empty())
-            .expect("static response");
-        if let Some(origin) = allowed {
-            let h = response.headers_mut();
-            let requested = request.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS);
-            allow_origin(h, origin);
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, POST, OPTIONS"),
-            );
-            h.insert(
-                header::ACCESS_CONTROL_ALLOW_HEADERS,
-                requested.cloned().unwrap_or(HeaderValue::from_static("content-type")),
-            );
-            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
-        }
-        return response;
-    }
-    let mut response = next.run(request).await;
-    if let Some(origin) = allowed {
-        allow_origin(response.headers_mut(), origin);
-    }
-    response
-}
-
-fn allow_origin(h: &mut HeaderMap, origin: HeaderValue) {
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-    h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    h.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
 #[cfg(test)]

@@ -100,8 +100,9 @@ async fn reports_what_arrived_as_it_arrived() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_follows_diagnostics_allow() {
     const GET: &str = "GET /api/diagnostics HTTP/1.1\r\nHost: x";
-    // Default "local": loopback peers, unless a proxy says the client is remote.
-    let server = TestServer::start(&[], Some("k3y")).await;
+    // Default "local" with no key: loopback and private peers, unless a proxy says the client
+    // is remote.
+    let server = TestServer::start(&[], None).await;
     assert_eq!(server.raw(GET).await.0, 200);
     assert_eq!(server.raw(&format!("{GET}\r\nX-Forwarded-For: 192.168.1.9")).await.0, 200);
     let (status, body) = server.raw(&format!("{GET}\r\nX-Forwarded-For: 203.0.113.7")).await;
@@ -112,15 +113,27 @@ async fn access_follows_diagnostics_allow() {
     assert_eq!(server.raw(&forged).await.0, 403);
     let forwarded = format!("{GET}\r\nForwarded: for=\"[2001:db8::1]:4711\"");
     assert_eq!(server.raw(&forwarded).await.0, 403);
-    // The API key opens it from anywhere.
+    for name in ["X-Real-IP", "True-Client-IP", "CF-Connecting-IP"] {
+        assert_eq!(server.raw(&format!("{GET}\r\n{name}: 203.0.113.7")).await.0, 403, "{name}");
+    }
+    server.shutdown().await;
+
+    // With keys configured, "local" needs a key with the admin scope, even on loopback; the
+    // key opens it from anywhere.
+    let keys = "api.keys=[{name=\"reader\",key=\"r3ad\",scopes=[\"read\"]}]";
+    let server = TestServer::start(&[keys], Some("k3y")).await;
+    assert_eq!(server.raw(GET).await.0, 401);
     let keyed = format!("{GET}\r\nX-Forwarded-For: 203.0.113.7\r\nAuthorization: Bearer k3y");
     assert_eq!(server.raw(&keyed).await.0, 200);
+    let (status, body) = server.raw(&format!("{GET}\r\nAuthorization: bearer r3ad")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("\"admin\" scope"), "{body}");
     server.shutdown().await;
 
     let server = TestServer::start(&["diagnostics.allow=key"], Some("k3y")).await;
-    assert_eq!(server.raw(GET).await.0, 403);
+    assert_eq!(server.raw(GET).await.0, 401);
     assert_eq!(server.raw(&format!("{GET}\r\nAuthorization: Bearer k3y")).await.0, 200);
-    assert_eq!(server.raw(&format!("{GET}\r\nAuthorization: Bearer nope")).await.0, 403);
+    assert_eq!(server.raw(&format!("{GET}\r\nAuthorization: Bearer nope")).await.0, 401);
     server.shutdown().await;
 
     let server = TestServer::start(&["diagnostics.allow=all"], None).await;

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 from .types import (
     DEFAULT_BACKOFF,
     TERMINAL_CLOSE_CODES,
+    TOKEN_EXPIRED_CLOSE_CODE,
     Backoff,
     ErrorEvent,
     FerrocastError,
@@ -46,7 +47,8 @@ except ImportError:  # websockets 12: the legacy implementation
 
 __all__ = ["Client", "Subscription", "resolve_ws_url"]
 
-_CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,255}")
+# A name, and for a user channel (`payments.eu#42,43`) the users it belongs to.
+_CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:@-]+(#[A-Za-z0-9_.:@-]+(,[A-Za-z0-9_.:@-]+)*)?")
 _DEFAULT_PING_INTERVAL = 25.0
 _log = logging.getLogger("ferrocast")
 
@@ -74,7 +76,7 @@ def resolve_ws_url(url: str, ws_path: str = "/ws", params: Mapping[str, str] | N
 
 
 def _validate_channel(channel: str) -> None:
-    if not isinstance(channel, str) or not _CHANNEL_RE.fullmatch(channel):
+    if not isinstance(channel, str) or len(channel) > 255 or not _CHANNEL_RE.fullmatch(channel):
         raise ValueError(f"ferrocast: invalid channel name {channel!r}")
 
 
@@ -251,7 +253,11 @@ class Client:
     the event loop the client was connected on (see :class:`ferrocast.SyncClient` for
     threads).
 
-    Options: ``ws_path`` (for http URLs), ``params`` (query string, e.g. a token),
+    Options: ``token`` (a connection token, sent in an ``auth`` op right after the welcome,
+    before any subscribe) or ``get_token`` (a function, sync or async, returning one: called
+    at every connect, again ``token_refresh_margin`` seconds before the token's expiry, and
+    after close code 4011; a fixed ``token`` that expires ends the client, as 4001 and 4003
+    always do), ``ws_path`` (for http URLs), ``params`` (query string),
     ``headers`` (extra handshake headers), ``origin``, ``backoff`` (:class:`Backoff`),
     ``handshake_timeout`` (connect until the server's welcome), ``ping_grace`` (silence
     tolerated beyond the server's ``ping_interval_ms`` before the connection is replaced),
@@ -266,6 +272,9 @@ class Client:
         url: str,
         *,
         ws_path: str = "/ws",
+        token: str | None = None,
+        get_token: Callable[[], str | Awaitable[str]] | None = None,
+        token_refresh_margin: float = 30.0,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         origin: str | None = None,
@@ -281,6 +290,10 @@ class Client:
         logger: logging.Logger | None = None,
     ) -> None:
         self.url = resolve_ws_url(url, ws_path, params)
+        self._token = token
+        self._get_token = get_token
+        self._token_refresh_margin = token_refresh_margin
+        self._refresh: asyncio.TimerHandle | None = None
         self._headers = dict(headers or {})
         self._origin = origin
         self._backoff = backoff
@@ -540,6 +553,10 @@ class Client:
             if code in TERMINAL_CLOSE_CODES:
                 self._halt(code, reason or "terminated by server")
                 return
+            if code == TOKEN_EXPIRED_CLOSE_CODE and self._get_token is None:
+                # A fixed token would only expire again: stop, as the JS client does.
+                self._halt(code, reason or "token expired")
+                return
             hint = _reconnect_hint(reason) if code == 1001 else None
             if hint is not None and hint.get("reconnect") is False:
                 self._halt(code, reason)
@@ -579,6 +596,8 @@ class Client:
         ws: Any = None
         try:
             async with asyncio.timeout(self._handshake_timeout):
+                if self._get_token is not None:
+                    self._token = await self._call_get_token()
                 ws = await _ws_connect(self.url, **kwargs)
                 rest: list[dict[str, Any]] = []
                 welcome: dict[str, Any] | None = None
@@ -645,6 +664,9 @@ class Client:
         )
         self._outbox = asyncio.Queue()
         self._writer = self._spawn(self._write(ws, self._outbox))
+        # The token goes first, so the server knows the user before any subscribe.
+        if self._token:
+            self._request({"op": "auth", "token": self._token}, "auth")
         self._reconcile()
         while self._queue:
             frame, future = self._queue.popleft()
@@ -659,9 +681,42 @@ class Client:
         except ConnectionClosed:
             pass
 
+    async def _call_get_token(self) -> str | None:
+        assert self._get_token is not None
+        token = self._get_token()
+        if inspect.isawaitable(token):
+            token = await token
+        return token
+
+    def _schedule_refresh(self, expires_at: Any) -> None:
+        """With ``get_token``, sends a fresh token ``token_refresh_margin`` before
+        ``expires_at`` (seconds since the epoch)."""
+        if self._get_token is None or not isinstance(expires_at, (int, float)) or self._loop is None:
+            return
+        if self._refresh is not None:
+            self._refresh.cancel()
+        lifetime = expires_at - time.time()
+        delay = max(0.0, lifetime - min(self._token_refresh_margin, lifetime / 2))
+        ws = self._ws
+
+        async def refresh() -> None:
+            try:
+                token = await self._call_get_token()
+            except Exception as e:  # noqa: BLE001 - reported, the connection goes on
+                self._emit("error", ErrorEvent("token_error", f"get_token() failed: {e}", None, ()))
+                return
+            if token and self._ws is ws and self._welcome is not None:
+                self._token = token
+                self._request({"op": "auth", "token": token}, "auth")
+
+        self._refresh = self._loop.call_later(delay, lambda: self._spawn(refresh()))
+
     def _teardown(self, err: FerrocastError) -> None:
         """Forgets the connection and what the server knew about this client; pending
         requests fail with ``err`` (queued publishes keep waiting)."""
+        if self._refresh is not None:
+            self._refresh.cancel()
+            self._refresh = None
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
@@ -734,6 +789,12 @@ class Client:
             err = FerrocastError(
                 str(frame.get("code") or "error"), str(frame.get("message") or "server error")
             )
+        if req is not None and req.kind == "auth":
+            if err is not None:
+                self._emit("error", ErrorEvent(err.code, err.message, frame_id, ()))
+            else:
+                self._schedule_refresh((frame.get("result") or {}).get("expires_at"))
+            return
         if req is not None and req.kind in ("publish", "ping"):
             future = req.future
             if future is None or future.done():

@@ -14,6 +14,8 @@ STATES: tuple[str, ...] = ("connecting", "connected", "reconnecting", "disconnec
 #: Close codes after which the client stops instead of reconnecting: origin not allowed,
 #: unauthorized, forbidden.
 TERMINAL_CLOSE_CODES: frozenset[int] = frozenset({1008, 4001, 4003})
+#: The connection's token expired: get a new token, then reconnect.
+TOKEN_EXPIRED_CLOSE_CODE = 4011
 
 _MAX_BACKOFF_EXPONENT = 30
 

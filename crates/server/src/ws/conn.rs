@@ -23,7 +23,7 @@ use super::frame::{self, Decoder, Incoming};
 use super::socket::Socket;
 use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
-use crate::session::Session;
+use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
 
 /// How long to wait for the client's close frame after sending ours.
@@ -75,7 +75,7 @@ pub async fn run(
     stream: Socket,
     already_read: Bytes,
     admission: Admission,
-    token: Option<String>,
+    credentials: Box<Credentials>,
     peer: String,
     _guard: ConnectionGuard,
 ) {
@@ -107,7 +107,7 @@ pub async fn run(
         let _ = conn.feed(&already_read);
     }
     drop(already_read);
-    let code = conn.serve(admission, token).await;
+    let code = conn.serve(admission, credentials).await;
     conn.app.metrics.connection_closed(Transport::Ws, code);
     tracing::debug!(conn = conn_id, peer, code, "websocket closed");
 }
@@ -154,7 +154,7 @@ enum ReadOutcome {
 
 impl Conn {
     /// Serves until the connection ends; returns the close code recorded for metrics.
-    async fn serve(&mut self, admission: Admission, token: Option<String>) -> u16 {
+    async fn serve(&mut self, admission: Admission, credentials: Box<Credentials>) -> u16 {
         let conn_id = self.session.conn_id;
         match admission {
             Admission::Refuse(code) => {
@@ -178,18 +178,20 @@ impl Conn {
             }
             Admission::Accept => {
                 let welcome =
-                    encode_welcome(&self.session.id, self.app.config.server.ping_interval_ms);
+                    encode_welcome(self.session.id(), self.app.config.server.ping_interval_ms);
                 self.pending_bytes += welcome.len() + 2;
                 self.parts.push_front(text_part(welcome));
-                // A token presented with the upgrade (header, query or cookie): a refused
-                // one gets its error, then the close code that tells the client what to do.
-                if let Some(token) = token
-                    && let Err(e) = self.session.authenticate(&token)
-                {
-                    let code = crate::session::refused_token_close(e.code);
-                    let reply = self.session.error_frame(e);
-                    self.queue_text(reply);
-                    self.start_close(code.code(), code.reason());
+                // A token presented with the upgrade (header, query or cookie), or the
+                // connect proxy's answer: a refusal gets its error, then the close code that
+                // tells the client what to do.
+                // Boxed, so its state is not part of this task's future for the
+                // connection's whole life.
+                if let Err(refusal) = Box::pin(self.session.connect(*credentials)).await {
+                    if let Some(e) = refusal.error {
+                        let reply = self.session.error_frame(e);
+                        self.queue_text(reply);
+                    }
+                    self.start_close(refusal.code, &refusal.reason);
                 }
                 self.refresh_auth_due();
             }
@@ -296,7 +298,7 @@ impl Conn {
                 // overflowed: a client that stopped reading is closed now, not when (if
                 // ever) it reads again or the heartbeat notices.
                 _ = queue.notified(), if want_queue && !self.parts.is_empty() => {
-                    if queue.is_overflowed() {
+                    if queue.is_overflowed() || queue.close_requested().is_some() {
                         // The close frame may never get through; the linger bounds the wait.
                         self.take_queue(&queue, &mut drained);
                     } else {
@@ -369,6 +371,14 @@ impl Conn {
         drained.frames.clear();
         queue.drain_into(drained);
         self.queue_drained(drained);
+        if let Some((code, reason)) = drained.close.take() {
+            tracing::info!(
+                conn = self.session.conn_id,
+                code,
+                "closing as the server asked: {reason}"
+            );
+            self.start_close(code, &reason);
+        }
         if drained.overflowed {
             tracing::info!(
                 conn = self.session.conn_id,

@@ -75,7 +75,10 @@ pub async fn upgrade(
     if let Some(tls) = app.tls.get() {
         tls.count_websocket(extended_connect);
     }
-    let token = crate::auth::token_from_request(headers, req.uri().query(), &app.auth.cookie);
+    // Boxed: the connection task holds it until the connect step, and the task's future is
+    // kept for the connection's whole life.
+    let credentials =
+        Box::new(crate::session::Credentials::from_request(&app, headers, req.uri().query(), peer));
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
@@ -95,14 +98,22 @@ pub async fn upgrade(
                 // The connection keeps its place in the total until the socket closes.
                 let (stream, _counted) = parts.io.into_inner().into_parts();
                 let socket = Socket::Plain(stream);
-                conn::run(task_app, socket, parts.read_buf, admission, token, peer_text, guard)
-                    .await;
+                conn::run(
+                    task_app,
+                    socket,
+                    parts.read_buf,
+                    admission,
+                    credentials,
+                    peer_text,
+                    guard,
+                )
+                .await;
             }
             // TLS, or a stream of an HTTP/2 connection: polled through a small buffer.
             Err(upgraded) => {
                 let socket = Socket::stream(TokioIo::new(upgraded));
                 let none = bytes::Bytes::new();
-                conn::run(task_app, socket, none, admission, token, peer_text, guard).await;
+                conn::run(task_app, socket, none, admission, credentials, peer_text, guard).await;
             }
         }
     });
