@@ -646,36 +646,68 @@ async def test_nodes_over_a_redis_cluster_deliver_and_recover_on_every_slot(
     assert len(a.get("/api/nodes").json()["nodes"]) == 2
 
 
-async def test_nodes_follow_a_sentinel_failover(artifacts, track_process, start_server, ws):
+async def test_nodes_follow_a_sentinel_failover_and_say_where_it_lost_writes(
+    artifacts, track_process, start_server, ws
+):
     import signal
 
     redis = RedisSentinels(artifacts).start(track_process)
-    sets = ("broker.kind=redis", f"broker.sentinels={json.dumps(redis.sentinel_urls)}",
-            "broker.sentinel_master=mymaster", "broker.timeout_ms=500")
-    a, b = start_server(*sets), start_server(*sets)
-    channel = "chat.failover"
+    common = ("broker.kind=redis", "broker.timeout_ms=500", "broker.position_check_ms=500")
+    # Both spellings: the list with a master name, and the redis+sentinel:// URL.
+    a = start_server(*common, f"broker.sentinels={json.dumps(redis.sentinel_urls)}",
+                     "broker.sentinel_master=mymaster")
+    hosts = ",".join(u.removeprefix("redis://") for u in redis.sentinel_urls)
+    b = start_server(*common, f"broker.url=redis+sentinel://{hosts}/mymaster/0")
+    kept, lost = "chat.kept", "chat.lost"
     sub = await ws(a)
-    epoch = (await sub.subscribe_ok(channel))[channel]["epoch"]
+    epoch = (await sub.subscribe_ok(kept, lost))[kept]["epoch"]
+    leaver = await ws(a)
+    await leaver.subscribe_ok(kept, lost)
     for i in range(1, 4):
-        b.publish(channel, {"i": i})
-    assert [f["offset"] for f in await collect(sub, channel, 3)] == [1, 2, 3]
-    assert redis.primary.command("WAIT", 1, 2000) == 1, "the replica has the messages"
-
-    redis.primary.process.signal(signal.SIGKILL)
+        b.publish_batch([(kept, {"i": i}), (lost, {"i": i})])
+    assert redis.primary.command("WAIT", 1, 2000) == 1, "the replica has the first three"
+    # The replica is frozen (SIGSTOP) and cut off (the primary drops its link, so nothing
+    # more reaches even its socket buffer); two more messages of one channel are
+    # acknowledged by the primary alone, delivered, then lost with it.
+    redis.replica.process.signal(signal.SIGSTOP)
+    try:
+        assert redis.primary.command("CLIENT", "KILL", "TYPE", "replica") == 1
+        for i in (4, 5):
+            assert b.publish(lost, {"i": i})["offset"] == i
+        for client in (sub, leaver):
+            frames = [await client.next_msg() for _ in range(8)]
+            got = sorted((f["channel"], f["offset"]) for f in frames)
+            assert got == sorted([(kept, o) for o in (1, 2, 3)] + [(lost, o) for o in range(1, 6)])
+        await leaver.close()
+        redis.primary.process.signal(signal.SIGKILL)
+    finally:
+        redis.replica.process.signal(signal.SIGCONT)
     await wait_for(lambda: redis.primary_port() == redis.replica.port, 20, "the failover")
 
     def publish_ok() -> bool:
-        r = b.post_publish({"channel": channel, "data": {"i": 4}})
-        return r.status == 200
+        return b.post_publish({"channel": lost, "data": {"i": "after"}}).status == 200
 
     await wait_for(publish_ok, 15, "publishes to succeed on the promoted replica")
-    live = await sub.next_msg(channel, timeout=15)
-    assert live["offset"] == 4 and live["epoch"] == epoch, live
+    # Offsets 4 and 5 were given anew: the subscriber is moved to a new epoch that goes on
+    # from the last message both histories share, and receives the new message.
+    live = await sub.next_msg(lost, timeout=15)
+    assert live["data"] == {"i": "after"} and live["offset"] == 4, live
+    fenced = live["epoch"]
+    assert fenced != epoch, "the channel that lost writes has a new epoch"
+    b.publish(kept, {"i": 4})
+    live = await sub.next_msg(kept, timeout=15)
+    assert live["offset"] == 4 and live["epoch"] == epoch, "the channel that lost nothing goes on"
+    assert sum(n.metric("ferrocast_broker_fences_total") or 0 for n in (a, b)) >= 1
 
-    # Node b's pub/sub reconnects to the new primary too (it is ready again once it has).
+    # A client that had everything recovers on the other node: exact where nothing was lost,
+    # an honest `recovered: false` (with the new epoch) where it was.
     await wait_for(lambda: b.get("/readyz").status == 200, 15, "node b ready")
     again = await ws(b)
-    result = await again.subscribe(channel, recover={channel: {"epoch": epoch, "offset": 1}})
-    assert result[channel].get("recovered") is True, result
-    frames = await collect(again, channel, 3)
-    assert [f["offset"] for f in frames] == [2, 3, 4]
+    result = await again.subscribe(
+        kept, lost, recover={kept: {"epoch": epoch, "offset": 3}, lost: {"epoch": epoch, "offset": 5}}
+    )
+    assert result[kept].get("recovered") is True and result[kept]["replayed"] == 1, result
+    assert result[lost].get("recovered") is False, result
+    assert result[lost]["epoch"] == fenced and result[lost]["offset"] == 4, result
+    frame = await again.next_msg(kept)
+    assert frame["offset"] == 4 and frame["data"] == {"i": 4}, frame

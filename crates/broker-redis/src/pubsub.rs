@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Inner;
-use crate::keys::{parse_carried, topic_prefix};
+use crate::keys::{Carried, parse_carried, topic_prefix};
 
 /// Position checks sent to Redis at once.
 const POSITION_CHECKS_IN_FLIGHT: usize = 64;
@@ -78,7 +78,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             let catch_up = inner.clone();
             tokio::spawn(async move {
                 for channel in channels {
-                    let _ = catch_up.sync(&channel).await;
+                    let _ = catch_up.catch_up(&channel).await;
                 }
             });
         }
@@ -196,63 +196,50 @@ async fn carried(inner: &Inner, channel: &str, payload: &[u8]) {
         let _ = inner.hub.deliver_ephemeral(channel, m.data);
         return;
     }
-    let Ok(Delivery::Gap { top }) = inner.hub.deliver(channel, m.epoch, m.offset, m.data, false)
-    else {
-        return;
-    };
-    let missing = m.offset - 1 - top;
-    let limit = (missing as usize).min(inner.hub.namespace(channel).history_size);
-    let mut filled_to = top;
-    if limit > 0 {
-        match inner.read(channel, Some((top, m.epoch)), 0, limit).await {
-            Ok(read) => {
-                let mut applied = 0;
-                for (offset, data) in &read.entries {
-                    if let Ok(Delivery::Applied) =
-                        inner.hub.deliver(channel, &read.epoch, *offset, data, true)
-                    {
-                        applied += 1;
-                    }
-                    if read.epoch == m.epoch {
-                        filled_to = filled_to.max(*offset);
-                    }
-                }
-                inner.metrics.gaps_filled.fetch_add(1, Relaxed);
-                inner.metrics.messages_filled.fetch_add(applied, Relaxed);
-            }
-            Err(e) => tracing::warn!(channel, "cannot fill a gap from Redis history: {e}"),
-        }
+    match inner.hub.deliver(channel, m.epoch, m.offset, m.data, false) {
+        Ok(Delivery::Gap { .. }) => fill(inner, channel, &m).await,
+        Ok(Delivery::Diverged) => diverged(inner, channel, m.epoch).await,
+        _ => {}
     }
-    if filled_to + 1 < m.offset {
-        inner.metrics.gaps_unfilled.fetch_add(1, Relaxed);
-        tracing::warn!(
-            channel,
-            from = filled_to + 1,
-            to = m.offset - 1,
-            "messages missing from Redis history (trimmed or expired); subscribers skip them"
-        );
-    }
-    let _ = inner.hub.deliver(channel, m.epoch, m.offset, m.data, true);
 }
 
-impl Inner {
-    /// Brings the local copy of `channel` up to Redis's position, delivering what it lacks.
-    pub(crate) async fn sync(&self, channel: &str) -> Result<(), BrokerError> {
-        let limit = self.hub.namespace(channel).history_size;
-        let local = self.hub.position(channel);
-        let since = local.as_ref().map(|p| (p.top, &*p.epoch));
-        let mut read = self.read(channel, since, 0, limit).await?;
-        self.metrics.position_checks.fetch_add(1, Relaxed);
-        if local.as_ref().is_some_and(|p| *p.epoch != *read.epoch) && read.top > 0 {
-            // A new epoch (Redis lost the channel): everything it holds is new here.
-            read = self.read(channel, Some((0, "")), 0, limit).await?;
+/// A message arrived after a gap (or in another epoch): the node catches up from history,
+/// which delivers the missing ones in order, then delivers the message unless that did.
+async fn fill(inner: &Inner, channel: &str, m: &Carried<'_>) {
+    let mut epoch = m.epoch.to_owned();
+    match inner.catch_up(channel).await {
+        Ok((_, replaced)) => {
+            // A message published just before another node fenced the channel carries the
+            // epoch the fence replaced; it belongs to the new one.
+            if replaced == m.epoch
+                && let Some(now) = inner.hub.position(channel)
+            {
+                epoch = now.epoch.to_string();
+            }
         }
-        let applied = self.apply(channel, read);
-        if applied > 0 {
-            self.metrics.gaps_filled.fetch_add(1, Relaxed);
-            self.metrics.messages_filled.fetch_add(applied, Relaxed);
+        Err(e) => tracing::warn!(channel, "cannot fill a gap from Redis history: {e}"),
+    }
+    match inner.hub.deliver(channel, &epoch, m.offset, m.data, false) {
+        Ok(Delivery::Gap { top }) => {
+            inner.metrics.gaps_unfilled.fetch_add(1, Relaxed);
+            tracing::warn!(
+                channel,
+                from = top + 1,
+                to = m.offset - 1,
+                "messages missing from Redis history (trimmed or expired)"
+            );
+            let _ = inner.hub.deliver(channel, &epoch, m.offset, m.data, true);
         }
-        Ok(())
+        Ok(Delivery::Diverged) => diverged(inner, channel, &epoch).await,
+        _ => {}
+    }
+}
+
+/// A message took an offset this node delivered with other data: Redis lost writes.
+async fn diverged(inner: &Inner, channel: &str, epoch: &str) {
+    let delivered = inner.hub.position(channel).map_or(0, |p| p.top);
+    if let Err(e) = inner.fence(channel, epoch, delivered).await {
+        tracing::warn!(channel, "cannot move the channel to a new epoch: {e}");
     }
 }
 
@@ -281,7 +268,7 @@ pub(crate) async fn check_positions(inner: Arc<Inner>) {
                     {
                         return;
                     }
-                    if let Err(e) = inner.sync(&channel).await {
+                    if let Err(e) = inner.catch_up(&channel).await {
                         tracing::debug!(channel, "position check failed: {e}");
                     }
                 }
