@@ -6,6 +6,7 @@ in pub/sub filled from history. Each test starts its own redis-server on a free 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import time
@@ -14,6 +15,7 @@ import pytest
 import socketio
 
 from ferrocast_e2e.redis import RedisCluster, RedisSentinels, RedisServer, make_tls_files
+from test_feeds import KEY, massive_config, upstream  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -55,6 +57,23 @@ async def wait_for(predicate, timeout: float, what: str) -> None:
     while not await asyncio.to_thread(predicate):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def pubsub_cut_off(redis):
+    """Kills every pub/sub connection on the Redis side and keeps them from coming back
+    (`maxclients` lowered below the connections left) until the block ends; command
+    connections already open go on working."""
+    with redis.connect() as admin:
+        info = admin.command("INFO", "clients")
+        connected = int(info.split("connected_clients:")[1].split()[0])
+        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed >= 1, killed
+        admin.command("CONFIG", "SET", "maxclients", connected - killed)
+        try:
+            yield
+        finally:
+            admin.command("CONFIG", "SET", "maxclients", 10000)
 
 
 async def test_publishes_through_any_node_reach_every_node_once_in_order(start_node, ws):
@@ -271,26 +290,12 @@ async def test_a_lost_pubsub_message_is_filled_from_history(start_node, redis, w
     assert (await sub.next_msg(channel))["offset"] == 1
     before = a.metric("ferrocast_broker_gaps_filled_total") or 0
 
-    # Kill the pub/sub connections on the Redis side and keep node a from reconnecting
-    # (maxclients lowered below the connections left) while node b publishes on its
-    # existing connection: node a misses these on pub/sub and must take them from history.
-    with redis.connect() as admin:
-        connected = int(
-            next(
-                line.split(":")[1]
-                for line in admin.command("INFO", "clients").splitlines()
-                if line.startswith("connected_clients:")
-            )
-        )
-        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
-        assert killed >= 1, killed  # node a's (node b subscribes to nothing)
-        admin.command("CONFIG", "SET", "maxclients", connected - killed)
-        try:
-            for i in range(2, 12):
-                b.publish(channel, {"i": i})
-            await sub.expect_silence(0.3)
-        finally:
-            admin.command("CONFIG", "SET", "maxclients", 10000)
+    # Node a misses these on pub/sub (node b publishes on its command connection, which
+    # stays) and must take them from history once it is back.
+    with pubsub_cut_off(redis):
+        for i in range(2, 12):
+            b.publish(channel, {"i": i})
+        await sub.expect_silence(0.3)
     frames = await collect(sub, channel, 10)
     assert [f["offset"] for f in frames] == list(range(2, 12))
     assert [f["data"]["i"] for f in frames] == list(range(2, 12))
@@ -312,26 +317,47 @@ async def test_the_position_check_delivers_what_pubsub_lost_while_it_is_down(
     await sub.subscribe_ok(channel)
     b.publish(channel, {"i": 1})
     assert (await sub.next_msg(channel))["offset"] == 1
-    with redis.connect() as admin:
-        info = admin.command("INFO", "clients")
-        connected = int(info.split("connected_clients:")[1].split()[0])
-        killed = admin.command("CLIENT", "KILL", "TYPE", "pubsub")
-        assert killed >= 1
-        admin.command("CONFIG", "SET", "maxclients", connected - killed)
-        try:
-            for i in range(2, 5):
-                b.publish(channel, {"i": i})
-            # Node a's pub/sub cannot reconnect; its command connection still works, and the
-            # periodic position check (every 500 ms here) brings the messages.
-            frames = await collect(sub, channel, 3, timeout=5)
-            assert [f["offset"] for f in frames] == [2, 3, 4]
-            assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) == 0
-            assert (a.metric("ferrocast_broker_position_checks_total") or 0) >= 1
-        finally:
-            admin.command("CONFIG", "SET", "maxclients", 10000)
+    with pubsub_cut_off(redis):
+        for i in range(2, 5):
+            b.publish(channel, {"i": i})
+        # Node a's pub/sub cannot reconnect; its command connection still works, and the
+        # periodic position check (every 500 ms here) brings the messages.
+        frames = await collect(sub, channel, 3, timeout=5)
+        assert [f["offset"] for f in frames] == [2, 3, 4]
+        assert (a.metric("ferrocast_broker_pubsub_reconnects_total") or 0) == 0
+        assert (a.metric("ferrocast_broker_position_checks_total") or 0) >= 1
     b.publish(channel, {"i": 5})
     assert (await sub.next_msg(channel))["offset"] == 5
     await sub.expect_silence(0.3)
+
+
+async def test_messages_history_cannot_supply_close_exact_subscribers_and_not_feeds(
+    start_node, redis, ws
+):
+    # A history of 3 and no periodic check: the node learns of the loss at its reconnect.
+    sets = ("namespaces.chat.history_size=3", "namespaces.quotes.history_size=3",
+            "broker.position_check_ms=60000")
+    a, b = start_node(*sets), start_node(*sets)
+    chat, quotes = await ws(a), await ws(a)
+    epoch = (await chat.subscribe_ok("chat.short"))["chat.short"]["epoch"]
+    await quotes.subscribe_ok("quotes.SHORT")
+    b.publish_batch([("chat.short", 1), ("quotes.SHORT", 1)])
+    assert (await chat.next_msg())["offset"] == 1 and (await quotes.next_msg())["offset"] == 1
+    with pubsub_cut_off(redis):
+        b.publish_batch([("chat.short", n) for n in range(2, 11)])
+        b.publish_batch([("quotes.SHORT", n) for n in range(2, 11)])
+    # 2..7 are gone from Redis: the chat subscriber (overflow = disconnect: nothing may be
+    # skipped) is closed with 4008 and told the truth when it recovers; the quotes subscriber
+    # (conflate) just goes on with what is left.
+    closed = await chat.wait_closed(timeout=10)
+    assert closed.code == 4008, closed
+    assert [f["offset"] for f in closed.frames if f.get("type") == "msg"] == []
+    frames = await collect(quotes, "quotes.SHORT", 3)
+    assert [f["offset"] for f in frames] == [8, 9, 10]
+    again = await ws(b)
+    result = await again.subscribe("chat.short", recover={"chat.short": {"epoch": epoch, "offset": 1}})
+    assert result["chat.short"]["recovered"] is False and result["chat.short"]["offset"] == 10
+    assert (a.metric("ferrocast_broker_gaps_filled_total") or 0) >= 1
 
 
 async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_lost(
@@ -501,6 +527,104 @@ async def test_a_node_shutting_down_hands_the_simulator_over_at_once(start_node,
     assert [n["listen"] for n in other.get("/api/nodes").json()["nodes"]] == [
         f"127.0.0.1:{other.port}"
     ], "the stopped node left the list at once"
+
+
+def ingest_holders(nodes) -> list:
+    """The live nodes that say they run the cluster's ingestion (`/api/nodes`)."""
+    holders = []
+    for node in nodes:
+        if node.alive():
+            mine = [n for n in node.get("/api/nodes").json()["nodes"]
+                    if n["listen"] == f"127.0.0.1:{node.port}"]
+            if mine and mine[0]["ingest"]:
+                holders.append(node)
+    return holders
+
+
+async def test_a_feed_runs_on_one_node_for_every_node_s_clients_and_moves_when_it_dies(
+    start_node, ws, upstream, artifacts
+):
+    import signal
+
+    up = upstream("massive", "--api-key", KEY, "--rate", "40")
+    config = massive_config(artifacts / "feeds.toml", up.port, linger_ms="2000")
+    nodes = [start_node(config=config, env={"MASSIVE_API_KEY": KEY}) for _ in range(3)]
+
+    def feed_states(among) -> list[str]:
+        return sorted(
+            next(f["state"] for f in n.get("/api/feeds").json()["feeds"] if f["name"] == "stocks")
+            for n in among
+        )
+
+    await wait_for(lambda: feed_states(nodes) == ["live", "standby", "standby"], 10,
+                   "one node running the feed, two standing by")
+    (holder,) = ingest_holders(nodes)
+    assert all(n.get("/readyz").status == 200 for n in nodes), "a standby feed is not a fault"
+    assert up.subscriptions() == set() and len(up.state()["connections"]) == 1
+
+    # A client on another node is the only one to watch AAPL: the holder subscribes upstream.
+    watcher_node = next(n for n in nodes if n is not holder)
+    watcher = await ws(watcher_node)
+    await watcher.subscribe_ok("ticks.AAPL")
+    await wait_for(lambda: up.subscriptions() == {"T.AAPL"}, 5, "T.AAPL upstream")
+    frames = await collect(watcher, "ticks.AAPL", 5)
+    assert all(f["data"]["src"] == "massive" for f in frames)
+    offsets = [f["offset"] for f in frames]
+    assert offsets == list(range(offsets[0], offsets[0] + 5)), offsets
+
+    holder.process.signal(signal.SIGKILL)
+    survivors = [n for n in nodes if n is not holder]
+    await wait_for(lambda: feed_states(survivors) == ["live", "standby"], 12,
+                   "another node to run the feed")
+    await wait_for(lambda: up.subscriptions() == {"T.AAPL"} and len(up.state()["connections"]) == 1,
+                   5, "the new holder to subscribe T.AAPL upstream")
+    # One stream throughout: the offsets go on, +1 each, from where they were.
+    frames = await collect(watcher, "ticks.AAPL", 10, timeout=15)
+    assert [f["offset"] for f in frames] == list(range(offsets[-1] + 1, offsets[-1] + 11))
+
+    # The last watcher leaves: the upstream subscription follows (after the linger).
+    await watcher.close()
+    await wait_for(lambda: up.subscriptions() == set(), 10, "nothing upstream")
+
+
+async def test_candles_are_built_once_per_cluster_from_every_node_s_trades(start_node, ws):
+    a, b = start_node(), start_node()
+    await wait_for(lambda: len(ingest_holders([a, b])) == 1, 5, "one node building candles")
+    watcher = await ws(a)
+    await watcher.subscribe_ok("candles.ZZZ.1s")
+
+    def trades_through_both(count: int) -> int:
+        """Publishes `count` trades of size 1 in one second window, alternately through
+        each node; returns the window's start."""
+        now = int(time.time() * 1000)
+        start = now - now % 1000 + (1000 if now % 1000 > 500 else 0)
+        while int(time.time() * 1000) < start:
+            time.sleep(0.01)
+        for i in range(count):
+            (a, b)[i % 2].publish("ticks.ZZZ", {"sym": "ZZZ", "price": 10 + i, "size": 1,
+                                                "ts": start + 10 * i})
+        return start
+
+    def closed_bars(start: int) -> list[dict]:
+        page = a.get("/api/channels/candles.ZZZ.1s/history?since=0&limit=100").json()
+        return [m["data"] for m in page["messages"] if m["data"]["start"] == start]
+
+    start = await asyncio.to_thread(trades_through_both, 10)
+    await wait_for(lambda: closed_bars(start), 5, "the window's closed bar")
+    await asyncio.sleep(1.5)  # a second builder would close the same window by now
+    (bar,) = closed_bars(start)
+    assert (bar["trades"], bar["volume"], bar["open"], bar["close"]) == (10, 10, 10, 19), bar
+
+    # The node building them stops (SIGTERM): the other takes over and builds the next ones.
+    (holder,) = ingest_holders([a, b])
+    other = b if holder is a else a
+    holder.process.stop(timeout=10)
+    await wait_for(lambda: ingest_holders([other]) == [other], 5, "the other node to take over")
+    a = b = other
+    start = await asyncio.to_thread(trades_through_both, 4)
+    await wait_for(lambda: closed_bars(start), 5, "a bar built by the new holder")
+    (bar,) = closed_bars(start)
+    assert bar["trades"] == 4 and bar["volume"] == 4, bar
 
 
 async def test_nodes_share_channels_over_tls_and_refuse_an_untrusted_certificate(

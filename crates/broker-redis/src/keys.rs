@@ -7,6 +7,7 @@
 //! | `P:m:{C}` | hash | `e` the channel's epoch, `t` its top offset; after a fence, `p` the previous epoch and `b` the last offset both share |
 //! | `P:s:{C}` | stream | the history: entry id `<offset>-0`, fields `d` (data) and `t` (ms) |
 //! | `P:p:C` | pub/sub topic | `r<offset>,<epoch>,<data>` or `e<offset>,<epoch>,<data>` |
+//! | `P:demand` | pub/sub topic | a channel a node newly has subscribers on |
 //! | `{P}:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
 //! | `{P}:nodes` | sorted set | node ids by the time (ms) of their last advertisement |
 //! | `{P}:node:ID` | string | node `ID`'s advertisement (JSON), expiring unless renewed |
@@ -36,6 +37,11 @@ impl ChannelKeys {
 /// The pub/sub topic prefix; what follows it is the channel name.
 pub fn topic_prefix(prefix: &str) -> String {
     format!("{prefix}:p:")
+}
+
+/// The pub/sub topic on which a node announces a channel it newly has subscribers on.
+pub fn demand_topic(prefix: &str) -> String {
+    format!("{prefix}:demand")
 }
 
 /// Publishes one or more messages on one channel, atomically (no other publish on the

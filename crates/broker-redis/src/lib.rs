@@ -3,7 +3,9 @@
 //!
 //! - [`keys`]: the key layout and the server-side Lua scripts (publish, read);
 //! - [`pubsub`]: the node's pub/sub connection, one subscription per channel with local
-//!   subscribers, delivery into the hub with gap filling, resubscription and position checks;
+//!   subscribers, delivery into the hub with gap filling, resubscription and position checks,
+//!   and the taps of the node following them (candles built once per cluster);
+//! - `demand`: which channels have subscribers on some node (for the feed connectors);
 //! - [`sentinel`]: Sentinel settings (the `redis+sentinel://` URL or the `sentinels` list);
 //! - [`metrics`]: `ferrocast_broker_*` counters.
 //!
@@ -21,6 +23,7 @@
 //! Cluster clients in the same crate.
 #![forbid(unsafe_code)]
 
+mod demand;
 pub mod keys;
 pub mod metrics;
 pub mod pubsub;
@@ -28,13 +31,13 @@ pub mod sentinel;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, DemandListener, HistoryPage, Hub, Lease, Pending, Position,
-    PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, ClusterDemand, DemandListener, HistoryPage, Hub, Lease,
+    Pending, Position, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -105,6 +108,11 @@ struct Inner {
     leases: Mutex<Vec<String>>,
     /// Set by `close`: no lease is taken or renewed any more.
     closing: tokio::sync::Mutex<bool>,
+    /// Whether the hub's taps see every retained message of the cluster (`follow_taps`).
+    taps_followed: AtomicBool,
+    /// Whether this node listens to demand announcements, and where they are signalled.
+    demand_watched: AtomicBool,
+    demand_announced: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Inner {
@@ -190,6 +198,9 @@ impl RedisBroker {
             node_id: format!("{}-{}", new_epoch(), std::process::id()),
             leases: Mutex::new(Vec::new()),
             closing: tokio::sync::Mutex::new(false),
+            taps_followed: AtomicBool::new(false),
+            demand_watched: AtomicBool::new(false),
+            demand_announced: tokio::sync::Notify::new(),
             hub: hub.clone(),
             opts,
         });
@@ -348,6 +359,18 @@ impl Broker for RedisBroker {
         Lease::watching(rx)
     }
 
+    fn follow_taps(&self, on: bool) {
+        if self.inner.taps_followed.swap(on, Relaxed) != on {
+            tracing::info!(on, "following every node's publishes for candles");
+            let _ = self.inner.pubsub_tx.send(pubsub::Command::FollowTaps(on));
+        }
+    }
+
+    fn cluster_demand(&self, patterns: &[&str]) -> Option<ClusterDemand> {
+        let patterns = patterns.iter().map(|p| (*p).to_owned()).collect();
+        Some(demand::watch(self.inner.clone(), patterns))
+    }
+
     fn advertise(&self, info: String) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
@@ -445,6 +468,13 @@ impl Broker for RedisBroker {
 }
 
 impl Inner {
+    /// Makes the pub/sub task listen to demand announcements (see `demand`).
+    fn watch_demand(&self) {
+        if !self.demand_watched.swap(true, Relaxed) {
+            let _ = self.pubsub_tx.send(pubsub::Command::WatchDemand);
+        }
+    }
+
     /// "Redis did not answer in time", with the last connection error if there is one (the
     /// reason a client and an operator want, e.g. an untrusted certificate).
     fn unavailable_timeout(&self) -> BrokerError {
@@ -914,11 +944,6 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
             if answer.is_ok() {
                 inner.metrics.published.fetch_add(job.data.len() as u64, Relaxed);
                 inner.metrics.publish_latency(job.queued_at.elapsed());
-                if job.kind == PublishKind::Retained {
-                    for data in &job.data {
-                        inner.hub.run_taps(&job.channel, data);
-                    }
-                }
             }
             let _ = job.reply.send(answer);
         }

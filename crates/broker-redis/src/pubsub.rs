@@ -1,6 +1,8 @@
 //! The node's pub/sub side: one Redis subscription per channel that has local subscribers,
 //! delivery of what arrives into the hub (in order, gaps filled from history, duplicates
-//! dropped), resubscription after a reconnect, and periodic position checks.
+//! dropped), resubscription after a reconnect, and periodic position checks. The same
+//! connection carries the pattern subscriptions of a node following the taps, and the
+//! demand announcements a watcher listens to.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,8 +14,8 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Inner;
-use crate::keys::{Carried, parse_carried, topic_prefix};
+use crate::keys::{self, Carried, parse_carried, topic_prefix};
+use crate::{Inner, demand};
 
 /// Position checks sent to Redis at once.
 const POSITION_CHECKS_IN_FLIGHT: usize = 64;
@@ -26,6 +28,10 @@ pub enum Command {
     Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
     /// Unsubscribe, if the channel still has no local subscriber.
     Unsubscribe(String),
+    /// Start or stop receiving every retained message of the tapped namespaces.
+    FollowTaps(bool),
+    /// Start receiving demand announcements.
+    WatchDemand,
 }
 
 /// Makes sure this node receives `channel`'s live messages: returns once Redis has
@@ -46,6 +52,7 @@ pub(crate) async fn ensure_subscribed(inner: &Inner, channel: &str) -> Result<()
 /// backoff.
 pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let prefix = topic_prefix(&inner.opts.prefix);
+    let demand_topic = keys::demand_topic(&inner.opts.prefix);
     let timeout = inner.opts.timeout;
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
@@ -62,12 +69,23 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
         };
         let (mut sink, mut stream) = pubsub.split();
         let channels: Vec<String> = inner.subscribed.lock().iter().cloned().collect();
-        if !channels.is_empty() {
-            let topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
-            if !matches!(tokio::time::timeout(timeout, sink.subscribe(&topics)).await, Ok(Ok(()))) {
-                inner.metrics.error("connection");
-                continue;
+        let mut topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
+        if inner.demand_watched.load(Relaxed) {
+            topics.push(demand_topic.clone());
+        }
+        let patterns = tap_patterns(&inner);
+        let resubscribed = async {
+            if !topics.is_empty() {
+                sink.subscribe(&topics).await?;
             }
+            if inner.taps_followed.load(Relaxed) && !patterns.is_empty() {
+                sink.psubscribe(&patterns).await?;
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        if !matches!(tokio::time::timeout(timeout, resubscribed).await, Ok(Ok(()))) {
+            inner.metrics.error("connection");
+            continue;
         }
         inner.health.pubsub(true);
         let connected_at = std::time::Instant::now();
@@ -87,11 +105,17 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             tokio::select! {
                 message = stream.next() => match message {
                     Some(message) => {
-                        let Some(channel) = message.get_channel_name().strip_prefix(&prefix) else {
-                            continue;
-                        };
-                        let channel = channel.to_owned();
-                        carried(&inner, &channel, message.get_payload_bytes()).await;
+                        let name = message.get_channel_name();
+                        if message.from_pattern() {
+                            if let Some(channel) = name.strip_prefix(&prefix) {
+                                tapped(&inner, channel, message.get_payload_bytes());
+                            }
+                        } else if name == demand_topic {
+                            inner.demand_announced.notify_one();
+                        } else if let Some(channel) = name.strip_prefix(&prefix) {
+                            let channel = channel.to_owned();
+                            carried(&inner, &channel, message.get_payload_bytes()).await;
+                        }
                     }
                     None => break,
                 },
@@ -105,9 +129,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                         let topic = format!("{prefix}{channel}");
                         match tokio::time::timeout(timeout, sink.subscribe(&topic)).await {
                             Ok(Ok(())) => {
-                                inner.subscribed.lock().insert(channel);
+                                inner.subscribed.lock().insert(channel.clone());
                                 inner.metrics.subscribed_channels.fetch_add(1, Relaxed);
                                 let _ = reply.send(Ok(()));
+                                let announcer = inner.clone();
+                                tokio::spawn(async move {
+                                    demand::announce(&announcer, &channel).await;
+                                });
                             }
                             _ => {
                                 let _ = reply.send(Err(BrokerError::Unavailable(
@@ -129,6 +157,27 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                             ) {
                                 break;
                             }
+                        }
+                    }
+                    Some(Command::FollowTaps(on)) => {
+                        let patterns = tap_patterns(&inner);
+                        let changed = async {
+                            if patterns.is_empty() {
+                                Ok(())
+                            } else if on {
+                                sink.psubscribe(&patterns).await
+                            } else {
+                                sink.punsubscribe(&patterns).await
+                            }
+                        };
+                        if !matches!(tokio::time::timeout(timeout, changed).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    Some(Command::WatchDemand) => {
+                        let subscribed = sink.subscribe(&demand_topic);
+                        if !matches!(tokio::time::timeout(timeout, subscribed).await, Ok(Ok(()))) {
+                            break;
                         }
                     }
                 },
@@ -174,6 +223,8 @@ async fn pause(
                         unsubscribed(inner, &channel);
                     }
                 }
+                // Applied from the flags at the next connection.
+                Some(Command::FollowTaps(_) | Command::WatchDemand) => {}
             },
         }
     }
@@ -182,6 +233,22 @@ async fn pause(
 fn unsubscribed(inner: &Inner, channel: &str) {
     if inner.subscribed.lock().remove(channel) {
         inner.metrics.subscribed_channels.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The pattern subscriptions that bring every message of the tapped namespaces.
+fn tap_patterns(inner: &Inner) -> Vec<String> {
+    let prefix = topic_prefix(&inner.opts.prefix);
+    inner.hub.tap_namespaces().iter().map(|ns| format!("{prefix}{ns}.*")).collect()
+}
+
+/// Hands a retained message of a tapped namespace, from any node, to the hub's taps.
+fn tapped(inner: &Inner, channel: &str, payload: &[u8]) {
+    if let Some(m) = parse_carried(payload)
+        && m.retained
+        && inner.taps_followed.load(Relaxed)
+    {
+        inner.hub.run_taps(channel, m.data);
     }
 }
 

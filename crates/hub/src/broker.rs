@@ -113,6 +113,22 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         Lease::always()
     }
 
+    /// Makes this node's hub taps (see [`Hub::add_tap`]) see every retained message
+    /// published anywhere in the cluster (`on`), or nothing (`off`, the start). The node
+    /// holding the ingest lease follows them, so derived data (candles) is built once per
+    /// cluster. Without a cluster the taps always see every publish, and this does nothing.
+    fn follow_taps(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// The channels matching `patterns` (`ticks.*`) that have subscribers on some node of
+    /// the cluster, kept current while the receiver lives; `None` without a cluster (this
+    /// node's own demand is all there is). Feed connectors subscribe upstream for these.
+    fn cluster_demand(&self, patterns: &[&str]) -> Option<ClusterDemand> {
+        let _ = patterns;
+        None
+    }
+
     /// Advertises this node (`info`, a JSON object) to the others; see [`Broker::nodes`].
     fn advertise(&self, info: String) {
         let _ = info;
@@ -195,6 +211,9 @@ impl Broker for MemoryBroker {
         Pending::Ready(Ok(self.hub.history(channel, since, limit)))
     }
 }
+
+/// The cluster-wide demand [`Broker::cluster_demand`] keeps current.
+pub type ClusterDemand = tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>;
 
 /// Whether this node holds a cluster-wide role; see [`Broker::lease`].
 #[derive(Debug, Clone)]

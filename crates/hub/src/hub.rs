@@ -245,9 +245,19 @@ impl Hub {
         self.demand.write().push(listener);
     }
 
-    /// Calls `tap(channel, data)` after every retained publish in `namespace`.
+    /// Calls `tap(channel, data)` after every retained publish in `namespace` (with a
+    /// cluster broker, every one the broker brings while it follows taps:
+    /// [`crate::Broker::follow_taps`]).
     pub fn add_tap(&self, namespace: &str, tap: Tap) {
         self.taps.write().push((namespace.to_owned(), tap));
+    }
+
+    /// The namespaces some tap watches.
+    pub fn tap_namespaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.taps.read().iter().map(|(ns, _)| ns.clone()).collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// How many connections are subscribed to `channel` now (0 for an unknown channel).
@@ -569,7 +579,7 @@ impl Hub {
     }
 
     /// Calls the taps of `channel`'s namespace with a retained message's `data`. A broker
-    /// that assigns offsets elsewhere calls it on the node that published the message.
+    /// that assigns offsets elsewhere calls it for what it carries while following taps.
     pub fn run_taps(&self, channel: &str, data: &[u8]) {
         let taps = self.taps.read();
         if taps.is_empty() {

@@ -20,7 +20,9 @@ pub mod metrics;
 pub mod namespace;
 pub mod queue;
 
-pub use broker::{Broker, BrokerError, BrokerFuture, Lease, MemoryBroker, Pending, RunOutcome};
+pub use broker::{
+    Broker, BrokerError, BrokerFuture, ClusterDemand, Lease, MemoryBroker, Pending, RunOutcome,
+};
 pub use hub::{
     ChannelInfo, ChannelPage, Delivery, DemandListener, HistoryPage, Hub, HubOptions, Position,
     PublishError, Published, Subscription,

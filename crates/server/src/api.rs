@@ -352,6 +352,7 @@ pub fn node_info(app: &AppState) -> serde_json::Value {
         "subscriptions": app.hub.metrics().subscriptions.load(Relaxed),
         "uptime_s": app.started.elapsed().as_secs(),
         "draining": app.shutdown.is_draining(),
+        "ingest": app.ingest.is_held(),
     })
 }
 
@@ -365,10 +366,9 @@ pub async fn nodes(State(app): State<Arc<AppState>>) -> Response<Body> {
         Ok(nodes) => {
             let mut nodes: Vec<serde_json::Value> =
                 nodes.iter().filter_map(|n| serde_json::from_str(n).ok()).collect();
-            if !nodes.iter().any(|n| n["node"] == app.node_id.as_str()) {
-                // Not advertised yet (the first 2 s): this node is live all the same.
-                nodes.push(node_info(&app));
-            }
+            // This node as it is now, not as it last advertised itself (it may not have yet).
+            nodes.retain(|n| n["node"] != app.node_id.as_str());
+            nodes.push(node_info(&app));
             nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
             json_response(StatusCode::OK, json!({ "nodes": nodes }))
         }

@@ -56,7 +56,7 @@ use axum::extract::ConnectInfo;
 use axum::routing::{any, get, post};
 use config::BrokerKind;
 use ferrocast_broker_redis::{RedisBroker, RedisOptions};
-use ferrocast_hub::{Broker, Hub, HubOptions, MemoryBroker, Namespaces, Pending};
+use ferrocast_hub::{Broker, Hub, HubOptions, Lease, MemoryBroker, Namespaces, Pending};
 use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -81,6 +81,10 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     /// This node's id among the cluster's nodes (`GET /api/nodes`).
     pub node_id: String,
+    /// Whether this node runs the cluster's ingestion (simulator, feeds, candle building):
+    /// one lease for all of it, so the candle builder sits with the feeds whose upstream
+    /// bars it must leave alone. Always held with the memory broker.
+    pub ingest: Lease,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
     /// Candles built from trades on `ticks.*`.
@@ -142,10 +146,12 @@ impl AppState {
                 broker
             }
         };
+        let ingest = broker.lease("ingest");
         Arc::new(AppState {
             hub,
             broker,
             node_id,
+            ingest,
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
@@ -263,9 +269,9 @@ impl Server {
     /// call returns once every connection has closed or the grace period has passed.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let Server { listener, app } = self;
-        sources::start_simulator(&app);
-        sources::start_candles(&app);
-        connectors::start(&app);
+        sources::start_simulator(&app, &app.ingest);
+        sources::start_candles(&app, &app.ingest);
+        connectors::start(&app, &app.ingest);
         spawn_sweeper(&app);
         spawn_advertiser(&app);
         let router = router(app.clone());
