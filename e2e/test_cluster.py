@@ -683,6 +683,32 @@ async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node,
     assert set(listed()) == {addr(a), addr(b)}
 
 
+async def test_channels_and_stats_on_any_node_count_every_node(start_node, ws):
+    a, b, c = start_node(), start_node(), start_node()
+    for node, channel, count in ((a, "chat.shared", 2), (b, "chat.shared", 3), (c, "chat.solo", 1)):
+        for _ in range(count):
+            await (await ws(node)).subscribe_ok(channel)
+    for i in range(4):
+        (a, b)[i % 2].publish("chat.shared", {"i": i})
+    for node in (a, b, c):
+        page = node.get("/api/channels").json()
+        assert page["nodes"] == 3 and page["total"] == 2 and page["next"] is None, page
+        listed = {ch["channel"]: ch for ch in page["channels"]}
+        assert listed["chat.shared"]["subscribers"] == 5 and listed["chat.shared"]["offset"] == 4
+        assert listed["chat.solo"]["subscribers"] == 1, listed
+        stats = node.get("/api/stats").json()
+        assert stats["nodes"] == 3 and stats["broker"] == "redis", stats
+        assert stats["connections"]["ws"] == 6 and stats["subscriptions"] == 6, stats
+        assert stats["messages_in"] == 4, "each publish counted once, by the node it came through"
+    # Pages: one channel at a time, in name order, across the nodes.
+    first = c.get("/api/channels?limit=1").json()
+    assert [ch["channel"] for ch in first["channels"]] == ["chat.shared"]
+    assert first["next"] == "chat.shared"
+    second = c.get("/api/channels?limit=1&after=chat.shared").json()
+    assert [ch["channel"] for ch in second["channels"]] == ["chat.solo"]
+    assert second["next"] is None
+
+
 async def test_publishes_survive_redis_forgetting_its_scripts(start_node, redis, ws):
     a = start_node()
     sub = await ws(a)

@@ -6,6 +6,7 @@
 //!   subscribers, delivery into the hub with gap filling, resubscription and position checks,
 //!   and the taps of the node following them (candles built once per cluster);
 //! - `demand`: which channels have subscribers on some node (for the feed connectors);
+//! - `survey`: questions every node answers (cluster-wide `/api/channels` and `/api/stats`);
 //! - [`sentinel`]: Sentinel settings (the `redis+sentinel://` URL or the `sentinels` list);
 //! - [`metrics`]: `ferrocast_broker_*` counters.
 //!
@@ -28,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod pubsub;
 pub mod sentinel;
+mod survey;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use bytes::Bytes;
 use ferrocast_hub::{
     Broker, BrokerError, BrokerFuture, ClusterDemand, DemandListener, HistoryPage, Hub, Lease,
     Pending, Position, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    SurveyHandler,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -113,6 +116,7 @@ struct Inner {
     /// Whether this node listens to demand announcements, and where they are signalled.
     demand_watched: AtomicBool,
     demand_announced: tokio::sync::Notify,
+    surveys: survey::Surveys,
 }
 
 impl std::fmt::Debug for Inner {
@@ -201,6 +205,7 @@ impl RedisBroker {
             taps_followed: AtomicBool::new(false),
             demand_watched: AtomicBool::new(false),
             demand_announced: tokio::sync::Notify::new(),
+            surveys: survey::Surveys::default(),
             hub: hub.clone(),
             opts,
         });
@@ -403,34 +408,17 @@ impl Broker for RedisBroker {
 
     fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
         let inner = self.inner.clone();
-        Some(Box::pin(async move {
-            let mut conn = inner.conn.get().await?;
-            let prefix = &inner.opts.prefix;
-            let since = unix_ms().saturating_sub(NODE_TTL.as_millis() as u64);
-            let cmd = redis::cmd("ZRANGEBYSCORE")
-                .arg(keys::nodes_key(prefix))
-                .arg(since)
-                .arg("+inf")
-                .to_owned();
-            let ids =
-                tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<String>>(&mut conn))
-                    .await
-                    .unwrap_or_else(|_| Err(timeout_error()))
-                    .map_err(|e| inner.redis_error(e))?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<String> = ids.iter().map(|id| keys::node_key(prefix, id)).collect();
-            let cmd = redis::cmd("MGET").arg(&keys).to_owned();
-            let infos = tokio::time::timeout(
-                inner.opts.timeout,
-                cmd.query_async::<Vec<Option<String>>>(&mut conn),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timeout_error()))
-            .map_err(|e| inner.redis_error(e))?;
-            Ok(infos.into_iter().flatten().collect())
-        }))
+        Some(Box::pin(async move { live_nodes(&inner).await }))
+    }
+
+    fn answer_surveys(&self, handler: SurveyHandler) {
+        *self.inner.surveys.handler.write() = Some(handler);
+    }
+
+    fn survey(&self, question: &[u8]) -> Option<BrokerFuture<Result<Vec<Vec<u8>>, BrokerError>>> {
+        let inner = self.inner.clone();
+        let question = question.to_vec();
+        Some(Box::pin(async move { survey::ask(&inner, &question).await }))
     }
 
     fn close(&self) -> Option<BrokerFuture<()>> {
@@ -464,6 +452,10 @@ impl Broker for RedisBroker {
 
     fn render_metrics(&self, out: &mut String) {
         self.inner.metrics.render(out);
+    }
+
+    fn published(&self) -> Option<u64> {
+        Some(self.inner.metrics.published.load(Relaxed))
     }
 }
 
@@ -1192,6 +1184,30 @@ impl DemandListener for Demand {
             let _ = inner.pubsub_tx.send(pubsub::Command::Unsubscribe(channel));
         });
     }
+}
+
+/// Every live node's latest advertisement (those renewed within [`NODE_TTL`]).
+async fn live_nodes(inner: &Inner) -> Result<Vec<String>, BrokerError> {
+    let mut conn = inner.conn.get().await?;
+    let prefix = &inner.opts.prefix;
+    let since = unix_ms().saturating_sub(NODE_TTL.as_millis() as u64);
+    let cmd =
+        redis::cmd("ZRANGEBYSCORE").arg(keys::nodes_key(prefix)).arg(since).arg("+inf").to_owned();
+    let ids = tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<String>>(&mut conn))
+        .await
+        .unwrap_or_else(|_| Err(timeout_error()))
+        .map_err(|e| inner.redis_error(e))?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids.iter().map(|id| keys::node_key(prefix, id)).collect();
+    let cmd = redis::cmd("MGET").arg(&keys).to_owned();
+    let infos =
+        tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<Option<String>>>(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))
+            .map_err(|e| inner.redis_error(e))?;
+    Ok(infos.into_iter().flatten().collect())
 }
 
 /// Checks a `broker.url` (and the CA certificates for `rediss://`) the way

@@ -1,8 +1,8 @@
 //! The node's pub/sub side: one Redis subscription per channel that has local subscribers,
 //! delivery of what arrives into the hub (in order, gaps filled from history, duplicates
 //! dropped), resubscription after a reconnect, and periodic position checks. The same
-//! connection carries the pattern subscriptions of a node following the taps, and the
-//! demand announcements a watcher listens to.
+//! connection carries the pattern subscriptions of a node following the taps, the demand
+//! announcements a watcher listens to, and cluster-wide surveys.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::{self, Carried, parse_carried, topic_prefix};
-use crate::{Inner, demand};
+use crate::{Inner, demand, survey};
 
 /// Position checks sent to Redis at once.
 const POSITION_CHECKS_IN_FLIGHT: usize = 64;
@@ -53,6 +53,8 @@ pub(crate) async fn ensure_subscribed(inner: &Inner, channel: &str) -> Result<()
 pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let prefix = topic_prefix(&inner.opts.prefix);
     let demand_topic = keys::demand_topic(&inner.opts.prefix);
+    let question_topic = survey::question_topic(&inner.opts.prefix);
+    let answer_topic = survey::answer_topic(&inner.opts.prefix, &inner.node_id);
     let timeout = inner.opts.timeout;
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
@@ -70,14 +72,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
         let (mut sink, mut stream) = pubsub.split();
         let channels: Vec<String> = inner.subscribed.lock().iter().cloned().collect();
         let mut topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
+        topics.extend([question_topic.clone(), answer_topic.clone()]);
         if inner.demand_watched.load(Relaxed) {
             topics.push(demand_topic.clone());
         }
         let patterns = tap_patterns(&inner);
         let resubscribed = async {
-            if !topics.is_empty() {
-                sink.subscribe(&topics).await?;
-            }
+            sink.subscribe(&topics).await?;
             if inner.taps_followed.load(Relaxed) && !patterns.is_empty() {
                 sink.psubscribe(&patterns).await?;
             }
@@ -112,6 +113,10 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                             }
                         } else if name == demand_topic {
                             inner.demand_announced.notify_one();
+                        } else if name == question_topic {
+                            survey::answer(&inner, message.get_payload_bytes());
+                        } else if name == answer_topic {
+                            survey::answered(&inner, message.get_payload_bytes());
                         } else if let Some(channel) = name.strip_prefix(&prefix) {
                             let channel = channel.to_owned();
                             carried(&inner, &channel, message.get_payload_bytes()).await;

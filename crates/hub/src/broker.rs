@@ -129,6 +129,18 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// How this node answers [`Broker::survey`] questions from any node (itself included).
+    fn answer_surveys(&self, handler: SurveyHandler) {
+        let _ = handler;
+    }
+
+    /// Asks every live node `question` and returns the answers that came in time (at least
+    /// one, or an error); `None` without a cluster (the caller answers for this node alone).
+    fn survey(&self, question: &[u8]) -> Option<BrokerFuture<Result<Vec<Vec<u8>>, BrokerError>>> {
+        let _ = question;
+        None
+    }
+
     /// Advertises this node (`info`, a JSON object) to the others; see [`Broker::nodes`].
     fn advertise(&self, info: String) {
         let _ = info;
@@ -149,6 +161,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Messages this node has published through the broker (`None` for memory, where the
+    /// hub counts them as they come in).
+    fn published(&self) -> Option<u64> {
+        None
     }
 
     /// Appends the broker's Prometheus metrics to `out` (none for memory).
@@ -211,6 +229,9 @@ impl Broker for MemoryBroker {
         Pending::Ready(Ok(self.hub.history(channel, since, limit)))
     }
 }
+
+/// Computes this node's answer to a [`Broker::survey`] question.
+pub type SurveyHandler = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
 
 /// The cluster-wide demand [`Broker::cluster_demand`] keeps current.
 pub type ClusterDemand = tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>;

@@ -104,7 +104,7 @@ pub enum PublishError {
 }
 
 /// A channel as listed by `GET /api/channels`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChannelInfo {
     pub channel: String,
     pub subscribers: usize,

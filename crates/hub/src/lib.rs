@@ -22,6 +22,7 @@ pub mod queue;
 
 pub use broker::{
     Broker, BrokerError, BrokerFuture, ClusterDemand, Lease, MemoryBroker, Pending, RunOutcome,
+    SurveyHandler,
 };
 pub use hub::{
     ChannelInfo, ChannelPage, Delivery, DemandListener, HistoryPage, Hub, HubOptions, Position,

@@ -147,7 +147,7 @@ impl AppState {
             }
         };
         let ingest = broker.lease("ingest");
-        Arc::new(AppState {
+        let app = Arc::new(AppState {
             hub,
             broker,
             node_id,
@@ -162,7 +162,14 @@ impl AppState {
             auth,
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
-        })
+        });
+        // Weak: the broker lives in the state it would otherwise keep alive.
+        let weak = Arc::downgrade(&app);
+        app.broker.answer_surveys(Arc::new(move |question| match weak.upgrade() {
+            Some(app) => api::survey_answer(&app, question),
+            None => Vec::new(),
+        }));
+        app
     }
 
     /// Checks that published `data` nests at most `server.max_data_depth` levels, counting a
