@@ -9,12 +9,17 @@ import asyncio
 import contextlib
 import http.client
 import json
+import threading
 import time
 
 import pytest
 import socketio
 
+from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, http_status
 from ferrocast_e2e.redis import RedisCluster, RedisSentinels, RedisServer, make_tls_files
+from ferrocast_e2e.server import FerrocastServer, clean_env
+from test_doctor_nginx import NGINX
+from test_multinode_front import front
 from test_feeds import KEY, massive_config, upstream  # noqa: F401 (a fixture)
 
 
@@ -460,6 +465,132 @@ async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_no
         frames = await collect(again, channel, top - last, timeout=15)
         assert [f["offset"] for f in frames] == list(range(last + 1, top + 1))
     await survivors[0][0].expect_silence(0.3)
+
+
+def restart(node, artifacts, track_process):
+    """Starts `node` again, same port and flags (after it stopped); returns the new one."""
+    proc = ManagedProcess("ferrocast", node.argv, artifacts / f"ferrocast-{node.port}-again.log",
+                          clean_env()).start()
+    track_process(proc)
+    again = FerrocastServer(node.port, proc, node.argv, node.api_key, list(node.sets))
+    proc.wait_until(lambda: http_status(again.base_url + "/readyz", timeout=0.5) == 200, 20,
+                    "the restarted node to be ready")
+    return again
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+@pytest.mark.timeout(180)
+async def test_a_rolling_restart_loses_nothing_for_clients_of_the_js_client(
+    start_node, artifacts, track_process
+):
+    """Three nodes behind the nginx front `ferrocast gen nginx` writes; 30 clients of the
+    project's JS client (on Node) subscribed through it; every node restarted in turn
+    (SIGTERM, then started again) while messages are published: every client receives every
+    message once, in order, and each resubscription recovers."""
+    channel, count = "chat.rolling", 30
+    nodes = [start_node("namespaces.chat.history_size=10000", "server.reconnect_after_ms=200")
+             for _ in range(3)]
+    # nginx skips a node that refused connections for fail_timeout (10 s): a rolling restart
+    # waits that long between nodes (docs/cluster.md). Without failure accounting nginx
+    # just tries the next node, which keeps this test short.
+    port = front(artifacts, track_process, nodes,
+                 edit=lambda site: site.replace("max_fails=3 fail_timeout=10s", "max_fails=0"))
+    script = REPO_ROOT / "e2e" / "node" / "lib" / "cluster-clients.mjs"
+    clients_proc = NodeClients(script, f"http://127.0.0.1:{port}", channel, count, artifacts)
+    stop = threading.Event()
+    up = [True] * 3
+    acked: list[int] = []
+
+    def publish_until_stopped() -> None:
+        n = 0
+        while not stop.is_set():
+            live = [node for i, node in enumerate(nodes) if up[i]]
+            n += 1
+            result = live[n % len(live)].publish(channel, {"n": n})
+            assert result["offset"] == n, result
+            acked.append(n)
+            time.sleep(0.01)
+
+    try:
+        assert (await clients_proc.next_line(20))["event"] == "ready"
+        publisher = asyncio.create_task(asyncio.to_thread(publish_until_stopped))
+        await asyncio.sleep(0.5)
+        for i in range(3):
+            up[i] = False
+            nodes[i].process.stop(timeout=10)  # SIGTERM: drain (1001 + reconnect hint), exit
+            await asyncio.sleep(0.3)
+            nodes[i] = await asyncio.to_thread(restart, nodes[i], artifacts, track_process)
+            up[i] = True
+            await asyncio.sleep(1.5)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await publisher
+        total = acked[-1]
+        assert total > 200, f"only {total} messages were published"
+
+        deadline = time.monotonic() + 15
+        while behind := [
+            {k: c[k] for k in ("subscribed", "gaps", "reconnects", "sessions", "states")}
+            | {"got": len(c["n"]), "last": c["n"][-3:]}
+            for c in await clients_proc.report()
+            if len(c["n"]) < total
+        ]:
+            assert time.monotonic() < deadline, f"clients never caught up to {total}: {behind}"
+            await asyncio.sleep(0.3)
+        clients = await clients_proc.report()
+        for i, c in enumerate(clients):
+            assert c["n"] == list(range(1, total + 1)), f"client {i}: lost or repeated messages"
+            assert c["offsets"] == list(range(1, total + 1)), f"client {i}"
+            assert len(c["epochs"]) == 1 and c["gaps"] == [] and c["duplicates"] == 0, c["gaps"]
+            assert c["reconnects"] >= 1, f"client {i} never lost its node"
+            again = c["subscribed"][1:]
+            assert again and all(s["recovered"] is True for s in again), c["subscribed"]
+        listed = nodes[0].get("/api/nodes").json()["nodes"]
+        assert sum(n["connections"]["ws"] for n in listed) == count, listed
+    finally:
+        stop.set()
+        clients_proc.close()
+
+
+class NodeClients:
+    """e2e/node/lib/cluster-clients.mjs in a child process: its JSON lines on a queue."""
+
+    def __init__(self, script, url: str, channel: str, count: int, artifacts) -> None:
+        import subprocess
+
+        self.child = subprocess.Popen(
+            ["node", str(script), url, channel, str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(artifacts / "node-clients.log", "w"), text=True,
+        )
+        self.lines: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def read() -> None:
+            for line in self.child.stdout:
+                loop.call_soon_threadsafe(self.lines.put_nowait, json.loads(line))
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    async def next_line(self, timeout: float) -> dict:
+        return await asyncio.wait_for(self.lines.get(), timeout)
+
+    async def report(self) -> list[dict]:
+        self.child.stdin.write("report\n")
+        self.child.stdin.flush()
+        line = await self.next_line(10)
+        assert line["event"] == "report", line
+        return line["clients"]
+
+    def close(self) -> None:
+        import subprocess
+
+        try:
+            self.child.stdin.close()
+            self.child.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.child.kill()
 
 
 async def test_the_simulator_runs_on_one_node_and_moves_when_it_dies(start_node, ws):
