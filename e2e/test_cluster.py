@@ -241,6 +241,7 @@ async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
     start_node, redis, ws
 ):
     a, b = start_node(), start_node()
+    patient = start_node("broker.ready_grace_ms=3000")
     channel = "chat.restart"
     sub = await ws(a)
     old = (await sub.subscribe_ok(channel))[channel]["epoch"]
@@ -250,6 +251,9 @@ async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
     assert a.get("/readyz").status == 200
 
     redis.stop()
+    down = time.monotonic()
+    # Readiness tolerates a short outage (broker.ready_grace_ms), then turns 503.
+    assert patient.get("/readyz").status == 200, "503 before the grace period ended"
     started = time.monotonic()
     r = await asyncio.to_thread(b.post_publish, {"channel": channel, "data": {"i": "lost"}})
     elapsed = time.monotonic() - started
@@ -258,6 +262,8 @@ async def test_redis_restarted_empty_gives_a_new_epoch_and_bounded_failures(
     assert elapsed < 3.0, f"a publish during the outage took {elapsed:.1f}s"
     await wait_for(lambda: a.get("/readyz").status == 503, 5, "/readyz 503 while Redis is down")
     assert "Redis" in a.get("/readyz").text
+    await wait_for(lambda: patient.get("/readyz").status == 503, 8, "503 after the grace period")
+    assert time.monotonic() - down >= 2.5, "the grace period was cut short"
     # Over /ws too: a client publish and a subscribe fail with `unavailable`, in bounded time,
     # and the connected subscriber stays connected.
     client = await ws(b)
@@ -366,11 +372,13 @@ async def test_messages_history_cannot_supply_close_exact_subscribers_and_not_fe
 
 
 async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_lost(
-    start_node, redis, ws
+    start_node, start_server, redis, ws
 ):
     import signal
 
     a, b = start_node(), start_node()
+    # broker.timeout_ms unset: the 1 s default.
+    default = start_server("broker.kind=redis", f"broker.url={redis.url}")
     channel = "chat.pause"
     subs = [await ws(a), await ws(b)]
     for sub in subs:
@@ -399,7 +407,10 @@ async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_
     await asyncio.to_thread(publish_for, 0.5, "before")
     redis.process.signal(signal.SIGSTOP)
     try:
+        waited = asyncio.to_thread(default.post_publish, {"channel": channel, "data": "late"})
         await asyncio.to_thread(publish_for, 2.0, "paused")
+        r = await waited
+        assert r.status == 503 and "within 1000 ms (broker.timeout_ms)" in r.text, r.text
     finally:
         redis.process.signal(signal.SIGCONT)
     await asyncio.to_thread(publish_for, 1.0, "after")
