@@ -17,7 +17,7 @@ import socketio
 
 from ferrocast_e2e.procs import REPO_ROOT, ManagedProcess, http_status
 from ferrocast_e2e.redis import RedisCluster, RedisSentinels, RedisServer, make_tls_files
-from ferrocast_e2e.server import FerrocastServer, clean_env
+from ferrocast_e2e.server import FerrocastServer, clean_env, run_ferrocast
 from test_doctor_nginx import NGINX
 from test_multinode_front import front
 from test_feeds import KEY, massive_config, upstream  # noqa: F401 (a fixture)
@@ -849,6 +849,30 @@ async def test_channels_and_stats_on_any_node_count_every_node(start_node, ws):
     second = c.get("/api/channels?limit=1&after=chat.shared").json()
     assert [ch["channel"] for ch in second["channels"]] == ["chat.solo"]
     assert second["next"] is None
+
+
+async def test_bench_spreads_subscribers_over_nodes_and_recovers_across_them(start_node):
+    sets = ("namespaces.bench.history_size=2000", "namespaces.bench.max_replay=2000")
+    a, b = start_node(*sets), start_node(*sets)
+    nodes = ["--url", a.ws_url(), "--url", b.ws_url()]
+    pids = ["--server-pid", str(a.process.proc.pid), "--server-pid", str(b.process.proc.pid)]
+    out = await asyncio.to_thread(run_ferrocast, [
+        "bench", *nodes, *pids, "--subscribers", "20", "--channels", "1", "--rate", "300",
+        "--duration", "1", "--warmup", "0.5", "--json"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["config"]["url"] == [a.ws_url(), b.ws_url()]
+    assert report["config"]["publish_url"] == [a.base_url, b.base_url]
+    delivery = report["delivery"]
+    assert delivery["delivered"] > 0 and delivery["lost"] == 0 and delivery["duplicates"] == 0
+    assert report["server"]["pid"] == [a.process.proc.pid, b.process.proc.pid]
+
+    # Recovery: published through the first node, replayed from Redis on the second.
+    out = await asyncio.to_thread(run_ferrocast, ["bench", *nodes, "--recovery", "1500", "--json"],
+                                  timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["messages"] == 1500 and report["out_of_order"] == 0, report
 
 
 async def test_publishes_survive_redis_forgetting_its_scripts(start_node, redis, ws):
