@@ -316,7 +316,11 @@ impl Broker for RedisBroker {
                 let before = inner.hub.position(&channel);
                 let read =
                     inner.read(&channel, since, tail, ns.history_size, Reader::Client).await?;
-                inner.apply(&channel, before, read, Reader::Client).await?;
+                // A channel this node already follows may have messages on their way through
+                // pub/sub (a busy node lags): it does not move past them.
+                let lost_until = before.as_ref().filter(|b| b.top > 0 && *b.epoch == *read.epoch);
+                let lost_until = lost_until.map(|b| b.top);
+                inner.apply(&channel, before, read, Reader::Client, lost_until).await?;
                 Ok(())
             };
             match tokio::time::timeout(timeout, work).await {
@@ -540,17 +544,22 @@ impl Inner {
     }
 
     /// Brings this node's copy of `channel` up to what Redis holds, delivering what it
-    /// lacks (after a pub/sub loss, at a position check, or on meeting another epoch).
-    /// Returns how many messages were new here, and the epoch Redis's replaced in a fence
-    /// (empty if none).
-    pub(crate) async fn catch_up(&self, channel: &str) -> Result<(u64, String), BrokerError> {
+    /// lacks (after a pub/sub loss, at a position check, or on meeting another epoch), and
+    /// moving past what history no longer holds up to `lost_until` at most: messages after
+    /// it may still be on their way through pub/sub (`None`: nothing is, as after a
+    /// reconnect). Returns how many messages were new here, and the epoch Redis's replaced
+    /// in a fence (empty if none).
+    pub(crate) async fn catch_up(
+        &self,
+        channel: &str,
+        lost_until: Option<u64>,
+    ) -> Result<(u64, String), BrokerError> {
         let limit = self.hub.namespace(channel).history_size;
         let local = self.hub.position(channel);
         let since = local.as_ref().map(|p| (p.top, &*p.epoch));
         let read = self.read(channel, since, 0, limit, Reader::Node).await?;
-        self.metrics.position_checks.fetch_add(1, Relaxed);
         let prev = read.prev.clone();
-        let applied = self.apply(channel, local, read, Reader::Node).await?;
+        let applied = self.apply(channel, local, read, Reader::Node, lost_until).await?;
         if applied > 0 {
             self.metrics.gaps_filled.fetch_add(1, Relaxed);
             self.metrics.messages_filled.fetch_add(applied, Relaxed);
@@ -558,7 +567,8 @@ impl Inner {
         Ok((applied, prev))
     }
 
-    /// Merges what a read returned into the hub (see [`Hub::merge`]). Returns how many
+    /// Merges what a read returned into the hub (see [`Hub::merge`]), moving past missing
+    /// messages up to `lost_until` at most (see [`Inner::catch_up`]). Returns how many
     /// messages were new here.
     ///
     /// Two cases come first. Redis behind what this node delivered in the same epoch means a
@@ -575,6 +585,7 @@ impl Inner {
         before: Option<Position>,
         read: ReadResult,
         reader: Reader,
+        lost_until: Option<u64>,
     ) -> Result<u64, BrokerError> {
         if let Some(local) = before
             && local.top > 0
@@ -586,15 +597,17 @@ impl Inner {
                 let limit = self.hub.namespace(channel).history_size;
                 let since = Some((local.top, &*local.epoch));
                 let caught = self.read(channel, since, 0, limit, Reader::Node).await?;
-                let applied = self.merge(channel, caught);
-                return Ok(applied + self.merge(channel, read));
+                let applied = self.merge(channel, caught, None);
+                return Ok(applied + self.merge(channel, read, None));
             }
         }
-        Ok(self.merge(channel, read))
+        Ok(self.merge(channel, read, lost_until))
     }
 
-    fn merge(&self, channel: &str, read: ReadResult) -> u64 {
-        self.hub.merge(channel, &read.epoch, read.top, &read.entries).unwrap_or(0)
+    /// [`Hub::merge`], moving the channel without its messages up to `lost_until` at most.
+    fn merge(&self, channel: &str, read: ReadResult, lost_until: Option<u64>) -> u64 {
+        let top = lost_until.map_or(read.top, |until| until.min(read.top));
+        self.hub.merge(channel, &read.epoch, top, &read.entries).unwrap_or(0)
     }
 
     /// `channel` in `epoch` stands at `top` in Redis, behind what this node delivered
@@ -631,7 +644,7 @@ impl Inner {
         );
         let since = Some((delivered, epoch));
         let read = self.read(channel, since, 0, limit, Reader::Node).await?;
-        Ok(self.merge(channel, read))
+        Ok(self.merge(channel, read, None))
     }
 
     /// Counts a Redis error by kind and words it for the client.

@@ -4,7 +4,7 @@
 //! connection carries the pattern subscriptions of a node following the taps, the demand
 //! announcements a watcher listens to, and cluster-wide surveys.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -97,7 +97,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             let catch_up = inner.clone();
             tokio::spawn(async move {
                 for channel in channels {
-                    let _ = catch_up.catch_up(&channel).await;
+                    let _ = catch_up.catch_up(&channel, None).await;
                 }
             });
         }
@@ -279,7 +279,8 @@ async fn carried(inner: &Inner, channel: &str, payload: &[u8]) {
 /// which delivers the missing ones in order, then delivers the message unless that did.
 async fn fill(inner: &Inner, channel: &str, m: &Carried<'_>) {
     let mut epoch = m.epoch.to_owned();
-    match inner.catch_up(channel).await {
+    // Whatever came before this message and is missing is lost; what came after it is not.
+    match inner.catch_up(channel, Some(m.offset - 1)).await {
         Ok((_, replaced)) => {
             // A message published just before another node fenced the channel carries the
             // epoch the fence replaced; it belongs to the new one.
@@ -318,9 +319,16 @@ async fn diverged(inner: &Inner, channel: &str, epoch: &str) {
 /// Every `broker.position_check_ms`: subscribes channels that have local subscribers but
 /// no Redis subscription (a subscribe that raced an unsubscribe), unsubscribes the reverse,
 /// and compares each channel's position with Redis.
+///
+/// A channel behind Redis is not caught up at once: its messages may be on their way (a busy
+/// node's pub/sub lags). Only messages that have not arrived by the next check, a whole
+/// period later, count as lost (a lost last message, a silent pub/sub connection): they are
+/// delivered from history. Another epoch, or Redis behind the node, is handled at once.
 pub(crate) async fn check_positions(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.opts.position_check);
     tick.tick().await;
+    // Redis's position of each channel at the previous check.
+    let mut seen: HashMap<String, (String, u64)> = HashMap::new();
     loop {
         tick.tick().await;
         let demanded: HashSet<String> = inner.hub.demanded_channels().into_iter().collect();
@@ -328,23 +336,54 @@ pub(crate) async fn check_positions(inner: Arc<Inner>) {
         for channel in subscribed.difference(&demanded) {
             let _ = inner.pubsub_tx.send(Command::Unsubscribe(channel.clone()));
         }
+        seen.retain(|channel, _| demanded.contains(channel));
         // Many channels at once: each check is one small script on the multiplexed
         // connection, so a node with thousands of channels checks them in a few round trips.
-        futures_util::stream::iter(demanded)
-            .for_each_concurrent(POSITION_CHECKS_IN_FLIGHT, |channel| {
+        let checked = futures_util::stream::iter(demanded)
+            .map(|channel| {
                 let inner = &inner;
                 let subscribed = &subscribed;
+                let previous = seen.get(&channel).cloned();
                 async move {
                     if !subscribed.contains(&channel)
                         && ensure_subscribed(inner, &channel).await.is_err()
                     {
-                        return;
+                        return None;
                     }
-                    if let Err(e) = inner.catch_up(&channel).await {
-                        tracing::debug!(channel, "position check failed: {e}");
+                    match check(inner, &channel, previous).await {
+                        Ok(now) => Some((channel, now)),
+                        Err(e) => {
+                            tracing::debug!(channel, "position check failed: {e}");
+                            None
+                        }
                     }
                 }
             })
+            .buffer_unordered(POSITION_CHECKS_IN_FLIGHT)
+            .filter_map(|checked| async move { checked })
+            .collect::<Vec<_>>()
             .await;
+        seen.extend(checked);
     }
+}
+
+/// One channel's position check (see [`check_positions`]); returns Redis's position.
+async fn check(
+    inner: &Inner,
+    channel: &str,
+    previous: Option<(String, u64)>,
+) -> Result<(String, u64), BrokerError> {
+    let local = inner.hub.position(channel);
+    let now = inner.read(channel, None, 0, 0, crate::Reader::Node).await?;
+    inner.metrics.position_checks.fetch_add(1, Relaxed);
+    let Some(local) = local else { return Ok((now.epoch, now.top)) };
+    let lost_until = match previous {
+        _ if *local.epoch != *now.epoch || local.top > now.top => Some(None),
+        Some((epoch, top)) if epoch == now.epoch && local.top < top => Some(Some(top)),
+        _ => None,
+    };
+    if let Some(lost_until) = lost_until {
+        inner.catch_up(channel, lost_until).await?;
+    }
+    Ok((now.epoch, now.top))
 }

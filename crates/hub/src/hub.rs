@@ -527,12 +527,9 @@ impl Hub {
                 fanout.overflowed += f.overflowed;
                 applied += 1;
             }
-            // Behind the broker's top with nothing more to deliver from its history: the
-            // channel moves there, unless it keeps no history and already has a position (the
-            // messages in between are then on their way, not lost: a later one reports any
-            // real gap).
-            let in_flight = same_epoch && local_top > 0 && c.ns.history_size == 0;
-            if top > c.top && !in_flight {
+            // Behind `top` with nothing more to deliver from the broker's history: the
+            // messages in between are lost, and the channel moves there.
+            if top > c.top {
                 if same_epoch && local_top > 0 {
                     Self::break_continuity(&c, channel, c.top + 1..top + 1);
                 }
