@@ -124,7 +124,7 @@ async def test_publishes_through_any_node_reach_every_node_once_in_order(start_n
         assert [m["data"]["i"] for m in page["messages"]] == list(range(total))
 
 
-async def test_history_api_answers_from_redis_on_any_node(start_node):
+async def test_history_api_and_snapshots_answer_from_redis_on_any_node(start_node, ws):
     a, b = start_node("namespaces.hist.history_size=5"), start_node("namespaces.hist.history_size=5")
     for i in range(1, 9):
         a.publish("hist.shared", {"i": i})
@@ -138,6 +138,15 @@ async def test_history_api_answers_from_redis_on_any_node(start_node):
     assert again["epoch"] == page["epoch"] == a.publish("hist.shared", 9)["epoch"]
     assert b.get("/api/channels/hist.never/history").status == 404
     assert b.get("/api/stats").json()["broker"] == "redis"
+
+    # Snapshots come from Redis too: quotes send the latest value to a new subscriber.
+    for price in (1, 2, 3):
+        a.publish("quotes.SNAP", {"price": price})
+    client = await ws(b)
+    result = await client.subscribe("quotes.SNAP")
+    assert result["quotes.SNAP"]["snapshot"] == {"kind": "latest", "count": 1}, result
+    latest = await client.next_msg("quotes.SNAP")
+    assert latest["offset"] == 3 and latest["data"] == {"price": 3}, latest
 
 
 async def test_recovery_on_another_node_is_exact_then_live(start_node, ws):
@@ -205,34 +214,39 @@ def sse_messages(port: int, channel: str, last_event_id: str, count: int) -> lis
 
 
 async def test_recovery_on_another_node_over_sse_and_socketio(start_node):
-    a, b = start_node(), start_node()
-    channel = "chat.transports"
-    results = a.publish_batch([(channel, {"n": n}) for n in range(1, 6)])
-    epoch = results[0]["epoch"]
+    a, b, c = (start_node("namespaces.chat.history_size=1000") for _ in range(3))
+    channel, missed = "chat.transports", 500
+    epoch = a.publish(channel, {"n": 0})["epoch"]
+    # A client saw offset 1 on node a, then 500 messages went through nodes b and c.
+    for start in range(1, missed + 1, 50):
+        node = b if (start // 50) % 2 == 0 else c
+        node.publish_batch([(channel, {"n": n}) for n in range(start, start + 50)])
 
-    # SSE: a browser that was on node a comes back to node b with its Last-Event-ID.
-    frames = await asyncio.to_thread(sse_messages, b.port, channel, f"{channel}={epoch}:2", 3)
-    assert [f["offset"] for f in frames] == [3, 4, 5]
-    assert [f["data"]["n"] for f in frames] == [3, 4, 5]
+    # SSE: a browser that was on node a comes back to node c with its Last-Event-ID.
+    frames = await asyncio.to_thread(
+        sse_messages, c.port, channel, f"{channel}={epoch}:1", missed
+    )
+    assert [f["offset"] for f in frames] == list(range(2, missed + 2))
+    assert [f["data"]["n"] for f in frames] == list(range(1, missed + 1))
     assert all(f["epoch"] == epoch for f in frames)
 
-    # Socket.IO (python-socketio): subscribe with recover on node b, then live from node a.
+    # Socket.IO (python-socketio): subscribe with recover on node c, then live from node b.
     sio = socketio.AsyncClient(reconnection=False)
     inbox: asyncio.Queue = asyncio.Queue()
     sio.on("message", inbox.put_nowait)
-    await sio.connect(b.base_url, transports=["websocket"], wait_timeout=5)
+    await sio.connect(c.base_url, transports=["websocket"], wait_timeout=5)
     try:
         reply = await sio.call(
             "subscribe",
             {"channels": [channel], "recover": {channel: {"epoch": epoch, "offset": 1}}},
             timeout=5,
         )
-        assert reply[channel]["recovered"] is True and reply[channel]["replayed"] == 4, reply
-        got = [await asyncio.wait_for(inbox.get(), 5) for _ in range(4)]
-        assert [m["data"]["n"] for m in got] == [2, 3, 4, 5]
-        a.publish(channel, {"n": 6})
+        assert reply[channel]["recovered"] is True and reply[channel]["replayed"] == missed
+        got = [await asyncio.wait_for(inbox.get(), 5) for _ in range(missed)]
+        assert [m["data"]["n"] for m in got] == list(range(1, missed + 1))
+        b.publish(channel, {"n": "live"})
         live = await asyncio.wait_for(inbox.get(), 5)
-        assert live["data"] == {"n": 6} and live["offset"] == 6, live
+        assert live["data"] == {"n": "live"} and live["offset"] == missed + 2, live
     finally:
         await sio.disconnect()
 
@@ -417,6 +431,10 @@ async def test_redis_paused_publishes_fail_in_bounded_time_and_nothing_acked_is_
 
     assert failed >= 1, "no publish failed while Redis was paused"
     assert slowest < 2.5, f"a publish took {slowest:.1f}s (broker.timeout_ms is 500)"
+    # Visible in /metrics: errors by kind, and the publish latency histogram.
+    assert (b.metric("ferrocast_broker_errors_total", kind="timeout") or 0) >= 1
+    assert (b.metric("ferrocast_broker_publish_latency_seconds_count") or 0) >= len(acked)
+    assert (b.metric("ferrocast_broker_publish_latency_seconds_bucket", le="1") or 0) >= 1
     # The offsets Redis assigned are contiguous (late successes included), and every
     # subscriber on every node receives each of them once, in order.
     top = b.publish(channel, {"tag": "last"})["offset"]
@@ -432,7 +450,7 @@ async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_no
 
     a, b, c = (start_node("namespaces.chat.history_size=5000") for _ in range(3))
     channel = "chat.failover"
-    clients = [await ws(a) for _ in range(20)]
+    clients = [await ws(a) for _ in range(100)]
     epoch = None
     for client in clients:
         epoch = (await client.subscribe_ok(channel))[channel]["epoch"]
@@ -442,12 +460,12 @@ async def test_clients_of_a_killed_node_recover_on_another_without_loss(start_no
 
     def publish_until_stopped() -> None:
         pub = b.keepalive_publisher()
-        n = 0
+        n, started = 0, time.monotonic()
         try:
             while not stop.is_set():
                 n += 1
                 published.append(pub.publish_batch([(channel, {"n": n})])[0]["offset"])
-                time.sleep(0.005)
+                time.sleep(max(0.0, started + n / 200 - time.monotonic()))  # 200 msg/s
         finally:
             pub.close()
 
@@ -825,11 +843,19 @@ async def test_api_nodes_lists_the_live_nodes_with_their_connections(start_node,
     assert set(listed()) == {addr(a), addr(b)}
 
 
-async def test_channels_and_stats_on_any_node_count_every_node(start_node, ws):
+async def test_channels_and_stats_on_any_node_count_every_node(start_node, redis, ws):
     a, b, c = start_node(), start_node(), start_node()
+    clients = {}
     for node, channel, count in ((a, "chat.shared", 2), (b, "chat.shared", 3), (c, "chat.solo", 1)):
-        for _ in range(count):
-            await (await ws(node)).subscribe_ok(channel)
+        clients[node.port] = [await ws(node) for _ in range(count)]
+        for client in clients[node.port]:
+            await client.subscribe_ok(channel)
+
+    def nodes_subscribed(channel: str) -> int:
+        return redis.command("PUBSUB", "NUMSUB", f"ferrocast:p:{channel}")[1]
+
+    # Redis carries each channel once per node that has subscribers, not once per client.
+    assert nodes_subscribed("chat.shared") == 2 and nodes_subscribed("chat.solo") == 1
     for i in range(4):
         (a, b)[i % 2].publish("chat.shared", {"i": i})
     for node in (a, b, c):
@@ -849,6 +875,11 @@ async def test_channels_and_stats_on_any_node_count_every_node(start_node, ws):
     second = c.get("/api/channels?limit=1&after=chat.shared").json()
     assert [ch["channel"] for ch in second["channels"]] == ["chat.solo"]
     assert second["next"] is None
+
+    # The last client on node b leaves: node b gives the channel up (after broker.timeout_ms).
+    for client in clients[b.port]:
+        await client.close()
+    await wait_for(lambda: nodes_subscribed("chat.shared") == 1, 5, "node b to unsubscribe")
 
 
 async def test_bench_spreads_subscribers_over_nodes_and_recovers_across_them(start_node):
