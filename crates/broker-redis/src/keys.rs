@@ -1,12 +1,13 @@
-//! The Redis key layout and the two server-side scripts (publish, read).
+//! The Redis key layout and the server-side scripts (publish, read, fence, leases).
 //!
 //! For channel `C` under prefix `P`:
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `P:m:{C}` | hash | `e` the channel's epoch, `t` its top offset |
+//! | `P:m:{C}` | hash | `e` the channel's epoch, `t` its top offset; after a fence, `p` the previous epoch and `b` the last offset both share |
 //! | `P:s:{C}` | stream | the history: entry id `<offset>-0`, fields `d` (data) and `t` (ms) |
 //! | `P:p:C` | pub/sub topic | `r<offset>,<epoch>,<data>` or `e<offset>,<epoch>,<data>` |
+//! | `P:demand` | pub/sub topic | a channel a node newly has subscribers on |
 //! | `{P}:lease:N` | string | the node id holding cluster-wide role `N` (e.g. the simulator) |
 //! | `{P}:nodes` | sorted set | node ids by the time (ms) of their last advertisement |
 //! | `{P}:node:ID` | string | node `ID`'s advertisement (JSON), expiring unless renewed |
@@ -36,6 +37,11 @@ impl ChannelKeys {
 /// The pub/sub topic prefix; what follows it is the channel name.
 pub fn topic_prefix(prefix: &str) -> String {
     format!("{prefix}:p:")
+}
+
+/// The pub/sub topic on which a node announces a channel it newly has subscribers on.
+pub fn demand_topic(prefix: &str) -> String {
+    format!("{prefix}:demand")
 }
 
 /// Publishes one or more messages on one channel, atomically (no other publish on the
@@ -89,15 +95,19 @@ return out
 
 /// Reads a channel's position and the history a node needs, atomically; creates the epoch
 /// when the channel has none, so every node agrees on it before the first publish.
-/// Returns `{epoch, top, offset1, data1, offset2, data2, ...}`, oldest first.
+/// Returns `{epoch, top, previous epoch, base, offset1, data1, offset2, data2, ...}`, oldest
+/// first; the previous epoch (empty if none) and the base are set by [`FENCE`].
 ///
-/// What is read: the entries after `since` when `since_epoch` is the channel's epoch (or is
-/// empty, meaning any), and at least the last `tail`; at most `limit`. Entries older than
-/// the history TTL are left out, as the local history would have expired them.
+/// What is read: at least the last `tail` entries, and the entries after `since` when
+/// `since_epoch` is the channel's epoch (or is empty, meaning any); when it is the previous
+/// epoch, the entries after the part both epochs share (`base`); when it is another one and
+/// `catch_up` is `1` (a node catching up, not a client), every entry (all are new to it). At
+/// most `limit`. Entries older than the history TTL are left out, as the local history would
+/// have expired them.
 ///
 /// KEYS: meta, stream. ARGV: since (-1: none), since_epoch, tail, limit, history TTL ms,
 /// meta TTL ms, epoch to use if the channel has none, `1` to create a missing channel (`0`:
-/// answer an empty array instead).
+/// answer an empty array instead), `1` to catch up.
 pub const READ: &str = r#"
 local meta, stream = KEYS[1], KEYS[2]
 local since, since_epoch = tonumber(ARGV[1]), ARGV[2]
@@ -113,12 +123,22 @@ if not epoch then
 end
 redis.call('PEXPIRE', meta, tonumber(ARGV[6]))
 local top = tonumber(redis.call('HGET', meta, 't'))
+local prev = redis.call('HGET', meta, 'p') or ''
+local base = tonumber(redis.call('HGET', meta, 'b') or 0)
 local from = top
 if tail > 0 then from = math.max(0, top - tail) end
-if since >= 0 and (since_epoch == '' or since_epoch == epoch) and since < from then
-  from = since
+if since >= 0 then
+  local s = nil
+  if since_epoch == '' or since_epoch == epoch then
+    s = since
+  elseif since_epoch == prev then
+    s = math.min(since, base)
+  elseif ARGV[9] == '1' then
+    s = 0
+  end
+  if s and s < from then from = s end
 end
-local out = {epoch, top}
+local out = {epoch, top, prev, base}
 if from < top and limit > 0 then
   local cutoff = 0
   if hist_ttl > 0 then
@@ -135,6 +155,22 @@ if from < top and limit > 0 then
   end
 end
 return out
+"#;
+
+/// Moves a channel whose history went back (a failover lost writes a node had delivered)
+/// to a new epoch, remembering the previous one and how far both agree (`base`), so nodes
+/// that held the previous epoch deliver only what follows `base`, and clients recovering
+/// past it are told `recovered: false`. Does nothing if another node fenced it first.
+/// KEYS: meta. ARGV: the epoch found behind, the new epoch, base, meta TTL ms. Returns the
+/// channel's epoch afterwards.
+pub const FENCE: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if epoch == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2], 'p', ARGV[1], 'b', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+  return ARGV[2]
+end
+return epoch or ''
 "#;
 
 /// Takes or renews a lease: the key holds the holder's node id for the lease's lifetime.

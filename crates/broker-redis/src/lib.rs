@@ -3,8 +3,12 @@
 //!
 //! - [`keys`]: the key layout and the server-side Lua scripts (publish, read);
 //! - [`pubsub`]: the node's pub/sub connection, one subscription per channel with local
-//!   subscribers, delivery into the hub with gap filling, resubscription and position checks;
+//!   subscribers, delivery into the hub with gap filling, resubscription and position checks,
+//!   and the taps of the node following them (candles built once per cluster);
 //! - [`commands`]: the cluster-wide command topic (the server API's per-user commands);
+//! - `demand`: which channels have subscribers on some node (for the feed connectors);
+//! - `survey`: questions every node answers (cluster-wide `/api/channels` and `/api/stats`);
+//! - [`sentinel`]: Sentinel settings (the `redis+sentinel://` URL or the `sentinels` list);
 //! - [`metrics`]: `ferrocast_broker_*` counters.
 //!
 //! How a publish travels: [`RedisBroker::publish`] queues the message for the publisher task
@@ -17,24 +21,28 @@
 //!
 //! Crate choice: `redis` (redis-rs), the most used Rust client, maintained by the Redis
 //! organisation, with tokio support, pipelining on a multiplexed connection, scripts with
-//! automatic `EVALSHA` fallback, and pub/sub split into a sink and a stream; Sentinel and
-//! Cluster support exist in the same crate for later.
+//! automatic `EVALSHA` fallback, pub/sub split into a sink and a stream, and Sentinel and
+//! Cluster clients in the same crate.
 #![forbid(unsafe_code)]
 
 pub mod commands;
+mod demand;
 pub mod keys;
 pub mod metrics;
 pub mod pubsub;
+pub mod sentinel;
+mod survey;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, CommandHandler, DemandListener, HistoryPage, Hub, Lease,
-    Pending, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, ClusterDemand, CommandHandler, DemandListener, HistoryPage,
+    Hub, Lease, Pending, Position, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    SurveyHandler,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
 use parking_lot::Mutex;
@@ -107,6 +115,12 @@ struct Inner {
     closing: tokio::sync::Mutex<bool>,
     /// Where commands from the other nodes go.
     commands: commands::Commands,
+    /// Whether the hub's taps see every retained message of the cluster (`follow_taps`).
+    taps_followed: AtomicBool,
+    /// Whether this node listens to demand announcements, and where they are signalled.
+    demand_watched: AtomicBool,
+    demand_announced: tokio::sync::Notify,
+    surveys: survey::Surveys,
 }
 
 impl std::fmt::Debug for Inner {
@@ -130,7 +144,20 @@ struct Job {
 pub struct ReadResult {
     pub epoch: String,
     pub top: u64,
+    /// The epoch this one replaced in a fence (empty if none), and the last offset both share.
+    pub prev: String,
+    pub base: u64,
     pub entries: Vec<(u64, Vec<u8>)>,
+}
+
+/// Who a read is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// A client's recovery or snapshot, or the history API: a position in an unknown epoch
+    /// reads nothing after it.
+    Client,
+    /// This node catching up from its own position: in an unknown epoch, everything is new.
+    Node,
 }
 
 impl RedisBroker {
@@ -142,22 +169,19 @@ impl RedisBroker {
         if !matches!(flavor, Ok(tokio::runtime::RuntimeFlavor::MultiThread)) {
             return Err("the Redis broker needs a multi-threaded tokio runtime".into());
         }
-        // With a cluster, pub/sub runs on the first seed: a PUBLISH on any node of a Redis
-        // Cluster reaches the subscribers of every node.
-        let pubsub_url = opts.cluster_urls.first().unwrap_or(&opts.url).clone();
-        let client = open_client(&pubsub_url, opts.tls_ca.as_deref())
-            .map_err(|e| format!("broker.url {pubsub_url:?}: {e}"))?;
-        let sentinel = if opts.sentinels.is_empty() {
-            None
-        } else {
-            let client = redis::sentinel::SentinelClient::build(
-                opts.sentinels.clone(),
-                opts.sentinel_master.clone(),
-                None,
-                redis::sentinel::SentinelServerType::Master,
-            )
-            .map_err(|e| format!("broker.sentinels: {e}"))?;
-            Some(tokio::sync::Mutex::new(client))
+        let target = match sentinel_settings(&opts) {
+            Some(settings) => {
+                let client = settings?.client().map_err(|e| format!("broker.sentinels: {e}"))?;
+                Target::Sentinel(tokio::sync::Mutex::new(client))
+            }
+            None => {
+                // With a cluster, pub/sub runs on the first seed: a PUBLISH on any node of a
+                // Redis Cluster reaches the subscribers of every node.
+                let url = opts.cluster_urls.first().unwrap_or(&opts.url);
+                let client = open_client(url, opts.tls_ca.as_deref())
+                    .map_err(|e| format!("broker.url {url:?}: {e}"))?;
+                Target::Server(client)
+            }
         };
         let cluster = if opts.cluster_urls.is_empty() {
             None
@@ -170,7 +194,7 @@ impl RedisBroker {
         let (publish_tx, publish_rx) = mpsc::unbounded_channel();
         let (pubsub_tx, pubsub_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
-            conn: Conn::new(client, cluster, sentinel, opts.timeout),
+            conn: Conn::new(target, cluster, opts.timeout),
             publish_tx,
             queued: AtomicUsize::new(0),
             pubsub_tx,
@@ -183,6 +207,10 @@ impl RedisBroker {
             leases: Mutex::new(Vec::new()),
             closing: tokio::sync::Mutex::new(false),
             commands: commands::Commands::default(),
+            taps_followed: AtomicBool::new(false),
+            demand_watched: AtomicBool::new(false),
+            demand_announced: tokio::sync::Notify::new(),
+            surveys: survey::Surveys::default(),
             hub: hub.clone(),
             opts,
         });
@@ -291,8 +319,14 @@ impl Broker for RedisBroker {
                     SnapshotMode::Last => ns.snapshot_size,
                 };
                 let since = recover.as_ref().map(|p| (p.offset, p.epoch.as_str()));
-                let read = inner.read(&channel, since, tail, ns.history_size).await?;
-                inner.apply(&channel, read);
+                let before = inner.hub.position(&channel);
+                let read =
+                    inner.read(&channel, since, tail, ns.history_size, Reader::Client).await?;
+                // A channel this node already follows may have messages on their way through
+                // pub/sub (a busy node lags): it does not move past them.
+                let lost_until = before.as_ref().filter(|b| b.top > 0 && *b.epoch == *read.epoch);
+                let lost_until = lost_until.map(|b| b.top);
+                inner.apply(&channel, before, read, Reader::Client, lost_until).await?;
                 Ok(())
             };
             match tokio::time::timeout(timeout, work).await {
@@ -315,8 +349,8 @@ impl Broker for RedisBroker {
         let channel = channel.to_owned();
         Pending::Later(Box::pin(async move {
             let since_arg = Some((since, ""));
-            let Some(read) = inner.read_or_create(&channel, since_arg, 0, limit, false).await?
-            else {
+            let read = inner.read_or_create(&channel, since_arg, 0, limit, false, Reader::Client);
+            let Some(read) = read.await? else {
                 return Ok(None);
             };
             Ok(Some(HistoryPage {
@@ -338,6 +372,18 @@ impl Broker for RedisBroker {
         self.inner.leases.lock().push(name.to_owned());
         tokio::spawn(hold_lease(self.inner.clone(), name.to_owned(), tx));
         Lease::watching(rx)
+    }
+
+    fn follow_taps(&self, on: bool) {
+        if self.inner.taps_followed.swap(on, Relaxed) != on {
+            tracing::info!(on, "following every node's publishes for candles");
+            let _ = self.inner.pubsub_tx.send(pubsub::Command::FollowTaps(on));
+        }
+    }
+
+    fn cluster_demand(&self, patterns: &[&str]) -> Option<ClusterDemand> {
+        let patterns = patterns.iter().map(|p| (*p).to_owned()).collect();
+        Some(demand::watch(self.inner.clone(), patterns))
     }
 
     fn advertise(&self, info: String) {
@@ -372,34 +418,17 @@ impl Broker for RedisBroker {
 
     fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
         let inner = self.inner.clone();
-        Some(Box::pin(async move {
-            let mut conn = inner.conn.get().await?;
-            let prefix = &inner.opts.prefix;
-            let since = unix_ms().saturating_sub(NODE_TTL.as_millis() as u64);
-            let cmd = redis::cmd("ZRANGEBYSCORE")
-                .arg(keys::nodes_key(prefix))
-                .arg(since)
-                .arg("+inf")
-                .to_owned();
-            let ids =
-                tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<String>>(&mut conn))
-                    .await
-                    .unwrap_or_else(|_| Err(timeout_error()))
-                    .map_err(|e| inner.redis_error(e))?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let keys: Vec<String> = ids.iter().map(|id| keys::node_key(prefix, id)).collect();
-            let cmd = redis::cmd("MGET").arg(&keys).to_owned();
-            let infos = tokio::time::timeout(
-                inner.opts.timeout,
-                cmd.query_async::<Vec<Option<String>>>(&mut conn),
-            )
-            .await
-            .unwrap_or_else(|_| Err(timeout_error()))
-            .map_err(|e| inner.redis_error(e))?;
-            Ok(infos.into_iter().flatten().collect())
-        }))
+        Some(Box::pin(async move { live_nodes(&inner).await }))
+    }
+
+    fn answer_surveys(&self, handler: SurveyHandler) {
+        *self.inner.surveys.handler.write() = Some(handler);
+    }
+
+    fn survey(&self, question: &[u8]) -> Option<BrokerFuture<Result<Vec<Vec<u8>>, BrokerError>>> {
+        let inner = self.inner.clone();
+        let question = question.to_vec();
+        Some(Box::pin(async move { survey::ask(&inner, &question).await }))
     }
 
     fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>> {
@@ -442,9 +471,20 @@ impl Broker for RedisBroker {
     fn render_metrics(&self, out: &mut String) {
         self.inner.metrics.render(out);
     }
+
+    fn published(&self) -> Option<u64> {
+        Some(self.inner.metrics.published.load(Relaxed))
+    }
 }
 
 impl Inner {
+    /// Makes the pub/sub task listen to demand announcements (see `demand`).
+    fn watch_demand(&self) {
+        if !self.demand_watched.swap(true, Relaxed) {
+            let _ = self.pubsub_tx.send(pubsub::Command::WatchDemand);
+        }
+    }
+
     /// "Redis did not answer in time", with the last connection error if there is one (the
     /// reason a client and an operator want, e.g. an untrusted certificate).
     fn unavailable_timeout(&self) -> BrokerError {
@@ -470,8 +510,9 @@ impl Inner {
         since: Option<(u64, &str)>,
         tail: usize,
         limit: usize,
+        reader: Reader,
     ) -> Result<ReadResult, BrokerError> {
-        self.read_or_create(channel, since, tail, limit, true)
+        self.read_or_create(channel, since, tail, limit, true, reader)
             .await?
             .ok_or_else(|| BrokerError::Unavailable("the read script created nothing".into()))
     }
@@ -484,6 +525,7 @@ impl Inner {
         tail: usize,
         limit: usize,
         create: bool,
+        reader: Reader,
     ) -> Result<Option<ReadResult>, BrokerError> {
         let k = self.keys(channel);
         let ns = self.hub.namespace(channel);
@@ -499,7 +541,8 @@ impl Inner {
             .arg(ns.history_ttl_ms)
             .arg(self.opts.meta_ttl.as_millis() as u64)
             .arg(new_epoch())
-            .arg(if create { "1" } else { "0" });
+            .arg(if create { "1" } else { "0" })
+            .arg(if reader == Reader::Node { "1" } else { "0" });
         let value: RedisResult<Vec<Value>> =
             tokio::time::timeout(self.opts.timeout, invocation.invoke_async(&mut conn))
                 .await
@@ -514,10 +557,108 @@ impl Inner {
         })
     }
 
-    /// Merges what a read returned into the hub (see [`Hub::merge`]). Returns how many
+    /// Brings this node's copy of `channel` up to what Redis holds, delivering what it
+    /// lacks (after a pub/sub loss, at a position check, or on meeting another epoch), and
+    /// moving past what history no longer holds up to `lost_until` at most: messages after
+    /// it may still be on their way through pub/sub (`None`: nothing is, as after a
+    /// reconnect). Returns how many messages were new here, and the epoch Redis's replaced
+    /// in a fence (empty if none).
+    pub(crate) async fn catch_up(
+        &self,
+        channel: &str,
+        lost_until: Option<u64>,
+    ) -> Result<(u64, String), BrokerError> {
+        let limit = self.hub.namespace(channel).history_size;
+        let local = self.hub.position(channel);
+        let since = local.as_ref().map(|p| (p.top, &*p.epoch));
+        let read = self.read(channel, since, 0, limit, Reader::Node).await?;
+        let prev = read.prev.clone();
+        let applied = self.apply(channel, local, read, Reader::Node, lost_until).await?;
+        if applied > 0 {
+            self.metrics.gaps_filled.fetch_add(1, Relaxed);
+            self.metrics.messages_filled.fetch_add(applied, Relaxed);
+        }
+        Ok((applied, prev))
+    }
+
+    /// Merges what a read returned into the hub (see [`Hub::merge`]), moving past missing
+    /// messages up to `lost_until` at most (see [`Inner::catch_up`]). Returns how many
     /// messages were new here.
-    fn apply(&self, channel: &str, read: ReadResult) -> u64 {
-        self.hub.merge(channel, &read.epoch, read.top, &read.entries).unwrap_or(0)
+    ///
+    /// Two cases come first. Redis behind what this node delivered in the same epoch means a
+    /// failover lost writes: the channel is [fenced](Inner::fence). A client's read in
+    /// another epoch than this node's (Redis lost the channel, or another node fenced it)
+    /// says nothing of what this node missed: the node first catches up from its own
+    /// position, which delivers exactly what its subscribers have not seen.
+    ///
+    /// `before` is this node's position taken before the read was sent: only that one
+    /// cannot be ahead of Redis (messages delivered since may be newer than the read).
+    async fn apply(
+        &self,
+        channel: &str,
+        before: Option<Position>,
+        read: ReadResult,
+        reader: Reader,
+        lost_until: Option<u64>,
+    ) -> Result<u64, BrokerError> {
+        if let Some(local) = before
+            && local.top > 0
+        {
+            if *local.epoch == *read.epoch && local.top > read.top {
+                return self.fence(channel, &read.epoch, local.top).await;
+            }
+            if *local.epoch != *read.epoch && reader == Reader::Client {
+                let limit = self.hub.namespace(channel).history_size;
+                let since = Some((local.top, &*local.epoch));
+                let caught = self.read(channel, since, 0, limit, Reader::Node).await?;
+                let applied = self.merge(channel, caught, None);
+                return Ok(applied + self.merge(channel, read, None));
+            }
+        }
+        Ok(self.merge(channel, read, lost_until))
+    }
+
+    /// [`Hub::merge`], moving the channel without its messages up to `lost_until` at most.
+    fn merge(&self, channel: &str, read: ReadResult, lost_until: Option<u64>) -> u64 {
+        let top = lost_until.map_or(read.top, |until| until.min(read.top));
+        self.hub.merge(channel, &read.epoch, top, &read.entries).unwrap_or(0)
+    }
+
+    /// `channel` in `epoch` stands at `top` in Redis, behind what this node delivered
+    /// (`delivered`): the primary lost writes in a failover and may have given their offsets
+    /// to other messages. The channel moves to a new epoch (clients recovering past the part
+    /// both share get `recovered: false`, never a silent gap) and this node delivers what
+    /// follows that part.
+    async fn fence(&self, channel: &str, epoch: &str, delivered: u64) -> Result<u64, BrokerError> {
+        let limit = self.hub.namespace(channel).history_size;
+        let tail = self.read(channel, None, limit, limit, Reader::Node).await?;
+        let base = self.hub.agreed_until(channel, epoch, &tail.entries).min(tail.top);
+        let mut conn = self.conn.get().await.inspect_err(|_| self.metrics.error("connection"))?;
+        let script = redis::Script::new(keys::FENCE);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys(channel).meta)
+            .arg(epoch)
+            .arg(new_epoch())
+            .arg(base)
+            .arg(self.opts.meta_ttl.as_millis() as u64);
+        let fenced: String =
+            tokio::time::timeout(self.opts.timeout, invocation.invoke_async(&mut conn))
+                .await
+                .unwrap_or_else(|_| Err(timeout_error()))
+                .map_err(|e| self.redis_error(e))?;
+        self.metrics.fences.fetch_add(1, Relaxed);
+        tracing::warn!(
+            channel,
+            old_epoch = epoch,
+            new_epoch = %fenced,
+            delivered,
+            kept = base,
+            "Redis lost messages of this channel (a failover?); moved it to a new epoch"
+        );
+        let since = Some((delivered, epoch));
+        let read = self.read(channel, since, 0, limit, Reader::Node).await?;
+        Ok(self.merge(channel, read, None))
     }
 
     /// Counts a Redis error by kind and words it for the client.
@@ -539,18 +680,20 @@ impl Inner {
     }
 }
 
-/// Parses `{epoch, top, offset, data, ...}`.
+/// Parses `{epoch, top, prev, base, offset, data, ...}`.
 fn parse_read(values: Vec<Value>) -> Option<ReadResult> {
     let mut it = values.into_iter();
     let epoch = value_string(it.next()?)?;
     let top = value_u64(it.next()?)?;
+    let prev = value_string(it.next()?)?;
+    let base = value_u64(it.next()?)?;
     let mut entries = Vec::new();
     while let Some(offset) = it.next() {
         let offset = value_u64(offset)?;
         let Value::BulkString(data) = it.next()? else { return None };
         entries.push((offset, data));
     }
-    Some(ReadResult { epoch, top, entries })
+    Some(ReadResult { epoch, top, prev, base, entries })
 }
 
 fn value_string(v: Value) -> Option<String> {
@@ -628,14 +771,20 @@ impl redis::aio::ConnectionLike for Link {
     }
 }
 
+/// Where the node's connections go when not to a Redis Cluster.
+enum Target {
+    /// One server (`url`; the first seed for a cluster's pub/sub).
+    Server(redis::Client),
+    /// The primary the sentinels name, asked at every (re)connection so a failover is
+    /// followed.
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+}
+
 /// The command connection, made on first use and remade after a failure.
 struct Conn {
-    client: redis::Client,
+    target: Target,
     /// Set for Redis Cluster (`broker.cluster_urls`).
     cluster: Option<redis::cluster::ClusterClient>,
-    /// Set for Sentinel (`broker.sentinels`): asked for the current primary at every
-    /// (re)connection, so a failover is followed.
-    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
     timeout: Duration,
     current: Mutex<Option<Link>>,
     connecting: tokio::sync::Mutex<()>,
@@ -645,15 +794,13 @@ struct Conn {
 
 impl Conn {
     fn new(
-        client: redis::Client,
+        target: Target,
         cluster: Option<redis::cluster::ClusterClient>,
-        sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
         timeout: Duration,
     ) -> Self {
         Conn {
-            client,
+            target,
             cluster,
-            sentinel,
             timeout,
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
@@ -668,7 +815,10 @@ impl Conn {
     /// A client for the server to talk to: the current primary with Sentinel, else the
     /// configured one (the first seed for a cluster's pub/sub).
     async fn server(&self) -> Result<redis::Client, BrokerError> {
-        let Some(sentinel) = &self.sentinel else { return Ok(self.client.clone()) };
+        let sentinel = match &self.target {
+            Target::Server(client) => return Ok(client.clone()),
+            Target::Sentinel(sentinel) => sentinel,
+        };
         let asked = async { sentinel.lock().await.async_get_client().await };
         match tokio::time::timeout(self.timeout, asked).await {
             Ok(Ok(client)) => Ok(client),
@@ -813,11 +963,6 @@ async fn publisher(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Job>) {
             if answer.is_ok() {
                 inner.metrics.published.fetch_add(job.data.len() as u64, Relaxed);
                 inner.metrics.publish_latency(job.queued_at.elapsed());
-                if job.kind == PublishKind::Retained {
-                    for data in &job.data {
-                        inner.hub.run_taps(&job.channel, data);
-                    }
-                }
             }
             let _ = job.reply.send(answer);
         }
@@ -1068,10 +1213,52 @@ impl DemandListener for Demand {
     }
 }
 
+/// Every live node's latest advertisement (those renewed within [`NODE_TTL`]).
+async fn live_nodes(inner: &Inner) -> Result<Vec<String>, BrokerError> {
+    let mut conn = inner.conn.get().await?;
+    let prefix = &inner.opts.prefix;
+    let since = unix_ms().saturating_sub(NODE_TTL.as_millis() as u64);
+    let cmd =
+        redis::cmd("ZRANGEBYSCORE").arg(keys::nodes_key(prefix)).arg(since).arg("+inf").to_owned();
+    let ids = tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<String>>(&mut conn))
+        .await
+        .unwrap_or_else(|_| Err(timeout_error()))
+        .map_err(|e| inner.redis_error(e))?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids.iter().map(|id| keys::node_key(prefix, id)).collect();
+    let cmd = redis::cmd("MGET").arg(&keys).to_owned();
+    let infos =
+        tokio::time::timeout(inner.opts.timeout, cmd.query_async::<Vec<Option<String>>>(&mut conn))
+            .await
+            .unwrap_or_else(|_| Err(timeout_error()))
+            .map_err(|e| inner.redis_error(e))?;
+    Ok(infos.into_iter().flatten().collect())
+}
+
 /// Checks a `broker.url` (and the CA certificates for `rediss://`) the way
-/// [`RedisBroker::start`] will read them.
+/// [`RedisBroker::start`] will read them; a `redis+sentinel://` URL included.
 pub fn check_url(url: &str, tls_ca: Option<&[u8]>) -> Result<(), String> {
+    if let Some(settings) = sentinel::Settings::from_url(url, "mymaster") {
+        return settings?.client().map(|_| ());
+    }
     open_client(url, tls_ca).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// The Sentinel settings in `opts` (the `redis+sentinel://` URL or the `sentinels` list),
+/// `None` without Sentinel.
+fn sentinel_settings(opts: &RedisOptions) -> Option<Result<sentinel::Settings, String>> {
+    if let Some(settings) = sentinel::Settings::from_url(&opts.url, &opts.sentinel_master) {
+        return Some(settings.map_err(|e| format!("broker.url {:?}: {e}", opts.url)));
+    }
+    if opts.sentinels.is_empty() {
+        return None;
+    }
+    Some(
+        sentinel::Settings::from_list(&opts.sentinels, &opts.sentinel_master, &opts.url)
+            .map_err(|e| format!("broker.url {:?}: {e}", opts.url)),
+    )
 }
 
 /// A client for `url`; `rediss://` verifies the server against `tls_ca` (PEM) when given,

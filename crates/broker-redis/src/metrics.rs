@@ -21,6 +21,7 @@ pub struct BrokerMetrics {
     pub messages_filled: AtomicU64,
     pub gaps_unfilled: AtomicU64,
     pub position_checks: AtomicU64,
+    pub fences: AtomicU64,
     pub subscribed_channels: AtomicU64,
     errors: Mutex<Vec<(&'static str, u64)>>,
 }
@@ -44,7 +45,7 @@ impl BrokerMetrics {
     }
 
     pub fn render(&self, out: &mut String) {
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 8] = [
             (
                 "ferrocast_broker_published_total",
                 "Messages published through Redis.",
@@ -74,6 +75,11 @@ impl BrokerMetrics {
                 "ferrocast_broker_position_checks_total",
                 "Channel positions compared with Redis.",
                 &self.position_checks,
+            ),
+            (
+                "ferrocast_broker_fences_total",
+                "Channels found behind what this node delivered (writes lost in a failover) and moved to a new epoch.",
+                &self.fences,
             ),
             (
                 "ferrocast_broker_subscribed_channels",

@@ -1,8 +1,10 @@
 //! The node's pub/sub side: one Redis subscription per channel that has local subscribers,
 //! delivery of what arrives into the hub (in order, gaps filled from history, duplicates
-//! dropped), resubscription after a reconnect, and periodic position checks.
+//! dropped), resubscription after a reconnect, and periodic position checks. The same
+//! connection carries the pattern subscriptions of a node following the taps, the demand
+//! announcements a watcher listens to, and cluster-wide surveys.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -12,8 +14,8 @@ use futures_util::StreamExt;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Inner;
-use crate::keys::{parse_carried, topic_prefix};
+use crate::keys::{self, Carried, parse_carried, topic_prefix};
+use crate::{Inner, demand, survey};
 
 /// Position checks sent to Redis at once.
 const POSITION_CHECKS_IN_FLIGHT: usize = 64;
@@ -26,6 +28,10 @@ pub enum Command {
     Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
     /// Unsubscribe, if the channel still has no local subscriber.
     Unsubscribe(String),
+    /// Start or stop receiving every retained message of the tapped namespaces.
+    FollowTaps(bool),
+    /// Start receiving demand announcements.
+    WatchDemand,
 }
 
 /// Makes sure this node receives `channel`'s live messages: returns once Redis has
@@ -46,6 +52,9 @@ pub(crate) async fn ensure_subscribed(inner: &Inner, channel: &str) -> Result<()
 /// backoff.
 pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver<Command>) {
     let prefix = topic_prefix(&inner.opts.prefix);
+    let demand_topic = keys::demand_topic(&inner.opts.prefix);
+    let question_topic = survey::question_topic(&inner.opts.prefix);
+    let answer_topic = survey::answer_topic(&inner.opts.prefix, &inner.node_id);
     let timeout = inner.opts.timeout;
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
@@ -62,12 +71,22 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
         };
         let (mut sink, mut stream) = pubsub.split();
         let channels: Vec<String> = inner.subscribed.lock().iter().cloned().collect();
-        if !channels.is_empty() {
-            let topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
-            if !matches!(tokio::time::timeout(timeout, sink.subscribe(&topics)).await, Ok(Ok(()))) {
-                inner.metrics.error("connection");
-                continue;
+        let mut topics: Vec<String> = channels.iter().map(|c| format!("{prefix}{c}")).collect();
+        topics.extend([question_topic.clone(), answer_topic.clone()]);
+        if inner.demand_watched.load(Relaxed) {
+            topics.push(demand_topic.clone());
+        }
+        let patterns = tap_patterns(&inner);
+        let resubscribed = async {
+            sink.subscribe(&topics).await?;
+            if inner.taps_followed.load(Relaxed) && !patterns.is_empty() {
+                sink.psubscribe(&patterns).await?;
             }
+            Ok::<(), redis::RedisError>(())
+        };
+        if !matches!(tokio::time::timeout(timeout, resubscribed).await, Ok(Ok(()))) {
+            inner.metrics.error("connection");
+            continue;
         }
         inner.health.pubsub(true);
         let connected_at = std::time::Instant::now();
@@ -78,7 +97,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             let catch_up = inner.clone();
             tokio::spawn(async move {
                 for channel in channels {
-                    let _ = catch_up.sync(&channel).await;
+                    let _ = catch_up.catch_up(&channel, None).await;
                 }
             });
         }
@@ -87,11 +106,21 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
             tokio::select! {
                 message = stream.next() => match message {
                     Some(message) => {
-                        let Some(channel) = message.get_channel_name().strip_prefix(&prefix) else {
-                            continue;
-                        };
-                        let channel = channel.to_owned();
-                        carried(&inner, &channel, message.get_payload_bytes()).await;
+                        let name = message.get_channel_name();
+                        if message.from_pattern() {
+                            if let Some(channel) = name.strip_prefix(&prefix) {
+                                tapped(&inner, channel, message.get_payload_bytes());
+                            }
+                        } else if name == demand_topic {
+                            inner.demand_announced.notify_one();
+                        } else if name == question_topic {
+                            survey::answer(&inner, message.get_payload_bytes());
+                        } else if name == answer_topic {
+                            survey::answered(&inner, message.get_payload_bytes());
+                        } else if let Some(channel) = name.strip_prefix(&prefix) {
+                            let channel = channel.to_owned();
+                            carried(&inner, &channel, message.get_payload_bytes()).await;
+                        }
                     }
                     None => break,
                 },
@@ -105,9 +134,13 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                         let topic = format!("{prefix}{channel}");
                         match tokio::time::timeout(timeout, sink.subscribe(&topic)).await {
                             Ok(Ok(())) => {
-                                inner.subscribed.lock().insert(channel);
+                                inner.subscribed.lock().insert(channel.clone());
                                 inner.metrics.subscribed_channels.fetch_add(1, Relaxed);
                                 let _ = reply.send(Ok(()));
+                                let announcer = inner.clone();
+                                tokio::spawn(async move {
+                                    demand::announce(&announcer, &channel).await;
+                                });
                             }
                             _ => {
                                 let _ = reply.send(Err(BrokerError::Unavailable(
@@ -129,6 +162,27 @@ pub(crate) async fn run(inner: Arc<Inner>, mut commands: mpsc::UnboundedReceiver
                             ) {
                                 break;
                             }
+                        }
+                    }
+                    Some(Command::FollowTaps(on)) => {
+                        let patterns = tap_patterns(&inner);
+                        let changed = async {
+                            if patterns.is_empty() {
+                                Ok(())
+                            } else if on {
+                                sink.psubscribe(&patterns).await
+                            } else {
+                                sink.punsubscribe(&patterns).await
+                            }
+                        };
+                        if !matches!(tokio::time::timeout(timeout, changed).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    Some(Command::WatchDemand) => {
+                        let subscribed = sink.subscribe(&demand_topic);
+                        if !matches!(tokio::time::timeout(timeout, subscribed).await, Ok(Ok(()))) {
+                            break;
                         }
                     }
                 },
@@ -174,6 +228,8 @@ async fn pause(
                         unsubscribed(inner, &channel);
                     }
                 }
+                // Applied from the flags at the next connection.
+                Some(Command::FollowTaps(_) | Command::WatchDemand) => {}
             },
         }
     }
@@ -182,6 +238,22 @@ async fn pause(
 fn unsubscribed(inner: &Inner, channel: &str) {
     if inner.subscribed.lock().remove(channel) {
         inner.metrics.subscribed_channels.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The pattern subscriptions that bring every message of the tapped namespaces.
+fn tap_patterns(inner: &Inner) -> Vec<String> {
+    let prefix = topic_prefix(&inner.opts.prefix);
+    inner.hub.tap_namespaces().iter().map(|ns| format!("{prefix}{ns}.*")).collect()
+}
+
+/// Hands a retained message of a tapped namespace, from any node, to the hub's taps.
+fn tapped(inner: &Inner, channel: &str, payload: &[u8]) {
+    if let Some(m) = parse_carried(payload)
+        && m.retained
+        && inner.taps_followed.load(Relaxed)
+    {
+        inner.hub.run_taps(channel, m.data);
     }
 }
 
@@ -196,72 +268,67 @@ async fn carried(inner: &Inner, channel: &str, payload: &[u8]) {
         let _ = inner.hub.deliver_ephemeral(channel, m.data);
         return;
     }
-    let Ok(Delivery::Gap { top }) = inner.hub.deliver(channel, m.epoch, m.offset, m.data, false)
-    else {
-        return;
-    };
-    let missing = m.offset - 1 - top;
-    let limit = (missing as usize).min(inner.hub.namespace(channel).history_size);
-    let mut filled_to = top;
-    if limit > 0 {
-        match inner.read(channel, Some((top, m.epoch)), 0, limit).await {
-            Ok(read) => {
-                let mut applied = 0;
-                for (offset, data) in &read.entries {
-                    if let Ok(Delivery::Applied) =
-                        inner.hub.deliver(channel, &read.epoch, *offset, data, true)
-                    {
-                        applied += 1;
-                    }
-                    if read.epoch == m.epoch {
-                        filled_to = filled_to.max(*offset);
-                    }
-                }
-                inner.metrics.gaps_filled.fetch_add(1, Relaxed);
-                inner.metrics.messages_filled.fetch_add(applied, Relaxed);
-            }
-            Err(e) => tracing::warn!(channel, "cannot fill a gap from Redis history: {e}"),
-        }
+    match inner.hub.deliver(channel, m.epoch, m.offset, m.data, false) {
+        Ok(Delivery::Gap { .. }) => fill(inner, channel, &m).await,
+        Ok(Delivery::Diverged) => diverged(inner, channel, m.epoch).await,
+        _ => {}
     }
-    if filled_to + 1 < m.offset {
-        inner.metrics.gaps_unfilled.fetch_add(1, Relaxed);
-        tracing::warn!(
-            channel,
-            from = filled_to + 1,
-            to = m.offset - 1,
-            "messages missing from Redis history (trimmed or expired); subscribers skip them"
-        );
-    }
-    let _ = inner.hub.deliver(channel, m.epoch, m.offset, m.data, true);
 }
 
-impl Inner {
-    /// Brings the local copy of `channel` up to Redis's position, delivering what it lacks.
-    pub(crate) async fn sync(&self, channel: &str) -> Result<(), BrokerError> {
-        let limit = self.hub.namespace(channel).history_size;
-        let local = self.hub.position(channel);
-        let since = local.as_ref().map(|p| (p.top, &*p.epoch));
-        let mut read = self.read(channel, since, 0, limit).await?;
-        self.metrics.position_checks.fetch_add(1, Relaxed);
-        if local.as_ref().is_some_and(|p| *p.epoch != *read.epoch) && read.top > 0 {
-            // A new epoch (Redis lost the channel): everything it holds is new here.
-            read = self.read(channel, Some((0, "")), 0, limit).await?;
+/// A message arrived after a gap (or in another epoch): the node catches up from history,
+/// which delivers the missing ones in order, then delivers the message unless that did.
+async fn fill(inner: &Inner, channel: &str, m: &Carried<'_>) {
+    let mut epoch = m.epoch.to_owned();
+    // Whatever came before this message and is missing is lost; what came after it is not.
+    match inner.catch_up(channel, Some(m.offset - 1)).await {
+        Ok((_, replaced)) => {
+            // A message published just before another node fenced the channel carries the
+            // epoch the fence replaced; it belongs to the new one.
+            if replaced == m.epoch
+                && let Some(now) = inner.hub.position(channel)
+            {
+                epoch = now.epoch.to_string();
+            }
         }
-        let applied = self.apply(channel, read);
-        if applied > 0 {
-            self.metrics.gaps_filled.fetch_add(1, Relaxed);
-            self.metrics.messages_filled.fetch_add(applied, Relaxed);
+        Err(e) => tracing::warn!(channel, "cannot fill a gap from Redis history: {e}"),
+    }
+    match inner.hub.deliver(channel, &epoch, m.offset, m.data, false) {
+        Ok(Delivery::Gap { top }) => {
+            inner.metrics.gaps_unfilled.fetch_add(1, Relaxed);
+            tracing::warn!(
+                channel,
+                from = top + 1,
+                to = m.offset - 1,
+                "messages missing from Redis history (trimmed or expired)"
+            );
+            let _ = inner.hub.deliver(channel, &epoch, m.offset, m.data, true);
         }
-        Ok(())
+        Ok(Delivery::Diverged) => diverged(inner, channel, &epoch).await,
+        _ => {}
+    }
+}
+
+/// A message took an offset this node delivered with other data: Redis lost writes.
+async fn diverged(inner: &Inner, channel: &str, epoch: &str) {
+    let delivered = inner.hub.position(channel).map_or(0, |p| p.top);
+    if let Err(e) = inner.fence(channel, epoch, delivered).await {
+        tracing::warn!(channel, "cannot move the channel to a new epoch: {e}");
     }
 }
 
 /// Every `broker.position_check_ms`: subscribes channels that have local subscribers but
 /// no Redis subscription (a subscribe that raced an unsubscribe), unsubscribes the reverse,
 /// and compares each channel's position with Redis.
+///
+/// A channel behind Redis is not caught up at once: its messages may be on their way (a busy
+/// node's pub/sub lags). Only messages that have not arrived by the next check, a whole
+/// period later, count as lost (a lost last message, a silent pub/sub connection): they are
+/// delivered from history. Another epoch, or Redis behind the node, is handled at once.
 pub(crate) async fn check_positions(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.opts.position_check);
     tick.tick().await;
+    // Redis's position of each channel at the previous check.
+    let mut seen: HashMap<String, (String, u64)> = HashMap::new();
     loop {
         tick.tick().await;
         let demanded: HashSet<String> = inner.hub.demanded_channels().into_iter().collect();
@@ -269,23 +336,54 @@ pub(crate) async fn check_positions(inner: Arc<Inner>) {
         for channel in subscribed.difference(&demanded) {
             let _ = inner.pubsub_tx.send(Command::Unsubscribe(channel.clone()));
         }
+        seen.retain(|channel, _| demanded.contains(channel));
         // Many channels at once: each check is one small script on the multiplexed
         // connection, so a node with thousands of channels checks them in a few round trips.
-        futures_util::stream::iter(demanded)
-            .for_each_concurrent(POSITION_CHECKS_IN_FLIGHT, |channel| {
+        let checked = futures_util::stream::iter(demanded)
+            .map(|channel| {
                 let inner = &inner;
                 let subscribed = &subscribed;
+                let previous = seen.get(&channel).cloned();
                 async move {
                     if !subscribed.contains(&channel)
                         && ensure_subscribed(inner, &channel).await.is_err()
                     {
-                        return;
+                        return None;
                     }
-                    if let Err(e) = inner.sync(&channel).await {
-                        tracing::debug!(channel, "position check failed: {e}");
+                    match check(inner, &channel, previous).await {
+                        Ok(now) => Some((channel, now)),
+                        Err(e) => {
+                            tracing::debug!(channel, "position check failed: {e}");
+                            None
+                        }
                     }
                 }
             })
+            .buffer_unordered(POSITION_CHECKS_IN_FLIGHT)
+            .filter_map(|checked| async move { checked })
+            .collect::<Vec<_>>()
             .await;
+        seen.extend(checked);
     }
+}
+
+/// One channel's position check (see [`check_positions`]); returns Redis's position.
+async fn check(
+    inner: &Inner,
+    channel: &str,
+    previous: Option<(String, u64)>,
+) -> Result<(String, u64), BrokerError> {
+    let local = inner.hub.position(channel);
+    let now = inner.read(channel, None, 0, 0, crate::Reader::Node).await?;
+    inner.metrics.position_checks.fetch_add(1, Relaxed);
+    let Some(local) = local else { return Ok((now.epoch, now.top)) };
+    let lost_until = match previous {
+        _ if *local.epoch != *now.epoch || local.top > now.top => Some(None),
+        Some((epoch, top)) if epoch == now.epoch && local.top < top => Some(Some(top)),
+        _ => None,
+    };
+    if let Some(lost_until) = lost_until {
+        inner.catch_up(channel, lost_until).await?;
+    }
+    Ok((now.epoch, now.top))
 }

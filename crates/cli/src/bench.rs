@@ -28,6 +28,15 @@
 //! The last one needs more than one process under a 20,000 open-file limit; `--processes 0`
 //! (the default) picks enough automatically.
 //!
+//! For a cluster (nodes sharing a Redis broker), repeat `--url` (and `--server-pid`):
+//! subscribers are spread over the nodes and the publishers publish through each in turn, so
+//! most deliveries cross nodes; `--publish-url` picks the publishing nodes instead:
+//!
+//! ```text
+//! ferrocast bench --url ws://10.0.0.1:8080/ws --url ws://10.0.0.2:8080/ws --subscribers 1000 \
+//!     --channels 1 --rate max --server-pid PID1 --server-pid PID2
+//! ```
+//!
 //! On a terminal a live status line (phase, elapsed, connections, messages/s) is redrawn on
 //! stderr and cleared before the report; with `--json` or stderr redirected nothing is drawn.
 
@@ -58,12 +67,14 @@ mod recovery;
 /// Load-test a running server: connection setup, delivery throughput, latency, loss, CPU, RSS.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// WebSocket URL of the server.
+    /// WebSocket URL of the server. Repeat it for the nodes of a cluster: subscriber i
+    /// connects to URL i % N.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    pub url: String,
-    /// HTTP base URL for publishing (default: derived from --url, same host and port).
+    pub url: Vec<String>,
+    /// HTTP base URL for publishing (default: derived from each --url, same host and port).
+    /// Repeat it to publish through several nodes: publisher p uses URL p % N.
     #[arg(long)]
-    pub publish_url: Option<String>,
+    pub publish_url: Vec<String>,
     /// API key for `POST /api/publish` (not needed from loopback).
     #[arg(long, env = "FERROCAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -94,9 +105,10 @@ pub struct BenchArgs {
     /// Use 127.0.0.1 ..= 127.0.0.M as source addresses (each has ~28k ephemeral ports).
     #[arg(long)]
     pub source_ip_count: Option<u8>,
-    /// Server process id: report its CPU-seconds and RSS from /proc.
+    /// Server process id: report its CPU-seconds and RSS from /proc. Repeat it for the nodes
+    /// of a cluster (their figures are summed).
     #[arg(long)]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Print one JSON object on stdout instead of the human summary.
     #[arg(long)]
     pub json: bool,
@@ -168,8 +180,10 @@ impl std::fmt::Display for Rate {
 /// Validated settings shared by the parent and the child shards.
 #[derive(Debug)]
 struct Plan {
-    ws_url: String,
-    http_url: String,
+    /// One per node; subscriber i connects to `ws_urls[i % N]`.
+    ws_urls: Vec<String>,
+    /// Publisher p publishes through `http_urls[p % N]`.
+    http_urls: Vec<String>,
     api_key: Option<String>,
     subscribers: usize,
     channels: usize,
@@ -179,7 +193,7 @@ struct Plan {
     warmup: Duration,
     drain: Duration,
     source_ips: Vec<IpAddr>,
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     json: bool,
     idle: bool,
     processes: usize,
@@ -217,9 +231,13 @@ impl Plan {
             Some(m) => (1..=m).map(|x| IpAddr::from([127, 0, 0, x])).collect(),
             None => args.source_ips.clone(),
         };
-        let http_url = match &args.publish_url {
-            Some(u) => u.clone(),
-            None => http_base(&args.url)?,
+        if args.url.is_empty() {
+            bail!("--url must name at least one server");
+        }
+        let http_urls = if args.publish_url.is_empty() {
+            args.url.iter().map(|u| http_base(u)).collect::<anyhow::Result<_>>()?
+        } else {
+            args.publish_url.clone()
         };
         let fd_limit = open_file_limit().unwrap_or(1024);
         // Leave headroom for publishers, stdio, the runtime and the child pipes.
@@ -237,8 +255,8 @@ impl Plan {
             );
         }
         Ok(Plan {
-            ws_url: args.url.clone(),
-            http_url,
+            ws_urls: args.url.clone(),
+            http_urls,
             api_key: args.api_key.clone(),
             subscribers: args.subscribers,
             channels: args.channels,
@@ -248,7 +266,7 @@ impl Plan {
             warmup: Duration::from_secs_f64(args.warmup),
             drain: Duration::from_secs_f64(args.drain),
             source_ips,
-            server_pid: args.server_pid,
+            server_pids: args.server_pid.clone(),
             json: args.json,
             idle: args.idle,
             processes,
@@ -358,6 +376,8 @@ const STATE_FAILED: u32 = 2;
 /// One local subscriber as seen by the shard's bookkeeping.
 struct Slot {
     channel: usize,
+    /// Index of the node (`--url`) it connects to.
+    node: usize,
     source: Option<IpAddr>,
     /// Channel offset from the subscribe ack: messages after it are expected.
     base: AtomicU64,
@@ -447,6 +467,7 @@ impl Shard {
                 probed[channel] |= probe;
                 Slot {
                     channel,
+                    node: global % plan.ws_urls.len(),
                     source: (!plan.source_ips.is_empty())
                         .then(|| plan.source_ips[global % plan.source_ips.len()]),
                     base: AtomicU64::new(0),
@@ -613,8 +634,9 @@ async fn subscriber(
             connect_timeout: Duration::from_secs(30),
             ..ConnectOptions::default()
         };
-        let (mut conn, _welcome) =
-            LeanConn::connect(&ctx.plan.ws_url, &opts).await.map_err(|e| e.to_string())?;
+        let (mut conn, _welcome) = LeanConn::connect(&ctx.plan.ws_urls[slot.node], &opts)
+            .await
+            .map_err(|e| e.to_string())?;
         let handshake = started.elapsed();
         let base = subscribe(&mut conn, channel, opts.connect_timeout).await?;
         Ok::<_, String>((conn, handshake, base))
@@ -903,10 +925,10 @@ fn write_message(body: &mut Vec<u8>, channel: &str, t: u64, seq: u64, payload: u
     body.extend_from_slice(b"\"}}");
 }
 
-/// One keep-alive HTTP connection publishing batches until `stop`.
-async fn publisher(shared: Arc<PubShared>, rate: Option<f64>) {
+/// One keep-alive HTTP connection (to node `index % N`) publishing batches until `stop`.
+async fn publisher(shared: Arc<PubShared>, index: usize, rate: Option<f64>) {
     let plan = &shared.plan;
-    let mut http = match HttpClient::new(&plan.http_url) {
+    let mut http = match HttpClient::new(&plan.http_urls[index % plan.http_urls.len()]) {
         Ok(h) => h.with_timeout(Duration::from_secs(10)),
         Err(e) => {
             shared.note_error(e.to_string());
@@ -1127,7 +1149,7 @@ fn emit(event: &str, data: &impl Serialize) -> anyhow::Result<()> {
 /// The parent: children, own shard, publishers, the measurement clock and the report.
 async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
     let progress = Progress::new(plan.json);
-    let server_before = plan.server_pid.map(|pid| proc_stats(&pid.to_string())).transpose()?;
+    let server_before = servers_stats(&plan.server_pids)?;
     let tcp_before = tcp_counters();
 
     let mut children = Vec::new();
@@ -1149,14 +1171,13 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
         progress.clear();
         eprintln!(
             "bench: no subscriber could connect to {}: {}",
-            plan.ws_url,
+            plan.ws_urls.join(", "),
             setup.errors.first().map_or("unknown error", String::as_str)
         );
         return Ok(ExitCode::FAILURE);
     }
 
-    let pid = plan.server_pid.map(|p| p.to_string());
-    let sample_server = || pid.as_deref().map(proc_stats).transpose();
+    let sample_server = || servers_stats(&plan.server_pids);
     let mut idle = None;
     let flow = Arc::clone(&shard.ctx.flow);
     let pubs = Arc::new(PubShared {
@@ -1182,8 +1203,8 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
             Rate::PerSec(r) => Some(r / plan.publishers as f64),
             Rate::Max => None,
         };
-        for _ in 0..plan.publishers {
-            publishers.spawn(publisher(Arc::clone(&pubs), per_publisher));
+        for index in 0..plan.publishers {
+            publishers.spawn(publisher(Arc::clone(&pubs), index, per_publisher));
         }
         pace(&progress, plan.warmup, "warmup", setup.connected, &pubs).await;
     }
@@ -1360,8 +1381,8 @@ fn build_report(
 
     let mut report = json!({
         "config": {
-            "url": plan.ws_url,
-            "publish_url": plan.http_url,
+            "url": plan.ws_urls,
+            "publish_url": plan.http_urls,
             "subscribers": plan.subscribers,
             "channels": plan.channels,
             "rate": plan.rate.to_string(),
@@ -1436,7 +1457,7 @@ fn build_report(
     if let (Some(start), Some(end)) = (&m.server_start, &m.server_end) {
         let cpu = end.cpu_secs - start.cpu_secs;
         let mut server = json!({
-            "pid": plan.server_pid,
+            "pid": plan.server_pids,
             "cpu_secs": cpu,
             "cpu_cores": cpu / m.elapsed.max(1e-9),
             "rss_kb_start": start.rss_kb,
@@ -1585,6 +1606,21 @@ fn fmt_ns(ns: u64) -> String {
 struct ProcStats {
     cpu_secs: f64,
     rss_kb: u64,
+}
+
+/// The summed CPU time and RSS of every server process (the nodes of a cluster), or `None`
+/// when none is given.
+fn servers_stats(pids: &[u32]) -> anyhow::Result<Option<ProcStats>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = ProcStats { cpu_secs: 0.0, rss_kb: 0 };
+    for pid in pids {
+        let s = proc_stats(&pid.to_string())?;
+        sum.cpu_secs += s.cpu_secs;
+        sum.rss_kb += s.rss_kb;
+    }
+    Ok(Some(sum))
 }
 
 /// Linux reports utime/stime in clock ticks; USER_HZ is 100 on every mainstream architecture.
@@ -1920,8 +1956,8 @@ mod tests {
     #[test]
     fn shards_partition_subscribers() {
         let args = BenchArgs {
-            url: "ws://127.0.0.1:1/ws".into(),
-            publish_url: None,
+            url: vec!["ws://127.0.0.1:1/ws".into(), "ws://127.0.0.1:2/ws".into()],
+            publish_url: vec![],
             api_key: None,
             subscribers: 10,
             channels: 3,
@@ -1932,7 +1968,7 @@ mod tests {
             drain: 1.0,
             source_ips: vec![],
             source_ip_count: Some(3),
-            server_pid: None,
+            server_pid: vec![],
             json: true,
             idle: false,
             processes: 3,
@@ -1948,6 +1984,8 @@ mod tests {
         assert_eq!(plan.source_ips.len(), 3);
         let ranges: Vec<_> = (0..3).map(|i| plan.shard_range(i, 3)).collect();
         assert_eq!(ranges, [0..3, 3..6, 6..10]);
+        // Two nodes: publishing through each, by default.
+        assert_eq!(plan.http_urls, ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
         let too_many_channels = BenchArgs { channels: 11, ..args };
         assert!(Plan::new(&too_many_channels).is_err());
     }

@@ -149,6 +149,13 @@ impl CandleBuilder {
         }
     }
 
+    /// Forgets every forming bar (the counters stay): the node stops building candles, and
+    /// whoever builds them next starts from its own first trade.
+    pub fn forget(&mut self) {
+        self.symbols.clear();
+        self.next_deadline = i64::MAX;
+    }
+
     /// Adds one trade and returns the updates it causes, in interval order: for each interval,
     /// the final bar of a window it closes, then the forming (or corrected) bar it updated.
     ///

@@ -38,11 +38,13 @@ pub enum LinkState {
     Failed,
     /// Stopped because the server is shutting down.
     Stopped,
+    /// Not run here: another node of the cluster holds the ingest lease and runs it.
+    Standby,
 }
 
 impl LinkState {
     /// Every state, for metrics that export one series per state.
-    pub const ALL: [LinkState; 7] = [
+    pub const ALL: [LinkState; 8] = [
         LinkState::Connecting,
         LinkState::Authenticating,
         LinkState::Live,
@@ -50,6 +52,7 @@ impl LinkState {
         LinkState::BackingOff,
         LinkState::Failed,
         LinkState::Stopped,
+        LinkState::Standby,
     ];
 
     /// The snake_case name used in the API and metrics.
@@ -62,6 +65,7 @@ impl LinkState {
             LinkState::BackingOff => "backing_off",
             LinkState::Failed => "failed",
             LinkState::Stopped => "stopped",
+            LinkState::Standby => "standby",
         }
     }
 }

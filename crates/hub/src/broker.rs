@@ -119,6 +119,34 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         Lease::always()
     }
 
+    /// Makes this node's hub taps (see [`Hub::add_tap`]) see every retained message
+    /// published anywhere in the cluster (`on`), or nothing (`off`, the start). The node
+    /// holding the ingest lease follows them, so derived data (candles) is built once per
+    /// cluster. Without a cluster the taps always see every publish, and this does nothing.
+    fn follow_taps(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// The channels matching `patterns` (`ticks.*`) that have subscribers on some node of
+    /// the cluster, kept current while the receiver lives; `None` without a cluster (this
+    /// node's own demand is all there is). Feed connectors subscribe upstream for these.
+    fn cluster_demand(&self, patterns: &[&str]) -> Option<ClusterDemand> {
+        let _ = patterns;
+        None
+    }
+
+    /// How this node answers [`Broker::survey`] questions from any node (itself included).
+    fn answer_surveys(&self, handler: SurveyHandler) {
+        let _ = handler;
+    }
+
+    /// Asks every live node `question` and returns the answers that came in time (at least
+    /// one, or an error); `None` without a cluster (the caller answers for this node alone).
+    fn survey(&self, question: &[u8]) -> Option<BrokerFuture<Result<Vec<Vec<u8>>, BrokerError>>> {
+        let _ = question;
+        None
+    }
+
     /// Advertises this node (`info`, a JSON object) to the others; see [`Broker::nodes`].
     fn advertise(&self, info: String) {
         let _ = info;
@@ -147,6 +175,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// `Err(reason)` while the broker cannot serve (for `/readyz`).
     fn ready(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Messages this node has published through the broker (`None` for memory, where the
+    /// hub counts them as they come in).
+    fn published(&self) -> Option<u64> {
+        None
     }
 
     /// Appends the broker's Prometheus metrics to `out` (none for memory).
@@ -234,6 +268,12 @@ impl Broker for MemoryBroker {
         *self.commands.lock() = Some(handler);
     }
 }
+
+/// Computes this node's answer to a [`Broker::survey`] question.
+pub type SurveyHandler = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
+/// The cluster-wide demand [`Broker::cluster_demand`] keeps current.
+pub type ClusterDemand = tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>;
 
 /// Whether this node holds a cluster-wide role; see [`Broker::lease`].
 #[derive(Debug, Clone)]

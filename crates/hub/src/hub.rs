@@ -67,6 +67,10 @@ pub enum Delivery {
     /// Messages between the local top and this one are missing, so nothing was done. `top`
     /// is the last offset held in the message's epoch (0 when that epoch is new here).
     Gap { top: u64 },
+    /// At or below the local top in the same epoch, but not the message this node holds at
+    /// that offset: the broker's history went back (a failover lost writes this node had
+    /// delivered) and the offset was given to another message. Nothing was done.
+    Diverged,
 }
 
 /// What one fan-out did, counted after the channel lock is released.
@@ -100,7 +104,7 @@ pub enum PublishError {
 }
 
 /// A channel as listed by `GET /api/channels`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ChannelInfo {
     pub channel: String,
     pub subscribers: usize,
@@ -241,9 +245,19 @@ impl Hub {
         self.demand.write().push(listener);
     }
 
-    /// Calls `tap(channel, data)` after every retained publish in `namespace`.
+    /// Calls `tap(channel, data)` after every retained publish in `namespace` (with a
+    /// cluster broker, every one the broker brings while it follows taps:
+    /// [`crate::Broker::follow_taps`]).
     pub fn add_tap(&self, namespace: &str, tap: Tap) {
         self.taps.write().push((namespace.to_owned(), tap));
+    }
+
+    /// The namespaces some tap watches.
+    pub fn tap_namespaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.taps.read().iter().map(|(ns, _)| ns.clone()).collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// How many connections are subscribed to `channel` now (0 for an unknown channel).
@@ -397,10 +411,17 @@ impl Hub {
             let same_epoch = *c.epoch == *epoch;
             let top = if same_epoch { c.top } else { 0 };
             if same_epoch && offset <= c.top {
+                let held = c.history.since(offset.saturating_sub(1), 1).next();
+                if held.is_some_and(|e| e.offset == offset && e.data()[..] != *data) {
+                    return Ok(Delivery::Diverged);
+                }
                 return Ok(Delivery::Stale);
             }
             if offset != top + 1 && !force {
                 return Ok(Delivery::Gap { top });
+            }
+            if same_epoch && offset > c.top + 1 {
+                Self::break_continuity(&c, channel, c.top + 1..offset);
             }
             if !same_epoch || offset != c.top + 1 {
                 Self::reset(&mut c, epoch);
@@ -411,6 +432,24 @@ impl Hub {
             fanout.count(&self.metrics);
             return Ok(Delivery::Applied);
         }
+    }
+
+    /// The last offset up to which `entries` (a broker's history of `channel` in `epoch`,
+    /// oldest first) agree with what this node delivered: the offset before the first one
+    /// it still holds with other data, or else its top (0 for another epoch).
+    pub fn agreed_until(&self, channel: &str, epoch: &str, entries: &[(u64, Vec<u8>)]) -> u64 {
+        let Some(ch) = self.lookup(channel) else { return 0 };
+        let c = ch.lock();
+        if *c.epoch != *epoch {
+            return 0;
+        }
+        for (offset, data) in entries.iter().filter(|(o, _)| *o > 0 && *o <= c.top) {
+            let held = c.history.since(offset - 1, 1).next();
+            if held.is_some_and(|e| e.offset == *offset && e.data()[..] != data[..]) {
+                return offset - 1;
+            }
+        }
+        c.top
     }
 
     /// Delivers an ephemeral message a broker carried (conflated, not kept in history).
@@ -450,7 +489,8 @@ impl Hub {
             if c.removed {
                 continue;
             }
-            if *c.epoch != *epoch {
+            let same_epoch = *c.epoch == *epoch;
+            if !same_epoch {
                 Self::reset(&mut c, epoch);
                 c.top = 0;
             }
@@ -474,6 +514,9 @@ impl Hub {
                     continue;
                 }
                 if *offset != c.top + 1 {
+                    if same_epoch {
+                        Self::break_continuity(&c, channel, c.top + 1..*offset);
+                    }
                     c.history.clear();
                 }
                 c.top = *offset;
@@ -484,7 +527,12 @@ impl Hub {
                 fanout.overflowed += f.overflowed;
                 applied += 1;
             }
+            // Behind `top` with nothing more to deliver from the broker's history: the
+            // messages in between are lost, and the channel moves there.
             if top > c.top {
+                if same_epoch && local_top > 0 {
+                    Self::break_continuity(&c, channel, c.top + 1..top + 1);
+                }
                 c.history.clear();
                 c.top = top;
             }
@@ -494,6 +542,27 @@ impl Hub {
                 HubMetrics::add(&self.metrics.messages_in, applied - 1);
             }
             return Ok(applied);
+        }
+    }
+
+    /// Messages `missing` of a channel will never reach its subscribers (the broker's history
+    /// no longer holds them). Where the namespace's policy is `disconnect` (no message may be
+    /// skipped silently), each subscriber is closed with 4008 as a slow consumer would be, so
+    /// it recovers and learns of the gap with `recovered: false`; under `conflate` or
+    /// `drop_oldest`, losing messages is what the subscribers accepted.
+    fn break_continuity(c: &Channel, channel: &str, missing: std::ops::Range<u64>) {
+        if c.ns.overflow != OverflowPolicy::Disconnect || c.subscribers.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            channel,
+            from = missing.start,
+            to = missing.end - 1,
+            subscribers = c.subscribers.len(),
+            "messages lost for good; closing the channel's subscribers with 4008 so they recover"
+        );
+        for queue in &c.subscribers {
+            queue.mark_overflowed();
         }
     }
 
@@ -507,7 +576,7 @@ impl Hub {
     }
 
     /// Calls the taps of `channel`'s namespace with a retained message's `data`. A broker
-    /// that assigns offsets elsewhere calls it on the node that published the message.
+    /// that assigns offsets elsewhere calls it for what it carries while following taps.
     pub fn run_taps(&self, channel: &str, data: &[u8]) {
         let taps = self.taps.read();
         if taps.is_empty() {
@@ -961,6 +1030,48 @@ mod tests {
         hub.deliver("chat.a", "ep2", 9, b"0", true).unwrap();
         let p = hub.position("chat.a").unwrap();
         assert_eq!((p.top, p.first), (9, Some(9)), "history stays contiguous");
+    }
+
+    #[test]
+    fn another_message_at_a_delivered_offset_is_a_divergence() {
+        let hub = hub();
+        for offset in 1..=3 {
+            hub.deliver("chat.a", "ep1", offset, offset.to_string().as_bytes(), false).unwrap();
+        }
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"2", false), Ok(Delivery::Stale));
+        assert_eq!(hub.deliver("chat.a", "ep1", 2, b"\"x\"", false), Ok(Delivery::Diverged));
+        assert_eq!(hub.position("chat.a").unwrap().top, 3, "nothing was applied");
+        let redis = vec![(1, b"1".to_vec()), (2, b"\"x\"".to_vec()), (3, b"3".to_vec())];
+        assert_eq!(hub.agreed_until("chat.a", "ep1", &redis), 1);
+        assert_eq!(hub.agreed_until("chat.a", "ep1", &entries(1..=5)), 3, "up to what it holds");
+        assert_eq!(hub.agreed_until("chat.a", "ep2", &entries(1..=3)), 0);
+    }
+
+    #[test]
+    fn messages_lost_for_good_close_subscribers_only_where_nothing_may_be_skipped() {
+        let mut spaces = std::collections::BTreeMap::new();
+        let conflate = NamespaceConfig { overflow: OverflowPolicy::Conflate, ..Default::default() };
+        spaces.insert("ticks".to_owned(), conflate);
+        let hub =
+            Hub::new(Namespaces::new(spaces, NamespaceConfig::default()), HubOptions::default());
+        let (chat, ticks) =
+            (Arc::new(ConnQueue::new(1, 1 << 20)), Arc::new(ConnQueue::new(2, 1 << 20)));
+        for (channel, q) in [("chat.a", &chat), ("ticks.a", &ticks)] {
+            hub.deliver(channel, "ep1", 1, b"1", false).unwrap();
+            hub.subscribe(channel, q, None);
+            hub.deliver(channel, "ep1", 4, b"4", true).unwrap();
+        }
+        assert!(chat.is_overflowed(), "a chat subscriber is closed (4008) to recover");
+        assert!(!ticks.is_overflowed(), "a conflated feed just goes on");
+        assert_eq!(offsets(&ticks), vec![4]);
+
+        // The same for a merge that must jump, but not for another epoch.
+        let later = Arc::new(ConnQueue::new(3, 1 << 20));
+        hub.subscribe("chat.a", &later, None);
+        hub.merge("chat.a", "ep2", 9, &[]).unwrap();
+        assert!(!later.is_overflowed(), "a new epoch is announced by the messages themselves");
+        hub.merge("chat.a", "ep2", 12, &entries(11..=12)).unwrap();
+        assert!(later.is_overflowed(), "10 is lost");
     }
 
     fn entries(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Vec<u8>)> {

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, Response, StatusCode, header};
-use ferrocast_hub::{BrokerError, PublishError, PublishKind};
+use ferrocast_hub::{BrokerError, ChannelInfo, PublishError, PublishKind};
 use ferrocast_protocol::{ErrorCode, validate_channel};
 use parking_lot::Mutex;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -178,7 +178,8 @@ const CHANNELS_PAGE_DEFAULT: usize = 1_000;
 const CHANNELS_PAGE_MAX: usize = 10_000;
 
 /// `GET /api/channels?after=NAME&limit=N`: one page of channels sorted by name, with the
-/// total and the `next` cursor (null on the last page).
+/// total and the `next` cursor (null on the last page). With a cluster, every live node's
+/// channels, each listed once with its subscribers summed over the nodes.
 pub async fn channels(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -189,11 +190,92 @@ pub async fn channels(
         return refuse_access(&app, peer, "channel listing", refusal);
     }
     let limit = q.limit.unwrap_or(CHANNELS_PAGE_DEFAULT).clamp(1, CHANNELS_PAGE_MAX);
-    let page = app.hub.channels_page(q.after.as_deref(), limit);
-    json_response(
-        StatusCode::OK,
-        json!({ "channels": page.channels, "total": page.total, "next": page.next }),
-    )
+    let question = json!({ "op": "channels", "after": q.after, "limit": limit });
+    let Some(asked) = app.broker.survey(question.to_string().as_bytes()) else {
+        let page = app.hub.channels_page(q.after.as_deref(), limit);
+        return json_response(
+            StatusCode::OK,
+            json!({ "channels": page.channels, "total": page.total, "next": page.next }),
+        );
+    };
+    match asked.await {
+        Ok(answers) => {
+            let page = merge_channel_pages(&answers, limit, q.after.is_some());
+            json_response(StatusCode::OK, page)
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+    }
+}
+
+/// One page of the cluster's channels from each node's page (same cursor and limit): the
+/// union, each channel once with its subscribers summed and the most advanced position, cut
+/// where a node that had more stopped (beyond, its channels are unknown). `total` is exact
+/// on a first page that holds every node's channels, else a lower bound (the largest
+/// node's count, or the channels seen).
+fn merge_channel_pages(answers: &[Vec<u8>], limit: usize, paged: bool) -> serde_json::Value {
+    let mut merged: std::collections::BTreeMap<String, ChannelInfo> = Default::default();
+    let mut bound: Option<String> = None;
+    let (mut truncated, mut largest) = (false, 0);
+    for answer in answers {
+        let Ok(page) = serde_json::from_slice::<NodeChannels>(answer) else { continue };
+        largest = largest.max(page.total);
+        if page.more {
+            truncated = true;
+            if let Some(last) = page.channels.last().map(|c| c.channel.clone()) {
+                bound = Some(bound.map_or(last.clone(), |b: String| b.min(last)));
+            }
+        }
+        for info in page.channels {
+            match merged.get_mut(&info.channel) {
+                Some(held) => {
+                    held.subscribers += info.subscribers;
+                    if info.offset > held.offset {
+                        (held.offset, held.epoch) = (info.offset, info.epoch);
+                    }
+                }
+                None => {
+                    merged.insert(info.channel.clone(), info);
+                }
+            }
+        }
+    }
+    let known = merged.len();
+    let mut channels: Vec<ChannelInfo> =
+        merged.into_values().filter(|c| bound.as_ref().is_none_or(|b| c.channel <= *b)).collect();
+    let more = truncated || channels.len() > limit;
+    channels.truncate(limit);
+    let next = if more { channels.last().map(|c| c.channel.clone()) } else { None };
+    let total = if truncated || paged { largest.max(known) } else { known };
+    json!({ "channels": channels, "total": total, "next": next, "nodes": answers.len() })
+}
+
+/// A node's answer to a `channels` survey.
+#[derive(Serialize, Deserialize)]
+struct NodeChannels {
+    channels: Vec<ChannelInfo>,
+    total: usize,
+    more: bool,
+}
+
+/// This node's answer to another node's (or its own) cluster-wide question.
+pub fn survey_answer(app: &AppState, question: &[u8]) -> Vec<u8> {
+    #[derive(Deserialize)]
+    #[serde(tag = "op", rename_all = "snake_case")]
+    enum Question {
+        Channels { after: Option<String>, limit: usize },
+        Stats,
+    }
+    let answer = match serde_json::from_slice::<Question>(question) {
+        Ok(Question::Channels { after, limit }) => {
+            let page = app.hub.channels_page(after.as_deref(), limit.clamp(1, CHANNELS_PAGE_MAX));
+            let more = page.next.is_some();
+            serde_json::to_value(NodeChannels { channels: page.channels, total: page.total, more })
+                .unwrap_or_default()
+        }
+        Ok(Question::Stats) => node_stats(app),
+        Err(e) => json!({ "error": e.to_string() }),
+    };
+    answer.to_string().into_bytes()
 }
 
 #[derive(Deserialize)]
@@ -325,7 +407,8 @@ async fn history_allowed(
     Ok(())
 }
 
-/// `GET /api/stats`: a JSON summary for dashboards.
+/// `GET /api/stats`: a JSON summary for dashboards. With a cluster, the figures of every
+/// live node summed (`nodes` says how many answered); `uptime_s` is this node's.
 pub async fn stats(
     State(app): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -334,25 +417,64 @@ pub async fn stats(
     if let Err(refusal) = read_allowed(&app, peer, &headers) {
         return refuse_access(&app, peer, "stats", refusal);
     }
+    let mut summary = match app.broker.survey(br#"{"op":"stats"}"#) {
+        None => node_stats(&app),
+        Some(asked) => match asked.await {
+            Ok(answers) => {
+                let mut sum = json!({});
+                for answer in &answers {
+                    if let Ok(node) = serde_json::from_slice::<serde_json::Value>(answer) {
+                        add_numbers(&mut sum, &node);
+                    }
+                }
+                sum["nodes"] = json!(answers.len());
+                sum
+            }
+            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string()),
+        },
+    };
+    summary["uptime_s"] = json!(app.started.elapsed().as_secs());
+    summary["broker"] = json!(app.broker.kind());
+    json_response(StatusCode::OK, summary)
+}
+
+/// This node's own figures: connections by transport, subscriptions, channels held,
+/// messages published through it, messages and bytes sent to its clients.
+fn node_stats(app: &AppState) -> serde_json::Value {
     let m = &app.metrics;
     let hub = app.hub.metrics();
-    json_response(
-        StatusCode::OK,
-        json!({
-            "connections": {
-                "ws": m.open_connections(Transport::Ws),
-                "sse": m.open_connections(Transport::Sse),
-                "socketio": m.open_connections(Transport::SocketIo),
-            },
-            "subscriptions": hub.subscriptions.load(Relaxed),
-            "channels": hub.channels.load(Relaxed),
-            "messages_in": hub.messages_in.load(Relaxed),
-            "messages_out": m.messages_out_total(),
-            "bytes_out": m.bytes_out_total(),
-            "uptime_s": app.started.elapsed().as_secs(),
-            "broker": app.broker.kind(),
-        }),
-    )
+    json!({
+        "connections": {
+            "ws": m.open_connections(Transport::Ws),
+            "sse": m.open_connections(Transport::Sse),
+            "socketio": m.open_connections(Transport::SocketIo),
+        },
+        "subscriptions": hub.subscriptions.load(Relaxed),
+        "channels": hub.channels.load(Relaxed),
+        "messages_in": app.broker.published().unwrap_or_else(|| hub.messages_in.load(Relaxed)),
+        "messages_out": m.messages_out_total(),
+        "bytes_out": m.bytes_out_total(),
+    })
+}
+
+/// Adds every number of `node` into `sum`, object by object.
+fn add_numbers(sum: &mut serde_json::Value, node: &serde_json::Value) {
+    let serde_json::Value::Object(fields) = node else { return };
+    for (key, value) in fields {
+        match value {
+            serde_json::Value::Number(n) => {
+                let held = sum[key].as_u64().unwrap_or(0);
+                sum[key] = json!(held + n.as_u64().unwrap_or(0));
+            }
+            serde_json::Value::Object(_) => {
+                if !sum[key].is_object() {
+                    sum[key] = json!({});
+                }
+                add_numbers(&mut sum[key], value);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// What this node tells the others about itself (`GET /api/nodes`).
@@ -369,6 +491,7 @@ pub fn node_info(app: &AppState) -> serde_json::Value {
         "subscriptions": app.hub.metrics().subscriptions.load(Relaxed),
         "uptime_s": app.started.elapsed().as_secs(),
         "draining": app.shutdown.is_draining(),
+        "ingest": app.ingest.is_held(),
     })
 }
 
@@ -389,10 +512,9 @@ pub async fn nodes(
         Ok(nodes) => {
             let mut nodes: Vec<serde_json::Value> =
                 nodes.iter().filter_map(|n| serde_json::from_str(n).ok()).collect();
-            if !nodes.iter().any(|n| n["node"] == app.node_id.as_str()) {
-                // Not advertised yet (the first 2 s): this node is live all the same.
-                nodes.push(node_info(&app));
-            }
+            // This node as it is now, not as it last advertised itself (it may not have yet).
+            nodes.retain(|n| n["node"] != app.node_id.as_str());
+            nodes.push(node_info(&app));
             nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
             json_response(StatusCode::OK, json!({ "nodes": nodes }))
         }

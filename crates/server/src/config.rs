@@ -179,7 +179,9 @@ pub struct SocketIoConfig {
 pub struct BrokerConfig {
     /// `"memory"` (default) or `"redis"`.
     pub kind: BrokerKind,
-    /// Redis URL: `redis://[user:pass@]host:port/db`, or `rediss://` for TLS.
+    /// Redis URL: `redis://[user:pass@]host:port/db`, `rediss://` for TLS, or
+    /// `redis+sentinel://[user:pass@]host1:26379,host2:26379/MASTER[/DB]` for Sentinel; with
+    /// the `sentinels` list, its credentials and database apply to the primary.
     pub url: String,
     /// PEM file of the certificates to trust for `rediss://` (empty: the system's roots).
     pub tls_ca_file: String,
@@ -712,19 +714,25 @@ impl Config {
                     None
                 }
             };
-            let parsed =
-                if ["redis://", "rediss://", "unix://"].iter().any(|p| b.url.starts_with(p)) {
-                    ferrocast_broker_redis::check_url(&b.url, ca.as_deref())
-                } else {
-                    Err("expected redis://[user:password@]host:port/db or rediss://...".into())
-                };
+            let schemes = ["redis://", "rediss://", "unix://", "redis+sentinel://"];
+            let parsed = if schemes.iter().any(|p| b.url.starts_with(p)) {
+                ferrocast_broker_redis::check_url(&b.url, ca.as_deref())
+            } else {
+                Err("expected redis://[user:password@]host:port/db, rediss://... or redis+sentinel://host:port,.../master".into())
+            };
             if let Err(reason) = parsed {
                 check(false, "broker.url", format!("{:?}: {reason}", b.url));
             }
+            let sentinel_url = b.url.starts_with("redis+sentinel://");
             check(
                 b.sentinels.is_empty() || b.cluster_urls.is_empty(),
                 "broker.sentinels",
                 "use either sentinels or cluster_urls, not both".into(),
+            );
+            check(
+                !sentinel_url || (b.sentinels.is_empty() && b.cluster_urls.is_empty()),
+                "broker.url",
+                "a redis+sentinel:// URL lists the sentinels itself: leave sentinels and cluster_urls empty".into(),
             );
             check(
                 b.sentinels.is_empty() || !b.sentinel_master.is_empty(),
@@ -1416,6 +1424,13 @@ mod tests {
             load(None, &[], &all).unwrap_err().into_iter().map(|e| e.key).collect::<Vec<_>>()
         };
         assert_eq!(bad(&["broker.url=http://h:1"]), vec!["broker.url"]);
+        let sentinel_url = "broker.url=redis+sentinel://s1:26379,s2:26379/orders/1";
+        assert!(load(None, &[], &["broker.kind=redis", sentinel_url]).is_ok());
+        assert_eq!(bad(&["broker.url=redis+sentinel://s1:26379/orders/x"]), vec!["broker.url"]);
+        assert_eq!(
+            bad(&["broker.url=redis+sentinel://s1/m", "broker.sentinels=[\"redis://s:26379\"]"]),
+            vec!["broker.url"]
+        );
         assert_eq!(bad(&["broker.url=redis://h:notaport"]), vec!["broker.url"]);
         assert_eq!(bad(&["broker.timeout_ms=0"]), vec!["broker.timeout_ms"]);
         assert_eq!(bad(&["broker.position_check_ms=1"]), vec!["broker.position_check_ms"]);

@@ -1,38 +1,46 @@
 //! Upstream market-data connectors (`[[feeds]]`) wired to the hub, the feed board and the
 //! metrics.
 //!
-//! Each configured feed becomes a task running its connector (Massive or generic) until the
-//! server drains. Connectors publish through [`HubSink`], report their state to the
+//! Each configured feed becomes a task running its connector (Massive or generic) while this
+//! node holds the ingest lease (always, with the memory broker; with the Redis broker one
+//! node runs the cluster's feeds and the others stand by, state `standby`), until the server
+//! drains. Connectors publish through [`HubSink`], report their state to the
 //! [`FeedBoard`](crate::feedboard::FeedBoard) (so `/readyz` follows `required` feeds and
 //! `/api/feeds` shows the reason when a feed is down), and register their counters for
 //! `/metrics`.
 //!
-//! The hub has one demand-listener slot, so a [`DemandRouter`] fans demand out: a market
-//! channel (`ticks.SYM`, `quotes.SYM`, `candles.SYM.*`) goes to the first feed, in
-//! configuration order, whose symbols match (options `O:…` to the options feed, plain
-//! tickers to the stocks feed). The router also answers the hub's admission check, which is
-//! how a subscribe beyond an upstream limit (Massive's 1,000 option contracts with quotes)
-//! is refused with `upstream_rejected` instead of silently getting no data.
+//! A [`DemandRouter`] fans demand out: a market channel (`ticks.SYM`, `quotes.SYM`,
+//! `candles.SYM.*`) goes to the first feed, in configuration order, whose symbols match
+//! (options `O:…` to the options feed, plain tickers to the stocks feed). Demand is this
+//! node's subscribers and, with a cluster, every node's ([`Broker::cluster_demand`]): a
+//! symbol watched only by a client on another node is subscribed upstream here. The router
+//! also answers the hub's admission check, which is how a subscribe beyond an upstream limit
+//! (Massive's 1,000 option contracts with quotes) is refused with `upstream_rejected` instead
+//! of silently getting no data.
 //!
-//! The router also starts candle backfill: when a candle channel of a feed that offers
-//! history ([`Feed::backfill`], Massive's REST aggregates) gets its first subscriber, the
-//! bars are fetched in a task of their own (live data never waits for them) and published
-//! if the channel still has no history, at most once per channel per run. A feed's named
-//! `always` symbols are backfilled at startup, since their channels fill with live bars
-//! before anyone subscribes.
+//! The router also starts candle backfill on the node running the feeds: when a candle
+//! channel of a feed that offers history ([`Feed::backfill`], Massive's REST aggregates)
+//! gets its first subscriber, the bars are fetched in a task of their own (live data never
+//! waits for them) and published if the channel still has no history, at most once per
+//! channel per run. A feed's named `always` symbols are backfilled when it starts, since
+//! their channels fill with live bars before anyone subscribes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 
-use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, MarketChannel, now_ms};
+use ferrocast_feeds::config::FeedConfig;
+use ferrocast_feeds::feed::{Feed, FeedContext, FeedStats, LinkState, MarketChannel, now_ms};
 use ferrocast_feeds::generic::{GenericConfig, GenericFeed};
+use ferrocast_feeds::market::{CANDLES_NAMESPACE, QUOTES_NAMESPACE, TRADES_NAMESPACE};
 use ferrocast_feeds::massive::{MassiveConfig, MassiveFeed};
 use ferrocast_hub::hub::DemandListener;
-use ferrocast_hub::{Broker, Hub};
-use parking_lot::Mutex;
+use ferrocast_hub::{Broker, Lease};
+use parking_lot::{Mutex, RwLock};
 
 use crate::AppState;
-use crate::sources::{BackfillStats, HubSink, publish_backfill};
+use crate::sources::{BackfillStats, HubSink, STANDBY, publish_backfill};
 
 /// Routes hub demand to the feed serving each channel.
 pub struct DemandRouter {
@@ -42,11 +50,11 @@ pub struct DemandRouter {
 
 /// What the router needs to backfill candle channels.
 struct Backfiller {
-    /// Weak: the hub holds the router.
-    hub: Weak<Hub>,
-    /// Weak too: the Redis broker holds the hub.
+    /// Weak: the Redis broker holds the hub, which holds the router.
     broker: Weak<dyn Broker>,
     stats: Arc<BackfillStats>,
+    /// Backfill runs where the feeds run.
+    ingest: Lease,
     /// Channels already backfilled (or tried) in this run.
     attempted: Mutex<HashSet<String>>,
 }
@@ -60,18 +68,16 @@ impl Backfiller {
         interval: ferrocast_feeds::market::Interval,
     ) {
         let Some((source, count)) = feed.backfill() else { return };
-        if !self.attempted.lock().insert(channel.to_owned()) {
+        if !self.ingest.is_held() || !self.attempted.lock().insert(channel.to_owned()) {
             return;
         }
-        let (hub, broker, stats) = (self.hub.clone(), self.broker.clone(), self.stats.clone());
+        let (broker, stats) = (self.broker.clone(), self.stats.clone());
         let (channel, sym, name) = (channel.to_owned(), sym.to_owned(), feed.name().to_owned());
         tokio::spawn(async move {
             match source.bars(&sym, interval, count, now_ms()).await {
                 Ok(bars) => {
-                    let (Some(hub), Some(broker)) = (hub.upgrade(), broker.upgrade()) else {
-                        return;
-                    };
-                    let published = publish_backfill(&hub, &*broker, &channel, &bars, &stats);
+                    let Some(broker) = broker.upgrade() else { return };
+                    let published = publish_backfill(&*broker, &channel, &bars, &stats).await;
                     tracing::info!(feed = %name, channel, bars = published, "candles backfilled");
                 }
                 Err(e) => {
@@ -104,17 +110,31 @@ impl DemandRouter {
         }
     }
 
-    /// Also backfills candle channels of `hub` through `broker`, counting in `stats`.
+    /// Backfills the candle channels of the `always` symbols of feed `cfg`.
+    fn backfill_always(&self, cfg: &FeedConfig) {
+        for sym in cfg.always.iter().filter(|s| ferrocast_feeds::market::is_valid_symbol(s)) {
+            for interval in ferrocast_feeds::market::Interval::ALL {
+                let channel = ferrocast_feeds::market::channel_for_candle(sym, interval);
+                // Only where this feed is the one serving the channel.
+                if self.route(&channel).is_some_and(|f| f.name() == cfg.name) {
+                    self.backfill_channel(&channel);
+                }
+            }
+        }
+    }
+
+    /// Also backfills candle channels through `broker` while `ingest` is held, counting in
+    /// `stats`.
     pub fn with_backfill(
         mut self,
-        hub: &Arc<Hub>,
         broker: &Arc<dyn Broker>,
         stats: Arc<BackfillStats>,
+        ingest: Lease,
     ) -> Self {
         self.backfill = Some(Backfiller {
-            hub: Arc::downgrade(hub),
             broker: Arc::downgrade(broker),
             stats,
+            ingest,
             attempted: Mutex::new(HashSet::new()),
         });
         self
@@ -145,14 +165,24 @@ impl DemandListener for DemandRouter {
     }
 }
 
-/// Starts every configured feed and installs the demand router. Feeds stop when the server
-/// drains. Does nothing without `[[feeds]]`.
-pub fn start(app: &Arc<AppState>) {
+/// A feed's connection loop, run until the future it is given completes.
+type Runner = Box<
+    dyn Fn(Pin<Box<dyn Future<Output = ()> + Send>>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Starts every configured feed under the ingest lease and installs the demand router.
+/// Feeds stop when the server drains. Does nothing without `[[feeds]]`.
+pub fn start(app: &Arc<AppState>, ingest: &Lease) {
     if app.config.feeds.is_empty() {
         return;
     }
     let env: Vec<(String, String)> = std::env::vars().collect();
+    // Every node's demand, kept current by the broker (empty without a cluster).
+    let cluster_wants: Arc<RwLock<Arc<BTreeSet<String>>>> = Arc::default();
     let mut feeds: Vec<Arc<dyn Feed>> = Vec::new();
+    let mut runners: Vec<(FeedConfig, Arc<FeedStats>, Runner)> = Vec::new();
     for cfg in &app.config.feeds {
         let stats = Arc::new(FeedStats::new(&cfg.name, &cfg.kind));
         // A weak reference: the board lives in `AppState`, which must not be kept alive by
@@ -165,59 +195,114 @@ pub fn start(app: &Arc<AppState>) {
             }
         }));
         app.feeds.register(&stats);
-        let hub = app.hub.clone();
+        let (hub, wants) = (app.hub.clone(), cluster_wants.clone());
         let ctx = FeedContext {
             sink: Arc::new(HubSink(app.broker.clone())),
-            probe: Arc::new(move |channel: &str| hub.subscriber_count(channel) > 0),
+            probe: Arc::new(move |channel: &str| {
+                hub.subscriber_count(channel) > 0 || wants.read().contains(channel)
+            }),
             bars: app.feeds.upstream_bars.clone(),
-            stats,
+            stats: stats.clone(),
         };
-        let shutdown = app.shutdown.clone();
         match cfg.kind.as_str() {
             "massive" => {
                 let feed = MassiveFeed::new(MassiveConfig::from_feed(cfg, &env), ctx);
-                tokio::spawn(feed.clone().run(async move { shutdown.draining().await }));
-                feeds.push(feed);
+                feeds.push(feed.clone());
+                let run: Runner = Box::new(move |stop| Box::pin(feed.clone().run(stop)));
+                runners.push((cfg.clone(), stats, run));
             }
             "generic" => match GenericConfig::from_feed(cfg, &env) {
                 Ok(generic) => {
                     let feed = GenericFeed::new(generic, ctx);
-                    tokio::spawn(feed.clone().run(async move { shutdown.draining().await }));
-                    feeds.push(feed);
+                    feeds.push(feed.clone());
+                    let run: Runner = Box::new(move |stop| Box::pin(feed.clone().run(stop)));
+                    runners.push((cfg.clone(), stats, run));
                 }
                 // Validated at load time, so this is a bug rather than a user error; the feed
                 // shows as failed instead of taking the server down.
                 Err(problems) => ctx.stats.set_state(
-                    ferrocast_feeds::feed::LinkState::Failed,
+                    LinkState::Failed,
                     Some(format!("invalid configuration: {problems:?}")),
                 ),
             },
             other => tracing::error!(feed = %cfg.name, "unknown feed kind {other:?}"),
         }
-        tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
     }
     let router = Arc::new(DemandRouter::new(feeds).with_backfill(
-        &app.hub,
         &app.broker,
         app.candles.backfill.clone(),
+        ingest.clone(),
     ));
     app.hub.add_demand_listener(router.clone());
-    for cfg in &app.config.feeds {
-        for sym in cfg.always.iter().filter(|s| ferrocast_feeds::market::is_valid_symbol(s)) {
-            for interval in ferrocast_feeds::market::Interval::ALL {
-                let channel = ferrocast_feeds::market::channel_for_candle(sym, interval);
-                // Only where this feed is the one serving the channel.
-                if router.route(&channel).is_some_and(|f| f.name() == cfg.name) {
-                    router.backfill_channel(&channel);
-                }
-            }
-        }
+    for (cfg, stats, run) in runners {
+        tracing::info!(feed = %cfg.name, kind = %cfg.kind, url = %cfg.url, required = cfg.required, "upstream feed starting");
+        tokio::spawn(run_under_lease(app.clone(), ingest.clone(), router.clone(), cfg, stats, run));
     }
     // Replayed after installing the router, so no subscription falls in between; a channel
     // reported twice is simply wanted.
     for channel in app.hub.demanded_channels() {
         router.demand_changed(&channel, true);
     }
+    let patterns =
+        [TRADES_NAMESPACE, QUOTES_NAMESPACE, CANDLES_NAMESPACE].map(|ns| format!("{ns}.*"));
+    let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+    if let Some(mut demand) = app.broker.cluster_demand(&patterns) {
+        let shutdown = app.shutdown.clone();
+        tokio::spawn(async move {
+            let mut held: Arc<BTreeSet<String>> = Arc::default();
+            loop {
+                tokio::select! {
+                    changed = demand.changed() => if changed.is_err() { return },
+                    _ = shutdown.draining() => return,
+                }
+                let now = demand.borrow_and_update().clone();
+                *cluster_wants.write() = now.clone();
+                for channel in now.difference(&held) {
+                    router.demand_changed(channel, true);
+                }
+                for channel in held.difference(&now) {
+                    router.demand_changed(channel, false);
+                }
+                held = now;
+            }
+        });
+    }
+}
+
+/// Runs one feed while this node holds the ingest lease, in standby otherwise, until the
+/// server drains.
+async fn run_under_lease(
+    app: Arc<AppState>,
+    mut lease: Lease,
+    router: Arc<DemandRouter>,
+    cfg: FeedConfig,
+    stats: Arc<FeedStats>,
+    run: Runner,
+) {
+    let shutdown = app.shutdown.clone();
+    loop {
+        if !lease.is_held() {
+            stats.set_state(LinkState::Standby, Some(STANDBY.into()));
+        }
+        tokio::select! {
+            _ = lease.acquired() => {}
+            _ = shutdown.draining() => break,
+        }
+        router.backfill_always(&cfg);
+        let (mut watch, draining) = (lease.clone(), shutdown.clone());
+        let stop = async move {
+            tokio::select! {
+                _ = draining.draining() => {}
+                _ = watch.lost() => {}
+            }
+        };
+        run(Box::pin(stop)).await;
+        if shutdown.is_draining() {
+            break;
+        }
+        tracing::info!(feed = %cfg.name, "ingest lease lost: another node runs this feed now");
+    }
+    stats.set_state(LinkState::Stopped, None);
 }
 
 #[cfg(test)]

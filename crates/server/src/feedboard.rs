@@ -74,7 +74,11 @@ impl FeedBoard {
 
     /// Why the server is not ready because of a feed, if it is not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        self.feeds.lock().iter().find(|f| f.required && f.state != LinkState::Live).map(|f| {
+        // A feed in standby runs on another node: this one cannot make it live.
+        let down = |f: &&FeedStatus| {
+            f.required && !matches!(f.state, LinkState::Live | LinkState::Standby)
+        };
+        self.feeds.lock().iter().find(down).map(|f| {
             format!(
                 "feed {:?} is {}{}",
                 f.name,

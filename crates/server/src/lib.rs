@@ -71,7 +71,7 @@ use axum::extract::ConnectInfo;
 use axum::routing::{MethodFilter, any, get, on, post};
 use config::BrokerKind;
 use ferrocast_broker_redis::{RedisBroker, RedisOptions};
-use ferrocast_hub::{Broker, Hub, HubOptions, MemoryBroker, Namespaces, Pending};
+use ferrocast_hub::{Broker, Hub, HubOptions, Lease, MemoryBroker, Namespaces, Pending};
 use ferrocast_protocol::{ErrorCode, FrameError};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -96,6 +96,10 @@ pub struct AppState {
     pub broker: Arc<dyn Broker>,
     /// This node's id among the cluster's nodes (`GET /api/nodes`).
     pub node_id: String,
+    /// Whether this node runs the cluster's ingestion (simulator, feeds, candle building):
+    /// one lease for all of it, so the candle builder sits with the feeds whose upstream
+    /// bars it must leave alone. Always held with the memory broker.
+    pub ingest: Lease,
     pub metrics: ServerMetrics,
     pub feeds: FeedBoard,
     /// Candles built from trades on `ticks.*`.
@@ -182,10 +186,12 @@ impl AppState {
         };
         let limits = limits::Limits::new(&config.limits, config.server.reconnect_after_ms);
         let proxy = proxy::Proxy::new(config.proxy.clone());
+        let ingest = broker.lease("ingest");
         let app = Arc::new(AppState {
             hub,
             broker,
             node_id,
+            ingest,
             config: Arc::new(config),
             metrics: ServerMetrics::default(),
             feeds: FeedBoard::default(),
@@ -202,6 +208,12 @@ impl AppState {
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         });
+        // Weak: the broker lives in the state it would otherwise keep alive.
+        let weak = Arc::downgrade(&app);
+        app.broker.answer_surveys(Arc::new(move |question| match weak.upgrade() {
+            Some(app) => api::survey_answer(&app, question),
+            None => Vec::new(),
+        }));
         server_api::install(&app);
         app
     }
@@ -356,9 +368,9 @@ impl Server {
     /// call returns once every connection has closed or the grace period has passed.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let Server { listener, app } = self;
-        sources::start_simulator(&app);
-        sources::start_candles(&app);
-        connectors::start(&app);
+        sources::start_simulator(&app, &app.ingest);
+        sources::start_candles(&app, &app.ingest);
+        connectors::start(&app, &app.ingest);
         spawn_sweeper(&app);
         spawn_advertiser(&app);
         if let Some(jwks) = &app.auth.jwks {

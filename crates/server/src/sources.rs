@@ -2,7 +2,6 @@
 //! trade published on `ticks.*`, whatever its origin, and candle backfill (historical bars
 //! published into a candle channel that has no history yet).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +11,8 @@ use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
 use ferrocast_feeds::feed::UpstreamBars;
 use ferrocast_feeds::market::{self, Candle, Interval, Trade};
 use ferrocast_feeds::simulator::{self, SimulatorConfig};
-use ferrocast_hub::{Broker, Hub, Pending, PublishKind};
+use ferrocast_hub::{Broker, Lease, Pending, PublishKind};
+use futures_util::FutureExt;
 use std::fmt::Write;
 
 use parking_lot::Mutex;
@@ -36,10 +36,10 @@ impl ferrocast_feeds::Sink for HubSink {
 
 /// Starts the simulator when enabled. It stops when the server drains.
 ///
-/// With the Redis broker every node may enable it, and it runs on the one node holding the
-/// `simulator` lease (the others stand by and take over when that node goes away), so the
-/// cluster carries one stream. With the memory broker the lease is always held.
-pub fn start_simulator(app: &Arc<AppState>) {
+/// It runs while this node holds the ingest lease (always, with the memory broker): with the
+/// Redis broker every node may enable it, one node runs it and the others stand by, taking
+/// over when that node goes away, so the cluster carries one stream.
+pub fn start_simulator(app: &Arc<AppState>, ingest: &Lease) {
     let cfg = &app.config.simulator;
     if !cfg.enabled {
         return;
@@ -48,15 +48,15 @@ pub fn start_simulator(app: &Arc<AppState>) {
     if !cfg.symbols.is_empty() {
         sim.symbols = cfg.symbols.clone();
     }
-    let mut lease = app.broker.lease("simulator");
+    let mut lease = ingest.clone();
     let mut backfilled = false;
     if lease.is_held() {
-        // One node: before the accept loop starts, so the first dashboard already sees a past.
         app.feeds.set("sim", "simulator", false, LinkState::Live, None);
-        backfill_simulator(app, &sim, None);
-        backfilled = true;
+        // The memory broker answers at once, so the past is published before the accept
+        // loop starts and the first dashboard already sees it.
+        backfilled = backfill_simulator(app, &sim).now_or_never().is_some();
     } else {
-        app.feeds.set("sim", "simulator", false, LinkState::Stopped, Some(STANDBY.into()));
+        app.feeds.set("sim", "simulator", false, LinkState::Standby, Some(STANDBY.into()));
     }
     let sink: Arc<HubSink> = Arc::new(HubSink(app.broker.clone()));
     let shutdown = app.shutdown.clone();
@@ -69,8 +69,7 @@ pub fn start_simulator(app: &Arc<AppState>) {
             }
             app.feeds.set("sim", "simulator", false, LinkState::Live, None);
             if !backfilled {
-                let shared = shared_histories(&app, &sim).await;
-                backfill_simulator(&app, &sim, Some(&shared));
+                backfill_simulator(&app, &sim).await;
                 backfilled = true;
             }
             tracing::info!(
@@ -89,35 +88,19 @@ pub fn start_simulator(app: &Arc<AppState>) {
             if shutdown.is_draining() {
                 break;
             }
-            tracing::info!("simulator lease lost: another node runs the simulator now");
-            app.feeds.set("sim", "simulator", false, LinkState::Stopped, Some(STANDBY.into()));
+            tracing::info!("ingest lease lost: another node runs the simulator now");
+            app.feeds.set("sim", "simulator", false, LinkState::Standby, Some(STANDBY.into()));
         }
         app.feeds.set("sim", "simulator", false, LinkState::Stopped, None);
     });
 }
 
-/// The simulator's state on the nodes that do not hold its lease.
-const STANDBY: &str = "standby: another node holds the simulator lease";
+/// The reason shown for a source another node runs.
+pub const STANDBY: &str = "another node holds the ingest lease and runs it";
 
-/// Candle channels of the simulator that already hold history in the broker (another node
-/// backfilled them), so a node taking the simulator over does not backfill them again.
-async fn shared_histories(app: &AppState, sim: &SimulatorConfig) -> HashSet<String> {
-    let mut held = HashSet::new();
-    for sym in &sim.symbols {
-        for interval in Interval::ALL {
-            let channel = market::channel_for_candle(sym, interval);
-            if let Ok(Some(page)) = app.broker.history(&channel, 0, 1).wait().await
-                && !page.messages.is_empty()
-            {
-                held.insert(channel);
-            }
-        }
-    }
-    held
-}
-
-/// Publishes the simulator's made-up past into its candle channels, skipping `skip`.
-fn backfill_simulator(app: &AppState, sim: &SimulatorConfig, skip: Option<&HashSet<String>>) {
+/// Publishes the simulator's made-up past into its candle channels that have no history
+/// yet (in the broker: another node may have published it already).
+async fn backfill_simulator(app: &AppState, sim: &SimulatorConfig) {
     let bars_per_channel = app.config.simulator.backfill_bars;
     if bars_per_channel == 0 {
         return;
@@ -128,13 +111,9 @@ fn backfill_simulator(app: &AppState, sim: &SimulatorConfig, skip: Option<&HashS
     for sym in &sim.symbols {
         for interval in Interval::ALL {
             let channel = market::channel_for_candle(sym, interval);
-            if skip.is_some_and(|s| s.contains(&channel)) {
-                app.candles.backfill.skipped.fetch_add(1, Relaxed);
-                continue;
-            }
             let bars = simulator::backfill(sym, interval, bars_per_channel, now, per_symbol);
             published +=
-                publish_backfill(&app.hub, &*app.broker, &channel, &bars, &app.candles.backfill);
+                publish_backfill(&*app.broker, &channel, &bars, &app.candles.backfill).await;
         }
     }
     tracing::info!(bars = published, "demo candles backfilled with a made-up past");
@@ -152,15 +131,15 @@ pub struct BackfillStats {
 }
 
 /// Publishes `bars` (oldest first) on `channel` as retained candles, unless the channel
-/// already has history: backfill must come before live bars, and the hub's history is in
-/// publish order. Returns how many were published.
+/// already has history (in the broker, so a cluster backfills each channel once): backfill
+/// must come before live bars, and history is in publish order. Returns how many were
+/// published.
 ///
 /// The check and the publishes are not one atomic step: a live bar landing in between (the
 /// backfill of a feed's channel arrives within milliseconds of its first subscriber, a live
 /// bar at a window's end) would come before the past. The window is small, and a client
 /// that orders bars by `start`, as the dashboard does, still draws the right chart.
-pub fn publish_backfill(
-    hub: &Hub,
+pub async fn publish_backfill(
     broker: &dyn Broker,
     channel: &str,
     bars: &[Candle],
@@ -169,7 +148,14 @@ pub fn publish_backfill(
     if bars.is_empty() {
         return 0;
     }
-    let has_history = hub.history(channel, 0, 1).is_some_and(|page| !page.messages.is_empty());
+    let has_history = match broker.history(channel, 0, 1).wait().await {
+        Ok(page) => page.is_some_and(|page| !page.messages.is_empty()),
+        Err(e) => {
+            stats.errors.fetch_add(1, Relaxed);
+            tracing::warn!(channel, "backfill skipped: cannot read the channel's history: {e}");
+            return 0;
+        }
+    };
     if has_history {
         stats.skipped.fetch_add(1, Relaxed);
         tracing::debug!(channel, "backfill skipped: the channel already has history");
@@ -257,16 +243,22 @@ impl Candles {
 /// Builds `candles.SYM.1s` and `candles.SYM.1m` from every trade on `ticks.*`: forming bars
 /// as ephemeral updates, closed bars as retained messages.
 ///
+/// Once per cluster: the node holding the ingest lease follows every node's trades (its
+/// broker feeds the hub's taps with them) and publishes the bars; when it loses the lease it
+/// stops following and forgets its forming bars. With the memory broker the lease is always
+/// held and the taps see every local publish.
+///
 /// Upstream bars take precedence: for a symbol and interval marked in the feed board's
 /// [`ferrocast_feeds::feed::UpstreamBars`] (an upstream feed delivers those bars, e.g.
 /// Massive `AM`), the built bars are dropped, so the channel carries one consistent series.
-pub fn start_candles(app: &Arc<AppState>) {
+/// The feeds run under the same lease, so the marks are this node's.
+pub fn start_candles(app: &Arc<AppState>, ingest: &Lease) {
     let builder = app.candles.builder.clone();
-    let hub = app.broker.clone();
+    let broker = app.broker.clone();
     let bars = app.feeds.upstream_bars.clone();
     let tap_bars = bars.clone();
     let tap_builder = builder.clone();
-    let tap_hub = hub.clone();
+    let tap_broker = broker.clone();
     app.hub.add_tap(
         market::TRADES_NAMESPACE,
         Arc::new(move |_channel, data| {
@@ -274,21 +266,34 @@ pub fn start_candles(app: &Arc<AppState>) {
             let Ok(trade) = serde_json::from_slice::<Trade>(data) else { return };
             let updates =
                 tap_builder.lock().on_trade(&trade.sym, trade.price, trade.size, trade.ts);
-            publish_candles(&tap_hub, &tap_bars, updates);
+            publish_candles(&tap_broker, &tap_bars, updates);
         }),
     );
     let shutdown = app.shutdown.clone();
+    let mut lease = ingest.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    let updates = builder.lock().on_clock(now_ms());
-                    publish_candles(&hub, &bars, updates);
-                }
+                _ = lease.acquired() => {}
                 _ = shutdown.draining() => return,
             }
+            broker.follow_taps(true);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut watch = lease.clone();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let updates = builder.lock().on_clock(now_ms());
+                        publish_candles(&broker, &bars, updates);
+                    }
+                    _ = watch.lost() => break,
+                    _ = shutdown.draining() => return,
+                }
+            }
+            broker.follow_taps(false);
+            builder.lock().forget();
+            tracing::info!("ingest lease lost: another node builds the candles now");
         }
     });
 }

@@ -3,6 +3,9 @@
 //! Publishes N messages on a fresh channel while no one listens, then connects one client
 //! that subscribes with `recover` from the channel's start and times how long the replay of
 //! all N missed messages takes to arrive (from sending the subscribe to the last message).
+//! With several `--url`s (a cluster), the channel is opened and published through the first
+//! node and recovered on the last: the replay comes from the broker, not from a node that
+//! saw the messages.
 //! The channel's namespace must retain at least N messages and allow replaying them, e.g.
 //! `--set namespaces.bench.history_size=100000 --set namespaces.bench.max_replay=100000`.
 
@@ -13,17 +16,24 @@ use anyhow::{Context, bail};
 use ferrocast_client::{Client, ConnectOptions, HttpClient, LeanConn, LeanFrame};
 use serde_json::json;
 
-use super::{BenchArgs, http_base, proc_stats, scan_messages};
+use super::{BenchArgs, http_base, scan_messages, servers_stats};
 
 pub async fn run(args: &BenchArgs, messages: u64) -> anyhow::Result<ExitCode> {
     let channel = format!("{}.recovery-{}", args.channel_prefix, std::process::id());
-    let mut first = Client::connect(&args.url).await.context("connecting")?;
+    let (first_url, recover_url) = match (args.url.first(), args.url.last()) {
+        (Some(first), Some(last)) => (first, last),
+        _ => bail!("--url must name at least one server"),
+    };
+    let mut first = Client::connect(first_url).await.context("connecting")?;
     let ack = first.subscribe(&[channel.as_str()]).await?;
     let start = ack.get(&channel).with_context(|| format!("subscribe refused: {ack:?}"))?.clone();
     first.close().await?;
 
     // Fill the history while nobody is connected.
-    let base = args.publish_url.clone().map_or_else(|| http_base(&args.url), Ok)?;
+    let base = match args.publish_url.first() {
+        Some(url) => url.clone(),
+        None => http_base(first_url)?,
+    };
     let mut http = HttpClient::new(&base)?;
     if let Some(key) = &args.api_key {
         http = http.with_api_key(key);
@@ -43,8 +53,8 @@ pub async fn run(args: &BenchArgs, messages: u64) -> anyhow::Result<ExitCode> {
         published += n;
     }
 
-    let cpu_before = args.server_pid.map(|pid| proc_stats(&pid.to_string())).transpose()?;
-    let (mut conn, _welcome) = LeanConn::connect(&args.url, &ConnectOptions::default()).await?;
+    let cpu_before = servers_stats(&args.server_pid)?;
+    let (mut conn, _welcome) = LeanConn::connect(recover_url, &ConnectOptions::default()).await?;
     let t0 = Instant::now();
     let subscribe = json!({
         "op": "subscribe", "id": 1, "channels": [channel],
@@ -76,8 +86,8 @@ pub async fn run(args: &BenchArgs, messages: u64) -> anyhow::Result<ExitCode> {
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = match (args.server_pid, cpu_before) {
-        (Some(pid), Some(before)) => Some(proc_stats(&pid.to_string())?.cpu_secs - before.cpu_secs),
+    let cpu = match (servers_stats(&args.server_pid)?, cpu_before) {
+        (Some(after), Some(before)) => Some(after.cpu_secs - before.cpu_secs),
         _ => None,
     };
     let report = json!({
