@@ -246,6 +246,8 @@ describe('@ferrocast/react in Chromium', { skip }, () => {
     const server = await startServer({ name: 'cycles' });
     t.after(() => server.stop());
     const page = await open(t, server, { strict: true });
+    // The baseline of a connected client (its heartbeat timer included), not of one connecting.
+    await page.waitForFunction(() => window.fc.stats().state === 'connected', null, { timeout: 10000 });
     const baseline = await stats(page);
     assert.equal(baseline.channels, 0);
     const cyclePanels = [
