@@ -119,8 +119,8 @@ pub struct AppState {
     pub proxy: proxy::Proxy,
     /// Live connections by user (the server API's reach on this node).
     pub users: users::Users,
-    /// Server API requests of this node waiting for the other nodes' replies.
-    pub waiting: server_api::Waiting,
+    /// Server API requests made on this node, by action (a metric).
+    pub server_api_requests: server_api::Requests,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
@@ -204,17 +204,21 @@ impl AppState {
             tls: OnceLock::new(),
             proxy,
             users: users::Users::default(),
-            waiting: server_api::Waiting::default(),
+            server_api_requests: server_api::Requests::default(),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         });
         // Weak: the broker lives in the state it would otherwise keep alive.
         let weak = Arc::downgrade(&app);
-        app.broker.answer_surveys(Arc::new(move |question| match weak.upgrade() {
-            Some(app) => api::survey_answer(&app, question),
-            None => Vec::new(),
+        app.broker.answer_surveys(Arc::new(move |question| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(app) => api::survey_answer(&app, &question).await,
+                    None => Vec::new(),
+                }
+            })
         }));
-        server_api::install(&app);
         app
     }
 
