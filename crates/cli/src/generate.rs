@@ -650,7 +650,7 @@ pub fn systemd(config: &Config, binary: &str, config_path: &str) -> String {
          \n\
          [Unit]\n\
          Description=ferrocast real-time push gateway (WebSocket, SSE, Socket.IO)\n\
-         Documentation=https://example.invalid/ferrocast/docs/deployment.md\n\
+         Documentation=https://github.com/ferrocast/ferrocast/blob/main/docs/deployment.md\n\
          After=network-online.target\n\
          Wants=network-online.target\n\
          \n\
