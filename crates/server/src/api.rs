@@ -60,7 +60,9 @@ pub async fn publish(
     app.metrics.http_publish_requests.fetch_add(1, Relaxed);
     let refuse = |status, code, message: String| {
         app.metrics.http_publish_rejected.fetch_add(1, Relaxed);
-        tracing::info!(%peer, code, "publish refused: {message}");
+        if app.api_refusals.allow() {
+            tracing::info!(%peer, code, "publish refused: {message}");
+        }
         error(status, code, message)
     };
     if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Publish, true) {

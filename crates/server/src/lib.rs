@@ -22,6 +22,7 @@
 //! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
 //! | [`tls`] | TLS served directly (rustls), HTTP/2 by ALPN, certificate reload on SIGHUP |
 //! | [`metrics`] | counters and the Prometheus exposition |
+//! | [`log_throttle`] | refusals a client can repeat at will logged a few a second, with a count |
 //! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
 //! | [`sources`] | built-in sources wired to the hub: simulator and candles |
 //! | [`connectors`] | upstream market-data feeds (`[[feeds]]`) wired to the hub, readiness and metrics |
@@ -45,6 +46,7 @@ pub mod diagnostics;
 pub mod feedboard;
 pub mod jwks;
 pub mod limits;
+pub mod log_throttle;
 pub mod metrics;
 pub mod permissions;
 pub mod proxy;
@@ -121,6 +123,8 @@ pub struct AppState {
     pub users: users::Users,
     /// Server API requests made on this node, by action (a metric).
     pub server_api_requests: server_api::Requests,
+    /// The log lines of refused HTTP API requests (publish, API keys, body size), throttled.
+    pub api_refusals: log_throttle::LogThrottle,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
@@ -205,6 +209,7 @@ impl AppState {
             proxy,
             users: users::Users::default(),
             server_api_requests: server_api::Requests::default(),
+            api_refusals: log_throttle::LogThrottle::new("refused HTTP API requests"),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         });
