@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import time
+
+import httpx
+
 
 def channel_table(server) -> dict[str, dict]:
     r = server.get("/api/channels")
@@ -137,6 +143,53 @@ async def test_api_key_is_required_when_configured(start_server, ws):
     # Reading is behind the key too (api.key has every scope).
     assert server.get("/api/channels", headers={"Authorization": ""}).status == 401
     assert server.get("/api/channels").status == 200
+
+
+async def test_a_flood_of_refused_publishes_is_counted_exactly_and_logged_a_few_a_second(start_server):
+    """Bad JSON, a bad channel, a wrong key, too deep, too large, from many connections at
+    once: each gets its answer and is counted, the log gets at most five full lines a second
+    and summary lines that account for every one it left out."""
+    server = start_server("api.max_body_bytes=4096", "server.max_data_depth=8", api_key="flood-key-0123456789")
+    key = {"Authorization": "Bearer flood-key-0123456789"}
+    bad = [
+        (b"{nope", key, 400),
+        (b'{"channel":"bad name","data":1}', key, 400),
+        (b'{"channel":"chat.flood","data":1}', {"Authorization": "Bearer wrong"}, 401),
+        (b'{"channel":"chat.flood","data":' + b"[" * 20 + b"]" * 20 + b"}", key, 400),
+        (b'{"channel":"chat.flood","data":"' + b"x" * 5000 + b'"}', key, 413),
+    ]
+    total = 1000
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=20,
+                                 limits=httpx.Limits(max_connections=16)) as http:
+        async def send(i: int) -> None:
+            body, headers, status = bad[i % len(bad)]
+            r = await http.post("/api/publish", content=body,
+                                headers={**headers, "Content-Type": "application/json"})
+            assert r.status_code == status, (i, r.text)
+
+        await asyncio.gather(*(send(i) for i in range(total)))
+        flood_s = time.monotonic() - started
+        assert server.metric("ferrocast_http_publish_rejected_total") == total
+        # A good publish goes through, and is neither refused nor logged as one.
+        r = await http.post("/api/publish", json={"channel": "chat.flood", "data": 1}, headers=key)
+        assert r.status_code == 200, r.text
+
+    refusal = re.compile(r"publish refused:|request body .*refused: too large")
+    summary = re.compile(r"(\d+) more refused HTTP API requests not logged")
+    deadline = time.monotonic() + 10
+    while True:
+        lines = server.log().splitlines()
+        logged = sum(1 for line in lines if refusal.search(line))
+        summarized = sum(int(m.group(1)) for line in lines if (m := summary.search(line)))
+        if logged + summarized == total:
+            break
+        assert time.monotonic() < deadline, (logged, summarized, server.log()[-3000:])
+        await asyncio.sleep(0.2)
+    assert summarized > 0, "the flood was never throttled"
+    # Five a second while it lasted (windows start at the first refusal after the last one).
+    assert logged <= 5 * (int(flood_s) + 2), (logged, flood_s)
+    assert server.metric("ferrocast_http_publish_rejected_total") == total
 
 
 async def test_api_key_from_environment_variable(start_server):

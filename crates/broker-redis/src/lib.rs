@@ -5,9 +5,9 @@
 //! - [`pubsub`]: the node's pub/sub connection, one subscription per channel with local
 //!   subscribers, delivery into the hub with gap filling, resubscription and position checks,
 //!   and the taps of the node following them (candles built once per cluster);
-//! - [`commands`]: the cluster-wide command topic (the server API's per-user commands);
 //! - `demand`: which channels have subscribers on some node (for the feed connectors);
-//! - `survey`: questions every node answers (cluster-wide `/api/channels` and `/api/stats`);
+//! - `survey`: questions every node answers (cluster-wide `/api/channels` and `/api/stats`,
+//!   the server API's requests on a user's connections);
 //! - [`sentinel`]: Sentinel settings (the `redis+sentinel://` URL or the `sentinels` list);
 //! - [`metrics`]: `ferrocast_broker_*` counters.
 //!
@@ -25,7 +25,6 @@
 //! Cluster clients in the same crate.
 #![forbid(unsafe_code)]
 
-pub mod commands;
 mod demand;
 pub mod keys;
 pub mod metrics;
@@ -40,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ferrocast_hub::{
-    Broker, BrokerError, BrokerFuture, ClusterDemand, CommandHandler, DemandListener, HistoryPage,
-    Hub, Lease, Pending, Position, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
+    Broker, BrokerError, BrokerFuture, ClusterDemand, DemandListener, HistoryPage, Hub, Lease,
+    Pending, Position, PublishError, PublishKind, Published, RunOutcome, SnapshotMode,
     SurveyHandler,
 };
 use ferrocast_protocol::{StreamPosition, validate_channel};
@@ -113,8 +112,6 @@ struct Inner {
     leases: Mutex<Vec<String>>,
     /// Set by `close`: no lease is taken or renewed any more.
     closing: tokio::sync::Mutex<bool>,
-    /// Where commands from the other nodes go.
-    commands: commands::Commands,
     /// Whether the hub's taps see every retained message of the cluster (`follow_taps`).
     taps_followed: AtomicBool,
     /// Whether this node listens to demand announcements, and where they are signalled.
@@ -206,7 +203,6 @@ impl RedisBroker {
             node_id: format!("{}-{}", new_epoch(), std::process::id()),
             leases: Mutex::new(Vec::new()),
             closing: tokio::sync::Mutex::new(false),
-            commands: commands::Commands::default(),
             taps_followed: AtomicBool::new(false),
             demand_watched: AtomicBool::new(false),
             demand_announced: tokio::sync::Notify::new(),
@@ -218,7 +214,6 @@ impl RedisBroker {
         tokio::spawn(pubsub::run(inner.clone(), pubsub_rx));
         tokio::spawn(pubsub::check_positions(inner.clone()));
         tokio::spawn(health(inner.clone()));
-        tokio::spawn(commands::run(inner.clone()));
         let broker = Arc::new(RedisBroker { inner });
         hub.add_demand_listener(Arc::new(Demand(broker.inner.clone())));
         Ok(broker)
@@ -429,14 +424,6 @@ impl Broker for RedisBroker {
         let inner = self.inner.clone();
         let question = question.to_vec();
         Some(Box::pin(async move { survey::ask(&inner, &question).await }))
-    }
-
-    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>> {
-        commands::send(&self.inner, command)
-    }
-
-    fn on_command(&self, handler: CommandHandler) {
-        self.inner.commands.set_handler(handler);
     }
 
     fn close(&self) -> Option<BrokerFuture<()>> {

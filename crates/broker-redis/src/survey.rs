@@ -1,6 +1,6 @@
 //! Cluster-wide questions: a node asks every live node (itself included) about its local
-//! state and gathers the answers, as `GET /api/channels` and `/api/stats` do to sum what
-//! each node holds.
+//! state, or to act on it, and gathers the answers: `GET /api/channels` and `/api/stats` sum
+//! what each node holds, the server API has each node act on a user's connections there.
 //!
 //! The question goes out on the `P:survey` topic as `<asker id> <request id> <question>`;
 //! each node answers on the asker's `P:answer:<id>` topic with `<request id> <answer>`. Both
@@ -91,9 +91,10 @@ pub(crate) fn answer(inner: &Arc<Inner>, payload: &[u8]) {
     let mut message = format!("{id} ").into_bytes();
     let topic = answer_topic(&inner.opts.prefix, asker);
     let (inner, question) = (inner.clone(), question.to_vec());
-    // Off the pub/sub task: listing a node's channels takes a while when it holds many.
+    // Off the pub/sub task: listing a node's channels takes a while when it holds many, and a
+    // server API subscribe waits for Redis.
     tokio::spawn(async move {
-        message.extend_from_slice(&handler(&question));
+        message.extend_from_slice(&handler(question).await);
         let Ok(mut conn) = inner.conn.get().await else { return };
         let cmd = redis::cmd("PUBLISH").arg(topic).arg(message).to_owned();
         let sent = tokio::time::timeout(inner.opts.timeout, cmd.query_async::<i64>(&mut conn));

@@ -373,7 +373,11 @@ pub fn nginx(config: &Config, opts: &NginxOptions) -> String {
         );
         let _ = writeln!(
             w,
-            "# the others, run them with a shared broker (docs/deployment.md, \"Several nodes\")."
+            "# the others, run them with the Redis broker (docs/cluster.md: setup, failures, this"
+        );
+        let _ = writeln!(
+            w,
+            "# balancer's rules); which paths are pinned and why: docs/deployment.md, \"Several nodes\"."
         );
     }
     let _ =
@@ -650,7 +654,7 @@ pub fn systemd(config: &Config, binary: &str, config_path: &str) -> String {
          \n\
          [Unit]\n\
          Description=ferrocast real-time push gateway (WebSocket, SSE, Socket.IO)\n\
-         Documentation=https://example.invalid/ferrocast/docs/deployment.md\n\
+         Documentation=https://github.com/ferrocast/ferrocast/blob/main/docs/deployment.md\n\
          After=network-online.target\n\
          Wants=network-online.target\n\
          \n\
@@ -1078,6 +1082,9 @@ mod tests {
             text[start..start + text[start..].find('}').unwrap()].to_owned()
         };
         let (free, sticky) = (block("ferrocast"), block(STICKY_UPSTREAM));
+        // The header sends the operator to the cluster guide; one node's site does not.
+        assert!(text.contains("(docs/cluster.md:"), "{text}");
+        assert!(!nginx(&Config::default(), &Default::default()).contains("docs/cluster.md"));
         assert!(free.contains("least_conn;") && !free.contains("hash"), "{free}");
         assert!(sticky.contains("hash $remote_addr consistent;"), "{sticky}");
         for b in [&free, &sticky] {

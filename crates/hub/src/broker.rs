@@ -10,8 +10,9 @@
 //! each node's hub is its local fan-out and history cache, fed by
 //! [`Hub::deliver`](crate::Hub::deliver)).
 //!
-//! The broker also carries commands between nodes ([`Broker::send_command`]): the server
-//! API's "disconnect this user" reaches the user's connections on every node that way.
+//! The broker also asks every live node a question and gathers the answers
+//! ([`Broker::survey`]): cluster-wide figures and the server API's "disconnect this user" on
+//! every node travel that one way.
 //!
 //! Results come back as [`Pending`]: `Ready` when the broker answered at once (the memory
 //! broker always does, so its publish path allocates nothing more than before), `Later` with
@@ -26,9 +27,6 @@ use ferrocast_protocol::StreamPosition;
 
 use crate::hub::{HistoryPage, Hub, PublishError, Published};
 use crate::queue::PublishKind;
-
-/// Receives the commands any node sent with [`Broker::send_command`] (a JSON text each).
-pub type CommandHandler = Arc<dyn Fn(String) + Send + Sync>;
 
 /// A boxed future a broker answers with.
 pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -142,6 +140,8 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
 
     /// Asks every live node `question` and returns the answers that came in time (at least
     /// one, or an error); `None` without a cluster (the caller answers for this node alone).
+    /// A node that is not connected to the broker at that moment does not hear it: a caller
+    /// that must say which nodes answered compares the answers with [`Broker::nodes`].
     fn survey(&self, question: &[u8]) -> Option<BrokerFuture<Result<Vec<Vec<u8>>, BrokerError>>> {
         let _ = question;
         None
@@ -157,14 +157,6 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn nodes(&self) -> Option<BrokerFuture<Result<Vec<String>, BrokerError>>> {
         None
     }
-
-    /// Sends `command` (a JSON text) to the command handler of every node, this one's
-    /// included (see [`Broker::on_command`]). Commands sent by one node arrive in order;
-    /// a node that is not connected to the broker at that moment misses them.
-    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>>;
-
-    /// Installs the handler of commands from every node; called once, at startup.
-    fn on_command(&self, handler: CommandHandler);
 
     /// Called once the server has drained, before the process exits: gives up this node's
     /// leases (so another node takes its roles at once) and its place among the nodes.
@@ -189,11 +181,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// One node: the hub assigns offsets and keeps history itself, and commands go straight to
-/// this node's handler.
+/// One node: the hub assigns offsets and keeps history itself.
 pub struct MemoryBroker {
     hub: Arc<Hub>,
-    commands: parking_lot::Mutex<Option<CommandHandler>>,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -204,7 +194,7 @@ impl std::fmt::Debug for MemoryBroker {
 
 impl MemoryBroker {
     pub fn new(hub: Arc<Hub>) -> Self {
-        MemoryBroker { hub, commands: parking_lot::Mutex::new(None) }
+        MemoryBroker { hub }
     }
 }
 
@@ -249,28 +239,11 @@ impl Broker for MemoryBroker {
     ) -> Pending<Result<Option<HistoryPage>, BrokerError>> {
         Pending::Ready(Ok(self.hub.history(channel, since, limit)))
     }
-
-    fn send_command(&self, command: String) -> Pending<Result<(), BrokerError>> {
-        // Cloned out of the lock: the handler may send a command (a reply) itself.
-        let handler = self.commands.lock().clone();
-        match handler {
-            Some(handler) => {
-                handler(command);
-                Pending::Ready(Ok(()))
-            }
-            None => Pending::Ready(Err(BrokerError::Unavailable(
-                "no command handler is installed".into(),
-            ))),
-        }
-    }
-
-    fn on_command(&self, handler: CommandHandler) {
-        *self.commands.lock() = Some(handler);
-    }
 }
 
-/// Computes this node's answer to a [`Broker::survey`] question.
-pub type SurveyHandler = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+/// Computes this node's answer to a [`Broker::survey`] question (carrying it out, for a
+/// question that asks the node to act).
+pub type SurveyHandler = Arc<dyn Fn(Vec<u8>) -> BrokerFuture<Vec<u8>> + Send + Sync>;
 
 /// The cluster-wide demand [`Broker::cluster_demand`] keeps current.
 pub type ClusterDemand = tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>;

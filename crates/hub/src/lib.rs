@@ -21,8 +21,8 @@ pub mod namespace;
 pub mod queue;
 
 pub use broker::{
-    Broker, BrokerError, BrokerFuture, ClusterDemand, CommandHandler, Lease, MemoryBroker, Pending,
-    RunOutcome, SurveyHandler,
+    Broker, BrokerError, BrokerFuture, ClusterDemand, Lease, MemoryBroker, Pending, RunOutcome,
+    SurveyHandler,
 };
 pub use hub::{
     ChannelInfo, ChannelPage, Delivery, DemandListener, HistoryPage, Hub, HubOptions, Position,

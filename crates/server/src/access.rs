@@ -363,7 +363,9 @@ pub fn status_of(refusal: &Refusal) -> StatusCode {
 /// connection would otherwise carry the unread body into the next request).
 pub fn refuse(app: &AppState, peer: SocketAddr, what: &str, refusal: Refusal) -> Response<Body> {
     app.auth.count_refusal(refusal.reason);
-    tracing::info!(%peer, reason = refusal.reason, "{what} refused: {}", refusal.message);
+    if app.api_refusals.allow() {
+        tracing::info!(%peer, reason = refusal.reason, "{what} refused: {}", refusal.message);
+    }
     let mut response = crate::ws::json_response(
         status_of(&refusal),
         serde_json::json!({ "error": refusal.code.as_str(), "message": refusal.message }),

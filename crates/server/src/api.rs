@@ -60,7 +60,9 @@ pub async fn publish(
     app.metrics.http_publish_requests.fetch_add(1, Relaxed);
     let refuse = |status, code, message: String| {
         app.metrics.http_publish_rejected.fetch_add(1, Relaxed);
-        tracing::info!(%peer, code, "publish refused: {message}");
+        if app.api_refusals.allow() {
+            tracing::info!(%peer, code, "publish refused: {message}");
+        }
         error(status, code, message)
     };
     if let Err(refusal) = crate::access::check(&app, peer, &headers, Scope::Publish, true) {
@@ -258,21 +260,29 @@ struct NodeChannels {
 }
 
 /// This node's answer to another node's (or its own) cluster-wide question.
-pub fn survey_answer(app: &AppState, question: &[u8]) -> Vec<u8> {
+pub async fn survey_answer(app: &Arc<AppState>, question: &[u8]) -> Vec<u8> {
+    /// The cluster-wide figures.
     #[derive(Deserialize)]
     #[serde(tag = "op", rename_all = "snake_case")]
-    enum Question {
+    enum Figures {
         Channels { after: Option<String>, limit: usize },
         Stats,
     }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Question {
+        Figures(Figures),
+        User(crate::server_api::Question),
+    }
     let answer = match serde_json::from_slice::<Question>(question) {
-        Ok(Question::Channels { after, limit }) => {
+        Ok(Question::Figures(Figures::Channels { after, limit })) => {
             let page = app.hub.channels_page(after.as_deref(), limit.clamp(1, CHANNELS_PAGE_MAX));
             let more = page.next.is_some();
             serde_json::to_value(NodeChannels { channels: page.channels, total: page.total, more })
                 .unwrap_or_default()
         }
-        Ok(Question::Stats) => node_stats(app),
+        Ok(Question::Figures(Figures::Stats)) => node_stats(app),
+        Ok(Question::User(question)) => crate::server_api::answer(app, question).await,
         Err(e) => json!({ "error": e.to_string() }),
     };
     answer.to_string().into_bytes()
@@ -576,7 +586,7 @@ pub async fn metrics(State(app): State<Arc<AppState>>) -> Response<Body> {
         extra.push_str(&tls.render_metrics());
     }
     extra.push_str(&app.proxy.render_metrics());
-    extra.push_str(&app.waiting.render_metrics());
+    extra.push_str(&app.server_api_requests.render_metrics());
     let text = app.metrics.render(app.hub.metrics(), &extra);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")

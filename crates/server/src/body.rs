@@ -183,7 +183,9 @@ pub async fn read(
     if too_large {
         app.connections.counters.payload_too_large.fetch_add(1, Relaxed);
         let size = declared.map(|s| format!("of {s} bytes ")).unwrap_or_default();
-        tracing::info!(%peer, limit, option, "request body {size}refused: too large");
+        if app.api_refusals.allow() {
+            tracing::info!(%peer, limit, option, "request body {size}refused: too large");
+        }
         return Err(Refusal {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             code: "payload_too_large",

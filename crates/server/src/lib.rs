@@ -22,6 +22,7 @@
 //! | [`connections`] | every TCP connection counted; overload answers; accept-error defences |
 //! | [`tls`] | TLS served directly (rustls), HTTP/2 by ALPN, certificate reload on SIGHUP |
 //! | [`metrics`] | counters and the Prometheus exposition |
+//! | [`log_throttle`] | refusals a client can repeat at will logged a few a second, with a count |
 //! | [`feedboard`] | the state of each data source, for readiness and the dashboard |
 //! | [`sources`] | built-in sources wired to the hub: simulator and candles |
 //! | [`connectors`] | upstream market-data feeds (`[[feeds]]`) wired to the hub, readiness and metrics |
@@ -45,6 +46,7 @@ pub mod diagnostics;
 pub mod feedboard;
 pub mod jwks;
 pub mod limits;
+pub mod log_throttle;
 pub mod metrics;
 pub mod permissions;
 pub mod proxy;
@@ -119,8 +121,10 @@ pub struct AppState {
     pub proxy: proxy::Proxy,
     /// Live connections by user (the server API's reach on this node).
     pub users: users::Users,
-    /// Server API requests of this node waiting for the other nodes' replies.
-    pub waiting: server_api::Waiting,
+    /// Server API requests made on this node, by action (a metric).
+    pub server_api_requests: server_api::Requests,
+    /// The log lines of refused HTTP API requests (publish, API keys, body size), throttled.
+    pub api_refusals: log_throttle::LogThrottle,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
 }
@@ -204,17 +208,22 @@ impl AppState {
             tls: OnceLock::new(),
             proxy,
             users: users::Users::default(),
-            waiting: server_api::Waiting::default(),
+            server_api_requests: server_api::Requests::default(),
+            api_refusals: log_throttle::LogThrottle::new("refused HTTP API requests"),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
         });
         // Weak: the broker lives in the state it would otherwise keep alive.
         let weak = Arc::downgrade(&app);
-        app.broker.answer_surveys(Arc::new(move |question| match weak.upgrade() {
-            Some(app) => api::survey_answer(&app, question),
-            None => Vec::new(),
+        app.broker.answer_surveys(Arc::new(move |question| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                match weak.upgrade() {
+                    Some(app) => api::survey_answer(&app, &question).await,
+                    None => Vec::new(),
+                }
+            })
         }));
-        server_api::install(&app);
         app
     }
 

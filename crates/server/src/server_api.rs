@@ -9,19 +9,20 @@
 //! | `POST /api/users/{user}/subscribe` | `{"channel":C}` | `{"user","channel","subscribed":N,"nodes"}` |
 //! | `POST /api/users/{user}/unsubscribe` | `{"channel":C}` | `{"user","channel","unsubscribed":N,"nodes"}` |
 //!
-//! `nodes` is `{"answered":[...],"missing":[...]}`: the request travels as a command through
-//! the broker ([`ferrocast_hub::Broker::send_command`]) to every node, this one included; each
-//! applies it to its own connections ([`crate::users`]) and replies on the same path. The
-//! answer waits for every live node (`GET /api/nodes`) or `broker.timeout_ms`.
+//! `nodes` is `{"answered":[...],"missing":[...]}`: the request is a survey question
+//! ([`ferrocast_hub::Broker::survey`], the path of the cluster-wide `/api/channels` and
+//! `/api/stats`) to every node, this one included; each applies it to its own connections
+//! ([`crate::users`]) and answers with what it did. `missing` names the live nodes
+//! (`GET /api/nodes`) that did not answer within `broker.timeout_ms`. Without a cluster
+//! (memory broker) this node answers alone.
 //!
 //! A connection subscribed by the server gets `{"type":"subscribed","channel":C,"result":{...}}`
 //! ahead of the channel's messages; one unsubscribed gets `{"type":"unsubscribed",...}`; one
 //! disconnected is closed with the code after what is queued for it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
@@ -31,7 +32,6 @@ use ferrocast_protocol::{ErrorCode, validate_channel};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::access::{self, Scope};
@@ -43,6 +43,14 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Close code of a disconnect that names none: "forbidden: do not retry with the same token".
 const DEFAULT_DISCONNECT_CODE: u16 = 4003;
 
+/// The survey question every node answers: do `op` to `user`'s connections there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Question {
+    user: String,
+    #[serde(flatten)]
+    op: Op,
+}
+
 /// What a node is asked to do to a user's connections.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -53,33 +61,15 @@ enum Op {
     Unsubscribe { channel: String },
 }
 
-/// A command or a reply, as carried between nodes.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-enum Message {
-    Request {
-        id: String,
-        from: String,
-        user: String,
-        #[serde(flatten)]
-        op: Op,
-    },
-    Reply {
-        reply: String,
-        to: String,
-        node: String,
-        result: Value,
-    },
-}
-
-/// Requests of this node waiting for replies, by id, and the requests made, by action.
+/// Server API requests made on this node, by action.
 #[derive(Debug, Default)]
-pub struct Waiting {
-    replies: Mutex<HashMap<String, mpsc::UnboundedSender<(String, Value)>>>,
-    requests: Mutex<std::collections::BTreeMap<&'static str, u64>>,
-}
+pub struct Requests(Mutex<BTreeMap<&'static str, u64>>);
 
-impl Waiting {
+impl Requests {
+    fn count(&self, action: &'static str) {
+        *self.0.lock().entry(action).or_default() += 1;
+    }
+
     /// The `ferrocast_server_api_requests_total` family.
     pub fn render_metrics(&self) -> String {
         let mut out = String::new();
@@ -89,7 +79,7 @@ impl Waiting {
             "counter",
             "Server API requests accepted on this node (/api/users/...), by action.",
         );
-        for (action, n) in self.requests.lock().iter() {
+        for (action, n) in self.0.lock().iter() {
             out.push_str(&format!(
                 "ferrocast_server_api_requests_total{{action=\"{action}\"}} {n}\n"
             ));
@@ -98,39 +88,11 @@ impl Waiting {
     }
 }
 
-/// Installs this node's command handler on the broker.
-pub fn install(app: &Arc<AppState>) {
-    let weak: Weak<AppState> = Arc::downgrade(app);
-    app.broker.on_command(Arc::new(move |text: String| {
-        if let Some(app) = weak.upgrade() {
-            on_command(&app, &text);
-        }
-    }));
-}
-
-/// A command from any node (this one included).
-fn on_command(app: &Arc<AppState>, text: &str) {
-    match serde_json::from_str::<Message>(text) {
-        Ok(Message::Request { id, from, user, op }) => {
-            let app = app.clone();
-            tokio::spawn(async move {
-                let result = apply(&app, &user, &op).await;
-                let reply =
-                    Message::Reply { reply: id, to: from, node: app.node_id.clone(), result };
-                let text = serde_json::to_string(&reply).unwrap_or_default();
-                if let Err(e) = app.broker.send_command(text).wait().await {
-                    tracing::warn!("server API: the reply could not be sent: {e}");
-                }
-            });
-        }
-        Ok(Message::Reply { reply, to, node, result }) if to == app.node_id => {
-            if let Some(tx) = app.waiting.replies.lock().get(&reply) {
-                let _ = tx.send((node, result));
-            }
-        }
-        Ok(Message::Reply { .. }) => {}
-        Err(e) => tracing::debug!("server API: ignoring an unreadable command: {e}"),
-    }
+/// This node's answer to `question`: what it did, and its id.
+pub async fn answer(app: &Arc<AppState>, question: Question) -> Value {
+    let mut answer = apply(app, &question.user, &question.op).await;
+    answer["node"] = json!(app.node_id);
+    answer
 }
 
 /// Carries out `op` on `user`'s connections on this node.
@@ -214,71 +176,37 @@ fn subscribe(app: &AppState, handle: &ConnHandle, channel: &str) -> bool {
     added
 }
 
-/// Sends `op` for `user` to every node and gathers the replies.
-async fn broadcast(
-    app: &Arc<AppState>,
-    user: &str,
-    op: Op,
-) -> Result<Vec<(String, Value)>, String> {
-    let id = crate::random_id(20);
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    app.waiting.replies.lock().insert(id.clone(), tx);
-    let _done = RemoveOnDrop(app.clone(), id.clone());
-    let mut expected: BTreeSet<String> = BTreeSet::from([app.node_id.clone()]);
-    if let Some(nodes) = app.broker.nodes()
-        && let Ok(nodes) = nodes.await
-    {
-        for node in nodes {
-            if let Some(id) = serde_json::from_str::<Value>(&node)
-                .ok()
-                .and_then(|n| n["node"].as_str().map(str::to_owned))
-            {
-                expected.insert(id);
-            }
-        }
-    }
-    let command =
-        Message::Request { id: id.clone(), from: app.node_id.clone(), user: user.to_owned(), op };
-    let text = serde_json::to_string(&command).unwrap_or_default();
-    if let Err(e) = app.broker.send_command(text).wait().await {
-        return Err(e.to_string());
-    }
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(app.config.broker.timeout_ms.max(1000));
-    let mut replies: Vec<(String, Value)> = Vec::new();
-    while !expected.iter().all(|n| replies.iter().any(|(r, _)| r == n)) {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(reply)) => {
-                if !replies.iter().any(|(r, _)| *r == reply.0) {
-                    replies.push(reply);
-                }
-            }
-            _ => break,
-        }
-    }
-    let missing: Vec<String> =
-        expected.into_iter().filter(|n| !replies.iter().any(|(r, _)| r == n)).collect();
+/// Asks every node to do `op` to `user`'s connections: the `nodes` part of the answer, and
+/// the answers of the nodes that answered.
+async fn ask(app: &Arc<AppState>, user: &str, op: Op) -> Result<(Value, Vec<Value>), String> {
+    let question = Question { user: user.to_owned(), op };
+    let text = serde_json::to_vec(&question).unwrap_or_default();
+    let Some(asked) = app.broker.survey(&text) else {
+        let answer = answer(app, question).await;
+        return Ok((json!({ "answered": [app.node_id], "missing": [] }), vec![answer]));
+    };
+    let live = async {
+        let Some(nodes) = app.broker.nodes() else { return Vec::new() };
+        let nodes = nodes.await.unwrap_or_default();
+        let ids = nodes.iter().filter_map(|node| serde_json::from_str::<Value>(node).ok());
+        ids.filter_map(|n| n["node"].as_str().map(str::to_owned)).collect()
+    };
+    let (answers, live): (_, Vec<String>) = tokio::join!(asked, live);
+    let answers: Vec<Value> = answers
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(|a| serde_json::from_slice::<Value>(a).ok())
+        .filter(|a| a["node"].is_string())
+        .collect();
+    let answered: BTreeSet<&str> = answers.iter().filter_map(|a| a["node"].as_str()).collect();
+    let mut expected: BTreeSet<String> = live.into_iter().collect();
+    expected.insert(app.node_id.clone());
+    let missing: Vec<&String> =
+        expected.iter().filter(|n| !answered.contains(n.as_str())).collect();
     if !missing.is_empty() {
         tracing::warn!(?missing, "server API: some nodes did not answer in time");
     }
-    replies.push((String::new(), json!({ "missing": missing })));
-    Ok(replies)
-}
-
-struct RemoveOnDrop(Arc<AppState>, String);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        self.0.waiting.replies.lock().remove(&self.1);
-    }
-}
-
-/// The `nodes` part of an answer, and the replies of the nodes that answered.
-fn split(mut replies: Vec<(String, Value)>) -> (Value, Vec<Value>) {
-    let missing = replies.pop().map(|(_, m)| m["missing"].clone()).unwrap_or(json!([]));
-    let answered: Vec<&String> = replies.iter().map(|(n, _)| n).collect();
-    let nodes = json!({ "answered": answered, "missing": missing });
-    (nodes, replies.into_iter().map(|(_, v)| v).collect())
+    Ok((json!({ "answered": answered, "missing": missing }), answers))
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
@@ -316,10 +244,9 @@ pub async fn connections(
     if let Some(refusal) = refused(&app, peer, &headers, &user, false) {
         return refusal;
     }
-    *app.waiting.requests.lock().entry("connections").or_default() += 1;
-    match broadcast(&app, &user, Op::Connections).await {
-        Ok(replies) => {
-            let (nodes, results) = split(replies);
+    app.server_api_requests.count("connections");
+    match ask(&app, &user, Op::Connections).await {
+        Ok((nodes, results)) => {
             let connections: Vec<Value> = results
                 .into_iter()
                 .flat_map(|r| r["connections"].as_array().cloned().unwrap_or_default())
@@ -421,10 +348,9 @@ pub async fn act(
             );
         }
     };
-    *app.waiting.requests.lock().entry(counted).or_default() += 1;
-    match broadcast(&app, &user, op).await {
-        Ok(replies) => {
-            let (nodes, results) = split(replies);
+    app.server_api_requests.count(counted);
+    match ask(&app, &user, op).await {
+        Ok((nodes, results)) => {
             let count: u64 = results.iter().filter_map(|r| r["count"].as_u64()).sum();
             let errors: Vec<&str> = results.iter().filter_map(|r| r["error"].as_str()).collect();
             let mut answer = json!({ "user": user, counted: count, "nodes": nodes });
