@@ -1,0 +1,233 @@
+"""permessage-deflate (RFC 7692) on /ws, with Python's `websockets` as the client.
+
+The client's own extension decodes every frame; a thin subclass of it records each frame's
+RSV1 bit before decoding, so the tests see what went over the wire: compressed frames for
+messages of a compressing namespace at or above `compress_min_bytes`, plain frames for the
+rest, and plain frames for a client that did not offer the extension.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import zlib
+
+from websockets.extensions.permessage_deflate import (
+    ClientPerMessageDeflateFactory,
+    PerMessageDeflate,
+)
+
+from ferrocast_e2e.wsclient import next_id
+
+ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+COMPRESS = (
+    "namespaces.docs.compress=true",
+    "namespaces.docs.compress_min_bytes=256",
+    "namespaces.docs.client_publish=true",
+)
+
+
+class RecordingDeflate(PerMessageDeflate):
+    """The library's extension, noting the RSV1 bit of every data frame it decodes."""
+
+    seen: list[bool]
+
+    def decode(self, frame, *, max_size=None):
+        if frame.opcode.name in ("TEXT", "BINARY"):
+            self.seen.append(frame.rsv1)
+        return super().decode(frame, max_size=max_size)
+
+
+class RecordingFactory(ClientPerMessageDeflateFactory):
+    def __init__(self) -> None:
+        # What compression="deflate" offers.
+        super().__init__(client_max_window_bits=True, compress_settings={"memLevel": 5})
+        self.extension: RecordingDeflate | None = None
+
+    def process_response_params(self, params, accepted_extensions):
+        ext = super().process_response_params(params, accepted_extensions)
+        ext.__class__ = RecordingDeflate
+        ext.seen = []
+        self.extension = ext
+        return ext
+
+
+def doc(n: int) -> dict:
+    """A JSON document of about 2 KiB, like an order book or a news item."""
+    rows = [{"price": 100 + i * 0.25, "size": 10 * i, "side": "bid" if i % 2 else "ask"} for i in range(40)]
+    return {"n": n, "symbol": "AAPL", "rows": rows}
+
+
+async def open_deflate(ws, server, channel):
+    factory = RecordingFactory()
+    c = await ws(server, extensions=[factory])
+    await c.subscribe_ok(channel)
+    assert factory.extension is not None, "permessage-deflate was not negotiated"
+    return c, factory.extension
+
+
+async def test_compressing_namespace_sends_large_messages_compressed_once_for_everyone(
+    start_server, ws
+):
+    server = start_server(*COMPRESS)
+    c1, ext1 = await open_deflate(ws, server, "docs.a")
+    c2, ext2 = await open_deflate(ws, server, "docs.a")
+    assert c1.ws.response.headers["Sec-WebSocket-Extensions"] == ANSWER
+    plain = await ws(server)  # offers nothing
+    assert "Sec-WebSocket-Extensions" not in plain.ws.response.headers
+    await plain.subscribe_ok("docs.a")
+    for ext in (ext1, ext2):
+        ext.seen.clear()
+
+    small = {"p": 1.5}
+    await server.apublish("docs.a", small)
+    for i in range(3):
+        await server.apublish("docs.a", doc(i))
+    for c, ext in ((c1, ext1), (c2, ext2)):
+        got = [await c.next_msg("docs.a") for _ in range(4)]
+        assert [m["data"] for m in got] == [small, doc(0), doc(1), doc(2)]
+        assert ext.seen == [False, True, True, True], ext.seen
+    got = [await plain.next_msg("docs.a") for _ in range(4)]
+    assert [m["data"] for m in got] == [small, doc(0), doc(1), doc(2)]
+
+    metrics = server.get("/metrics").text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("ferrocast_ws_deflate")
+    }
+    # Three large messages, two subscribers each: three compressions, six compressed frames.
+    assert values["ferrocast_ws_deflate_compressions_total"] == 3, values
+    assert values["ferrocast_ws_deflate_frames_total"] == 6, values
+    assert values["ferrocast_ws_deflate_connections_total"] == 2, values
+    wire = values['ferrocast_ws_deflate_bytes_total{form="wire"}']
+    assert 0 < wire < values['ferrocast_ws_deflate_bytes_total{form="plain"}'] / 3, values
+
+
+async def test_other_namespaces_and_replies_stay_plain(start_server, ws):
+    server = start_server(*COMPRESS)
+    c, ext = await open_deflate(ws, server, "chat.room")
+    ext.seen.clear()
+    await server.apublish("chat.room", doc(7))
+    assert (await c.next_msg("chat.room"))["data"] == doc(7)
+    reply = await c.request({"op": "ping", "id": next_id()})
+    assert reply["type"] == "pong", reply
+    assert ext.seen == [False, False], ext.seen
+
+
+async def test_compressed_client_messages_are_decompressed(start_server, ws):
+    server = start_server(*COMPRESS)
+    sender, _ = await open_deflate(ws, server, "docs.elsewhere")
+    reader = await ws(server)
+    await reader.subscribe_ok("docs.in")
+    # websockets compresses what it sends once the extension is negotiated.
+    await sender.send({"op": "publish", "id": next_id(), "channel": "docs.in", "data": doc(1)})
+    ack = await sender.recv_type("ack")
+    assert "error" not in ack, ack
+    assert (await reader.next_msg("docs.in"))["data"] == doc(1)
+
+
+async def test_no_compressing_namespace_means_no_extension(server, ws):
+    factory = RecordingFactory()
+    c = await ws(server, extensions=[factory])
+    assert factory.extension is None
+    assert "Sec-WebSocket-Extensions" not in c.ws.response.headers
+
+
+async def test_a_message_that_inflates_past_the_limit_is_closed_with_1009(start_server, ws):
+    server = start_server(*COMPRESS, "server.max_frame_bytes=4096")
+    c, _ = await open_deflate(ws, server, "docs.big")
+    # 40 KB of JSON that compresses to a few hundred bytes: small on the wire, too big inside.
+    await c.send({"op": "publish", "id": next_id(), "channel": "docs.big", "data": "a" * 40_000})
+    closed = await c.wait_closed()
+    assert closed.code == 1009, closed
+    assert "decompresses" in closed.reason, closed
+
+
+def raw_deflate_client(port: int, offer: bool) -> socket.socket:
+    key = base64.b64encode(os.urandom(16)).decode()
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    ext = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if offer else ""
+    s.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{ext}\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert b" 101 " in head.split(b"\r\n", 1)[0], head
+    assert (b"permessage-deflate" in head) == offer, head
+    return s
+
+
+def masked_frame(first_byte: int, payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([first_byte, 0x80 | len(payload)]) + mask + body
+
+
+def read_until_close(s: socket.socket) -> tuple[int, list[bytes]]:
+    """Reads server frames until the close frame; returns its code and the text payloads
+    before it (plain: nothing here offers the server anything worth compressing)."""
+    texts = []
+    buf = b""
+    while True:
+        while len(buf) < 2 or len(buf) < 2 + (buf[1] & 0x7F):
+            chunk = s.recv(65536)
+            assert chunk, f"closed without a close frame: {buf!r}"
+            buf += chunk
+        n = buf[1] & 0x7F
+        if n == 126:
+            while len(buf) < 4:
+                buf += s.recv(65536)
+            n = struct.unpack(">H", buf[2:4])[0]
+            start = 4
+        else:
+            start = 2
+        while len(buf) < start + n:
+            buf += s.recv(65536)
+        opcode, payload, buf = buf[0] & 0x0F, buf[start : start + n], buf[start + n :]
+        if opcode == 0x8:
+            return struct.unpack(">H", payload[:2])[0], texts
+        if opcode == 0x1:
+            texts.append(payload)
+
+
+def test_malformed_compressed_frames_get_their_close_codes(start_server):
+    server = start_server(*COMPRESS)
+    ping = zlib.compressobj(wbits=-15)
+    good = ping.compress(b'{"op":"ping"}') + ping.flush(zlib.Z_SYNC_FLUSH)
+    assert good.endswith(b"\x00\x00\xff\xff")
+    cases = [
+        # Not deflate data: 1007.
+        (True, masked_frame(0x80 | 0x40 | 0x1, b"\xff\xfe\xfd\xfc\xfb"), 1007),
+        # RSV1 on a control frame: 1002.
+        (True, masked_frame(0x80 | 0x40 | 0x9, b""), 1002),
+        # RSV1 without the extension negotiated: 1002.
+        (False, masked_frame(0x80 | 0x40 | 0x1, good[:-4]), 1002),
+    ]
+    for offer, frame, code in cases:
+        s = raw_deflate_client(server.port, offer)
+        try:
+            s.sendall(frame)
+            assert read_until_close(s)[0] == code, (offer, frame)
+        finally:
+            s.close()
+    # The same compressed ping is answered when the extension was negotiated.
+    s = raw_deflate_client(server.port, True)
+    try:
+        s.sendall(masked_frame(0x80 | 0x40 | 0x1, good[:-4]))
+        s.sendall(masked_frame(0x88, struct.pack(">H", 1000)))
+        code, texts = read_until_close(s)
+        assert code == 1000
+        types = [json.loads(t)["type"] for t in texts]
+        assert types == ["welcome", "pong"], texts
+    finally:
+        s.close()
