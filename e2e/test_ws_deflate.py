@@ -231,3 +231,30 @@ def test_malformed_compressed_frames_get_their_close_codes(start_server):
         assert types == ["welcome", "pong"], texts
     finally:
         s.close()
+
+
+def test_bench_compress_receives_every_message_compressed(start_server):
+    """`ferrocast bench --compress`: its lean subscribers offer the extension and inflate
+    what arrives; nothing is lost, and the server compressed each message once."""
+    from ferrocast_e2e.server import run_ferrocast
+
+    server = start_server("namespaces.bench.compress=true", "namespaces.bench.compress_min_bytes=0")
+    args = ["bench", "--url", server.ws_url(), "--subscribers", "4", "--channels", "1",
+            "--rate", "100", "--payload", "1500", "--duration", "1", "--warmup", "0.3",
+            "--drain", "2", "--processes", "1", "--compress", "--json"]
+    out = run_ferrocast(args, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    delivery = report["delivery"]
+    assert delivery["lost"] == 0 and delivery["delivered"] > 0, report
+    assert delivery["delivered"] == delivery["expected"], report
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in server.get("/metrics").text.splitlines()
+        if line.startswith("ferrocast_ws_deflate")
+    }
+    # Every delivery went compressed (bench has a probe subscriber besides the four), and
+    # each message was compressed once.
+    assert values["ferrocast_ws_deflate_frames_total"] >= delivery["delivered"], values
+    compressions = values["ferrocast_ws_deflate_compressions_total"]
+    assert 0 < compressions * 4 <= values["ferrocast_ws_deflate_frames_total"], values
