@@ -258,3 +258,64 @@ def test_bench_compress_receives_every_message_compressed(start_server):
     assert values["ferrocast_ws_deflate_frames_total"] >= delivery["delivered"], values
     compressions = values["ferrocast_ws_deflate_compressions_total"]
     assert 0 < compressions * 4 <= values["ferrocast_ws_deflate_frames_total"], values
+
+
+def read_gzip_events(resp, decoder, want: int) -> tuple[bytes, list[dict]]:
+    """Reads the raw (still gzip-encoded) body until `want` msg events decoded; returns the
+    raw bytes read and the JSON of every data line so far."""
+    raw = b""
+    text = b""
+    while True:
+        chunk = resp.read1(65536)
+        assert chunk, "stream ended early"
+        raw += chunk
+        text += decoder.decompress(chunk)
+        events = [json.loads(line[6:]) for line in text.split(b"\n") if line.startswith(b"data: ")]
+        if sum(1 for e in events if e.get("type") == "msg") >= want:
+            return raw, events
+
+
+def test_sse_is_gzip_encoded_when_accepted_sharing_the_compressed_messages(start_server):
+    import gzip
+    import http.client
+    import signal
+
+    server = start_server(*COMPRESS)
+    zipped = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    zipped.request("GET", "/sse?channels=docs.s", headers={"Accept-Encoding": "gzip, deflate"})
+    resp = zipped.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Content-Encoding") == "gzip"
+    assert resp.getheader("Vary") == "accept-encoding"
+    plain = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    plain.request("GET", "/sse?channels=docs.s")
+    plain_resp = plain.getresponse()
+    assert plain_resp.getheader("Content-Encoding") is None
+
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)  # Python's zlib, gzip framing
+    raw, _ = read_gzip_events(resp, decoder, 0)  # the welcome and the ack
+    server.publish("docs.s", {"p": 1})  # small: plain, in a stored block
+    for i in range(3):
+        server.publish("docs.s", doc(i))
+    more, events = read_gzip_events(resp, decoder, 4)
+    raw += more
+    msgs = [e for e in events if e.get("type") == "msg"]
+    assert [m["data"] for m in msgs] == [{"p": 1}, doc(0), doc(1), doc(2)]
+    # The three documents took a fraction of their size on the wire.
+    doc_bytes = sum(len(json.dumps(m, separators=(",", ":"))) for m in msgs[1:])
+    assert len(more) * 2 < doc_bytes, (len(more), doc_bytes)
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in server.get("/metrics").text.splitlines()
+        if line.startswith("ferrocast_ws_deflate")
+    }
+    assert values["ferrocast_ws_deflate_compressions_total"] == 3, values
+
+    # A stream the server ends gets the trailer: the whole body is valid gzip (CRC, length).
+    server.process.signal(signal.SIGTERM)
+    while chunk := resp.read1(65536):
+        raw += chunk
+    body = gzip.decompress(raw).decode()
+    assert '"type":"close"' in body and '"code":1001' in body, body[-300:]
+    zipped.close()
+    plain.close()

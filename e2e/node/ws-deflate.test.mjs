@@ -133,3 +133,31 @@ test('ws with perMessageDeflate gets large messages compressed, others plain, an
   assert.ok(!ack.error, JSON.stringify(ack));
   assert.deepEqual((await next(plain.inbox, 'msg')).data, doc(3));
 });
+
+test('EventSource (eventsource on fetch, which asks for gzip) reads a gzip event stream with shared compressed messages', { timeout: 30000 }, async (t) => {
+  const { EventSource } = await import('eventsource');
+  const server = await Ferrocast.start({
+    name: 'sse-gzip',
+    sets: ['namespaces.docs.compress=true', 'namespaces.docs.compress_min_bytes=256'],
+  });
+  t.after(() => server.stop());
+  let encoding;
+  const inbox = new Inbox();
+  const es = new EventSource(`${server.url}/sse?channels=docs.e`, {
+    fetch: async (url, init) => {
+      const res = await fetch(url, init);
+      encoding = res.headers.get('content-encoding');
+      return res;
+    },
+  });
+  t.after(() => es.close());
+  es.onmessage = (e) => inbox.push(JSON.parse(e.data));
+  await next(inbox, 'ack');
+  assert.equal(encoding, 'gzip');
+  await server.publish('docs.e', { p: 3 });
+  await server.publish('docs.e', doc(4));
+  await server.publish('docs.e', doc(5));
+  const got = [];
+  for (let i = 0; i < 3; i++) got.push((await next(inbox, 'msg')).data);
+  assert.deepEqual(got, [{ p: 3 }, doc(4), doc(5)]);
+});

@@ -342,12 +342,12 @@ impl ServerMetrics {
             ),
             (
                 "ferrocast_ws_deflate_compressions_total",
-                "Messages compressed for permessage-deflate (once each, for every subscriber).",
+                "Messages compressed (once each, for every /ws and SSE subscriber).",
                 &d.compressions,
             ),
             (
                 "ferrocast_ws_deflate_frames_total",
-                "Compressed frames written to WebSocket connections.",
+                "Compressed messages written: /ws frames with RSV1, and messages in gzip SSE streams.",
                 &d.frames,
             ),
         ] {

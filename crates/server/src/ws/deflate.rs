@@ -37,7 +37,7 @@ pub struct DeflateMetrics {
     pub connections: AtomicU64,
     /// Messages compressed (once each, however many subscribers get them).
     pub compressions: AtomicU64,
-    /// Compressed frames written to connections.
+    /// Compressed messages written: `/ws` frames, and messages in gzip SSE streams.
     pub frames: AtomicU64,
     /// Payload bytes of those frames before compression.
     pub plain_bytes: AtomicU64,
