@@ -5,13 +5,14 @@
 //
 //   node e2e/node/bench-transports.mjs [--subscribers 1000] [--messages 2000] [--batch 100]
 //        [--size 100] [--shape pad|tick|doc] [--compress-min 0]
-//        [--transports ws,ws-deflate,sse,socketio,socketio-polling] [--json out.json]
+//        [--transports ws,ws-deflate,sse,sse-gzip,socketio,socketio-polling] [--json out.json]
 //
 // `--shape tick` publishes market-data trades shaped like the simulator's ticks (~100 B of
 // data), `--shape doc` 2 KiB JSON documents (rows of an order book), `pad` (the default) a
 // counter and `--size` bytes of padding. `ws-deflate` is /ws with permessage-deflate offered by
 // the client (Node ws inflates every compressed frame) and `namespaces.bench.compress = true`
-// with `compress_min_bytes = --compress-min` on the server. For the WebSocket and SSE
+// with `compress_min_bytes = --compress-min` on the server; `sse-gzip` is /sse asking for
+// `Accept-Encoding: gzip` against the same server settings. For the WebSocket and SSE
 // transports the bytes the clients' sockets read (TCP payload: frame headers included) are
 // reported per delivery.
 //
@@ -25,6 +26,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
+import zlib from 'node:zlib';
 import { parseArgs } from 'node:util';
 import { io } from 'socket.io-client';
 import WebSocket from 'ws';
@@ -96,14 +98,21 @@ async function wsSubscriber(server, _agent, deflate = false) {
   return sub;
 }
 
-async function sseSubscriber(server, agent) {
+async function sseSubscriber(server, agent, gzip = false) {
   const sub = { count: 0, close: () => req.destroy(), bytesRead: () => req.socket?.bytesRead ?? 0 };
   const count = counter('"type":"msg"');
   let req;
   await new Promise((resolve, reject) => {
+    const headers = gzip ? { 'accept-encoding': 'gzip' } : {};
     req = http.get(
-      { host: '127.0.0.1', port: server.port, path: `/sse?channels=${CHANNEL}`, agent },
-      (res) => {
+      { host: '127.0.0.1', port: server.port, path: `/sse?channels=${CHANNEL}`, agent, headers },
+      (response) => {
+        if (gzip && response.headers['content-encoding'] !== 'gzip') {
+          reject(new Error('the event stream is not gzip-encoded'));
+          return;
+        }
+        // Node's zlib inflates each chunk as it arrives (sync flush).
+        const res = gzip ? response.pipe(zlib.createGunzip({ flush: zlib.constants.Z_SYNC_FLUSH })) : response;
         let acked = false;
         res.on('data', (chunk) => {
           if (!acked && chunk.includes('"type":"ack"')) {
@@ -139,6 +148,11 @@ const TRANSPORTS = {
     sets: ['namespaces.bench.compress=true', `namespaces.bench.compress_min_bytes=${COMPRESS_MIN}`],
   },
   sse: { label: '/sse (Server-Sent Events)', open: sseSubscriber },
+  'sse-gzip': {
+    label: '/sse gzip-encoded',
+    open: (server, agent) => sseSubscriber(server, agent, true),
+    sets: ['namespaces.bench.compress=true', `namespaces.bench.compress_min_bytes=${COMPRESS_MIN}`],
+  },
   socketio: {
     label: 'Socket.IO (websocket transport)',
     open: (server) => socketioSubscriber(server, 'websocket'),
