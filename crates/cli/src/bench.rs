@@ -140,6 +140,11 @@ pub struct BenchArgs {
     /// one client that subscribes with `recover` receives all N (the namespace must retain N).
     #[arg(long, value_name = "N")]
     pub recovery: Option<u64>,
+    /// Subscribers offer permessage-deflate and inflate what arrives compressed (the server
+    /// compresses only for namespaces with `compress = true`, e.g.
+    /// `--set namespaces.bench.compress=true`).
+    #[arg(long)]
+    pub compress: bool,
     /// Internal: run as child shard I of P (set by --processes).
     #[arg(long, hide = true)]
     pub shard: Option<String>,
@@ -200,6 +205,8 @@ struct Plan {
     publishers: usize,
     batch: usize,
     max_in_flight: u64,
+    /// Subscribers offer permessage-deflate.
+    compress: bool,
     connect_concurrency: usize,
     channel_names: Vec<String>,
 }
@@ -278,6 +285,7 @@ impl Plan {
                 0 => (50_000 / (args.subscribers / args.channels).max(1) as u64).clamp(16, 4096),
                 n => n,
             },
+            compress: args.compress,
             connect_concurrency: args.connect_concurrency.max(1),
             channel_names: (0..args.channels)
                 .map(|c| format!("{}.{c}", args.channel_prefix))
@@ -631,6 +639,14 @@ async fn subscriber(
             bind: slot.source,
             // Small initial buffer (it grows on demand): the bench may hold 20,000 connections.
             read_buffer_size: 4096,
+            headers: if ctx.plan.compress {
+                vec![(
+                    "Sec-WebSocket-Extensions".to_owned(),
+                    "permessage-deflate; client_max_window_bits".to_owned(),
+                )]
+            } else {
+                Vec::new()
+            },
             connect_timeout: Duration::from_secs(30),
             ..ConnectOptions::default()
         };
@@ -1392,6 +1408,7 @@ fn build_report(
             "processes": plan.processes,
             "publishers": plan.publishers,
             "max_in_flight": (plan.rate == Rate::Max).then_some(plan.max_in_flight),
+            "compress": plan.compress,
             "source_ips": plan.source_ips.len().max(1),
             "idle": plan.idle,
         },
@@ -1978,6 +1995,7 @@ mod tests {
             connect_concurrency: 4,
             channel_prefix: "bench".into(),
             recovery: None,
+            compress: false,
             shard: None,
         };
         let plan = Plan::new(&args).unwrap();

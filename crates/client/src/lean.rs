@@ -7,6 +7,10 @@
 //! upgrade (the `Sec-WebSocket-Accept` check is skipped: it only talks to ferrocast) and
 //! supports exactly what ferrocast sends: unmasked text/binary frames, fragmentation, ping/pong
 //! and close. Use [`crate::Client`] for anything else.
+//!
+//! When the upgrade offers permessage-deflate (an extra `Sec-WebSocket-Extensions` header in
+//! the options) and the server accepts it, compressed messages (RSV1) are inflated into one
+//! reusable buffer before they are handed out; this connection never compresses what it sends.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +52,57 @@ pub struct LeanConn {
     max_message: usize,
     mask_state: u64,
     closed: Option<CloseInfo>,
+    /// permessage-deflate was negotiated.
+    deflate: Option<Inflate>,
+}
+
+/// A negotiated permessage-deflate's inflater and the buffer messages are inflated into.
+struct Inflate {
+    state: flate2::Decompress,
+    /// The server compresses each message on its own (`server_no_context_takeover`).
+    reset: bool,
+    out: Vec<u8>,
+    /// The message being assembled is compressed (RSV1 on its first frame).
+    pending: bool,
+}
+
+impl std::fmt::Debug for Inflate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflate").field("reset", &self.reset).finish()
+    }
+}
+
+impl Inflate {
+    /// Inflates one message (the sync flush's tail appended) into `out`.
+    fn message(&mut self, compressed: &[u8], max: usize) -> Result<(), Error> {
+        use flate2::{FlushDecompress, Status};
+        if self.reset {
+            self.state.reset(false);
+        }
+        self.out.clear();
+        for mut input in [compressed, &[0x00, 0x00, 0xff, 0xff][..]] {
+            loop {
+                if self.out.len() == self.out.capacity() {
+                    self.out.reserve(self.out.capacity().max(256));
+                }
+                let before = self.state.total_in();
+                let status = self
+                    .state
+                    .decompress_vec(input, &mut self.out, FlushDecompress::Sync)
+                    .map_err(|e| Error::Protocol(format!("bad compressed message: {e}")))?;
+                input = &input[(self.state.total_in() - before) as usize..];
+                if self.out.len() > max {
+                    return Err(Error::Protocol("inflated message exceeds the limit".into()));
+                }
+                if status == Status::StreamEnd
+                    || (input.is_empty() && self.out.len() < self.out.capacity())
+                {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl LeanConn {
@@ -77,6 +132,7 @@ impl LeanConn {
             max_message: opts.max_message_size.unwrap_or(usize::MAX),
             mask_state: seed(),
             closed: None,
+            deflate: None,
         };
         conn.upgrade(&url, opts).await?;
 
@@ -159,6 +215,18 @@ impl LeanConn {
                     let body = String::from_utf8_lossy(&self.buf[self.start..self.end]);
                     return Err(Error::Rejected { status, body: body.into_owned() });
                 }
+                let extension = head.lines().find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim().eq_ignore_ascii_case("sec-websocket-extensions").then_some(value)
+                });
+                if let Some(ext) = extension.filter(|v| v.contains("permessage-deflate")) {
+                    self.deflate = Some(Inflate {
+                        state: flate2::Decompress::new(false),
+                        reset: ext.contains("server_no_context_takeover"),
+                        out: Vec::new(),
+                        pending: false,
+                    });
+                }
                 return Ok(());
             }
             if self.end == self.buf.len() {
@@ -215,8 +283,9 @@ impl LeanConn {
                 Parsed::Control(OP_PING, payload) => pongs.push(payload),
                 Parsed::Control(..) => {}
                 Parsed::Message(opcode, range) => {
-                    let payload = match &self.fragments {
-                        Some((_, joined)) if range.is_empty() => joined.as_slice(),
+                    let payload = match (&self.fragments, &self.deflate) {
+                        (_, Some(inflate)) if inflate.pending => inflate.out.as_slice(),
+                        (Some((_, joined)), _) if range.is_empty() => joined.as_slice(),
                         _ => &self.buf[range],
                     };
                     each(if opcode == OP_TEXT {
@@ -283,6 +352,7 @@ impl LeanConn {
             return Ok(Parsed::NeedMore);
         }
         let fin = avail[0] & 0x80 != 0;
+        let compressed = avail[0] & 0x40 != 0;
         let opcode = avail[0] & 0x0F;
         let masked = avail[1] & 0x80 != 0;
         let (len, mut header) = match avail[1] & 0x7F {
@@ -329,6 +399,27 @@ impl LeanConn {
             for (i, b) in self.buf[payload.clone()].iter_mut().enumerate() {
                 *b ^= mask[i % 4];
             }
+        }
+        if let Some(inflate) = &mut self.deflate {
+            if matches!(opcode, OP_TEXT | OP_BINARY) {
+                inflate.pending = compressed;
+            }
+            if inflate.pending && fin && matches!(opcode, OP_TEXT | OP_BINARY | OP_CONTINUATION) {
+                let first = match &mut self.fragments {
+                    Some((first, joined)) => {
+                        joined.extend_from_slice(&self.buf[payload]);
+                        inflate.message(joined, self.max_message)?;
+                        *first
+                    }
+                    None => {
+                        inflate.message(&self.buf[payload], self.max_message)?;
+                        opcode
+                    }
+                };
+                return Ok(Parsed::Message(first, 0..0));
+            }
+        } else if compressed {
+            return Err(Error::Protocol("RSV1 set without permessage-deflate".into()));
         }
         match opcode {
             OP_TEXT | OP_BINARY if fin && self.fragments.is_none() => {

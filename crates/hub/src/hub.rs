@@ -23,7 +23,9 @@ use rand::Rng;
 use crate::history::HistoryRing;
 use crate::metrics::HubMetrics;
 use crate::namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
-use crate::queue::{ConnQueue, HistoryRead, HistorySource, Outbound, PublishKind, Replay};
+use crate::queue::{
+    ConnQueue, Deflated, HistoryRead, HistorySource, Outbound, PublishKind, Replay,
+};
 
 /// Tuning for the hub.
 #[derive(Debug, Clone)]
@@ -367,8 +369,16 @@ impl Hub {
         c.last_active = now;
         let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
         let mut fanout = Fanout { queued: c.subscribers.len() as u64, ..Fanout::default() };
+        let deflate = (c.ns.compress && frame.len() >= c.ns.compress_min_bytes)
+            .then(|| Arc::new(Deflated::default()));
         for queue in &c.subscribers {
-            let o = queue.push(frame.clone(), c.id, now, policy);
+            let out = Outbound {
+                bytes: frame.clone(),
+                channel_id: c.id,
+                published_at: Some(now),
+                deflate: deflate.clone(),
+            };
+            let o = queue.push_message(out, policy);
             fanout.conflated += u64::from(o.conflated);
             fanout.dropped += u64::from(o.dropped);
             fanout.overflowed += u64::from(o.overflowed);

@@ -119,7 +119,17 @@ pub struct NamespaceConfig {
     /// been published to, or was forgotten). With `false` such a subscribe is refused with
     /// `unknown_channel`, so anonymous clients cannot mint channels.
     pub create_on_subscribe: bool,
+    /// Whether live messages of these channels go compressed (permessage-deflate) to `/ws`
+    /// clients that offered the extension; each message is compressed once, for all of them.
+    pub compress: bool,
+    /// Messages (whole `msg` frames) shorter than this many bytes go uncompressed: below it
+    /// deflate saves too little to pay for itself.
+    pub compress_min_bytes: usize,
 }
+
+/// The default `compress_min_bytes`: a `msg` frame this short (a trade or a quote, ~100-200
+/// bytes) shrinks by only a few dozen bytes, not worth the client's inflate call.
+pub const DEFAULT_COMPRESS_MIN_BYTES: usize = 512;
 
 impl Default for NamespaceConfig {
     fn default() -> Self {
@@ -137,6 +147,8 @@ impl Default for NamespaceConfig {
             max_replay: 10_000,
             socketio_event: String::new(),
             create_on_subscribe: true,
+            compress: false,
+            compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
         }
     }
 }

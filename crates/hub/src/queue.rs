@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -59,17 +59,33 @@ pub struct Outbound {
     pub channel_id: u64,
     /// When the message was published, for the publish-to-write latency histogram.
     pub published_at: Option<Instant>,
+    /// Set when the channel's namespace compresses this message: its compressed form,
+    /// computed once by the first connection that needs it and shared by every other.
+    pub deflate: Option<Arc<Deflated>>,
+}
+
+/// A message's permessage-deflate payload (RFC 7692), computed at most once. The hub only
+/// carries it: the transport that speaks the extension fills it.
+#[derive(Debug, Default)]
+pub struct Deflated(OnceLock<Bytes>);
+
+impl Deflated {
+    /// The compressed payload, made by `compress` on the first call only (concurrent callers
+    /// wait for it rather than compressing again).
+    pub fn get_or_compress(&self, compress: impl FnOnce() -> Bytes) -> &Bytes {
+        self.0.get_or_init(compress)
+    }
 }
 
 impl Outbound {
     /// A frame that is not a channel message (ack, error, pong).
     pub fn control(bytes: Bytes) -> Self {
-        Outbound { bytes, channel_id: 0, published_at: None }
+        Outbound { bytes, channel_id: 0, published_at: None, deflate: None }
     }
 
     /// A replayed or snapshot message.
     pub fn history(bytes: Bytes, channel_id: u64) -> Self {
-        Outbound { bytes, channel_id, published_at: None }
+        Outbound { bytes, channel_id, published_at: None, deflate: None }
     }
 
     /// Whether this frame is a channel message (as opposed to a control frame).
@@ -254,21 +270,15 @@ impl Inner {
         pos
     }
 
-    /// Replaces the queued conflating message of `channel_id`, if there is one, with `bytes`.
-    /// Gives `bytes` back when there is none.
-    fn conflate_in_place(
-        &mut self,
-        channel_id: u64,
-        bytes: Bytes,
-        published_at: Instant,
-    ) -> Result<(), Bytes> {
-        let Some(&pos) = self.latest.get(&channel_id) else { return Err(bytes) };
-        let Some(Slot::Live { out, .. }) = self.slot_mut(pos) else { return Err(bytes) };
+    /// Replaces the queued conflating message of `channel_id`, if there is one, with `new`.
+    /// Gives `new` back when there is none.
+    fn conflate_in_place(&mut self, new: Outbound) -> Result<(), Outbound> {
+        let Some(&pos) = self.latest.get(&new.channel_id) else { return Err(new) };
+        let Some(Slot::Live { out, .. }) = self.slot_mut(pos) else { return Err(new) };
         let old = out.bytes.len();
-        let new = bytes.len();
-        out.bytes = bytes;
-        out.published_at = Some(published_at);
-        self.cost = self.cost + new - old;
+        let added = new.bytes.len();
+        *out = new;
+        self.cost = self.cost + added - old;
         Ok(())
     }
 
@@ -402,22 +412,30 @@ impl ConnQueue {
     /// Appends a live channel message, applying `policy` when the budget is exhausted.
     pub fn push(
         &self,
-        mut bytes: Bytes,
+        bytes: Bytes,
         channel_id: u64,
         published_at: Instant,
         policy: OverflowPolicy,
     ) -> PushOutcome {
+        let out = Outbound { bytes, channel_id, published_at: Some(published_at), deflate: None };
+        self.push_message(out, policy)
+    }
+
+    /// Appends a live channel message (with its shared compressed form, if any), applying
+    /// `policy` when the budget is exhausted.
+    pub fn push_message(&self, mut out: Outbound, policy: OverflowPolicy) -> PushOutcome {
+        let channel_id = out.channel_id;
         let mut outcome = PushOutcome::default();
         let mut q = self.inner.lock();
         if q.overflowed {
             // The connection is being closed; it will recover what it missed on reconnect.
             return outcome;
         }
-        let cost = ENTRY_COST + bytes.len();
+        let cost = ENTRY_COST + out.bytes.len();
         if q.cost + cost > self.max_bytes {
             // Conflation first: the channel's pending message is replaced where it stands.
             if policy == OverflowPolicy::Conflate {
-                match q.conflate_in_place(channel_id, bytes, published_at) {
+                match q.conflate_in_place(out) {
                     Ok(()) => {
                         outcome.conflated += 1;
                         if q.cost > self.max_bytes {
@@ -425,7 +443,7 @@ impl ConnQueue {
                         }
                         return outcome;
                     }
-                    Err(returned) => bytes = returned,
+                    Err(returned) => out = returned,
                 }
             }
             if !q.evict_for(cost, self.max_bytes, &mut outcome) {
@@ -442,10 +460,7 @@ impl ConnQueue {
             }
         }
         let was_empty = q.slots.len() == q.gone;
-        let pos = q.push_slot(Slot::Live {
-            out: Outbound { bytes, channel_id, published_at: Some(published_at) },
-            policy,
-        });
+        let pos = q.push_slot(Slot::Live { out, policy });
         if matches!(policy, OverflowPolicy::Conflate | OverflowPolicy::DropOldest) {
             q.droppable.push_back(pos);
         }

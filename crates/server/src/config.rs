@@ -416,6 +416,11 @@ pub struct Sources<'a> {
 }
 
 impl Config {
+    /// Whether some namespace compresses its messages, so `/ws` negotiates permessage-deflate.
+    pub fn compresses(&self) -> bool {
+        self.namespace_defaults.compress || self.namespaces.values().any(|ns| ns.compress)
+    }
+
     /// Merges defaults, file, environment and flags, then validates. Returns every problem
     /// found, each naming its key.
     pub fn load(sources: &Sources<'_>) -> Result<Config, Vec<ConfigError>> {

@@ -6,6 +6,7 @@
 //! | [`diagnostics`] | `/api/diagnostics`: what the server received after every proxy hop |
 //! | [`ws`] | the native WebSocket endpoint: upgrade, framing, one task per connection |
 //! | [`sse`] | Server-Sent Events at `/sse`, with `POST /sse/control` and `Last-Event-ID` resume |
+//! | [`sse_gzip`] | gzip-encoded event streams sharing each compressed message with `/ws` |
 //! | [`socketio`] | Socket.IO v4 (polling, websocket, upgrade) through `socketioxide` |
 //! | [`sio_engine`] | Engine.IO's HTTP side in front of `socketioxide`: drain cut-off, first ping |
 //! | [`session`] | the session model every transport shares: subscriptions, limits, requests |
@@ -57,6 +58,7 @@ pub mod sio_engine;
 pub mod socketio;
 pub mod sources;
 pub mod sse;
+pub mod sse_gzip;
 pub mod tls;
 pub mod users;
 pub mod ws;

@@ -102,6 +102,8 @@ pub struct ServerMetrics {
     pub wrong_endpoint: Mutex<BTreeMap<&'static str, u64>>,
     /// Upgrade requests refused before the handshake (not a WebSocket request, bad version).
     pub upgrade_rejected: AtomicU64,
+    /// permessage-deflate on `/ws`.
+    pub deflate: crate::ws::deflate::DeflateMetrics,
 }
 
 impl ServerMetrics {
@@ -330,6 +332,43 @@ impl ServerMetrics {
             out,
             "ferrocast_upgrade_rejected_total {}",
             self.upgrade_rejected.load(Relaxed)
+        );
+        let d = &self.deflate;
+        for (name, help, counter) in [
+            (
+                "ferrocast_ws_deflate_connections_total",
+                "WebSocket connections that negotiated permessage-deflate.",
+                &d.connections,
+            ),
+            (
+                "ferrocast_ws_deflate_compressions_total",
+                "Messages compressed (once each, for every /ws and SSE subscriber).",
+                &d.compressions,
+            ),
+            (
+                "ferrocast_ws_deflate_frames_total",
+                "Compressed messages written: /ws frames with RSV1, and messages in gzip SSE streams.",
+                &d.frames,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", counter.load(Relaxed));
+        }
+        family(
+            &mut out,
+            "ferrocast_ws_deflate_bytes_total",
+            "counter",
+            "Payload bytes of compressed frames written, before (plain) and after (wire) compression.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrocast_ws_deflate_bytes_total{{form=\"plain\"}} {}",
+            d.plain_bytes.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ferrocast_ws_deflate_bytes_total{{form=\"wire\"}} {}",
+            d.wire_bytes.load(Relaxed)
         );
         family(
             &mut out,

@@ -15,6 +15,10 @@
 //! messages wait in the byte-bounded queue (where the namespace's overflow policy applies),
 //! not in an unbounded buffer. A comment line (`: ping`) keeps proxies from timing out an idle
 //! stream; a client that went away is noticed when its response body is dropped.
+//!
+//! A client that accepts gzip gets a gzip body when some namespace compresses: large messages
+//! of those namespaces travel as the compressed bytes `/ws` shares, the rest uncompressed in
+//! stored blocks ([`crate::sse_gzip`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -50,7 +54,8 @@ use crate::AppState;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::{Credentials, Session};
 use crate::shutdown::{ConnectionGuard, Shutdown};
-use crate::ws::{json_response, origin_allowed};
+use crate::sse_gzip::Gzip;
+use crate::ws::{deflate, json_response, origin_allowed};
 
 /// The heartbeat comment sent on an idle stream.
 const HEARTBEAT: &[u8] = b": ping\n\n";
@@ -286,6 +291,13 @@ async fn stream(
     });
     st.streams.by_id.lock().insert(id.clone(), shared.clone());
 
+    // Gzip where it pays: some namespace compresses its large messages, and the client takes
+    // gzip (browsers always do).
+    let gzip = app.config.compresses()
+        && headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(crate::sse_gzip::accepts_gzip);
     let (tx, rx) = mpsc::channel(BODY_SLOTS);
     let writer = Writer {
         app: app.clone(),
@@ -294,6 +306,7 @@ async fn stream(
         tx,
         conn_id,
         last_write: TokioInstant::now(),
+        gzip: gzip.then(Gzip::default),
     };
     let streams = st.streams.clone();
     tokio::spawn(async move {
@@ -307,7 +320,13 @@ async fn stream(
         tracing::debug!(conn = conn_id, %peer, code, "event stream closed");
     });
     let body = EventStreamBody { rx, guard: Some(guard), shutdown: app.shutdown.clone() };
-    event_stream_response(Body::new(body))
+    let mut response = event_stream_response(Body::new(body));
+    if gzip {
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    response
 }
 
 /// Subscribes the channels of the URL and those of the resume cursor. The URL is one request,
@@ -397,13 +416,28 @@ struct Writer {
     tx: mpsc::Sender<Bytes>,
     conn_id: u64,
     last_write: TokioInstant,
+    /// The stream is gzip-encoded ([`crate::sse_gzip`]).
+    gzip: Option<Gzip>,
 }
 
 impl Writer {
+    /// `text` as the stream carries it: as is, or in gzip's stored blocks.
+    fn framed(&mut self, text: &[u8]) -> Bytes {
+        match &mut self.gzip {
+            None => Bytes::copy_from_slice(text),
+            Some(gzip) => {
+                let mut out = BytesMut::with_capacity(text.len() + 16);
+                gzip.plain(&mut out, text);
+                out.freeze()
+            }
+        }
+    }
+
     /// Streams until the client leaves, the queue overflows or the server drains; returns the
     /// close code recorded in the metrics.
     async fn run(mut self, first: Bytes) -> u16 {
         let mut drain_rx = self.app.shutdown.subscribe();
+        let first = if self.gzip.is_some() { self.framed(&first) } else { first };
         if let Err(end) = self.send(first, &mut drain_rx).await {
             return self.ended(end);
         }
@@ -475,7 +509,8 @@ impl Writer {
                     }
                 }
                 _ = sleep_until(self.last_write + ping_interval) => {
-                    if let Err(end) = self.send(Bytes::from_static(HEARTBEAT), &mut drain_rx).await {
+                    let beat = if self.gzip.is_some() { self.framed(HEARTBEAT) } else { Bytes::from_static(HEARTBEAT) };
+                    if let Err(end) = self.send(beat, &mut drain_rx).await {
                         return self.ended(end);
                     }
                 }
@@ -548,19 +583,33 @@ impl Writer {
     async fn close(&mut self, code: u16, reason: &str, after_ms: u64) -> u16 {
         let mut out = BytesMut::new();
         put_close(&mut out, code, reason, after_ms);
+        let last = match &mut self.gzip {
+            None => out.freeze(),
+            Some(gzip) => {
+                let mut body = BytesMut::with_capacity(out.len() + 32);
+                gzip.plain(&mut body, &out);
+                gzip.finish(&mut body);
+                body.freeze()
+            }
+        };
         // Best effort: a client that does not take it within a second misses it.
-        let _ = tokio::time::timeout(CLOSE_LINGER, self.tx.send(out.freeze())).await;
+        let _ = tokio::time::timeout(CLOSE_LINGER, self.tx.send(last)).await;
         code
     }
 
     /// Turns drained queue entries into event text, updating the cursor and the metrics.
-    fn format(&self, drained: &mut Drained) -> Bytes {
+    /// On a gzip stream, large messages of compressing namespaces go as the compressed bytes
+    /// `/ws` shares, the rest in stored blocks.
+    fn format(&mut self, drained: &mut Drained) -> Bytes {
         let now = Instant::now();
         let mut latency = LocalHistogram::default();
         let mut messages = 0u64;
         let size: usize = drained.frames.iter().map(|f| f.bytes.len() + 16).sum();
         let mut out = BytesMut::with_capacity(size);
-        let mut cursor = self.stream.cursor.lock();
+        let mut zipped = self.gzip.as_ref().map(|_| BytesMut::with_capacity(size / 2 + 64));
+        let (mut deflated, mut deflated_plain, mut deflated_wire) = (0u64, 0u64, 0u64);
+        let stream = self.stream.clone();
+        let mut cursor = stream.cursor.lock();
         for frame in drained.frames.drain(..) {
             if frame.bytes.is_empty() {
                 continue;
@@ -574,17 +623,57 @@ impl Writer {
             if let Some(at) = frame.published_at {
                 latency.record(now.saturating_duration_since(at));
             }
-            match MsgView::parse(&frame.bytes) {
+            let retained = match MsgView::parse(&frame.bytes) {
                 Some(msg) if !msg.ephemeral => {
                     cursor.advance(msg.channel, msg.epoch, msg.offset);
-                    put_event(&mut out, Some(&*cursor), &frame.bytes);
+                    true
                 }
-                _ => put_event(&mut out, None, &frame.bytes),
-            }
+                _ => false,
+            };
+            let id = retained.then_some(&*cursor);
+            // The shared compressed bytes, for a one-line frame of a compressing namespace.
+            let shared = match (&mut zipped, &frame.deflate) {
+                (Some(_), Some(cell))
+                    if !frame.bytes.iter().any(|b| matches!(b, b'\n' | b'\r')) =>
+                {
+                    let metrics = &self.app.metrics.deflate;
+                    let z = cell.get_or_compress(|| deflate::compress(&frame.bytes, metrics));
+                    (!z.is_empty()).then(|| z.clone())
+                }
+                _ => None,
+            };
+            let (Some(zipped), Some(gzip), Some(z)) = (&mut zipped, &mut self.gzip, shared) else {
+                put_event(&mut out, id, &frame.bytes);
+                continue;
+            };
+            // The event's own lines up to its data in stored blocks, the data compressed.
+            put_event_head(&mut out, id);
+            gzip.plain(zipped, &out);
+            out.clear();
+            gzip.compressed(zipped, &frame.bytes, &z);
+            out.put_slice(b"\n\n");
+            deflated += 1;
+            deflated_plain += frame.bytes.len() as u64;
+            deflated_wire += z.len() as u64;
         }
         drop(cursor);
+        let out = match (zipped, &mut self.gzip) {
+            (Some(mut zipped), Some(gzip)) => {
+                if !out.is_empty() {
+                    gzip.plain(&mut zipped, &out);
+                }
+                zipped
+            }
+            _ => out,
+        };
         latency.flush_into(&self.app.metrics.delivery_latency);
         self.app.metrics.delivered(Transport::Sse, messages, out.len() as u64);
+        if deflated != 0 {
+            let d = &self.app.metrics.deflate;
+            d.frames.fetch_add(deflated, std::sync::atomic::Ordering::Relaxed);
+            d.plain_bytes.fetch_add(deflated_plain, std::sync::atomic::Ordering::Relaxed);
+            d.wire_bytes.fetch_add(deflated_wire, std::sync::atomic::Ordering::Relaxed);
+        }
         out.freeze()
     }
 }
@@ -629,6 +718,16 @@ impl hyper::body::Body for EventStreamBody {
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         self.rx.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c))))
     }
+}
+
+/// Appends what precedes a one-line event's frame: its optional `id:` line, then `data: `.
+fn put_event_head(out: &mut BytesMut, id: Option<&Cursor>) {
+    if let Some(cursor) = id {
+        out.put_slice(b"id: ");
+        cursor.write_to(out);
+        out.put_u8(b'\n');
+    }
+    out.put_slice(b"data: ");
 }
 
 /// Appends one event: an optional `id:` line (the cursor), then the frame as `data:` lines.

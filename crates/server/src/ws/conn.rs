@@ -10,15 +10,17 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use ferrocast_hub::{ConnQueue, Drained};
+use ferrocast_hub::{ConnQueue, Drained, Outbound};
 use ferrocast_protocol::CloseCode;
 use ferrocast_protocol::server::{PING_FRAME, encode_welcome};
 use rand::Rng;
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
+use super::deflate;
 use super::frame::{self, Decoder, Incoming};
 use super::socket::Socket;
 use crate::AppState;
@@ -69,19 +71,37 @@ fn text_part(body: Bytes) -> Part {
     Part { header, header_len, body }
 }
 
+/// A text frame whose payload is a permessage-deflate compressed message (RSV1 set).
+fn compressed_part(body: Bytes) -> Part {
+    let mut part = text_part(body);
+    part.header[0] |= frame::RSV1;
+    part
+}
+
+/// What the handshake decided about a connection.
+#[derive(Debug)]
+pub struct Start {
+    pub admission: Admission,
+    pub credentials: Box<Credentials>,
+    /// permessage-deflate was negotiated.
+    pub deflate: bool,
+    pub peer: String,
+}
+
 /// Runs one connection to completion.
 pub async fn run(
     app: Arc<AppState>,
     stream: Socket,
     already_read: Bytes,
-    admission: Admission,
-    credentials: Box<Credentials>,
-    peer: String,
+    start: Start,
     _guard: ConnectionGuard,
 ) {
+    let Start { admission, credentials, deflate, peer } = start;
     let _ = stream.set_nodelay(true);
+    let max_frame = app.config.server.max_frame_bytes;
     let mut conn = Conn {
-        decoder: Decoder::new(app.config.server.max_frame_bytes),
+        decoder: if deflate { Decoder::with_deflate(max_frame) } else { Decoder::new(max_frame) },
+        deflate,
         session: Session::new(app.clone(), Transport::Ws),
         stream,
         parts: VecDeque::new(),
@@ -117,6 +137,8 @@ struct Conn {
     session: Session,
     stream: Socket,
     decoder: Decoder,
+    /// permessage-deflate was negotiated: messages of compressing namespaces go compressed.
+    deflate: bool,
     /// Frames handed to the socket but not fully written yet.
     parts: VecDeque<Part>,
     /// Bytes of the front part already written.
@@ -450,6 +472,7 @@ impl Conn {
         let mut latency = LocalHistogram::default();
         let (mut messages, mut bytes) = (0u64, 0u64);
         let batch = self.app.config.server.batch;
+        let (mut deflated, mut deflated_plain, mut deflated_wire) = (0u64, 0u64, 0u64);
         let mut frames = drained.frames.drain(..).peekable();
         while let Some(first) = frames.next() {
             if first.is_message() {
@@ -458,12 +481,31 @@ impl Conn {
                     latency.record(now.saturating_duration_since(at));
                 }
             }
+            // Compressed once (by whichever subscriber gets here first), shared by all; a
+            // compressed message travels alone, never inside a batch.
+            if self.deflate
+                && let Some(cell) = &first.deflate
+            {
+                let metrics = &self.app.metrics.deflate;
+                let z = cell.get_or_compress(|| deflate::compress(&first.bytes, metrics));
+                if !z.is_empty() {
+                    deflated += 1;
+                    deflated_plain += first.bytes.len() as u64;
+                    deflated_wire += z.len() as u64;
+                    bytes += z.len() as u64;
+                    let part = compressed_part(z.clone());
+                    self.pending_bytes += part.header_len as usize + part.body.len();
+                    self.parts.push_back(part);
+                    continue;
+                }
+            }
+            let batchable = |f: &Outbound| f.is_message() && !(self.deflate && f.deflate.is_some());
             // With batching on, consecutive messages travel as one JSON array frame.
-            if batch && first.is_message() && frames.peek().is_some_and(|f| f.is_message()) {
+            if batch && batchable(&first) && frames.peek().is_some_and(batchable) {
                 let mut array = BytesMut::with_capacity(first.bytes.len() * 4);
                 array.put_u8(b'[');
                 array.put_slice(&first.bytes);
-                while let Some(next) = frames.next_if(|f| f.is_message()) {
+                while let Some(next) = frames.next_if(batchable) {
                     messages += 1;
                     if let Some(at) = next.published_at {
                         latency.record(now.saturating_duration_since(at));
@@ -481,6 +523,12 @@ impl Conn {
         }
         latency.flush_into(&self.app.metrics.delivery_latency);
         self.app.metrics.delivered(Transport::Ws, messages, bytes);
+        if deflated != 0 {
+            let d = &self.app.metrics.deflate;
+            d.frames.fetch_add(deflated, Relaxed);
+            d.plain_bytes.fetch_add(deflated_plain, Relaxed);
+            d.wire_bytes.fetch_add(deflated_wire, Relaxed);
+        }
     }
 
     /// Writes as much of the pending parts as the socket takes without blocking.

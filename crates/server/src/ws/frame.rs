@@ -9,8 +9,15 @@
 //! byte sequence fails the connection when it arrives, not when the message ends. After a
 //! refused frame the decoder skips the rest of that frame and goes on decoding, so the
 //! connection can still recognise the client's close frame and end promptly.
+//!
+//! With permessage-deflate negotiated ([`Decoder::with_deflate`]), RSV1 on a message's first
+//! frame marks it compressed: its fragments are joined, then decompressed within the message
+//! limit (1009 beyond it, 1007 for data that is not deflate) and validated as UTF-8. RSV1
+//! anywhere else, RSV2, RSV3, or RSV1 without the extension fail the connection with 1002.
 
 use ferrocast_protocol::CloseCode;
+
+use super::deflate::InflateError;
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -18,6 +25,8 @@ pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
 pub const OP_PING: u8 = 0x9;
 pub const OP_PONG: u8 = 0xA;
+/// The first header byte's RSV1 bit: a compressed message (permessage-deflate).
+pub const RSV1: u8 = 0x40;
 
 /// A complete message or control frame from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -129,14 +138,34 @@ fn invalid_utf8() -> Violation {
     Violation::new(CloseCode::InvalidPayload, "invalid_utf8", CloseCode::InvalidPayload.reason())
 }
 
+/// A fragmented message being assembled.
+#[derive(Debug)]
+enum Assembly {
+    Text(TextAssembly),
+    /// A compressed message (RSV1 on its first frame): its compressed bytes, decompressed and
+    /// validated once the last fragment arrives.
+    Deflated(Vec<u8>),
+}
+
+impl Assembly {
+    fn len(&self) -> usize {
+        match self {
+            Assembly::Text(t) => t.len(),
+            Assembly::Deflated(z) => z.len(),
+        }
+    }
+}
+
 /// Incremental decoder of client frames.
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
     /// Bytes of an incomplete frame carried over from the previous read.
     partial: Vec<u8>,
-    /// A fragmented text message being assembled.
-    fragments: Option<TextAssembly>,
+    /// A fragmented message being assembled.
+    fragments: Option<Assembly>,
     /// Bytes still to arrive of a refused frame, skipped so decoding resumes after it.
     skip: u64,
     /// The stream can no longer be split into frames (a refused frame of unknowable length),
@@ -146,7 +175,20 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(max_message: usize) -> Self {
-        Decoder { max_message, partial: Vec::new(), fragments: None, skip: 0, done: false }
+        Decoder {
+            max_message,
+            deflate: false,
+            partial: Vec::new(),
+            fragments: None,
+            skip: 0,
+            done: false,
+        }
+    }
+
+    /// A decoder for a connection that negotiated permessage-deflate: a message whose first
+    /// frame has RSV1 set is decompressed (into at most the message limit).
+    pub fn with_deflate(max_message: usize) -> Self {
+        Decoder { deflate: true, ..Decoder::new(max_message) }
     }
 
     /// Decodes every complete frame in `input` (after any carried-over bytes). After an
@@ -244,8 +286,15 @@ impl Decoder {
         }
         let frame_len = header_len as u64 + if masked { 4 } else { 0 } + len;
         let refuse = |violation: Violation| Err(Refused { violation, frame_len: Some(frame_len) });
-        if input[0] & 0x70 != 0 {
+        let compressed = input[0] & 0x40 != 0;
+        if input[0] & 0x30 != 0 || (compressed && !self.deflate) {
             return refuse(Violation::protocol("reserved bits set without a negotiated extension"));
+        }
+        if compressed && !matches!(opcode, OP_TEXT | OP_BINARY) {
+            // RFC 7692 6: only the first frame of a data message may carry RSV1.
+            return refuse(Violation::protocol(format!(
+                "RSV1 set on a frame with opcode {opcode:#x}, not the first frame of a message"
+            )));
         }
         if !masked {
             return refuse(Violation::protocol("client frames must be masked"));
@@ -279,7 +328,7 @@ impl Decoder {
             }
             _ => {}
         }
-        let assembled = self.fragments.as_ref().map_or(0, TextAssembly::len) as u64;
+        let assembled = self.fragments.as_ref().map_or(0, Assembly::len) as u64;
         if !is_control && assembled + len > self.max_message as u64 {
             return refuse(Violation::new(
                 CloseCode::TooBig,
@@ -301,25 +350,42 @@ impl Decoder {
         unmask(&mut payload, mask);
 
         let handled = match opcode {
+            OP_TEXT if fin && compressed => self.inflate(&payload).map(|t| out.push(t)),
             OP_TEXT if fin => String::from_utf8(payload)
                 .map(|text| out.push(Incoming::Text(text)))
                 .map_err(|_| invalid_utf8()),
+            OP_TEXT if compressed => {
+                self.fragments = Some(Assembly::Deflated(payload));
+                Ok(())
+            }
             OP_TEXT => {
                 let mut text = TextAssembly::default();
                 let pushed = text.push(&payload);
-                self.fragments = Some(text);
+                self.fragments = Some(Assembly::Text(text));
                 pushed
             }
-            OP_CONTINUATION => {
-                let text = self.fragments.as_mut().expect("checked above");
-                text.push(&payload).and_then(|()| {
+            OP_CONTINUATION => match self.fragments.as_mut().expect("checked above") {
+                Assembly::Deflated(z) => {
+                    z.extend_from_slice(&payload);
                     if fin {
-                        let text = self.fragments.take().expect("checked above").finish()?;
-                        out.push(Incoming::Text(text));
+                        let Some(Assembly::Deflated(z)) = self.fragments.take() else {
+                            unreachable!("matched above")
+                        };
+                        self.inflate(&z).map(|t| out.push(t))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Assembly::Text(text) => text.push(&payload).and_then(|()| {
+                    if fin {
+                        let Some(Assembly::Text(text)) = self.fragments.take() else {
+                            unreachable!("matched above")
+                        };
+                        out.push(Incoming::Text(text.finish()?));
                     }
                     Ok(())
-                })
-            }
+                }),
+            },
             OP_CLOSE => close_payload(&payload).map(|code| {
                 self.done = true;
                 out.push(Incoming::Close(code));
@@ -336,6 +402,25 @@ impl Decoder {
         match handled {
             Ok(()) => Ok(Some(used)),
             Err(violation) => refuse(violation),
+        }
+    }
+}
+
+impl Decoder {
+    /// Decompresses a whole compressed text message, within the message limit.
+    fn inflate(&self, compressed: &[u8]) -> Result<Incoming, Violation> {
+        match super::deflate::inflate(compressed, self.max_message) {
+            Ok(plain) => String::from_utf8(plain).map(Incoming::Text).map_err(|_| invalid_utf8()),
+            Err(InflateError::TooBig) => Err(Violation::new(
+                CloseCode::TooBig,
+                "frame_too_big",
+                format!("message decompresses to more than the {} byte limit", self.max_message),
+            )),
+            Err(InflateError::Corrupt) => Err(Violation::new(
+                CloseCode::InvalidPayload,
+                "invalid_deflate",
+                "compressed message is not valid deflate data",
+            )),
         }
     }
 }
@@ -715,6 +800,52 @@ mod tests {
             let mut frame = client_frame(true, OP_TEXT, b"x");
             frame[0] |= rsv;
             assert_eq!(refused(&frame).code, CloseCode::ProtocolError, "rsv {rsv:#x}");
+        }
+    }
+
+    #[test]
+    fn compressed_messages_with_the_extension() {
+        let metrics = crate::ws::deflate::DeflateMetrics::default();
+        let text = "{\"op\":\"ping\",\"pad\":\"".to_string() + &"zz".repeat(300) + "\"}";
+        let z = crate::ws::deflate::compress(text.as_bytes(), &metrics);
+        // Whole, and split over three frames (RSV1 on the first only).
+        let mut whole = client_frame(true, OP_TEXT, &z);
+        whole[0] |= RSV1;
+        let (a, rest) = z.split_at(3);
+        let (b, c) = rest.split_at(rest.len() / 2);
+        let mut split = client_frame(false, OP_TEXT, a);
+        split[0] |= RSV1;
+        split.extend(client_frame(false, OP_CONTINUATION, b));
+        split.extend(client_frame(true, OP_CONTINUATION, c));
+        for bytes in [whole.clone(), split] {
+            let (out, result) = decode(&mut Decoder::with_deflate(1024), &bytes);
+            result.unwrap();
+            assert_eq!(out, vec![Incoming::Text(text.clone())]);
+        }
+        // Plain messages still pass on the same connection.
+        let (out, _) =
+            decode(&mut Decoder::with_deflate(1024), &client_frame(true, OP_TEXT, b"hi"));
+        assert_eq!(out, vec![Incoming::Text("hi".into())]);
+        // Bigger than the limit once decompressed (the compressed frame is far smaller).
+        let v = decode(&mut Decoder::with_deflate(text.len() - 1), &whole).1.unwrap_err();
+        assert_eq!((v.code, v.label), (CloseCode::TooBig, "frame_too_big"));
+        // Not deflate data.
+        let mut junk = client_frame(true, OP_TEXT, &[0xff; 8]);
+        junk[0] |= RSV1;
+        let v = decode(&mut Decoder::with_deflate(1024), &junk).1.unwrap_err();
+        assert_eq!((v.code, v.label), (CloseCode::InvalidPayload, "invalid_deflate"));
+        // RSV1 on a continuation or a control frame, RSV2 and RSV3: protocol errors.
+        let mut cont = client_frame(false, OP_TEXT, b"a");
+        let mut second = client_frame(true, OP_CONTINUATION, b"b");
+        second[0] |= RSV1;
+        cont.extend(second);
+        let mut ping = client_frame(true, OP_PING, b"");
+        ping[0] |= RSV1;
+        let mut rsv2 = client_frame(true, OP_TEXT, b"x");
+        rsv2[0] |= 0x20;
+        for bytes in [cont, ping, rsv2] {
+            let v = decode(&mut Decoder::with_deflate(1024), &bytes).1.unwrap_err();
+            assert_eq!(v.code, CloseCode::ProtocolError, "{}", v.reason);
         }
     }
 

@@ -6,8 +6,10 @@
 //! 101), on plain TCP or TLS; and, on an HTTP/2 connection (TLS with ALPN `h2`), RFC 8441's
 //! extended CONNECT (`:protocol = websocket`, answered 200), which runs the WebSocket on one
 //! stream of the connection. The frames and the connection task are the same for both.
+//! Either may negotiate permessage-deflate ([`deflate`]) when some namespace compresses.
 
 pub mod conn;
+pub mod deflate;
 pub mod frame;
 pub mod socket;
 
@@ -79,6 +81,11 @@ pub async fn upgrade(
     // kept for the connection's whole life.
     let credentials =
         Box::new(crate::session::Credentials::from_request(&app, headers, req.uri().query(), peer));
+    // Offered by the client, and useful: some namespace compresses its messages.
+    let deflate = app.config.compresses() && deflate::negotiate(headers);
+    if deflate {
+        app.metrics.deflate.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let guard = app.shutdown.track();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_app = app.clone();
@@ -98,29 +105,26 @@ pub async fn upgrade(
                 // The connection keeps its place in the total until the socket closes.
                 let (stream, _counted) = parts.io.into_inner().into_parts();
                 let socket = Socket::Plain(stream);
-                conn::run(
-                    task_app,
-                    socket,
-                    parts.read_buf,
-                    admission,
-                    credentials,
-                    peer_text,
-                    guard,
-                )
-                .await;
+                let start = conn::Start { admission, credentials, deflate, peer: peer_text };
+                conn::run(task_app, socket, parts.read_buf, start, guard).await;
             }
             // TLS, or a stream of an HTTP/2 connection: polled through a small buffer.
             Err(upgraded) => {
                 let socket = Socket::stream(TokioIo::new(upgraded));
                 let none = bytes::Bytes::new();
-                conn::run(task_app, socket, none, admission, credentials, peer_text, guard).await;
+                let start = conn::Start { admission, credentials, deflate, peer: peer_text };
+                conn::run(task_app, socket, none, start, guard).await;
             }
         }
     });
-    match key {
+    let mut response = match key {
         Some(key) => switching_protocols(key.as_bytes()),
         None => Response::new(Body::empty()),
+    };
+    if deflate {
+        response.headers_mut().insert(header::SEC_WEBSOCKET_EXTENSIONS, deflate::response_header());
     }
+    response
 }
 
 /// What is wrong with an RFC 8441 extended CONNECT, if anything.
