@@ -120,6 +120,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let app = AppState::with_auth(config, api_keys, auth);
+    let ingress = ferrocast_server::ingress::runtime()?;
+    let _ = app.ingress.set(ingress.handle().clone());
     let mut server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {
@@ -155,6 +157,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     server.run(shutdown_signal()).await;
+    // Its connections have closed or the grace period is over; do not wait for its tasks.
+    ingress.shutdown_background();
     Ok(ExitCode::SUCCESS)
 }
 

@@ -223,14 +223,10 @@ impl Broker for MemoryBroker {
     }
 
     fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
-        let mut out = Vec::with_capacity(data.len());
-        for d in data {
-            match self.hub.publish(channel, d, kind) {
-                Ok(p) => out.push(p),
-                Err(e) => return Pending::Ready((out, Some(e.into()))),
-            }
+        match self.hub.publish_run(channel, data, kind) {
+            Ok(out) => Pending::Ready((out, None)),
+            Err(e) => Pending::Ready((Vec::new(), Some(e.into()))),
         }
-        Pending::Ready((out, None))
     }
 
     fn prepare_subscribe(

@@ -76,6 +76,7 @@ pub enum Delivery {
 /// What one fan-out did, counted after the channel lock is released.
 #[derive(Debug, Default)]
 struct Fanout {
+    messages: u64,
     queued: u64,
     conflated: u64,
     dropped: u64,
@@ -83,8 +84,16 @@ struct Fanout {
 }
 
 impl Fanout {
+    fn add(&mut self, other: Fanout) {
+        self.messages += other.messages;
+        self.queued += other.queued;
+        self.conflated += other.conflated;
+        self.dropped += other.dropped;
+        self.overflowed += other.overflowed;
+    }
+
     fn count(&self, m: &HubMetrics) {
-        HubMetrics::add(&m.messages_in, 1);
+        HubMetrics::add(&m.messages_in, self.messages);
         HubMetrics::add(&m.enqueued, self.queued);
         HubMetrics::add(&m.conflated, self.conflated);
         HubMetrics::add(&m.dropped, self.dropped);
@@ -350,10 +359,74 @@ impl Hub {
         Ok(published)
     }
 
+    /// Publishes a run of messages on one channel, as [`Hub::publish`] each, under one hold
+    /// of the channel's lock, and wakes each subscriber's writer once, after the last: a
+    /// batch reaches every writer whole, to go out in one write. Answers with what was
+    /// published, or why nothing was (the channel is checked before the first message).
+    pub fn publish_run(
+        &self,
+        channel: &str,
+        data: &[&[u8]],
+        kind: PublishKind,
+    ) -> Result<Vec<Published>, PublishError> {
+        validate_channel(channel).map_err(PublishError::InvalidChannel)?;
+        let ephemeral = kind == PublishKind::Ephemeral;
+        let mut published = Vec::with_capacity(data.len());
+        let mut owed = Vec::new();
+        loop {
+            let ch = self.lookup_or_create(channel)?;
+            let mut c = ch.lock();
+            if c.removed {
+                continue;
+            }
+            owed.resize(c.subscribers.len(), false);
+            let mut fanout = Fanout::default();
+            for d in data {
+                if !ephemeral {
+                    c.top += 1;
+                }
+                fanout.add(self.emit_deferred(&mut c, channel, d, ephemeral, Some(&mut owed)));
+                published.push(Published { offset: c.top, epoch: c.epoch.clone() });
+            }
+            let woken: Vec<Arc<ConnQueue>> = c
+                .subscribers
+                .iter()
+                .zip(&owed)
+                .filter(|(_, owed)| **owed)
+                .map(|(q, _)| q.clone())
+                .collect();
+            drop(c);
+            for queue in woken {
+                queue.wake();
+            }
+            fanout.count(&self.metrics);
+            break;
+        }
+        if !ephemeral {
+            for d in data {
+                self.run_taps(channel, d);
+            }
+        }
+        Ok(published)
+    }
+
     /// Encodes `data` at the channel's top offset, keeps it (history, or the latest ephemeral
     /// frame) and appends it to every subscriber's queue. The caller holds the channel lock
     /// and has already moved `top` for a retained message.
     fn emit(&self, c: &mut Channel, channel: &str, data: &[u8], ephemeral: bool) -> Fanout {
+        self.emit_deferred(c, channel, data, ephemeral, None)
+    }
+
+    /// [`Hub::emit`], with the writers' wake-ups left owed in `owed` (by subscriber index)
+    /// when it is given.
+    fn emit_deferred(
+        &self,
+        c: &mut Channel,
+        channel: &str,
+        data: &[u8],
+        ephemeral: bool,
+        mut owed: Option<&mut Vec<bool>>,
+    ) -> Fanout {
         let now = Instant::now();
         let offset = c.top;
         let frame = encode_msg(channel, offset, &c.epoch, data, ephemeral);
@@ -366,9 +439,17 @@ impl Hub {
         }
         c.last_active = now;
         let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
-        let mut fanout = Fanout { queued: c.subscribers.len() as u64, ..Fanout::default() };
-        for queue in &c.subscribers {
-            let o = queue.push(frame.clone(), c.id, now, policy);
+        let mut fanout =
+            Fanout { messages: 1, queued: c.subscribers.len() as u64, ..Fanout::default() };
+        for (i, queue) in c.subscribers.iter().enumerate() {
+            let o = match owed.as_deref_mut() {
+                Some(owed) => {
+                    let (o, wake) = queue.push_deferred(frame.clone(), c.id, now, policy);
+                    owed[i] |= wake;
+                    o
+                }
+                None => queue.push(frame.clone(), c.id, now, policy),
+            };
             fanout.conflated += u64::from(o.conflated);
             fanout.dropped += u64::from(o.dropped);
             fanout.overflowed += u64::from(o.overflowed);
@@ -995,6 +1076,26 @@ mod tests {
                 v["offset"].as_u64().unwrap()
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_run_reaches_each_writer_whole_with_one_wake_up() {
+        let hub = hub();
+        let (a, b) = (Arc::new(ConnQueue::new(1, 1 << 20)), Arc::new(ConnQueue::new(2, 1 << 20)));
+        hub.subscribe("chat.a", &a, None);
+        hub.subscribe("chat.a", &b, None);
+        let _ = a.drain();
+        let _ = b.drain();
+        let published = hub.publish_run("chat.a", &[b"1", b"2", b"3"], PublishKind::Retained);
+        let offsets_published: Vec<u64> = published.unwrap().iter().map(|p| p.offset).collect();
+        assert_eq!(offsets_published, vec![1, 2, 3]);
+        assert_eq!(hub.metrics().messages_in.load(Ordering::Relaxed), 3);
+        // The one wake-up is owed and given: the writer finds all three queued.
+        tokio::time::timeout(Duration::from_secs(5), a.notified()).await.unwrap();
+        assert_eq!(offsets(&a), vec![1, 2, 3]);
+        assert_eq!(offsets(&b), vec![1, 2, 3]);
+        let refused = hub.publish_run("bad channel", &[b"1"], PublishKind::Retained);
+        assert!(matches!(refused, Err(PublishError::InvalidChannel(_))));
     }
 
     #[test]
