@@ -223,10 +223,8 @@ impl Broker for MemoryBroker {
     }
 
     fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
-        match self.hub.publish_run(channel, data, kind) {
-            Ok(out) => Pending::Ready((out, None)),
-            Err(e) => Pending::Ready((Vec::new(), Some(e.into()))),
-        }
+        let (out, stopped) = self.hub.publish_run(channel, data, kind);
+        Pending::Ready((out, stopped.map(Into::into)))
     }
 
     fn prepare_subscribe(
