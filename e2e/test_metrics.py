@@ -106,3 +106,38 @@ async def test_close_codes_are_counted(server, ws):
     assert (await c2.wait_closed()).code == 1003
     await wait_metric(server, 1, "ferrocast_closes_total", code="1003")
     assert server.metric("ferrocast_closes_total", code="1009") == 1
+
+
+async def test_publish_ack_histogram_counts_http_and_websocket_publishes(server, ws):
+    """ferrocast_publish_ack_seconds counts each answered publish under its source: one
+    per message of a `POST /api/publish` (single or batch), one per client `publish`."""
+    name = "ferrocast_publish_ack_seconds"
+    for source in ("http", "ws", "sse", "socketio", "feed"):
+        assert server.metric(f"{name}_count", source=source) == 0, source
+    server.publish("chat.ack", {"n": 1})
+    server.publish_batch([("chat.ack", 2), ("chat.ack", 3)])
+    publisher = await ws(server)
+    for n in range(3):
+        reply = await publisher.request({"op": "publish", "channel": "chat.ack", "data": n})
+        assert reply["type"] == "ack", reply
+    # A refused publish is answered but not counted.
+    refused = await publisher.request({"op": "publish", "channel": "locked.x", "data": 0})
+    assert refused["type"] == "error", refused
+    text = server.metrics_text()
+    from ferrocast_e2e.server import metric
+
+    # Two requests over HTTP, three acks over the WebSocket.
+    assert metric(text, f"{name}_count", source="http") == 2
+    assert metric(text, f"{name}_count", source="ws") == 3
+    assert metric(text, f"{name}_bucket", source="ws", le="+Inf") == 3
+    assert metric(text, f"{name}_count", source="sse") == 0
+    # Buckets are cumulative and end at the count.
+    for source, count in (("http", 2), ("ws", 3)):
+        buckets = [
+            (float(labels["le"]), value)
+            for n, labels, value in parse_metrics(text)
+            if n == f"{name}_bucket" and labels.get("source") == source and labels["le"] != "+Inf"
+        ]
+        assert len(buckets) >= 10 and buckets == sorted(buckets), buckets
+        assert buckets[-1][1] <= count
+        assert metric(text, f"{name}_sum", source=source) >= 0

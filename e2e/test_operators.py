@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -1001,3 +1002,24 @@ def test_beanstalk_tls_ends_at_the_load_balancer(tmp_path: Path):
     ])
     assert r.returncode == 2 and "--certificate-arn" in r.stderr, r.stderr
     assert not (tmp_path / "eb2").exists()
+
+
+def _threads(pid: int) -> list[str]:
+    tasks = Path(f"/proc/{pid}/task")
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
+def test_one_core_is_left_to_the_ingress_runtime(start_server):
+    """`ferrocast serve` runs the fan-out on one worker per core but one (at least one) and
+    publishes on its own `ferrocast-ingress` thread; TOKIO_WORKER_THREADS overrides the
+    workers."""
+    cores = len(os.sched_getaffinity(0))
+    server = start_server()
+    threads = _threads(server.process.pid)
+    assert threads.count("ferrocast-ingre") == 1, threads  # comm is cut at 15 bytes
+    assert threads.count("tokio-rt-worker") == max(1, cores - 1), (cores, threads)
+
+    server = start_server(env={"TOKIO_WORKER_THREADS": "3"})
+    threads = _threads(server.process.pid)
+    assert threads.count("tokio-rt-worker") == 3, threads
+    assert threads.count("ferrocast-ingre") == 1, threads

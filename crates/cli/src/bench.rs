@@ -119,11 +119,13 @@ pub struct BenchArgs {
     /// Processes to spread subscribers over (0: enough to stay under the open-file limit).
     #[arg(long, default_value_t = 0)]
     pub processes: usize,
-    /// Keep-alive HTTP connections used for publishing.
+    /// Concurrent publishers, each one keep-alive HTTP connection sending one request at a
+    /// time (the next once the previous is answered).
     #[arg(long, default_value_t = 2)]
     pub publishers: usize,
-    /// Largest number of messages in one publish request.
-    #[arg(long, default_value_t = 256)]
+    /// Largest number of messages in one publish request (1: one message per request, as
+    /// most applications publish).
+    #[arg(long = "publish-batch", visible_alias = "batch", default_value_t = 256)]
     pub batch: usize,
     /// With `--rate max`: messages published but not yet seen by the per-channel probe
     /// subscriber before the publisher waits (0: about 50,000 deliveries' worth, i.e.
@@ -916,6 +918,8 @@ struct PubShared {
     stop: AtomicBool,
     /// Set once (per run) when the closed loop had to stop waiting for a stalled probe.
     stall_warned: AtomicBool,
+    /// Round trips of the publish requests (sent to answered), in ns.
+    round_trips: Mutex<Histogram>,
 }
 
 impl PubShared {
@@ -1009,8 +1013,11 @@ async fn publisher(shared: Arc<PubShared>, index: usize, rate: Option<f64>) {
         shared.flow.sent_to_probed.fetch_add(to_probed, Relaxed);
         sent += n;
         shared.requests.fetch_add(1, Relaxed);
+        let sent_at = Instant::now();
         let ok = match http.post_json("/api/publish", &body).await {
             Ok(resp) if resp.status == 200 => {
+                let round_trip = sent_at.elapsed().as_nanos() as u64;
+                lock(&shared.round_trips).record(round_trip);
                 record_offsets(&shared, &channels_in_batch, &resp.body)
             }
             Ok(resp) => {
@@ -1207,6 +1214,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
         first_error: Mutex::new(None),
         stop: AtomicBool::new(false),
         stall_warned: AtomicBool::new(false),
+        round_trips: Mutex::new(Histogram::default()),
     });
     let mut publishers = tokio::task::JoinSet::new();
 
@@ -1434,7 +1442,14 @@ fn build_report(
     }
     if !plan.idle {
         let per_sec = m.published_in_window as f64 / m.elapsed.max(1e-9);
+        let round_trips = lock(&pubs.round_trips);
         report["publish"] = json!({
+            "batch": plan.batch,
+            "round_trip_ms": {
+                "p50": pct(&round_trips, 0.5),
+                "p99": pct(&round_trips, 0.99),
+                "max": ms(round_trips.max()),
+            },
             "published": pubs.published.load(Relaxed),
             "published_in_window": m.published_in_window,
             "per_sec": per_sec,
@@ -1541,17 +1556,26 @@ fn human_report(r: &Value) -> String {
     if let Some(p) = r.get("publish") {
         let _ = writeln!(
             out,
-            "publish   {} messages ({:.0}/s in the window), {} requests, {} errors{}",
+            "publish   {} messages ({:.0}/s in the window), {} requests of up to {}, {} errors{}",
             p["published"],
             f(&p["per_sec"]),
             p["requests"],
+            p["batch"],
             p["errors"],
             p["first_error"].as_str().map(|e| format!(" (first: {e})")).unwrap_or_default(),
+        );
+        let rt = &p["round_trip_ms"];
+        let _ = writeln!(
+            out,
+            "          request round trip p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
+            f(&rt["p50"]),
+            f(&rt["p99"]),
+            f(&rt["max"]),
         );
         if p["below_target"] == true {
             let _ = writeln!(
                 out,
-                "          below the target of {}/s: the publishers or the server could not keep up (try --publishers, --batch)",
+                "          below the target of {}/s: the publishers or the server could not keep up (try --publishers, --publish-batch)",
                 p["target_per_sec"],
             );
         }

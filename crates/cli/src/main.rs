@@ -69,7 +69,13 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Config(cmd) => Ok(config_cmd::run(cmd)),
         Command::Gen(cmd) => generate::run(cmd),
         other => {
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if matches!(other, Command::Serve(_))
+                && let Some(workers) = serve::egress_workers()
+            {
+                runtime.worker_threads(workers);
+            }
+            runtime.enable_all().build()?.block_on(async {
                 match other {
                     Command::Serve(args) => serve::run(args).await,
                     Command::Sub(args) => sub::run(args).await,

@@ -89,6 +89,17 @@ impl ConfigFlags {
     }
 }
 
+/// Worker threads of the main (egress) runtime: one per core but the one left to the
+/// ingress runtime (see `ferrocast_server::ingress`), at least one. `None` when
+/// `TOKIO_WORKER_THREADS` is set, which tokio then follows.
+pub fn egress_workers() -> Option<usize> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some(cores.saturating_sub(1).max(1))
+}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let (config, env, notes) = match args.flags.load_with_notes() {
         Ok(loaded) => loaded,
@@ -120,6 +131,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let app = AppState::with_auth(config, api_keys, auth);
+    let ingress = ferrocast_server::ingress::runtime()?;
+    let _ = app.ingress.set(ingress.handle().clone());
     let mut server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {
@@ -155,6 +168,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     server.run(shutdown_signal()).await;
+    // Its connections have closed or the grace period is over; do not wait for its tasks.
+    ingress.shutdown_background();
     Ok(ExitCode::SUCCESS)
 }
 

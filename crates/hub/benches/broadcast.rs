@@ -39,6 +39,29 @@ fn broadcast(c: &mut Criterion) {
             },
         );
     }
+    // A batch of 16 to one channel as one run: one lock hold, one wake-up per writer.
+    let subscribers = 1000usize;
+    let hub = Hub::new(Namespaces::default(), HubOptions::default());
+    let queues: Vec<_> =
+        (1..=subscribers as u64).map(|i| Arc::new(ConnQueue::new(i, 1 << 30))).collect();
+    for q in &queues {
+        hub.subscribe("bench.0", q, None);
+    }
+    let run: Vec<&[u8]> = vec![&data[..]; 16];
+    g.throughput(Throughput::Elements((subscribers * run.len()) as u64));
+    g.bench_function(BenchmarkId::new("publish_run_16", subscribers), |b| {
+        let mut n = 0u32;
+        b.iter(|| {
+            let (_, stopped) = hub.publish_run("bench.0", &run, PublishKind::Retained);
+            assert!(stopped.is_none());
+            n += 1;
+            if n.is_multiple_of(4) {
+                for q in &queues {
+                    drop(q.drain());
+                }
+            }
+        })
+    });
     g.finish();
 }
 

@@ -213,14 +213,8 @@ impl Broker for MemoryBroker {
     }
 
     fn publish_run(&self, channel: &str, data: &[&[u8]], kind: PublishKind) -> Pending<RunOutcome> {
-        let mut out = Vec::with_capacity(data.len());
-        for d in data {
-            match self.hub.publish(channel, d, kind) {
-                Ok(p) => out.push(p),
-                Err(e) => return Pending::Ready((out, Some(e.into()))),
-            }
-        }
-        Pending::Ready((out, None))
+        let (out, stopped) = self.hub.publish_run(channel, data, kind);
+        Pending::Ready((out, stopped.map(Into::into)))
     }
 
     fn prepare_subscribe(

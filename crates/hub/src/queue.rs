@@ -423,13 +423,24 @@ impl ConnQueue {
 
     /// Appends a live channel message (with its shared compressed form, if any), applying
     /// `policy` when the budget is exhausted.
-    pub fn push_message(&self, mut out: Outbound, policy: OverflowPolicy) -> PushOutcome {
+    pub fn push_message(&self, out: Outbound, policy: OverflowPolicy) -> PushOutcome {
+        let (outcome, wake) = self.push_deferred(out, policy);
+        if wake {
+            self.wake();
+        }
+        outcome
+    }
+
+    /// Like [`ConnQueue::push_message`], but leaves the writer's wake-up to the caller: `true`
+    /// says one is owed ([`ConnQueue::wake`]). A publisher appending a run of messages wakes
+    /// each writer once, after the last, rather than after the first while it appends the rest.
+    pub fn push_deferred(&self, mut out: Outbound, policy: OverflowPolicy) -> (PushOutcome, bool) {
         let channel_id = out.channel_id;
         let mut outcome = PushOutcome::default();
         let mut q = self.inner.lock();
         if q.overflowed {
             // The connection is being closed; it will recover what it missed on reconnect.
-            return outcome;
+            return (outcome, false);
         }
         let cost = ENTRY_COST + out.bytes.len();
         if q.cost + cost > self.max_bytes {
@@ -441,7 +452,7 @@ impl ConnQueue {
                         if q.cost > self.max_bytes {
                             q.evict_for(0, self.max_bytes, &mut outcome);
                         }
-                        return outcome;
+                        return (outcome, false);
                     }
                     Err(returned) => out = returned,
                 }
@@ -450,13 +461,11 @@ impl ConnQueue {
                 if policy == OverflowPolicy::Disconnect {
                     outcome.overflowed = true;
                     q.overflowed = true;
-                    drop(q);
-                    self.notify.notify_one();
-                } else {
-                    // Nothing droppable is left and the new message may itself be dropped.
-                    outcome.dropped += 1;
+                    return (outcome, true);
                 }
-                return outcome;
+                // Nothing droppable is left and the new message may itself be dropped.
+                outcome.dropped += 1;
+                return (outcome, false);
             }
         }
         let was_empty = q.slots.len() == q.gone;
@@ -467,11 +476,12 @@ impl ConnQueue {
         if policy == OverflowPolicy::Conflate {
             q.latest.insert(channel_id, pos);
         }
-        drop(q);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        outcome
+        (outcome, was_empty)
+    }
+
+    /// Wakes the connection's writer (see [`ConnQueue::push_deferred`]).
+    pub fn wake(&self) {
+        self.notify.notify_one();
     }
 
     /// Appends a reply (ack, error, pong). Droppable live messages make room for it; when

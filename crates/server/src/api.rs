@@ -18,7 +18,7 @@ use serde_json::value::RawValue;
 
 use crate::AppState;
 use crate::access::{Scope, refuse as refuse_access};
-use crate::metrics::Transport;
+use crate::metrics::{PublishSource, Transport};
 use crate::ws::json_response;
 
 #[derive(Deserialize)]
@@ -78,6 +78,7 @@ pub async fn publish(
                 return refusal.into_response();
             }
         };
+    let started = Instant::now();
     let parsed: PublishBody<'_> = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => {
@@ -165,7 +166,9 @@ pub async fn publish(
             ),
         };
     }
-    json_response(StatusCode::OK, json!({ "results": results }))
+    let response = json_response(StatusCode::OK, json!({ "results": results }));
+    app.metrics.publish_acked(PublishSource::Http, started.elapsed());
+    response
 }
 
 #[derive(Deserialize)]

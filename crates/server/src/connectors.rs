@@ -197,7 +197,7 @@ pub fn start(app: &Arc<AppState>, ingest: &Lease) {
         app.feeds.register(&stats);
         let (hub, wants) = (app.hub.clone(), cluster_wants.clone());
         let ctx = FeedContext {
-            sink: Arc::new(HubSink(app.broker.clone())),
+            sink: Arc::new(HubSink(app.clone())),
             probe: Arc::new(move |channel: &str| {
                 hub.subscriber_count(channel) > 0 || wants.read().contains(channel)
             }),

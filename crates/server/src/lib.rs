@@ -29,6 +29,7 @@
 //! | [`connectors`] | upstream market-data feeds (`[[feeds]]`) wired to the hub, readiness and metrics |
 //! | [`assets`] | the embedded dashboard and browser client |
 //! | [`shutdown`] | the drain signal and the count of live connections |
+//! | [`ingress`] | the ingress runtime: API connections and sources, apart from the fan-out |
 //!
 //! [`Server::bind`] validates nothing and binds; [`Server::with_tls`] adds TLS;
 //! [`Server::run`] serves until the shutdown future resolves, then drains. Tests start a real
@@ -45,6 +46,7 @@ pub mod connections;
 pub mod connectors;
 pub mod diagnostics;
 pub mod feedboard;
+pub mod ingress;
 pub mod jwks;
 pub mod limits;
 pub mod log_throttle;
@@ -129,6 +131,9 @@ pub struct AppState {
     pub api_refusals: log_throttle::LogThrottle,
     pub started: Instant,
     pub next_conn_id: AtomicU64,
+    /// The ingress runtime (set once by `ferrocast serve`; without it, everything runs on
+    /// the current runtime): see [`ingress`].
+    pub ingress: OnceLock<tokio::runtime::Handle>,
 }
 
 impl AppState {
@@ -214,6 +219,7 @@ impl AppState {
             api_refusals: log_throttle::LogThrottle::new("refused HTTP API requests"),
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
+            ingress: OnceLock::new(),
         });
         // Weak: the broker lives in the state it would otherwise keep alive.
         let weak = Arc::downgrade(&app);
@@ -379,9 +385,13 @@ impl Server {
     /// call returns once every connection has closed or the grace period has passed.
     pub async fn run(self, stop: impl Future<Output = ()>) {
         let Server { listener, app } = self;
-        sources::start_simulator(&app, &app.ingest);
-        sources::start_candles(&app, &app.ingest);
-        connectors::start(&app, &app.ingest);
+        {
+            // Sources publish from the ingress runtime, when there is one (see [`ingress`]).
+            let _ingress = app.ingress.get().map(tokio::runtime::Handle::enter);
+            sources::start_simulator(&app, &app.ingest);
+            sources::start_candles(&app, &app.ingest);
+            connectors::start(&app, &app.ingest);
+        }
         spawn_sweeper(&app);
         spawn_advertiser(&app);
         if let Some(jwks) = &app.auth.jwks {
@@ -444,8 +454,7 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
     let stream = CountedStream::new(stream, count);
     tokio::spawn(async move {
         let Some(tls) = app.tls.get() else {
-            return serve_connection(TokioIo::new(stream), peer, None, router, app, http_allowed)
-                .await;
+            return serve_plain(stream, peer, router, app, http_allowed).await;
         };
         // A handshake is held to the same deadline as a request's headers.
         let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
@@ -461,6 +470,43 @@ fn spawn_http(stream: TcpStream, peer: SocketAddr, router: Router, app: Arc<AppS
             }
         }
     });
+}
+
+/// Serves a plain-TCP connection, on the ingress runtime when there is one and its first
+/// request is for the API (see [`ingress`]).
+async fn serve_plain(
+    stream: CountedStream,
+    peer: SocketAddr,
+    router: Router,
+    app: Arc<AppState>,
+    http_allowed: bool,
+) {
+    if let Some(handle) = app.ingress.get().cloned() {
+        let header_timeout = Duration::from_millis(app.config.server.header_read_timeout_ms);
+        let (tcp, count) = stream.into_parts();
+        match ingress::route(&tcp, header_timeout).await {
+            ingress::Route::Ingress => {
+                let serve = move |tcp| {
+                    let io = TokioIo::new(CountedStream::new(tcp, count));
+                    serve_connection(io, peer, None, router, app, http_allowed)
+                };
+                if let Err(e) = ingress::hand_over(&handle, tcp, serve) {
+                    tracing::debug!(%peer, "closing connection: {e}");
+                }
+                return;
+            }
+            ingress::Route::Silent => {
+                app.connections.counters.header_timeouts.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "closing connection: no request in time");
+                return;
+            }
+            ingress::Route::Egress => {
+                let io = TokioIo::new(CountedStream::new(tcp, count));
+                return serve_connection(io, peer, None, router, app, http_allowed).await;
+            }
+        }
+    }
+    serve_connection(TokioIo::new(stream), peer, None, router, app, http_allowed).await
 }
 
 /// Serves HTTP on one connection until it ends. With TLS, `negotiated` says what the

@@ -35,6 +35,43 @@ impl Transport {
     }
 }
 
+/// Where a publish came from, for the ack latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishSource {
+    /// `POST /api/publish`.
+    Http,
+    /// A client's `publish` request over a transport.
+    Client(Transport),
+    /// A feed connector or the simulator.
+    Feed,
+}
+
+impl PublishSource {
+    const ALL: [PublishSource; 5] = [
+        PublishSource::Http,
+        PublishSource::Client(Transport::Ws),
+        PublishSource::Client(Transport::Sse),
+        PublishSource::Client(Transport::SocketIo),
+        PublishSource::Feed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            PublishSource::Http => "http",
+            PublishSource::Client(t) => t.as_str(),
+            PublishSource::Feed => "feed",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            PublishSource::Http => 0,
+            PublishSource::Client(t) => 1 + t.index(),
+            PublishSource::Feed => 4,
+        }
+    }
+}
+
 /// Upper bounds of the latency histogram buckets, in microseconds.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
     50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
@@ -55,6 +92,35 @@ pub struct LocalHistogram {
     counts: [u32; LATENCY_BUCKETS_US.len() + 1],
     sum_us: u64,
     any: bool,
+}
+
+impl Histogram {
+    /// Counts one observation (for rare events; batches use a [`LocalHistogram`]).
+    pub fn record(&self, latency: Duration) {
+        let us = latency.as_micros().min(u64::MAX as u128) as u64;
+        let bucket =
+            LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.counts[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// Writes the histogram's `_bucket`, `_sum` and `_count` lines; `labels` (`k="v",` or
+    /// empty) go before `le`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.counts[LATENCY_BUCKETS_US.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+        let bare = labels.trim_end_matches(',');
+        let braces = if bare.is_empty() { String::new() } else { format!("{{{bare}}}") };
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
 }
 
 impl LocalHistogram {
@@ -96,6 +162,8 @@ pub struct ServerMetrics {
     pub closes: Mutex<BTreeMap<u16, u64>>,
     /// Publish-to-socket-write latency of live messages.
     pub delivery_latency: Histogram,
+    /// From a publish request in hand to its answer handed over, by [`PublishSource`].
+    pub publish_ack: [Histogram; 5],
     pub http_publish_requests: AtomicU64,
     pub http_publish_rejected: AtomicU64,
     /// Requests for an endpoint that is turned off or does not exist (e.g. `/socket.io/`), by path.
@@ -122,6 +190,11 @@ impl ServerMetrics {
             self.messages_out[t.index()].fetch_add(messages, Relaxed);
         }
         self.bytes_out[t.index()].fetch_add(bytes, Relaxed);
+    }
+
+    /// Counts a publish answered `elapsed` after the server had the request.
+    pub fn publish_acked(&self, source: PublishSource, elapsed: Duration) {
+        self.publish_ack[source.index()].record(elapsed);
     }
 
     pub fn frame_error(&self, code: &'static str) {
@@ -385,24 +458,21 @@ impl ServerMetrics {
             "histogram",
             "Time from publish to socket write of live messages.",
         );
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
-            cumulative += self.delivery_latency.counts[i].load(Relaxed);
-            let _ = writeln!(
-                out,
-                "ferrocast_delivery_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *bound as f64 / 1e6
+        self.delivery_latency.render(&mut out, "ferrocast_delivery_latency_seconds", "");
+        family(
+            &mut out,
+            "ferrocast_publish_ack_seconds",
+            "histogram",
+            "Time from a publish request in hand to its answer handed over, by source.",
+        );
+        for source in PublishSource::ALL {
+            let labels = format!("source=\"{}\",", source.as_str());
+            self.publish_ack[source.index()].render(
+                &mut out,
+                "ferrocast_publish_ack_seconds",
+                &labels,
             );
         }
-        cumulative += self.delivery_latency.counts[LATENCY_BUCKETS_US.len()].load(Relaxed);
-        let _ =
-            writeln!(out, "ferrocast_delivery_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(
-            out,
-            "ferrocast_delivery_latency_seconds_sum {}",
-            self.delivery_latency.sum_us.load(Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "ferrocast_delivery_latency_seconds_count {cumulative}");
         out.push_str(extra);
         out
     }

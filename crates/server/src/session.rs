@@ -39,7 +39,7 @@ use serde_json::value::RawValue;
 use crate::AppState;
 use crate::auth::{Identity, Refusal};
 use crate::limits::{self, CommandBucket, IpSlot, LimitRefusal, UserSlot};
-use crate::metrics::Transport;
+use crate::metrics::{PublishSource, Transport};
 use crate::permissions::{self, Action, Verdict, Who};
 use crate::proxy::{self, Denied};
 use crate::users::ConnHandle;
@@ -304,6 +304,7 @@ impl Session {
                 self.push_control(reply);
             }
             Ok(ClientFrame::Publish { id, channel, data }) => {
+                let started = Instant::now();
                 match self.start_publish(&channel, data.get().as_bytes()) {
                     Ok(Pending::Ready(answer)) => {
                         let reply = match publish_result(&channel, answer) {
@@ -311,6 +312,7 @@ impl Session {
                             Err(e) => self.error_frame(FrameError { id, ..e }),
                         };
                         self.push_control(reply);
+                        self.publish_acked(started);
                     }
                     Ok(Pending::Later(answer)) => {
                         // The reader goes on at once; the ack takes its place in the queue
@@ -319,6 +321,7 @@ impl Session {
                         let queue = self.queue.clone();
                         let app = self.app.clone();
                         let channel = channel.into_owned();
+                        let source = PublishSource::Client(self.transport);
                         tokio::spawn(async move {
                             let reply = match publish_result(&channel, answer.await) {
                                 Ok(result) => encode_ack_with(id, &result),
@@ -328,6 +331,7 @@ impl Session {
                                 }
                             };
                             queue.fill(reservation, reply);
+                            app.metrics.publish_acked(source, started.elapsed());
                         });
                     }
                     Err(e) => {
@@ -787,8 +791,17 @@ impl Session {
 
     /// Publishes from the client, where the namespace allows it, waiting for the answer.
     pub fn publish(&self, channel: &str, data: &[u8]) -> Result<PublishResult, FrameError> {
+        let started = Instant::now();
         let pending = self.start_publish(channel, data)?;
-        publish_result(channel, crate::wait_for_broker(pending))
+        let result = publish_result(channel, crate::wait_for_broker(pending));
+        self.publish_acked(started);
+        result
+    }
+
+    /// Counts an answered client publish in the ack latency histogram.
+    fn publish_acked(&self, started: Instant) {
+        let source = PublishSource::Client(self.transport);
+        self.app.metrics.publish_acked(source, started.elapsed());
     }
 
     /// Checks a client publish and hands it to the broker; the answer may come later (see

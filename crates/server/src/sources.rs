@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferrocast_feeds::candles::{CandleBuilder, CandleConfig, CandleUpdate};
@@ -18,18 +18,23 @@ use std::fmt::Write;
 use parking_lot::Mutex;
 
 use crate::AppState;
-use crate::metrics::family;
+use crate::metrics::{PublishSource, family};
 use ferrocast_feeds::feed::LinkState;
 
 /// Publishes through the broker on behalf of a source, without waiting for the answer (the
 /// broker keeps the order; a Redis outage is counted in the broker's metrics).
 #[derive(Debug)]
-pub struct HubSink(pub Arc<dyn Broker>);
+pub struct HubSink(pub Arc<AppState>);
 
 impl ferrocast_feeds::Sink for HubSink {
     fn publish(&self, channel: &str, data: Bytes, kind: PublishKind) {
-        if let Pending::Ready(Err(e)) = self.0.publish(channel, &data, kind) {
-            tracing::warn!(channel, "source publish refused: {e}");
+        let started = Instant::now();
+        match self.0.broker.publish(channel, &data, kind) {
+            Pending::Ready(Err(e)) => tracing::warn!(channel, "source publish refused: {e}"),
+            Pending::Ready(Ok(_)) => {
+                self.0.metrics.publish_acked(PublishSource::Feed, started.elapsed());
+            }
+            Pending::Later(_) => {}
         }
     }
 }
@@ -58,7 +63,7 @@ pub fn start_simulator(app: &Arc<AppState>, ingest: &Lease) {
     } else {
         app.feeds.set("sim", "simulator", false, LinkState::Standby, Some(STANDBY.into()));
     }
-    let sink: Arc<HubSink> = Arc::new(HubSink(app.broker.clone()));
+    let sink: Arc<HubSink> = Arc::new(HubSink(app.clone()));
     let shutdown = app.shutdown.clone();
     let app = app.clone();
     tokio::spawn(async move {
