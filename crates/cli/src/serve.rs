@@ -131,8 +131,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let app = AppState::with_auth(config, api_keys, auth);
-    let ingress = ferrocast_server::ingress::runtime()?;
-    let _ = app.ingress.set(ingress.handle().clone());
+    let ingress = IngressRuntime(Some(ferrocast_server::ingress::runtime()?));
+    let _ = app.ingress.set(ingress.handle());
     let mut server = match Server::bind(app.clone(), None).await {
         Ok(s) => s,
         Err(e) => {
@@ -168,9 +168,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     server.run(shutdown_signal()).await;
-    // Its connections have closed or the grace period is over; do not wait for its tasks.
-    ingress.shutdown_background();
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ingress runtime, shut down without waiting for its tasks when `run` returns, on
+/// every path: by then its connections have closed, the grace period is over, or the
+/// server never started. A plain drop would block inside the main runtime and panic.
+struct IngressRuntime(Option<tokio::runtime::Runtime>);
+
+impl IngressRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime present until drop").handle().clone()
+    }
+}
+
+impl Drop for IngressRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Starts the logger with `log.level`, which validation has already checked strictly (the
