@@ -4,7 +4,8 @@ publish proxy on every transport (native `/ws`, SSE, python-socketio): the cooki
 connection is, the server subscribes the app's `channels`, `info` reaches the server API, the
 app refuses subscribes and rewrites publishes, a `disconnect` answer closes with its code; its
 500 and timeout paths are a clear `unavailable` (close 1013) within `proxy.timeout_ms`, never a
-hang, counted in /metrics, with a canary client unaffected. The FastAPI example
+hang, counted in /metrics, with a canary client unaffected, even while many Socket.IO and
+SSE requests wait on a slow app at once. The FastAPI example
 (docs/examples/fastapi_proxy.py) runs under uvicorn and decides by an OAuth bearer header."""
 
 from __future__ import annotations
@@ -279,6 +280,62 @@ async def test_app_errors_and_timeouts_are_unavailable_not_hangs(start_server, w
     assert (await c.request({"op": "ping"}))["type"] == "pong"
     await watch.check()
     assert server.metric("ferrocast_proxy_requests_total", kind="publish", result="unavailable") == 1
+
+
+async def test_requests_waiting_on_a_slow_proxy_stall_nothing_else(start_server, ws, flask_app):
+    # A Socket.IO event or an SSE control request holds its session while it waits for the
+    # publish proxy. Its socket's writer, woken by traffic meanwhile, once blocked on that
+    # session with the runtime's only worker: the proxy's answer, its timeout and every other
+    # connection then waited forever. One worker makes that certain on any machine.
+    server = start_server(
+        *proxy_sets(flask_app, publish="/broken/slow", timeout_ms=1500),
+        env={"TOKIO_WORKER_THREADS": "1"},
+    )
+    cookie = flask_app.login("42")
+    watch = await canary(server, ws, cookie)
+    sockets = []
+    for _ in range(4):
+        sio = socketio.AsyncClient(reconnection=False)
+        await sio.connect(server.base_url, headers={"Cookie": cookie}, transports=["websocket"], wait_timeout=5)
+        sockets.append(sio)
+        result = await sio.call("subscribe", {"channels": ["news.busy"]}, timeout=5)
+        assert "error" not in result["news.busy"], result
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+        async with http.stream("GET", "/sse?channels=news.busy", headers={"Cookie": cookie}) as resp:
+            welcome = None
+            async for line in resp.aiter_lines():
+                if line.startswith("data:"):
+                    welcome = json.loads(line[5:])
+                    break
+            assert welcome["type"] == "welcome", welcome
+            control = http.post(
+                "/sse/control",
+                json={"session": welcome["session"], "op": "publish", "id": 1,
+                      "channel": "chat.room", "data": {"text": "sse"}},
+                headers={"X-Ferrocast-Stream-Token": welcome["token"]},
+            )
+            started = time.monotonic()
+            pending = [
+                asyncio.ensure_future(sio.call("publish", {"channel": "chat.room", "data": {"text": "x"}}, timeout=10))
+                for sio in sockets
+            ] + [asyncio.ensure_future(control)]
+            # While they wait for the app, traffic wakes their writers; the canary hears on.
+            while time.monotonic() - started < 1.2:
+                await server.apublish("news.busy", {"t": time.monotonic()})
+                await asyncio.wait_for(watch.check(), 2)
+                await asyncio.sleep(0.1)
+            replies = await asyncio.wait_for(asyncio.gather(*pending), 8)
+            elapsed = time.monotonic() - started
+    for reply in replies[:-1]:
+        assert reply["error"]["code"] == "unavailable", reply
+        assert "within 1500 ms" in reply["error"]["message"], reply
+    sse_reply = replies[-1].json()
+    assert sse_reply["type"] == "error" and sse_reply["code"] == "unavailable", sse_reply
+    assert elapsed < 5, f"the proxy's timeout took {elapsed:.1f} s to answer"
+    await watch.check()
+    for sio in sockets:
+        await sio.disconnect()
+    assert server.metric("ferrocast_proxy_requests_total", kind="publish", result="unavailable") == 5
 
 
 # ------------------------------------------------------------------------------------------

@@ -291,6 +291,22 @@ where
     }
 }
 
+/// Locks a session's mutex from async code (a writer ending its connection, a control
+/// request). Its holder may be a request waiting on the auth proxy or the broker (see
+/// [`block_on`]), whose answer needs the runtime's workers: when the lock is taken, this
+/// worker thread is handed over to the runtime meanwhile instead of parking with it.
+pub fn lock_from_async<T>(mutex: &parking_lot::Mutex<T>) -> parking_lot::MutexGuard<'_, T> {
+    if let Some(guard) = mutex.try_lock() {
+        return guard;
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| mutex.lock())
+        }
+        _ => mutex.lock(),
+    }
+}
+
 /// A random id of `len` characters from `[a-z0-9]`.
 pub fn random_id(len: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";

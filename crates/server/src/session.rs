@@ -68,8 +68,6 @@ pub struct Session {
     connected_at: Instant,
     /// The request budget (`limits.commands_per_s`, `limits.commands_burst`).
     commands: CommandBucket,
-    /// Set when the client kept sending after being rate limited: close with 4029.
-    rate_closed: bool,
     /// The connection's place in its address's and its user's counts.
     _address: Option<IpSlot>,
     _user: Option<UserSlot>,
@@ -172,7 +170,7 @@ impl Session {
         let queue = Arc::new(ConnQueue::new(conn_id, app.config.server.queue_max_bytes));
         let handle =
             Arc::new(ConnHandle::new(conn_id, crate::random_id(16), transport, queue.clone()));
-        Session {
+        let session = Session {
             conn_id,
             transport,
             queue,
@@ -183,11 +181,12 @@ impl Session {
             proxy_context: None,
             connected_at: Instant::now(),
             commands: app.limits.command_bucket(),
-            rate_closed: false,
             _address: None,
             _user: None,
             app,
-        }
+        };
+        session.update_auth_due();
+        session
     }
 
     /// Keeps the connection's place in its address's count (from [`admit_address`]) until
@@ -200,7 +199,7 @@ impl Session {
     /// refused with `rate_limited`; a client that keeps sending while refused is condemned
     /// (see [`Session::must_close`]) and its later requests are dropped unanswered.
     pub fn admit_request(&mut self) -> Result<(), FrameError> {
-        if self.rate_closed {
+        if self.handle.is_condemned() {
             self.app.limits.count_command_refusal();
             return Err(FrameError::new(
                 None,
@@ -213,7 +212,7 @@ impl Session {
             verdict => {
                 self.app.limits.count_command_refusal();
                 if verdict == limits::Verdict::Abusive {
-                    self.rate_closed = true;
+                    self.handle.condemn();
                     self.app.limits.count_rate_close();
                     tracing::info!(
                         conn = self.conn_id,
@@ -241,10 +240,13 @@ impl Session {
     /// Whether the transport must close the connection now, with which code and reason:
     /// 4029 once the client kept flooding after being rate limited.
     pub fn must_close(&self) -> Option<(CloseCode, &'static str)> {
-        self.rate_closed.then_some((
-            CloseCode::RateLimited,
-            "rate limited: too many requests after being refused (limits.commands_per_s)",
-        ))
+        self.handle.must_close()
+    }
+
+    /// The part of the session other tasks may touch; the Socket.IO and SSE writers read
+    /// [`ConnHandle::must_close`] and [`ConnHandle::auth_deadline`] there.
+    pub fn conn_handle(&self) -> &Arc<ConnHandle> {
+        &self.handle
     }
 
     pub fn app(&self) -> &Arc<AppState> {
@@ -268,7 +270,7 @@ impl Session {
 
     /// Handles one text frame of the native protocol; replies go into the queue.
     pub fn handle_text(&mut self, text: &str) {
-        if self.rate_closed {
+        if self.handle.is_condemned() {
             return;
         }
         let frame = parse_client_frame(text);
@@ -281,7 +283,7 @@ impl Session {
                 Ok(f) => f.id(),
                 Err(e) => e.id,
             };
-            if !self.rate_closed {
+            if !self.handle.is_condemned() {
                 let reply = self.error_frame(FrameError { id, ..e });
                 self.push_control(reply);
             }
@@ -549,6 +551,7 @@ impl Session {
             }
         }
         self.identity = Some(identity);
+        self.update_auth_due();
         let mut results = SubscribeResults::new();
         if first && !channels.is_empty() {
             results = self.subscribe_granted(&channels, notify);
@@ -600,16 +603,19 @@ impl Session {
         }
     }
 
-    /// When the connection must be closed for want of a (fresh) token, the close code, and
-    /// its reason: 4001 when `auth.anonymous = false` and no token came within
-    /// `auth.auth_timeout_ms`, 4011 `auth.expiry_grace_ms` after the token's `exp`.
+    /// When the connection must be closed for want of a (fresh) token: see
+    /// [`ConnHandle::auth_deadline`].
     pub fn auth_deadline(&self) -> Option<(Instant, CloseCode, &'static str)> {
+        self.handle.auth_deadline()
+    }
+
+    /// Recomputes the deadline [`Session::auth_deadline`] reads, once the identity changed.
+    fn update_auth_due(&self) {
         let auth = &self.app.auth;
-        match &self.identity {
+        let due = match &self.identity {
             None if !auth.anonymous => Some((
                 self.connected_at + Duration::from_millis(auth.auth_timeout_ms),
                 CloseCode::Unauthorized,
-                "no valid token within auth.auth_timeout_ms",
             )),
             None => None,
             Some(identity) => identity.expires_at.map(|exp| {
@@ -617,13 +623,10 @@ impl Session {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64);
                 let due_ms = (exp * 1000 + auth.expiry_grace_ms).saturating_sub(now_ms);
-                (
-                    Instant::now() + Duration::from_millis(due_ms),
-                    CloseCode::TokenExpired,
-                    CloseCode::TokenExpired.reason(),
-                )
+                (Instant::now() + Duration::from_millis(due_ms), CloseCode::TokenExpired)
             }),
-        }
+        };
+        self.handle.lock().auth_due = due;
     }
 
     /// Subscribes to `channels`, recovering those with a position in `recover`. Replayed and

@@ -58,6 +58,7 @@ use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
 use crate::sio_engine::{EngineFront, PollingDrain};
 use crate::sse::MsgView;
+use crate::users::ConnHandle;
 use crate::ws::origin_allowed;
 
 /// Packets the engine may buffer per socket before `emit` reports it full. The real bound is
@@ -226,6 +227,7 @@ async fn prepare(
     let conn = Arc::new(Conn {
         conn_id: session.conn_id,
         queue: session.queue.clone(),
+        handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         disconnected: Notify::new(),
         reason: Mutex::new(None),
@@ -274,6 +276,9 @@ struct Conn {
     app: Arc<AppState>,
     conn_id: u64,
     queue: Arc<ConnQueue>,
+    /// Read by the writer without the session's lock, which an event handler may hold
+    /// while it waits for the auth proxy or the broker.
+    handle: Arc<ConnHandle>,
     /// `None` once the socket has ended.
     session: Mutex<Option<Session>>,
     disconnected: Notify,
@@ -310,7 +315,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
             TryData::<serde_json::Value>::from_message_parts(&s, &mut v, &ack_id);
         let Ok(ack) = AckSender::<LocalAdapter>::from_message_parts(&s, &mut v, &ack_id);
         let conn = &self.conn;
-        let mut guard = conn.session.lock();
+        let mut guard = crate::lock_from_async(&conn.session);
         let Some(session) = guard.as_mut() else { return };
         let payload = match payload {
             Ok(payload) => payload,
@@ -535,7 +540,7 @@ async fn run_socket(
     let code = writer.run().await;
     drop(writer);
     // Dropping the session leaves every channel.
-    drop(conn.session.lock().take());
+    drop(crate::lock_from_async(&conn.session).take());
     app.metrics.connection_closed(Transport::SocketIo, code);
     tracing::debug!(conn = conn_id, %sid, code, "socket.io closed");
     drop(guard);
@@ -597,8 +602,7 @@ impl Writer {
                     drain_exit = Some(tokio::time::Instant::now() + DRAIN_EXIT);
                 }
             }
-            let must_close = self.conn.session.lock().as_ref().and_then(Session::must_close);
-            if let Some((code, reason)) = must_close {
+            if let Some((code, reason)) = self.conn.handle.must_close() {
                 tracing::info!(
                     conn = self.conn.conn_id,
                     code = code.code(),
@@ -614,7 +618,7 @@ impl Writer {
                 return code.code();
             }
             // Read each turn: an `auth` event may have moved it.
-            let auth = self.conn.session.lock().as_ref().and_then(Session::auth_deadline);
+            let auth = self.conn.handle.auth_deadline();
             if let Some((due, code, reason)) = auth
                 && due <= Instant::now()
             {

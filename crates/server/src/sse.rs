@@ -55,6 +55,7 @@ use crate::metrics::{LocalHistogram, Transport};
 use crate::session::{Credentials, Session};
 use crate::shutdown::{ConnectionGuard, Shutdown};
 use crate::sse_gzip::Gzip;
+use crate::users::ConnHandle;
 use crate::ws::{deflate, json_response, origin_allowed};
 
 /// The heartbeat comment sent on an idle stream.
@@ -101,6 +102,9 @@ struct SseStream {
     cursor: Mutex<Cursor>,
     /// The session's outbound queue, readable without the session lock.
     queue: Arc<ConnQueue>,
+    /// Read by the writer without the session's lock, which a control request may hold
+    /// while it waits for the auth proxy or the broker.
+    handle: Arc<ConnHandle>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -285,6 +289,7 @@ async fn stream(
     let id = session.id().to_owned();
     let shared = Arc::new(SseStream {
         token,
+        handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         cursor: Mutex::new(cursor),
         queue: queue.clone(),
@@ -315,7 +320,7 @@ async fn stream(
         let code = writer.run(first.freeze()).await;
         streams.by_id.lock().remove(&id);
         // Dropping the session leaves every channel.
-        drop(shared.session.lock().take());
+        drop(crate::lock_from_async(&shared.session).take());
         app.metrics.connection_closed(Transport::Sse, code);
         tracing::debug!(conn = conn_id, %peer, code, "event stream closed");
     });
@@ -449,8 +454,7 @@ impl Writer {
                 tracing::debug!(conn = self.conn_id, "draining: ending event stream with 1001");
                 return self.close(CloseCode::GoingAway.code(), &reason, after_ms).await;
             }
-            let must_close = self.stream.session.lock().as_ref().and_then(Session::must_close);
-            if let Some((code, reason)) = must_close {
+            if let Some((code, reason)) = self.stream.handle.must_close() {
                 tracing::info!(
                     conn = self.conn_id,
                     code = code.code(),
@@ -460,7 +464,7 @@ impl Writer {
                 return self.close(code.code(), reason, after_ms).await;
             }
             // Read each turn: an `auth` on the control endpoint may have moved it.
-            let auth = self.stream.session.lock().as_ref().and_then(Session::auth_deadline);
+            let auth = self.stream.handle.auth_deadline();
             if let Some((due, code, reason)) = auth
                 && due <= std::time::Instant::now()
             {
@@ -1084,7 +1088,7 @@ async fn control(
             }
         },
         Err(e) => {
-            let mut guard = stream.session.lock();
+            let mut guard = crate::lock_from_async(&stream.session);
             let Some(session) = guard.as_mut() else {
                 return control_error(
                     StatusCode::NOT_FOUND,
@@ -1106,7 +1110,7 @@ async fn control(
 /// Counts a control request against the stream's request budget; the `rate_limited` error
 /// reply when it is over.
 fn admit_control(stream: &SseStream, id: Option<u64>) -> Option<Bytes> {
-    let mut guard = stream.session.lock();
+    let mut guard = crate::lock_from_async(&stream.session);
     let session = guard.as_mut()?;
     let e = session.admit_request().err()?;
     Some(session.error_frame(FrameError { id, ..e }))
@@ -1132,7 +1136,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
                     }
                 }
             }
-            let mut guard = stream.session.lock();
+            let mut guard = crate::lock_from_async(&stream.session);
             let Some(session) = guard.as_mut() else {
                 let mut cursor = stream.cursor.lock();
                 for channel in &added {
@@ -1161,7 +1165,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             Some(reply)
         }
         ClientFrame::Unsubscribe { id, channels } => {
-            let mut guard = stream.session.lock();
+            let mut guard = crate::lock_from_async(&stream.session);
             let session = guard.as_mut()?;
             let reply = match session.unsubscribe(&channels) {
                 Ok(()) => {
@@ -1176,7 +1180,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             Some(reply)
         }
         ClientFrame::Publish { id, channel, data } => {
-            let mut guard = stream.session.lock();
+            let mut guard = crate::lock_from_async(&stream.session);
             let session = guard.as_mut()?;
             Some(match session.publish(&channel, data.get().as_bytes()) {
                 Ok(result) => encode_ack_with(id, &result),
@@ -1184,7 +1188,7 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             })
         }
         ClientFrame::Auth { id, token } => {
-            let mut guard = stream.session.lock();
+            let mut guard = crate::lock_from_async(&stream.session);
             let session = guard.as_mut()?;
             Some(match session.authenticate(&token) {
                 Ok(result) => encode_ack_with(id, &result),
@@ -1192,12 +1196,12 @@ fn handle_control(stream: &SseStream, frame: ClientFrame<'_>) -> Option<Bytes> {
             })
         }
         ClientFrame::Ping { id } => {
-            stream.session.lock().as_ref()?;
+            crate::lock_from_async(&stream.session).as_ref()?;
             Some(encode_pong(id))
         }
         // Nothing asks an SSE client for a pong; accept one anyway.
         ClientFrame::Pong => {
-            stream.session.lock().as_ref()?;
+            crate::lock_from_async(&stream.session).as_ref()?;
             Some(encode_ack(None))
         }
     }

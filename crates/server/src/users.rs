@@ -9,10 +9,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use ferrocast_hub::ConnQueue;
 use parking_lot::{Mutex, MutexGuard};
 use serde_json::{Value, json};
+
+use ferrocast_protocol::CloseCode;
 
 use crate::metrics::Transport;
 
@@ -26,6 +30,9 @@ pub struct ConnHandle {
     pub queue: Arc<ConnQueue>,
     /// Milliseconds since the epoch.
     pub connected_at_ms: u64,
+    /// Set once the client kept sending after being rate limited (see
+    /// [`ConnHandle::must_close`]).
+    condemned: AtomicBool,
     state: Mutex<HandleState>,
 }
 
@@ -40,6 +47,9 @@ pub struct HandleState {
     pub subscriptions: HashSet<String>,
     /// Set when the session ends: nothing may subscribe it any more.
     pub closed: bool,
+    /// When the connection is closed for want of a (fresh) token, and with which code (see
+    /// [`ConnHandle::auth_deadline`]).
+    pub auth_due: Option<(Instant, CloseCode)>,
 }
 
 impl ConnHandle {
@@ -58,8 +68,43 @@ impl ConnHandle {
             transport,
             queue,
             connected_at_ms,
+            condemned: AtomicBool::new(false),
             state: Mutex::new(HandleState::default()),
         }
+    }
+
+    /// Marks the connection for closing with 4029: it kept sending after being rate limited.
+    pub fn condemn(&self) {
+        self.condemned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection was condemned (see [`ConnHandle::condemn`]).
+    pub fn is_condemned(&self) -> bool {
+        self.condemned.load(Ordering::Relaxed)
+    }
+
+    /// Whether the transport must close the connection now, with which code and reason:
+    /// 4029 once the client kept flooding after being rate limited. Writers read this each
+    /// turn without the session's lock, which a request may hold while it waits for the
+    /// auth proxy or the broker.
+    pub fn must_close(&self) -> Option<(CloseCode, &'static str)> {
+        self.is_condemned().then_some((
+            CloseCode::RateLimited,
+            "rate limited: too many requests after being refused (limits.commands_per_s)",
+        ))
+    }
+
+    /// When the connection must be closed for want of a (fresh) token, the close code, and
+    /// its reason: 4001 when `auth.anonymous = false` and no token came within
+    /// `auth.auth_timeout_ms`, 4011 `auth.expiry_grace_ms` after the token's `exp`. Like
+    /// [`ConnHandle::must_close`], readable without the session's lock.
+    pub fn auth_deadline(&self) -> Option<(Instant, CloseCode, &'static str)> {
+        let (due, code) = self.state.lock().auth_due?;
+        let reason = match code {
+            CloseCode::Unauthorized => "no valid token within auth.auth_timeout_ms",
+            code => code.reason(),
+        };
+        Some((due, code, reason))
     }
 
     /// The handle's state. Lock order: this lock, then the hub's and the queue's.
