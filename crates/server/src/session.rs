@@ -60,8 +60,9 @@ pub struct Session {
     /// Set when a `pong` arrives; the transport's heartbeat reads and clears it.
     pub pong_received: bool,
     errors_logged: u32,
-    /// Who the connection is, once a token (or the connect proxy) was accepted.
-    identity: Option<Identity>,
+    /// Who the connection is, once a token (or the connect proxy) was accepted. Boxed: most
+    /// connections of a public dashboard have none, and every connection has a session.
+    identity: Option<Box<Identity>>,
     /// What the subscribe and publish proxies are told about the connection (kept only when
     /// a proxy is configured).
     proxy_context: Option<Box<ProxyContext>>,
@@ -395,7 +396,7 @@ impl Session {
 
     /// The connection's identity, once a token was accepted.
     pub fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+        self.identity.as_deref()
     }
 
     fn who(&self) -> Who<'_> {
@@ -550,7 +551,7 @@ impl Session {
                 self.app.users.add(&identity.user, &self.handle);
             }
         }
-        self.identity = Some(identity);
+        self.identity = Some(Box::new(identity));
         self.update_auth_due();
         let mut results = SubscribeResults::new();
         if first && !channels.is_empty() {

@@ -24,6 +24,8 @@ use super::deflate;
 use super::frame::{self, Decoder, Incoming};
 use super::socket::Socket;
 use crate::AppState;
+use crate::connections::ConnCount;
+use crate::limits::IpSlot;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
@@ -86,17 +88,27 @@ pub struct Start {
     /// permessage-deflate was negotiated.
     pub deflate: bool,
     pub peer: String,
+    /// The connection's place in its address's count, held until the session ends.
+    pub ip_slot: Option<IpSlot>,
+    /// Its place in the total (`server.max_connections`), held until the socket closes
+    /// (a TLS or HTTP/2 stream holds its own).
+    pub counted: Option<ConnCount>,
 }
 
-/// Runs one connection to completion.
-pub async fn run(
+/// Builds one connection and returns the future that serves it to completion.
+///
+/// The connection is built here, before the future, so that the future (kept in its task
+/// for the connection's whole life) holds it once, not also the pieces it was made from:
+/// an `async fn` keeps its arguments beside its locals. Spawn the result as a task of its
+/// own for the same reason (see `ws::upgrade`).
+pub fn run(
     app: Arc<AppState>,
     stream: Socket,
     already_read: Bytes,
     start: Start,
-    _guard: ConnectionGuard,
-) {
-    let Start { admission, credentials, deflate, peer } = start;
+    guard: ConnectionGuard,
+) -> impl Future<Output = ()> + Send + 'static {
+    let Start { admission, credentials, deflate, peer, ip_slot, counted } = start;
     let _ = stream.set_nodelay(true);
     let max_frame = app.config.server.max_frame_bytes;
     let mut conn = Conn {
@@ -118,6 +130,9 @@ pub async fn run(
         auth_due: None,
         app,
     };
+    if let Some(slot) = ip_slot {
+        conn.session.hold_address(slot);
+    }
     let conn_id = conn.session.conn_id;
     conn.app.metrics.connection_opened(Transport::Ws);
     // Bytes hyper read past the handshake: usually none, but the handle may pin hyper's whole
@@ -127,9 +142,12 @@ pub async fn run(
         let _ = conn.feed(&already_read);
     }
     drop(already_read);
-    let code = conn.serve(admission, credentials).await;
-    conn.app.metrics.connection_closed(Transport::Ws, code);
-    tracing::debug!(conn = conn_id, peer, code, "websocket closed");
+    async move {
+        let _held = (guard, counted);
+        let code = conn.serve(admission, credentials).await;
+        conn.app.metrics.connection_closed(Transport::Ws, code);
+        tracing::debug!(conn = conn_id, peer, code, "websocket closed");
+    }
 }
 
 struct Conn {
@@ -318,17 +336,18 @@ impl Conn {
                 }
                 // While the socket is backed up, pushes only tell us whether the queue has
                 // overflowed: a client that stopped reading is closed now, not when (if
-                // ever) it reads again or the heartbeat notices.
-                _ = queue.notified(), if want_queue && !self.parts.is_empty() => {
-                    if queue.is_overflowed() || queue.close_requested().is_some() {
-                        // The close frame may never get through; the linger bounds the wait.
+                // ever) it reads again or the heartbeat notices. (Nothing the other branches
+                // poll touches `parts`, so it is as it was when the select started.)
+                _ = queue.notified(), if want_queue => {
+                    if self.parts.is_empty()
+                        || queue.is_overflowed()
+                        || queue.close_requested().is_some()
+                    {
+                        // A close frame may never get through; the linger bounds the wait.
                         self.take_queue(&queue, &mut drained);
                     } else {
                         missed = true;
                     }
-                }
-                _ = queue.notified(), if want_queue && self.parts.is_empty() => {
-                    self.take_queue(&queue, &mut drained);
                 }
                 _ = drain_rx.changed(), if self.closing.is_none() => {}
                 _ = &mut timer_sleep => {

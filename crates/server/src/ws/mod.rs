@@ -98,24 +98,30 @@ pub async fn upgrade(
             }
         };
         // The address keeps its place in the per-address count until the connection ends.
-        let _ip_slot = ip_slot;
-        let peer_text = peer.to_string();
-        match upgraded.downcast::<TokioIo<CountedStream>>() {
+        let mut start = conn::Start {
+            admission,
+            credentials,
+            deflate,
+            peer: peer.to_string(),
+            ip_slot,
+            counted: None,
+        };
+        // The connection is served by a task of its own, so the state of this one (the
+        // upgrade, and what it was handed) is not kept for the connection's life.
+        let serve = match upgraded.downcast::<TokioIo<CountedStream>>() {
             Ok(parts) => {
                 // The connection keeps its place in the total until the socket closes.
-                let (stream, _counted) = parts.io.into_inner().into_parts();
-                let socket = Socket::Plain(stream);
-                let start = conn::Start { admission, credentials, deflate, peer: peer_text };
-                conn::run(task_app, socket, parts.read_buf, start, guard).await;
+                let (stream, counted) = parts.io.into_inner().into_parts();
+                start.counted = Some(counted);
+                conn::run(task_app, Socket::Plain(stream), parts.read_buf, start, guard)
             }
             // TLS, or a stream of an HTTP/2 connection: polled through a small buffer.
             Err(upgraded) => {
                 let socket = Socket::stream(TokioIo::new(upgraded));
-                let none = bytes::Bytes::new();
-                let start = conn::Start { admission, credentials, deflate, peer: peer_text };
-                conn::run(task_app, socket, none, start, guard).await;
+                conn::run(task_app, socket, bytes::Bytes::new(), start, guard)
             }
-        }
+        };
+        tokio::spawn(serve);
     });
     let mut response = match key {
         Some(key) => switching_protocols(key.as_bytes()),
