@@ -75,8 +75,8 @@ pub struct Session {
 }
 
 /// Admits a new client connection from `peer` under the per-address limits (the client's
-/// own address when `peer` is a trusted proxy). The slot is held for the connection's life:
-/// by its session ([`Session::hold_address`]) or, for `/ws`, by its task.
+/// own address when `peer` is a trusted proxy). The slot is held for the connection's life
+/// by its session ([`Session::hold_address`]).
 pub fn admit_address(
     app: &AppState,
     peer: SocketAddr,

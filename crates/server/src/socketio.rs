@@ -37,7 +37,7 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::header;
 use bytes::Bytes;
-use ferrocast_hub::{ConnQueue, Drained, Outbound};
+use ferrocast_hub::{Drained, Outbound};
 use ferrocast_protocol::{CloseCode, ErrorCode, FrameError, StreamPosition};
 use parking_lot::Mutex;
 use rand::Rng;
@@ -225,8 +225,6 @@ async fn prepare(
         return Err(message);
     }
     let conn = Arc::new(Conn {
-        conn_id: session.conn_id,
-        queue: session.queue.clone(),
         handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         disconnected: Notify::new(),
@@ -261,7 +259,7 @@ fn on_connect(state: Arc<SioState>, s: SocketRef) {
     let guard = app.shutdown.track();
     app.metrics.connection_opened(Transport::SocketIo);
     tracing::debug!(
-        conn = conn.conn_id,
+        conn = conn.handle.conn_id,
         sid = %s.id,
         peer = %peer(&s),
         transport = ?s.transport_type(),
@@ -274,10 +272,9 @@ fn on_connect(state: Arc<SioState>, s: SocketRef) {
 #[derive(Debug)]
 struct Conn {
     app: Arc<AppState>,
-    conn_id: u64,
-    queue: Arc<ConnQueue>,
-    /// Read by the writer without the session's lock, which an event handler may hold
-    /// while it waits for the auth proxy or the broker.
+    /// The session's shared part (its id, its queue, its close verdict), read without the
+    /// session's lock, which an event handler may hold while it waits for the auth proxy or
+    /// the broker.
     handle: Arc<ConnHandle>,
     /// `None` once the socket has ended.
     session: Mutex<Option<Session>>,
@@ -344,7 +341,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
             Op::Subscribe => {
                 // The ack must reach the client before the replay the subscribe queues: hold
                 // the writer at this point of the queue until the ack is handed to the engine.
-                let reservation = conn.queue.reserve();
+                let reservation = conn.handle.queue.reserve();
                 let reply = match parse_subscribe(&payload) {
                     Ok((channels, recover, tokens)) => {
                         match session.subscribe_with_tokens(&channels, &recover, &tokens) {
@@ -356,7 +353,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                 };
                 drop(guard);
                 send_ack(conn, ack, &reply);
-                conn.queue.fill(reservation, Bytes::new());
+                conn.handle.queue.fill(reservation, Bytes::new());
                 return;
             }
             Op::Unsubscribe => match parse_channels(&payload, "unsubscribe") {
@@ -391,7 +388,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                     )
                 } else {
                     if let Err(e) = s.emit("pong", &payload) {
-                        tracing::debug!(conn = conn.conn_id, "pong not sent: {e}");
+                        tracing::debug!(conn = conn.handle.conn_id, "pong not sent: {e}");
                     }
                     payload
                 }
@@ -409,15 +406,15 @@ fn send_ack(conn: &Conn, ack: AckSender<LocalAdapter>, reply: &serde_json::Value
     match ack.send(reply) {
         Ok(()) => {}
         Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-            if !conn.queue.is_overflowed() {
+            if !conn.handle.queue.is_overflowed() {
                 tracing::info!(
-                    conn = conn.conn_id,
+                    conn = conn.handle.conn_id,
                     "the client sends events but does not read the replies; closing with 4008"
                 );
-                conn.queue.mark_overflowed();
+                conn.handle.queue.mark_overflowed();
             }
         }
-        Err(e) => tracing::debug!(conn = conn.conn_id, "socket.io ack not sent: {e}"),
+        Err(e) => tracing::debug!(conn = conn.handle.conn_id, "socket.io ack not sent: {e}"),
     }
 }
 
@@ -533,7 +530,7 @@ async fn run_socket(
     guard: ConnectionGuard,
 ) {
     let app = conn.app.clone();
-    let conn_id = conn.conn_id;
+    let conn_id = conn.handle.conn_id;
     let sid = socket.id;
     let mut writer =
         Writer { conn: conn.clone(), socket, polls, pending: VecDeque::new(), stage: Stage::Start };
@@ -550,7 +547,7 @@ impl Writer {
     /// Emits queued messages until the socket ends; returns the close code for the metrics.
     async fn run(&mut self) -> u16 {
         let app = self.conn.app.clone();
-        let queue = self.conn.queue.clone();
+        let queue = self.conn.handle.queue.clone();
         let mut drain_rx = app.shutdown.subscribe();
         let mut drained = Drained::default();
         let mut backoff = MIN_BACKOFF;
@@ -572,7 +569,7 @@ impl Writer {
             }
             if let Some((code, reason)) = drained.close.take() {
                 tracing::info!(
-                    conn = self.conn.conn_id,
+                    conn = self.conn.handle.conn_id,
                     code,
                     "disconnecting socket.io client as the server asked: {reason}"
                 );
@@ -582,7 +579,7 @@ impl Writer {
             }
             if drained.overflowed || queue.is_overflowed() {
                 tracing::info!(
-                    conn = self.conn.conn_id,
+                    conn = self.conn.handle.conn_id,
                     "slow consumer: outbound queue overflowed, disconnecting socket.io client (4008)"
                 );
                 let code = CloseCode::SlowConsumer;
@@ -604,7 +601,7 @@ impl Writer {
             }
             if let Some((code, reason)) = self.conn.handle.must_close() {
                 tracing::info!(
-                    conn = self.conn.conn_id,
+                    conn = self.conn.handle.conn_id,
                     code = code.code(),
                     "disconnecting socket.io client: {reason}"
                 );
@@ -623,7 +620,7 @@ impl Writer {
                 && due <= Instant::now()
             {
                 tracing::info!(
-                    conn = self.conn.conn_id,
+                    conn = self.conn.handle.conn_id,
                     code = code.code(),
                     "disconnecting socket.io client: {reason}"
                 );

@@ -100,10 +100,8 @@ struct SseStream {
     session: Mutex<Option<Session>>,
     /// Where the client stands in each subscribed channel (the `id:` of each event).
     cursor: Mutex<Cursor>,
-    /// The session's outbound queue, readable without the session lock.
-    queue: Arc<ConnQueue>,
-    /// Read by the writer without the session's lock, which a control request may hold
-    /// while it waits for the auth proxy or the broker.
+    /// The session's shared part (its queue, its close verdict), read without the session's
+    /// lock, which a control request may hold while it waits for the auth proxy or the broker.
     handle: Arc<ConnHandle>,
 }
 
@@ -292,7 +290,6 @@ async fn stream(
         handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         cursor: Mutex::new(cursor),
-        queue: queue.clone(),
     });
     st.streams.by_id.lock().insert(id.clone(), shared.clone());
 
@@ -1050,7 +1047,7 @@ async fn control(
             "wrong token for this session: use the token from the stream's welcome event",
         );
     }
-    if stream.queue.replies_over_budget() {
+    if stream.handle.queue.replies_over_budget() {
         // The stream has not taken what earlier requests queued on it: stop taking more
         // until it does (its queue closes it with 4008 if it never does).
         app.metrics.frame_error("backpressure");

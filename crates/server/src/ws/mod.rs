@@ -97,7 +97,7 @@ pub async fn upgrade(
                 return;
             }
         };
-        // The address keeps its place in the per-address count until the connection ends.
+        // The address keeps its place in the per-address count until the session ends.
         let mut start = conn::Start {
             admission,
             credentials,
