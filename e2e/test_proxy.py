@@ -302,8 +302,11 @@ async def test_requests_waiting_on_a_slow_proxy_stall_nothing_else(start_server,
         assert "error" not in result["news.busy"], result
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
         async with http.stream("GET", "/sse?channels=news.busy", headers={"Cookie": cookie}) as resp:
+            # Held for the stream's life: a line iterator left to the garbage collector is
+            # closed, and the stream with it.
+            lines = resp.aiter_lines()
             welcome = None
-            async for line in resp.aiter_lines():
+            async for line in lines:
                 if line.startswith("data:"):
                     welcome = json.loads(line[5:])
                     break
