@@ -164,6 +164,8 @@ pub struct Reservation(u64);
 #[derive(Debug, Default)]
 pub struct Drained {
     pub frames: Vec<Outbound>,
+    /// Channel messages (live or replayed) were among `frames`, rather than only replies.
+    pub carried_messages: bool,
     /// The queue overflowed: after writing `frames`, close the connection with 4008.
     pub overflowed: bool,
     /// The server asked for the connection to be closed (see [`ConnQueue::request_close`]):
@@ -583,6 +585,7 @@ impl ConnQueue {
     /// replay cursor yields one chunk per call; the writer is woken again for the rest.
     pub fn drain_into(&self, out: &mut Drained) {
         let mut q = self.inner.lock();
+        let mut carried_messages = false;
         loop {
             match q.slots.front() {
                 None | Some(Slot::Reserved(_)) => break,
@@ -591,6 +594,7 @@ impl ConnQueue {
                         self.notify.notify_one();
                         break;
                     }
+                    carried_messages = true;
                     q = self.read_replay(q, out);
                     if matches!(q.slots.front(), Some(Slot::Replay(_))) {
                         // More to stream: come back once this chunk is written.
@@ -598,19 +602,27 @@ impl ConnQueue {
                         break;
                     }
                 }
-                Some(_) => {
-                    if let Some(Slot::Live { out: frame, .. } | Slot::Control(frame)) =
-                        q.pop_front()
-                    {
+                Some(_) => match q.pop_front() {
+                    Some(Slot::Live { out: frame, .. }) => {
+                        carried_messages = true;
                         out.frames.push(frame);
                     }
-                }
+                    Some(Slot::Control(frame)) => out.frames.push(frame),
+                    _ => {}
+                },
             }
         }
-        if q.slots.is_empty() && q.slots.capacity() > 256 {
+        // An emptied queue keeps its buffers while messages flow through it (no allocation
+        // per delivery), but not after a large burst, nor when only replies went through:
+        // an idle subscriber then holds no buffer at all (see docs/benchmarks.md, idle RSS).
+        if q.slots.is_empty() && (q.slots.capacity() > 256 || !carried_messages) {
             q.slots = VecDeque::new();
             q.droppable = VecDeque::new();
+            if q.reservations.is_empty() {
+                q.reservations = Vec::new();
+            }
         }
+        out.carried_messages = carried_messages;
         out.overflowed = q.overflowed;
         out.close.clone_from(&q.close);
     }
@@ -713,6 +725,30 @@ mod tests {
     /// Budget for `n` messages of `len` bytes.
     fn room(n: usize, len: usize) -> usize {
         n * (ENTRY_COST + len)
+    }
+
+    /// Bytes of buffer the queue holds, whatever is in it.
+    fn held_capacity(q: &ConnQueue) -> usize {
+        let q = q.inner.lock();
+        q.slots.capacity() + q.droppable.capacity() + q.reservations.capacity()
+    }
+
+    #[test]
+    fn an_idle_queue_gives_its_buffers_back_but_a_busy_one_keeps_them() {
+        let q = ConnQueue::new(1, room(8, 40));
+        let now = Instant::now();
+        // A subscribe's reply: reserved, filled, drained. Nothing is left held.
+        let ack = q.reserve();
+        q.fill(ack, msg(30));
+        assert!(held_capacity(&q) > 0);
+        let d = q.drain();
+        assert_eq!((d.frames.len(), d.carried_messages), (1, false));
+        assert_eq!(held_capacity(&q), 0);
+        // Messages flowing through keep the buffer between drains (no allocation per delivery).
+        q.push(msg(40), 1, now, OverflowPolicy::DropOldest);
+        let d = q.drain();
+        assert!(d.carried_messages);
+        assert!(held_capacity(&q) > 0);
     }
 
     #[test]

@@ -117,6 +117,7 @@ pub fn run(
         session: Session::new(app.clone(), Transport::Ws),
         stream,
         parts: VecDeque::new(),
+        release_parts: true,
         written: 0,
         pending_bytes: 0,
         pong_due: None,
@@ -159,6 +160,9 @@ struct Conn {
     deflate: bool,
     /// Frames handed to the socket but not fully written yet.
     parts: VecDeque<Part>,
+    /// The last drain carried no channel message (only replies, or nothing): once written,
+    /// `parts` gives its buffer back, so an idle connection holds none.
+    release_parts: bool,
     /// Bytes of the front part already written.
     written: usize,
     /// Bytes of `parts` not yet written.
@@ -427,7 +431,8 @@ impl Conn {
             );
             self.start_close(CloseCode::SlowConsumer.code(), CloseCode::SlowConsumer.reason());
         }
-        if drained.frames.capacity() > 1024 {
+        self.release_parts = !drained.carried_messages;
+        if drained.frames.capacity() > 1024 || !drained.carried_messages {
             drained.frames = Vec::new();
         }
     }
@@ -580,7 +585,7 @@ impl Conn {
             drop(slices);
             self.advance(n);
         }
-        if self.parts.capacity() > 64 {
+        if self.parts.capacity() > 64 || self.release_parts {
             self.parts = VecDeque::new();
         }
         Ok(())
