@@ -24,7 +24,7 @@ use crate::history::HistoryRing;
 use crate::metrics::HubMetrics;
 use crate::namespace::{NamespaceConfig, Namespaces, OverflowPolicy, SnapshotMode};
 use crate::queue::{
-    ConnQueue, Deflated, HistoryRead, HistorySource, Outbound, PublishKind, Replay,
+    ConnQueue, HistoryRead, HistorySource, Outbound, PublishKind, Replay, SharedForms,
 };
 
 /// Tuning for the hub.
@@ -459,15 +459,14 @@ impl Hub {
         let policy = if ephemeral { OverflowPolicy::Conflate } else { c.ns.overflow };
         let mut fanout =
             Fanout { messages: 1, queued: c.subscribers.len() as u64, ..Fanout::default() };
-        let deflate = (c.ns.compress && frame.len() >= c.ns.compress_min_bytes)
-            .then(|| Arc::new(Deflated::default()));
+        let compress = c.ns.compress && frame.len() >= c.ns.compress_min_bytes;
+        let mut forms: Option<Arc<SharedForms>> = None;
         for (i, queue) in c.subscribers.iter().enumerate() {
-            let out = Outbound {
-                bytes: frame.clone(),
-                channel_id: c.id,
-                published_at: Some(now),
-                deflate: deflate.clone(),
-            };
+            let forms = queue
+                .wants_forms()
+                .then(|| forms.get_or_insert_with(|| Arc::new(SharedForms::new(compress))).clone());
+            let out =
+                Outbound { bytes: frame.clone(), channel_id: c.id, published_at: Some(now), forms };
             let o = match owed.as_deref_mut() {
                 Some(owed) => {
                     let (o, wake) = queue.push_deferred(out, policy);
@@ -1042,6 +1041,7 @@ fn new_epoch() -> Arc<str> {
 mod tests {
     use super::*;
     use crate::namespace::NamespaceConfig;
+    use crate::queue::Drained;
 
     /// Refuses `quotes.*` channels and records demand changes.
     struct Guard(Mutex<Vec<(String, bool)>>);
@@ -1125,6 +1125,32 @@ mod tests {
         let refused = hub.publish_run("bad channel", &[b"1"], PublishKind::Retained);
         assert!(refused.0.is_empty());
         assert!(matches!(refused.1, Some(PublishError::InvalidChannel(_))));
+    }
+
+    #[test]
+    fn shared_forms_go_only_to_queues_that_want_them_and_are_made_once() {
+        let hub = hub();
+        let plain = Arc::new(ConnQueue::new(1, 1 << 20));
+        let (a, b) = (Arc::new(ConnQueue::new(2, 1 << 20)), Arc::new(ConnQueue::new(3, 1 << 20)));
+        a.want_forms();
+        b.want_forms();
+        for q in [&plain, &a, &b] {
+            hub.subscribe("chat.forms", q, None);
+        }
+        hub.publish("chat.forms", b"1", PublishKind::Retained).unwrap();
+        let (plain, a, b) = (plain.drain(), a.drain(), b.drain());
+        assert!(plain.frames.iter().all(|f| f.forms.is_none()));
+        let forms = |d: &Drained| d.frames.iter().find_map(|f| f.forms.clone()).unwrap();
+        let (fa, fb) = (forms(&a), forms(&b));
+        assert!(Arc::ptr_eq(&fa, &fb), "one set of forms per message, shared");
+        let mut made = 0;
+        for f in [&fa, &fb] {
+            f.get_or_encode_socketio(|| {
+                made += 1;
+                serde_json::value::to_raw_value(&1).ok()
+            });
+        }
+        assert_eq!(made, 1);
     }
 
     #[test]

@@ -33,4 +33,4 @@ pub use namespace::{
     HistoryRule, NamespaceConfig, Namespaces, OverflowPolicy, PublishRule, SnapshotMode,
     SubscribeRule,
 };
-pub use queue::{ConnQueue, Deflated, Drained, Outbound, PublishKind, PushOutcome};
+pub use queue::{ConnQueue, Drained, Outbound, PublishKind, PushOutcome, SharedForms};

@@ -21,11 +21,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
 use crate::namespace::OverflowPolicy;
@@ -59,33 +61,51 @@ pub struct Outbound {
     pub channel_id: u64,
     /// When the message was published, for the publish-to-write latency histogram.
     pub published_at: Option<Instant>,
-    /// Set when the channel's namespace compresses this message: its compressed form,
-    /// computed once by the first connection that needs it and shared by every other.
-    pub deflate: Option<Arc<Deflated>>,
+    /// Forms of the message that transports derive from `bytes`, each made once for every
+    /// subscriber: given only to queues that asked for them ([`ConnQueue::want_forms`]).
+    pub forms: Option<Arc<SharedForms>>,
 }
 
-/// A message's permessage-deflate payload (RFC 7692), computed at most once. The hub only
-/// carries it: the transport that speaks the extension fills it.
+/// What transports make of one message, each computed at most once (by the first connection
+/// that needs it; concurrent callers wait rather than compute it again) and shared by every
+/// other subscriber. The hub only carries them: the transport that speaks a form fills it.
 #[derive(Debug, Default)]
-pub struct Deflated(OnceLock<Bytes>);
+pub struct SharedForms {
+    /// The channel's namespace compresses this message (`compress`, `compress_min_bytes`).
+    pub compress: bool,
+    deflated: OnceLock<Bytes>,
+    socketio: OnceLock<Option<Box<RawValue>>>,
+}
 
-impl Deflated {
-    /// The compressed payload, made by `compress` on the first call only (concurrent callers
-    /// wait for it rather than compressing again).
+impl SharedForms {
+    pub fn new(compress: bool) -> Self {
+        SharedForms { compress, ..SharedForms::default() }
+    }
+
+    /// The permessage-deflate payload (RFC 7692), made by `compress` on the first call only.
     pub fn get_or_compress(&self, compress: impl FnOnce() -> Bytes) -> &Bytes {
-        self.0.get_or_init(compress)
+        self.deflated.get_or_init(compress)
+    }
+
+    /// The argument of the Socket.IO `message` event, made by `encode` on the first call only
+    /// (`None` when the frame cannot be one).
+    pub fn get_or_encode_socketio(
+        &self,
+        encode: impl FnOnce() -> Option<Box<RawValue>>,
+    ) -> Option<&RawValue> {
+        self.socketio.get_or_init(encode).as_deref()
     }
 }
 
 impl Outbound {
     /// A frame that is not a channel message (ack, error, pong).
     pub fn control(bytes: Bytes) -> Self {
-        Outbound { bytes, channel_id: 0, published_at: None, deflate: None }
+        Outbound { bytes, channel_id: 0, published_at: None, forms: None }
     }
 
     /// A replayed or snapshot message.
     pub fn history(bytes: Bytes, channel_id: u64) -> Self {
-        Outbound { bytes, channel_id, published_at: None, deflate: None }
+        Outbound { bytes, channel_id, published_at: None, forms: None }
     }
 
     /// Whether this frame is a channel message (as opposed to a control frame).
@@ -382,6 +402,8 @@ impl Inner {
 pub struct ConnQueue {
     conn_id: u64,
     max_bytes: usize,
+    /// The connection's transport reads [`SharedForms`] (see [`ConnQueue::want_forms`]).
+    wants_forms: AtomicBool,
     inner: Mutex<Inner>,
     notify: Notify,
 }
@@ -399,7 +421,25 @@ impl ConnQueue {
     /// A queue for connection `conn_id` holding at most `max_bytes` (see [`ENTRY_COST`]).
     pub fn new(conn_id: u64, max_bytes: usize) -> Self {
         let inner = Inner { replay_cost: REPLAY_COST.min(max_bytes / 16), ..Inner::default() };
-        ConnQueue { conn_id, max_bytes, inner: Mutex::new(inner), notify: Notify::new() }
+        ConnQueue {
+            conn_id,
+            max_bytes,
+            wants_forms: AtomicBool::new(false),
+            inner: Mutex::new(inner),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Asks for the [`SharedForms`] of the messages queued from now on: for a transport that
+    /// sends something other than the plain frame (compressed, or Socket.IO). Other queues
+    /// are not given them, so their subscribers do not pay for the sharing.
+    pub fn want_forms(&self) {
+        self.wants_forms.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`ConnQueue::want_forms`] was called.
+    pub fn wants_forms(&self) -> bool {
+        self.wants_forms.load(Ordering::Relaxed)
     }
 
     pub fn conn_id(&self) -> u64 {
@@ -419,11 +459,11 @@ impl ConnQueue {
         published_at: Instant,
         policy: OverflowPolicy,
     ) -> PushOutcome {
-        let out = Outbound { bytes, channel_id, published_at: Some(published_at), deflate: None };
+        let out = Outbound { bytes, channel_id, published_at: Some(published_at), forms: None };
         self.push_message(out, policy)
     }
 
-    /// Appends a live channel message (with its shared compressed form, if any), applying
+    /// Appends a live channel message (with its shared forms, if any), applying
     /// `policy` when the budget is exhausted.
     pub fn push_message(&self, out: Outbound, policy: OverflowPolicy) -> PushOutcome {
         let (outcome, wake) = self.push_deferred(out, policy);

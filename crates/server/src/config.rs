@@ -421,6 +421,12 @@ impl Config {
         self.namespace_defaults.compress || self.namespaces.values().any(|ns| ns.compress)
     }
 
+    /// Whether some namespace emits its messages to Socket.IO under an event of its own too.
+    pub fn socketio_events(&self) -> bool {
+        !self.namespace_defaults.socketio_event.is_empty()
+            || self.namespaces.values().any(|ns| !ns.socketio_event.is_empty())
+    }
+
     /// Merges defaults, file, environment and flags, then validates. Returns every problem
     /// found, each naming its key.
     pub fn load(sources: &Sources<'_>) -> Result<Config, Vec<ConfigError>> {

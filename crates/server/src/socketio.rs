@@ -196,6 +196,8 @@ async fn prepare(
 ) -> Result<(), String> {
     let app = state.app.clone();
     let mut session = Session::new(app.clone(), Transport::SocketIo);
+    // Each message's event is encoded once, for every socket (see `emit_frame`).
+    session.queue.want_forms();
     session.hold_address(address);
     let parts = s.req_parts();
     let peer_addr = parts
@@ -521,6 +523,8 @@ struct Writer {
     polls: Arc<PollingDrain>,
     pending: VecDeque<Outbound>,
     stage: Stage,
+    /// Some namespace sets `socketio_event`, so each message's channel must be looked at.
+    named_events: bool,
 }
 
 async fn run_socket(
@@ -532,8 +536,14 @@ async fn run_socket(
     let app = conn.app.clone();
     let conn_id = conn.handle.conn_id;
     let sid = socket.id;
-    let mut writer =
-        Writer { conn: conn.clone(), socket, polls, pending: VecDeque::new(), stage: Stage::Start };
+    let mut writer = Writer {
+        conn: conn.clone(),
+        socket,
+        polls,
+        pending: VecDeque::new(),
+        stage: Stage::Start,
+        named_events: app.config.socketio_events(),
+    };
     let code = writer.run().await;
     drop(writer);
     // Dropping the session leaves every channel.
@@ -686,7 +696,7 @@ impl Writer {
         let (mut messages, mut bytes) = (0u64, 0u64);
         let mut outcome = Flush::Done;
         while let Some(front) = self.pending.front() {
-            match emit_frame(&self.socket, app, front, &mut self.stage) {
+            match emit_frame(&self.socket, app, front, &mut self.stage, self.named_events) {
                 Ok(sent) => {
                     if sent && front.is_message() {
                         messages += 1;
@@ -731,6 +741,7 @@ fn emit_frame(
     app: &AppState,
     frame: &Outbound,
     stage: &mut Stage,
+    named_events: bool,
 ) -> Result<bool, SocketError> {
     if frame.bytes.is_empty() {
         return Ok(false);
@@ -748,24 +759,45 @@ fn emit_frame(
         let Ok(body) = serde_json::from_slice::<&RawValue>(&frame.bytes) else { return Ok(false) };
         return emitted(socket.emit(notice.kind, body)).map(|()| true);
     }
-    let Some(msg) = MsgView::parse(&frame.bytes) else { return Ok(false) };
-    let Ok(data) = serde_json::from_slice::<&RawValue>(msg.data) else { return Ok(false) };
     if *stage == Stage::Start {
-        let body = SioMessage {
-            channel: msg.channel,
-            offset: msg.offset,
-            epoch: msg.epoch,
-            ephemeral: msg.ephemeral,
-            data,
+        // Encoded once per message for every socket that gets it (a replayed message, which
+        // has no shared forms, is encoded here).
+        let own;
+        let body = match &frame.forms {
+            Some(forms) => forms.get_or_encode_socketio(|| message_body(&frame.bytes)),
+            None => {
+                own = message_body(&frame.bytes);
+                own.as_deref()
+            }
         };
-        emitted(socket.emit("message", &body))?;
+        let Some(body) = body else { return Ok(false) };
+        emitted(socket.emit("message", body))?;
         *stage = Stage::MessageSent;
     }
+    if !named_events {
+        return Ok(true);
+    }
+    let Some(msg) = MsgView::parse(&frame.bytes) else { return Ok(true) };
     let event = &app.hub.namespace(msg.channel).socketio_event;
     if !event.is_empty() {
+        let Ok(data) = serde_json::from_slice::<&RawValue>(msg.data) else { return Ok(true) };
         emitted(socket.emit(event, data))?;
     }
     Ok(true)
+}
+
+/// The argument of the `message` event for a native `msg` frame (`None` if it is not one).
+fn message_body(frame: &[u8]) -> Option<Box<RawValue>> {
+    let msg = MsgView::parse(frame)?;
+    let data = serde_json::from_slice::<&RawValue>(msg.data).ok()?;
+    let body = SioMessage {
+        channel: msg.channel,
+        offset: msg.offset,
+        epoch: msg.epoch,
+        ephemeral: msg.ephemeral,
+        data,
+    };
+    serde_json::value::to_raw_value(&body).ok()
 }
 
 /// Maps an emit result: serialization failures cannot happen for these payloads (they are

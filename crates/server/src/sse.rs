@@ -300,6 +300,9 @@ async fn stream(
             .get(header::ACCEPT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_some_and(crate::sse_gzip::accepts_gzip);
+    if gzip {
+        queue.want_forms();
+    }
     let (tx, rx) = mpsc::channel(BODY_SLOTS);
     let writer = Writer {
         app: app.clone(),
@@ -633,12 +636,12 @@ impl Writer {
             };
             let id = retained.then_some(&*cursor);
             // The shared compressed bytes, for a one-line frame of a compressing namespace.
-            let shared = match (&mut zipped, &frame.deflate) {
-                (Some(_), Some(cell))
+            let shared = match (&mut zipped, frame.forms.as_ref().filter(|f| f.compress)) {
+                (Some(_), Some(forms))
                     if !frame.bytes.iter().any(|b| matches!(b, b'\n' | b'\r')) =>
                 {
                     let metrics = &self.app.metrics.deflate;
-                    let z = cell.get_or_compress(|| deflate::compress(&frame.bytes, metrics));
+                    let z = forms.get_or_compress(|| deflate::compress(&frame.bytes, metrics));
                     (!z.is_empty()).then(|| z.clone())
                 }
                 _ => None,

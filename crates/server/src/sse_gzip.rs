@@ -7,7 +7,7 @@
 //! particular to the stream (the `welcome`, acks, each event's `id:` cursor, `data: ` and the
 //! blank line, heartbeats) in stored (uncompressed) blocks, and each large message of a
 //! compressing namespace as the very bytes `/ws` sends compressed
-//! ([`ferrocast_hub::Deflated`]): one compression per message for every `/ws` and SSE
+//! ([`ferrocast_hub::SharedForms`]): one compression per message for every `/ws` and SSE
 //! subscriber. Only the CRC is computed per stream. A stream the server ends gets the final
 //! block and the trailer, so the client can check the whole body.
 

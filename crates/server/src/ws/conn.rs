@@ -111,10 +111,14 @@ pub fn run(
     let Start { admission, credentials, deflate, peer, ip_slot, counted } = start;
     let _ = stream.set_nodelay(true);
     let max_frame = app.config.server.max_frame_bytes;
+    let session = Session::new(app.clone(), Transport::Ws);
+    if deflate {
+        session.queue.want_forms();
+    }
     let mut conn = Conn {
         decoder: if deflate { Decoder::with_deflate(max_frame) } else { Decoder::new(max_frame) },
         deflate,
-        session: Session::new(app.clone(), Transport::Ws),
+        session,
         stream,
         parts: VecDeque::new(),
         release_parts: true,
@@ -508,10 +512,10 @@ impl Conn {
             // Compressed once (by whichever subscriber gets here first), shared by all; a
             // compressed message travels alone, never inside a batch.
             if self.deflate
-                && let Some(cell) = &first.deflate
+                && let Some(forms) = first.forms.as_ref().filter(|f| f.compress)
             {
                 let metrics = &self.app.metrics.deflate;
-                let z = cell.get_or_compress(|| deflate::compress(&first.bytes, metrics));
+                let z = forms.get_or_compress(|| deflate::compress(&first.bytes, metrics));
                 if !z.is_empty() {
                     deflated += 1;
                     deflated_plain += first.bytes.len() as u64;
@@ -523,7 +527,9 @@ impl Conn {
                     continue;
                 }
             }
-            let batchable = |f: &Outbound| f.is_message() && !(self.deflate && f.deflate.is_some());
+            let batchable = |f: &Outbound| {
+                f.is_message() && !(self.deflate && f.forms.as_ref().is_some_and(|f| f.compress))
+            };
             // With batching on, consecutive messages travel as one JSON array frame.
             if batch && batchable(&first) && frames.peek().is_some_and(batchable) {
                 let mut array = BytesMut::with_capacity(first.bytes.len() * 4);

@@ -5,7 +5,7 @@
 //! The server always negotiates `server_no_context_takeover`: each message is compressed on
 //! its own, with an empty LZ77 window, so its compressed bytes do not depend on what the
 //! connection sent before and one compressed frame is shared by every subscriber (the hub
-//! carries it next to the plain frame, see [`ferrocast_hub::Deflated`]). Centrifugo and most
+//! carries it next to the plain frame, see [`ferrocast_hub::SharedForms`]). Centrifugo and most
 //! servers keep a compressor per connection and compress every message once per subscriber.
 //!
 //! It also always answers `client_no_context_takeover` (RFC 7692 7.1.1.2 lets a server ask
