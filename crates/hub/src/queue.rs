@@ -517,6 +517,10 @@ impl ConnQueue {
         }
         if policy == OverflowPolicy::Conflate {
             q.latest.insert(channel_id, pos);
+        } else if !q.latest.is_empty() {
+            // The channel's queued conflating message (a forming candle) is now followed by
+            // this one (a closed bar): replacing it in place would carry a newer one ahead.
+            q.latest.remove(&channel_id);
         }
         (outcome, was_empty)
     }
@@ -789,6 +793,26 @@ mod tests {
         let d = q.drain();
         assert!(d.carried_messages);
         assert!(held_capacity(&q) > 0);
+    }
+
+    #[test]
+    fn conflation_never_moves_a_message_ahead_of_a_later_one_of_its_channel() {
+        let q = ConnQueue::new(1, room(3, 40));
+        let now = Instant::now();
+        let body = |tag: &str| Bytes::from(format!("{tag:-<40}"));
+        q.push(body("forming-1"), 1, now, OverflowPolicy::Conflate);
+        q.push(body("closed"), 1, now, OverflowPolicy::Disconnect);
+        q.push(body("other"), 2, now, OverflowPolicy::DropOldest);
+        // Full: the next forming bar may not take the first one's place, ahead of `closed`.
+        let o = q.push(body("forming-2"), 1, now, OverflowPolicy::Conflate);
+        assert_eq!(o.conflated, 1, "the stale forming bar is dropped instead");
+        let order: Vec<String> = q
+            .drain()
+            .frames
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.bytes).trim_end_matches('-').to_owned())
+            .collect();
+        assert_eq!(order, ["closed", "other", "forming-2"]);
     }
 
     #[test]
