@@ -4,7 +4,9 @@
 //! through `POST /api/publish` batches at a fixed rate or closed-loop (`--rate max`), and reports
 //! connection setup rate, delivery rate, end-to-end latency percentiles, lost messages, and the
 //! server's CPU and memory cost read from `/proc/PID`. `--idle` holds subscribed connections
-//! without traffic and reports server memory per connection.
+//! without traffic and reports server memory per connection. `--market` measures the
+//! market-data shape instead (a feed publishes, subscribers watch random symbols' trades and
+//! candles: [`market`]); `--recovery N` one reconnecting client ([`recovery`]).
 //!
 //! Design notes:
 //! * Receivers share the machine with the server, so they never parse message JSON: they find
@@ -62,6 +64,7 @@ use histogram::Histogram;
 
 use crate::progress::{Progress, human_rate, status_line};
 
+mod market;
 mod recovery;
 
 /// Load-test a running server: connection setup, delivery throughput, latency, loss, CPU, RSS.
@@ -147,6 +150,21 @@ pub struct BenchArgs {
     /// `--set namespaces.bench.compress=true`).
     #[arg(long)]
     pub compress: bool,
+    /// Measure the market-data shape instead: the server's Massive feed (reading `ferrocast
+    /// simulate massive`) publishes trades on `ticks.SYM` and the server builds
+    /// `candles.SYM.1s` from them; each subscriber watches --symbols-per-subscriber random
+    /// symbols of --symbols (trades and 1-second candles). The feed's rate is the simulator's
+    /// `--rate`; --rate, --channels, --payload and the publisher options do not apply. See
+    /// `deploy/examples/bench-market.toml` and docs/benchmarks.md for the commands.
+    #[arg(long, conflicts_with_all = ["recovery", "idle"])]
+    pub market: bool,
+    /// With --market: symbols the simulator trades (named MKT0 .. MKT{N-1}).
+    #[arg(long, default_value_t = 500, requires = "market")]
+    pub symbols: usize,
+    /// With --market: symbols each subscriber watches, chosen at random (the same choice on
+    /// every run: subscriber i's generator is seeded with i).
+    #[arg(long, default_value_t = 20, requires = "market")]
+    pub symbols_per_subscriber: usize,
     /// Internal: run as child shard I of P (set by --processes).
     #[arg(long, hide = true)]
     pub shard: Option<String>,
@@ -221,7 +239,7 @@ impl Plan {
         if args.channels == 0 {
             bail!("--channels must be at least 1");
         }
-        if !args.idle && args.channels > args.subscribers {
+        if !args.idle && !args.market && args.channels > args.subscribers {
             bail!(
                 "--channels ({}) must not exceed --subscribers ({}): messages to channels without subscribers measure nothing",
                 args.channels,
@@ -323,6 +341,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if let Some(messages) = args.recovery {
         return recovery::run(&args, messages).await;
     }
+    if args.market {
+        return market::run(&args).await;
+    }
     let plan = Arc::new(Plan::new(&args)?);
     if let Some(spec) = &args.shard {
         let (index, count) = spec
@@ -347,6 +368,8 @@ struct LocalStats {
     delivered_window: u64,
     gaps: u64,
     duplicates: u64,
+    /// What `--market` subscribers received, by kind.
+    market: market::Counts,
 }
 
 static REGISTRY: Mutex<Vec<Arc<Mutex<LocalStats>>>> = Mutex::new(Vec::new());
@@ -374,6 +397,7 @@ fn merged_stats() -> LocalStats {
         out.delivered_window += s.delivered_window;
         out.gaps += s.gaps;
         out.duplicates += s.duplicates;
+        out.market.merge(&s.market);
     }
     out
 }
@@ -516,46 +540,7 @@ impl Shard {
     /// Waits until every subscriber is connected and subscribed (or failed).
     async fn wait_setup(&mut self, progress: Option<&Progress>) -> SetupReport {
         let total = self.ctx.slots.len() as u64;
-        let mut report = SetupReport { requested: total, ..SetupReport::default() };
-        let mut handshakes = Histogram::default();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        while report.connected + report.failed < total {
-            tokio::select! {
-                outcome = self.setup_rx.recv() => match outcome {
-                    Some(SetupOutcome::Ok { handshake }) => {
-                        report.connected += 1;
-                        handshakes.record(handshake.as_nanos() as u64);
-                    }
-                    Some(SetupOutcome::Failed(error)) => {
-                        report.failed += 1;
-                        if report.errors.len() < 5 && !report.errors.contains(&error) {
-                            report.errors.push(error);
-                        }
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    if let Some(p) = progress {
-                        let elapsed = self.started.elapsed();
-                        p.show(&status_line(
-                            "connecting",
-                            elapsed,
-                            None,
-                            report.connected,
-                            0.0,
-                            &format!(
-                                "of {total} ({:.0}/s) | failed {}",
-                                report.connected as f64 / elapsed.as_secs_f64().max(1e-9),
-                                report.failed
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        report.secs = self.started.elapsed().as_secs_f64();
-        report.handshake_ns = handshakes.to_sparse();
-        report
+        collect_setup(&mut self.setup_rx, total, self.started, progress).await
     }
 
     fn set_window_start(&self, ns: u64) {
@@ -577,20 +562,7 @@ impl Shard {
                 .filter(|s| s.last.load(Relaxed) < published[s.channel])
                 .count()
         };
-        let drain_deadline = Instant::now() + ctx.plan.drain;
-        let mut last_total = merged_stats().delivered_total;
-        let mut last_progress = Instant::now();
-        while behind() > 0 && Instant::now() < drain_deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let total = merged_stats().delivered_total;
-            if total != last_total {
-                last_total = total;
-                last_progress = Instant::now();
-            } else if last_progress.elapsed() > Duration::from_secs(1) {
-                // Nothing moved for a second: what is missing is lost, not late.
-                break;
-            }
-        }
+        drain(behind, ctx.plan.drain).await;
         let bench_cpu_secs = proc_stats("self").map_or(0.0, |s| s.cpu_secs - cpu0);
 
         let mut report = ShardReport { setup, bench_cpu_secs, ..ShardReport::default() };
@@ -624,6 +596,74 @@ impl Shard {
     }
 }
 
+/// Waits, at most `limit`, until `behind()` (subscribers still missing messages) is zero, or
+/// until no message arrived for a second: what is missing then is lost, not late.
+async fn drain(behind: impl Fn() -> usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last_total = merged_stats().delivered_total;
+    let mut last_progress = Instant::now();
+    while behind() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let total = merged_stats().delivered_total;
+        if total != last_total {
+            last_total = total;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+    }
+}
+
+/// Collects the setup outcomes of `total` subscribers started at `started`, redrawing the
+/// progress line meanwhile.
+async fn collect_setup(
+    setup_rx: &mut mpsc::UnboundedReceiver<SetupOutcome>,
+    total: u64,
+    started: Instant,
+    progress: Option<&Progress>,
+) -> SetupReport {
+    let mut report = SetupReport { requested: total, ..SetupReport::default() };
+    let mut handshakes = Histogram::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while report.connected + report.failed < total {
+        tokio::select! {
+            outcome = setup_rx.recv() => match outcome {
+                Some(SetupOutcome::Ok { handshake }) => {
+                    report.connected += 1;
+                    handshakes.record(handshake.as_nanos() as u64);
+                }
+                Some(SetupOutcome::Failed(error)) => {
+                    report.failed += 1;
+                    if report.errors.len() < 5 && !report.errors.contains(&error) {
+                        report.errors.push(error);
+                    }
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Some(p) = progress {
+                    let elapsed = started.elapsed();
+                    p.show(&status_line(
+                        "connecting",
+                        elapsed,
+                        None,
+                        report.connected,
+                        0.0,
+                        &format!(
+                            "of {total} ({:.0}/s) | failed {}",
+                            report.connected as f64 / elapsed.as_secs_f64().max(1e-9),
+                            report.failed
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    report.secs = started.elapsed().as_secs_f64();
+    report.handshake_ns = handshakes.to_sparse();
+    report
+}
+
 /// One subscriber: connect, subscribe, then count and time messages until told to stop.
 async fn subscriber(
     ctx: Arc<ShardCtx>,
@@ -637,35 +677,22 @@ async fn subscriber(
     let setup = async {
         let _permit = gate.acquire().await.map_err(|e| e.to_string())?;
         let started = Instant::now();
-        let opts = ConnectOptions {
-            bind: slot.source,
-            // Small initial buffer (it grows on demand): the bench may hold 20,000 connections.
-            read_buffer_size: 4096,
-            headers: if ctx.plan.compress {
-                vec![(
-                    "Sec-WebSocket-Extensions".to_owned(),
-                    "permessage-deflate; client_max_window_bits".to_owned(),
-                )]
-            } else {
-                Vec::new()
-            },
-            connect_timeout: Duration::from_secs(30),
-            ..ConnectOptions::default()
-        };
+        let opts = connect_options(slot.source, ctx.plan.compress);
         let (mut conn, _welcome) = LeanConn::connect(&ctx.plan.ws_urls[slot.node], &opts)
             .await
             .map_err(|e| e.to_string())?;
         let handshake = started.elapsed();
-        let base = subscribe(&mut conn, channel, opts.connect_timeout).await?;
-        Ok::<_, String>((conn, handshake, base))
+        let subscribed = subscribe(&mut conn, channel, opts.connect_timeout).await?;
+        Ok::<_, String>((conn, handshake, subscribed))
     };
-    let (conn, base) = match setup.await {
-        Ok((conn, handshake, base)) => {
+    let (conn, Subscribed { base, after_ack }) = match setup.await {
+        Ok((conn, handshake, subscribed)) => {
+            let base = subscribed.base;
             slot.base.store(base, Relaxed);
             slot.last.store(base, Relaxed);
             slot.state.store(STATE_LIVE, Relaxed);
             let _ = setup_tx.send(SetupOutcome::Ok { handshake });
-            (conn, base)
+            (conn, subscribed)
         }
         Err(error) => {
             slot.state.store(STATE_FAILED, Relaxed);
@@ -674,11 +701,46 @@ async fn subscriber(
         }
     };
     drop(setup_tx);
-    receive(&ctx, slot, conn, base, stop).await;
+    receive(&ctx, slot, conn, base, after_ack, stop).await;
 }
 
-/// Sends the subscribe op and returns the channel offset from the ack.
-async fn subscribe(conn: &mut LeanConn, channel: &str, timeout: Duration) -> Result<u64, String> {
+/// A subscription as its ack left it.
+#[derive(Debug)]
+struct Subscribed {
+    /// The channel's offset in the ack: messages after it are expected.
+    base: u64,
+    /// Text frames that came in the same socket read as the ack, after it: messages
+    /// published right after the subscribe, to be counted like any other.
+    after_ack: Vec<Vec<u8>>,
+}
+
+/// How every bench subscriber connects: from `source` if given, offering permessage-deflate
+/// when `compress`.
+fn connect_options(source: Option<IpAddr>, compress: bool) -> ConnectOptions {
+    ConnectOptions {
+        bind: source,
+        // Small initial buffer (it grows on demand): the bench may hold 20,000 connections.
+        read_buffer_size: 4096,
+        headers: if compress {
+            vec![(
+                "Sec-WebSocket-Extensions".to_owned(),
+                "permessage-deflate; client_max_window_bits".to_owned(),
+            )]
+        } else {
+            Vec::new()
+        },
+        connect_timeout: Duration::from_secs(30),
+        ..ConnectOptions::default()
+    }
+}
+
+/// Sends the subscribe op and returns the channel offset from the ack, with whatever was
+/// read after the ack.
+async fn subscribe(
+    conn: &mut LeanConn,
+    channel: &str,
+    timeout: Duration,
+) -> Result<Subscribed, String> {
     let op = json!({"op": "subscribe", "id": 1, "channels": [channel]}).to_string();
     conn.send_text(&op).await.map_err(|e| format!("subscribe: {e}"))?;
     let wait = async {
@@ -687,11 +749,13 @@ async fn subscribe(conn: &mut LeanConn, channel: &str, timeout: Duration) -> Res
             let read = conn
                 .read_batch(|frame| {
                     if let LeanFrame::Text(t) = frame {
-                        texts.push(String::from_utf8_lossy(t).into_owned());
+                        texts.push(t.to_vec());
                     }
                 })
                 .await;
-            for text in texts {
+            let mut texts = texts.into_iter();
+            while let Some(text) = texts.next() {
+                let text = String::from_utf8_lossy(&text).into_owned();
                 for frame in decode_text(&text).map_err(|e| e.to_string())? {
                     match frame {
                         ServerFrame::Ack { id: Some(1), frame } => {
@@ -699,7 +763,8 @@ async fn subscribe(conn: &mut LeanConn, channel: &str, timeout: Duration) -> Res
                             if let Some(err) = result.get("error") {
                                 return Err(format!("subscribe {channel} refused: {err}"));
                             }
-                            return Ok(result["offset"].as_u64().unwrap_or(0));
+                            let base = result["offset"].as_u64().unwrap_or(0);
+                            return Ok(Subscribed { base, after_ack: texts.collect() });
                         }
                         ServerFrame::Error(e) if e.id == Some(1) => {
                             return Err(format!("subscribe {channel} refused: {e}"));
@@ -730,6 +795,7 @@ async fn receive(
     slot: &Slot,
     mut conn: LeanConn,
     base: u64,
+    after_ack: Vec<Vec<u8>>,
     mut stop: watch::Receiver<bool>,
 ) {
     // Resolve to `()` so the watch guard (not `Send`) is dropped inside the future.
@@ -740,6 +806,8 @@ async fn receive(
     let mut last = base;
     let mut latencies: Vec<u64> = Vec::new();
     let mut control: Vec<Vec<u8>> = Vec::new();
+    // What came with the ack is counted first, as if it were the first read.
+    let mut carried = Some(after_ack).filter(|texts| !texts.is_empty());
     loop {
         let mut now = 0;
         let mut window = (u64::MAX, u64::MAX);
@@ -747,32 +815,42 @@ async fn receive(
         let mut gaps = 0u64;
         let mut duplicates = 0u64;
         let previous = last;
-        let read = tokio::select! {
-            biased;
-            _ = &mut stopped => None,
-            read = conn.read_batch(|frame| {
-                let LeanFrame::Text(text) = frame else { return };
-                if now == 0 {
-                    // Once per socket read: the receive time of everything in it.
-                    now = unix_ns();
-                    window = (ctx.window_start.load(Relaxed), ctx.window_end.load(Relaxed));
+        let mut on_text = |text: &[u8]| {
+            if now == 0 {
+                // Once per socket read: the receive time of everything in it.
+                now = unix_ns();
+                window = (ctx.window_start.load(Relaxed), ctx.window_end.load(Relaxed));
+            }
+            let n = scan_messages(text, |offset, published_ns| {
+                if offset > last {
+                    gaps += offset - last - 1;
+                    last = offset;
+                } else {
+                    duplicates += 1;
                 }
-                let n = scan_messages(text, |offset, published_ns| {
-                    if offset > last {
-                        gaps += offset - last - 1;
-                        last = offset;
-                    } else {
-                        duplicates += 1;
-                    }
-                    if let Some(t) = published_ns.filter(|t| *t >= window.0 && *t < window.1) {
-                        latencies.push(now.saturating_sub(t));
-                    }
-                });
-                if n == 0 {
-                    control.push(text.to_vec());
+                if let Some(t) = published_ns.filter(|t| *t >= window.0 && *t < window.1) {
+                    latencies.push(now.saturating_sub(t));
                 }
-                found += n;
-            }) => Some(read),
+            });
+            if n == 0 {
+                control.push(text.to_vec());
+            }
+            found += n;
+        };
+        let read = match carried.take() {
+            Some(texts) => {
+                texts.iter().for_each(|text| on_text(text));
+                Some(Ok(()))
+            }
+            None => tokio::select! {
+                biased;
+                _ = &mut stopped => None,
+                read = conn.read_batch(|frame| {
+                    if let LeanFrame::Text(text) = frame {
+                        on_text(text);
+                    }
+                }) => Some(read),
+            },
         };
         let Some(read) = read else {
             // Told to stop: say goodbye properly so the server logs a normal closure.
@@ -1220,7 +1298,8 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
 
     if plan.idle {
         // Let the server finish per-connection allocations before sampling memory.
-        pace(&progress, Duration::from_secs(2), "settling", setup.connected, &pubs).await;
+        pace(&progress, Duration::from_secs(2), "settling", setup.connected, || live_rates(&pubs))
+            .await;
         idle = Some(sample_server()?);
     } else {
         let per_publisher = match plan.rate {
@@ -1230,7 +1309,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
         for index in 0..plan.publishers {
             publishers.spawn(publisher(Arc::clone(&pubs), index, per_publisher));
         }
-        pace(&progress, plan.warmup, "warmup", setup.connected, &pubs).await;
+        pace(&progress, plan.warmup, "warmup", setup.connected, || live_rates(&pubs)).await;
     }
 
     // Measurement window.
@@ -1244,7 +1323,7 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
     let bench_cpu0 = proc_stats("self").map_or(0.0, |s| s.cpu_secs);
     let window_started = Instant::now();
     let label = if plan.idle { "holding" } else { "measuring" };
-    pace(&progress, plan.duration, label, setup.connected, &pubs).await;
+    pace(&progress, plan.duration, label, setup.connected, || live_rates(&pubs)).await;
     let end_ns = unix_ns();
     let elapsed = window_started.elapsed().as_secs_f64();
     shard.set_window_end(end_ns);
@@ -1296,20 +1375,21 @@ async fn run_parent(plan: Arc<Plan>) -> anyhow::Result<ExitCode> {
     Ok(if plan.idle || delivered > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Sleeps `total`, refreshing the live line every second.
+/// Sleeps `total`, refreshing the live line every second with what `live` reports
+/// (received messages per second and the rest of the line).
 async fn pace(
     progress: &Progress,
     total: Duration,
     label: &str,
     connections: u64,
-    pubs: &PubShared,
+    mut live: impl FnMut() -> (f64, String),
 ) {
     let started = Instant::now();
     while started.elapsed() < total {
         let left = total.saturating_sub(started.elapsed());
         tokio::time::sleep(left.min(Duration::from_secs(1))).await;
         if progress.active() {
-            let (received_per_sec, extra) = live_rates(pubs);
+            let (received_per_sec, extra) = live();
             progress.show(&status_line(
                 label,
                 started.elapsed(),
@@ -1396,7 +1476,6 @@ fn build_report(
             *closes.entry(code.to_string()).or_default() += n;
         }
     }
-    let handshakes = Histogram::from_sparse(&setup.handshake_ns);
     let delivered_window = sum(|s| s.delivered_window);
     let gaps = sum(|s| s.gaps);
     let tail = sum(|s| s.tail_lost);
@@ -1420,18 +1499,7 @@ fn build_report(
             "source_ips": plan.source_ips.len().max(1),
             "idle": plan.idle,
         },
-        "setup": {
-            "connected": setup.connected,
-            "failed": setup.failed,
-            "secs": setup.secs,
-            "handshakes_per_sec": setup.connected as f64 / setup.secs.max(1e-9),
-            "handshake_ms": {
-                "p50": pct(&handshakes, 0.5),
-                "p99": pct(&handshakes, 0.99),
-                "max": ms(handshakes.max()),
-            },
-            "errors": setup.errors,
-        },
+        "setup": setup_json(&setup),
         "measured_secs": m.elapsed,
         "bench_cpu_secs": shards.iter().map(|s| s.bench_cpu_secs).sum::<f64>(),
     });
@@ -1474,31 +1542,13 @@ fn build_report(
             "server_errors": sum(|s| s.server_errors),
             "disconnects": closes,
         });
-        report["latency_ms"] = json!({
-            "samples": latency.count(),
-            "p50": pct(&latency, 0.5),
-            "p90": pct(&latency, 0.9),
-            "p99": pct(&latency, 0.99),
-            "p999": pct(&latency, 0.999),
-            "max": ms(latency.max()),
-            "mean": latency.mean() / 1e6,
-        });
+        report["latency_ms"] = latency_json(&latency);
     } else {
         report["delivery"] = json!({"disconnects": closes});
     }
     if let (Some(start), Some(end)) = (&m.server_start, &m.server_end) {
-        let cpu = end.cpu_secs - start.cpu_secs;
-        let mut server = json!({
-            "pid": plan.server_pids,
-            "cpu_secs": cpu,
-            "cpu_cores": cpu / m.elapsed.max(1e-9),
-            "rss_kb_start": start.rss_kb,
-            "rss_kb_end": end.rss_kb,
-        });
-        if !plan.idle && delivered_window > 0 {
-            server["cpu_secs_per_million_deliveries"] =
-                json!(cpu / (delivered_window as f64 / 1e6));
-        }
+        let deliveries = if plan.idle { 0 } else { delivered_window };
+        let mut server = server_json(&plan.server_pids, start, end, m.elapsed, deliveries);
         if let (Some(before), Some(Some(after))) = (&m.server_before, &m.idle) {
             let per_conn =
                 (after.rss_kb as f64 - before.rss_kb as f64) * 1024.0 / setup.connected as f64;
@@ -1511,6 +1561,62 @@ fn build_report(
     report
 }
 
+/// The setup section of a report.
+fn setup_json(setup: &SetupReport) -> Value {
+    let handshakes = Histogram::from_sparse(&setup.handshake_ns);
+    let ms = |ns: u64| ns as f64 / 1e6;
+    json!({
+        "connected": setup.connected,
+        "failed": setup.failed,
+        "secs": setup.secs,
+        "handshakes_per_sec": setup.connected as f64 / setup.secs.max(1e-9),
+        "handshake_ms": {
+            "p50": ms(handshakes.value_at_quantile(0.5)),
+            "p99": ms(handshakes.value_at_quantile(0.99)),
+            "max": ms(handshakes.max()),
+        },
+        "errors": setup.errors,
+    })
+}
+
+/// The latency section of a report, in ms.
+fn latency_json(latency: &Histogram) -> Value {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let pct = |q: f64| ms(latency.value_at_quantile(q));
+    json!({
+        "samples": latency.count(),
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "p999": pct(0.999),
+        "max": ms(latency.max()),
+        "mean": latency.mean() / 1e6,
+    })
+}
+
+/// The server section of a report: CPU and RSS of the servers between `start` and `end`
+/// (`elapsed` seconds apart), and CPU per million of the `deliveries` made meanwhile.
+fn server_json(
+    pids: &[u32],
+    start: &ProcStats,
+    end: &ProcStats,
+    elapsed: f64,
+    deliveries: u64,
+) -> Value {
+    let cpu = end.cpu_secs - start.cpu_secs;
+    let mut server = json!({
+        "pid": pids,
+        "cpu_secs": cpu,
+        "cpu_cores": cpu / elapsed.max(1e-9),
+        "rss_kb_start": start.rss_kb,
+        "rss_kb_end": end.rss_kb,
+    });
+    if deliveries > 0 {
+        server["cpu_secs_per_million_deliveries"] = json!(cpu / (deliveries as f64 / 1e6));
+    }
+    server
+}
+
 /// Renders the JSON report for people.
 fn human_report(r: &Value) -> String {
     let c = &r["config"];
@@ -1518,6 +1624,11 @@ fn human_report(r: &Value) -> String {
     let mut out = String::new();
     let traffic = if c["idle"] == true {
         "idle (no publishing)".to_owned()
+    } else if c["market"] == true {
+        format!(
+            "market data from the server's feed, {} symbols, {} per subscriber",
+            c["symbols"], c["symbols_per_subscriber"]
+        )
     } else {
         format!("rate {}, payload {} B", c["rate"].as_str().unwrap_or_default(), c["payload_bytes"])
     };
@@ -1580,7 +1691,27 @@ fn human_report(r: &Value) -> String {
             );
         }
     }
+    if let Some(feed) = r.get("feed") {
+        let _ = writeln!(
+            out,
+            "feed      {:.0} trades/s published on ticks.* in the window ({} trades, {} closed candles)",
+            f(&feed["trades_per_sec"]),
+            feed["trades"],
+            feed["closed_candles"],
+        );
+    }
     let d = &r["delivery"];
+    if let Some(kinds) = d.get("by_kind") {
+        let _ = writeln!(
+            out,
+            "          delivered trades {}, closed candles {}, forming candles {}; snapshot {}, before the ack {}",
+            kinds["trades"],
+            kinds["closed_candles"],
+            kinds["forming_candles"],
+            kinds["snapshot"],
+            kinds["before_ack"],
+        );
+    }
     if d.get("delivered").is_some() {
         let _ = writeln!(
             out,
@@ -1604,6 +1735,9 @@ fn human_report(r: &Value) -> String {
             f(&l["max"]),
             l["samples"],
         );
+        if let Some(clock) = l["clock"].as_str() {
+            let _ = writeln!(out, "          ({clock})");
+        }
     }
     if d["disconnects"].as_object().is_some_and(|o| !o.is_empty()) {
         let _ = writeln!(out, "closed    by the server (code: count): {}", d["disconnects"]);
@@ -1970,6 +2104,43 @@ mod tests {
         }
     }
 
+    /// A message published right after a subscribe can reach the client in the same socket
+    /// read as the ack. It used to be dropped with the rest of that read, so the first
+    /// message counted was the second one: "ack offset 0, first message offset 2", a gap.
+    #[tokio::test]
+    async fn messages_read_together_with_the_ack_are_kept() {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let welcome =
+                r#"{"type":"welcome","session":"s","version":1,"ping_interval_ms":25000}"#;
+            ws.send(Message::text(welcome)).await.unwrap();
+            let _subscribe = ws.next().await.unwrap().unwrap();
+            // Ack and the channel's first message in one write, as a busy server sends them.
+            let ack = r#"{"type":"ack","id":1,"result":{"ticks.A":{"epoch":"e","offset":0}}}"#;
+            let first = r#"{"type":"msg","channel":"ticks.A","offset":1,"epoch":"e","data":{}}"#;
+            ws.feed(Message::text(ack)).await.unwrap();
+            ws.feed(Message::text(first)).await.unwrap();
+            ws.flush().await.unwrap();
+            ws
+        });
+        let (mut conn, _welcome) =
+            LeanConn::connect(&url, &connect_options(None, false)).await.unwrap();
+        let subscribed = subscribe(&mut conn, "ticks.A", Duration::from_secs(5)).await.unwrap();
+        let _server_side = server.await.unwrap();
+        assert_eq!(subscribed.base, 0);
+        let mut offsets = Vec::new();
+        for text in &subscribed.after_ack {
+            scan_messages(text, |offset, _| offsets.push(offset));
+        }
+        assert_eq!(offsets, [1], "the message read with the ack is counted");
+    }
+
     #[test]
     fn proc_parsing() {
         let stat = "1234 (my (weird) srv) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 4 0 100 1000000 500 18446744073709551615";
@@ -1994,9 +2165,9 @@ mod tests {
         assert_eq!(http_base("ws://localhost/ws?x=1").unwrap(), "http://localhost");
     }
 
-    #[test]
-    fn shards_partition_subscribers() {
-        let args = BenchArgs {
+    /// Arguments for tests that build a [`Plan`].
+    pub(super) fn args_for_tests() -> BenchArgs {
+        BenchArgs {
             url: vec!["ws://127.0.0.1:1/ws".into(), "ws://127.0.0.1:2/ws".into()],
             publish_url: vec![],
             api_key: None,
@@ -2020,8 +2191,16 @@ mod tests {
             channel_prefix: "bench".into(),
             recovery: None,
             compress: false,
+            market: false,
+            symbols: 500,
+            symbols_per_subscriber: 20,
             shard: None,
-        };
+        }
+    }
+
+    #[test]
+    fn shards_partition_subscribers() {
+        let args = args_for_tests();
         let plan = Plan::new(&args).unwrap();
         assert_eq!(plan.source_ips.len(), 3);
         let ranges: Vec<_> = (0..3).map(|i| plan.shard_range(i, 3)).collect();
