@@ -190,7 +190,9 @@ fn replay_and_live_meet_without_gap_or_duplicate_under_concurrent_publishing() {
     }
     publisher.join().unwrap();
     check(&q, &mut last);
-    assert!(rounds > 3);
+    // The loop stops once publishing is over and three rounds were made: on a busy machine
+    // the publisher may finish during the third.
+    assert!(rounds >= 3);
     assert_eq!(last, 20_000);
 }
 
