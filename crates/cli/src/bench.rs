@@ -1694,10 +1694,11 @@ fn human_report(r: &Value) -> String {
     if let Some(feed) = r.get("feed") {
         let _ = writeln!(
             out,
-            "feed      {:.0} trades/s published on ticks.* in the window ({} trades, {} closed candles)",
+            "feed      {:.0} trades/s published on ticks.* ({} trades, {} closed candles, between two reads of /api/channels {:.1} s apart)",
             f(&feed["trades_per_sec"]),
             feed["trades"],
             feed["closed_candles"],
+            f(&feed["trades_secs"]),
         );
     }
     let d = &r["delivery"];
