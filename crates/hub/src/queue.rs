@@ -75,6 +75,7 @@ pub struct SharedForms {
     pub compress: bool,
     deflated: OnceLock<Bytes>,
     socketio: OnceLock<Option<Box<RawValue>>>,
+    socketio_frame: OnceLock<Option<Bytes>>,
 }
 
 impl SharedForms {
@@ -94,6 +95,13 @@ impl SharedForms {
         encode: impl FnOnce() -> Option<Box<RawValue>>,
     ) -> Option<&RawValue> {
         self.socketio.get_or_init(encode).as_deref()
+    }
+
+    /// The whole websocket frame carrying the Socket.IO `message` event (what a socket whose
+    /// transport ferrocast writes itself sends), made by `frame` on the first call only
+    /// (`None` when the frame cannot be one).
+    pub fn get_or_frame_socketio(&self, frame: impl FnOnce() -> Option<Bytes>) -> Option<&Bytes> {
+        self.socketio_frame.get_or_init(frame).as_ref()
     }
 }
 

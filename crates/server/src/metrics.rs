@@ -170,6 +170,9 @@ pub struct ServerMetrics {
     pub wrong_endpoint: Mutex<BTreeMap<&'static str, u64>>,
     /// Upgrade requests refused before the handshake (not a WebSocket request, bad version).
     pub upgrade_rejected: AtomicU64,
+    /// Socket.IO websocket frames written by ferrocast itself between the library's frames
+    /// (see `sio_engine::Splice`).
+    pub socketio_spliced_frames: AtomicU64,
     /// permessage-deflate on `/ws`.
     pub deflate: crate::ws::deflate::DeflateMetrics,
 }
@@ -405,6 +408,17 @@ impl ServerMetrics {
             out,
             "ferrocast_upgrade_rejected_total {}",
             self.upgrade_rejected.load(Relaxed)
+        );
+        family(
+            &mut out,
+            "ferrocast_socketio_spliced_frames_total",
+            "counter",
+            "Socket.IO websocket frames ferrocast wrote itself, bypassing the library's per-socket encoding.",
+        );
+        let _ = writeln!(
+            out,
+            "ferrocast_socketio_spliced_frames_total {}",
+            self.socketio_spliced_frames.load(Relaxed)
         );
         let d = &self.deflate;
         for (name, help, counter) in [

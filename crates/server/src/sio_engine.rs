@@ -46,7 +46,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
 use tokio::sync::{Notify, watch};
 use tower::{Service, ServiceExt};
 
@@ -324,6 +324,8 @@ where
         // does too if that ping was not polled yet (python-socketio upgrades before its
         // first poll): the library then flushes it over the websocket.
         let early_until = Instant::now() + early_window(state.ping_interval);
+        // A session that starts on websocket is one ferrocast's writer may splice into.
+        let direct = q.sid.is_none();
         let first_ping = match q.sid {
             None => Some((early_until, None)),
             Some(sid) => {
@@ -336,7 +338,11 @@ where
                 Ok(u) => u,
                 Err(e) => return tracing::debug!("socket.io upgrade did not complete: {e}"),
             };
-            let stream = EioStream::new(TokioIo::new(upgraded), state.cut_signal(), first_ping);
+            let (cut, pump_cut) = (state.cut_signal(), state.cut_signal());
+            let stream = EioStream::new(TokioIo::new(upgraded), cut, pump_cut, first_ping);
+            if direct {
+                parts.extensions.insert(stream.splice());
+            }
             let req = Request::from_parts(parts, ());
             let call = async {
                 ServiceExt::<(UpgradedStream, Request<()>)>::ready(&mut inner).await?;
@@ -505,16 +511,228 @@ const PING_FRAME: [u8; 3] = [0x81, 0x01, b'2'];
 /// Frames the library may send before its first ping (the open packet, a namespace connect)
 /// before ferrocast stops looking for it.
 const FRAMES_BEFORE_PING: usize = 16;
-/// Bytes buffered toward the client before writes wait.
-const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Bytes buffered toward the client (written, not yet on the connection) before the library's
+/// writes and ferrocast's splicing wait for the pump.
+pub const OUT_HIGH_WATER: usize = 64 * 1024;
+/// A pump buffer larger than this is not kept for the next batch.
+const PUMP_BUFFER_KEPT: usize = 256 * 1024;
+
+/// A future that resolves when the drain cuts the websocket transports.
+type Cut = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The outgoing side of one websocket connection, shared by the library (its whole frames,
+/// cut out of what it writes into [`EioStream`]) and, for a session that started on
+/// websocket, ferrocast's Socket.IO writer (whole frames it encoded itself, see
+/// `socketio::Writer`). Each side appends whole frames only, so the two never interleave
+/// inside a frame; one pump task writes the buffer to the connection, so the socket has one
+/// writer and one set of wakers.
+#[derive(Debug)]
+pub struct Splice {
+    state: Mutex<SpliceState>,
+    /// Wakes the pump: bytes appended or shutdown asked (`notify_one`: a permit is kept when
+    /// the pump is busy writing).
+    pump: Notify,
+    /// Wakes ferrocast's writer: room made, the library's CONNECT passed, or closed.
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct SpliceState {
+    /// Bytes waiting for the pump.
+    out: Vec<u8>,
+    /// Bytes appended and bytes written to the connection since the start.
+    appended: u64,
+    written: u64,
+    /// Where the library's last write ended: its flush is done once `written` passes it.
+    lib_mark: u64,
+    /// The library's Socket.IO CONNECT (a text frame `40...`) has been appended: ferrocast
+    /// splices nothing before it.
+    connected: bool,
+    /// The pump has ended (connection error, cut, or shut down): nothing more is written.
+    closed: bool,
+    /// The library is done writing: the pump writes what is left, then shuts the connection.
+    shutdown: bool,
+    /// The library's tasks waiting for room or for their flush.
+    wakers: Vec<Waker>,
+}
+
+impl SpliceState {
+    fn queued(&self) -> u64 {
+        self.appended - self.written
+    }
+
+    fn register(&mut self, waker: &Waker) {
+        if !self.wakers.iter().any(|w| w.will_wake(waker)) {
+            self.wakers.push(waker.clone());
+        }
+    }
+
+    /// Appends `frames`; whether the pump must be woken (it had nothing to write).
+    fn append(&mut self, frames: &[u8]) -> bool {
+        let was_empty = self.out.is_empty();
+        self.out.extend_from_slice(frames);
+        self.appended += frames.len() as u64;
+        was_empty && !frames.is_empty()
+    }
+}
+
+impl Splice {
+    fn new() -> Arc<Splice> {
+        Arc::new(Splice { state: Mutex::default(), pump: Notify::new(), changed: Notify::new() })
+    }
+
+    /// Whether ferrocast may splice a frame now: `None` once the connection is gone,
+    /// `Some(false)` before the library's CONNECT passed or while the buffer is above its
+    /// high-water mark.
+    pub fn ready(&self) -> Option<bool> {
+        let st = self.state.lock();
+        if st.closed {
+            return None;
+        }
+        Some(st.connected && st.queued() < OUT_HIGH_WATER as u64)
+    }
+
+    /// Whether the library's CONNECT has passed (and the connection is still open).
+    pub fn connected(&self) -> bool {
+        self.ready().is_some() && self.state.lock().connected
+    }
+
+    /// Resolves when [`Splice::ready`] is no longer `Some(false)`.
+    pub async fn writable(&self) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.ready() != Some(false) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Appends one whole websocket frame after everything written so far (whatever the
+    /// high-water mark: callers look at [`Splice::ready`] first). `false` once closed.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        let mut st = self.state.lock();
+        if st.closed {
+            return false;
+        }
+        let wake = st.append(frame);
+        drop(st);
+        if wake {
+            self.pump.notify_one();
+        }
+        true
+    }
+
+    /// The library's whole frames (`connect`: they carry its Socket.IO CONNECT).
+    fn push_library(&self, frames: &[u8], connect: bool) {
+        let mut st = self.state.lock();
+        let wake = st.append(frames);
+        st.lib_mark = st.appended;
+        let newly_connected = connect && !st.connected;
+        st.connected |= connect;
+        drop(st);
+        if wake {
+            self.pump.notify_one();
+        }
+        if newly_connected {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Ready when the library may write (the buffer is under its high-water mark).
+    fn poll_room(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.state.lock();
+        if st.closed {
+            return Poll::Ready(Err(closed_error()));
+        }
+        if st.queued() < OUT_HIGH_WATER as u64 {
+            return Poll::Ready(Ok(()));
+        }
+        st.register(cx.waker());
+        Poll::Pending
+    }
+
+    /// Ready when everything the library wrote is on the connection.
+    fn poll_flushed(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut st = self.state.lock();
+        if st.written >= st.lib_mark {
+            return Poll::Ready(Ok(()));
+        }
+        if st.closed {
+            return Poll::Ready(Err(closed_error()));
+        }
+        st.register(cx.waker());
+        Poll::Pending
+    }
+
+    /// The library is done: the pump writes what is left and shuts the connection.
+    fn shut_down(&self) {
+        self.state.lock().shutdown = true;
+        self.pump.notify_one();
+    }
+
+    /// The pump wrote `n` bytes (or ended, `closed`): wake whoever waits for room.
+    fn advanced(&self, n: usize, closed: bool) {
+        let mut st = self.state.lock();
+        st.written += n as u64;
+        st.closed |= closed;
+        let wakers = std::mem::take(&mut st.wakers);
+        drop(st);
+        for w in wakers {
+            w.wake();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Writes the buffer to the connection until the library shuts it down, the connection
+    /// fails, or the drain cuts it (then the write half is dropped at once).
+    async fn pump<W: AsyncWrite + Unpin>(self: Arc<Self>, mut conn: W, cut: Cut) {
+        let work = async {
+            let mut batch = Vec::new();
+            loop {
+                {
+                    let mut st = self.state.lock();
+                    if !st.out.is_empty() {
+                        std::mem::swap(&mut st.out, &mut batch);
+                    } else if st.shutdown {
+                        break;
+                    }
+                }
+                if batch.is_empty() {
+                    self.pump.notified().await;
+                    continue;
+                }
+                conn.write_all(&batch).await?;
+                conn.flush().await?;
+                self.advanced(batch.len(), false);
+                batch.clear();
+                if batch.capacity() > PUMP_BUFFER_KEPT {
+                    batch = Vec::new();
+                }
+            }
+            conn.shutdown().await
+        };
+        tokio::select! {
+            result = work => if let Err(e) = result {
+                tracing::debug!("socket.io websocket write failed: {e}");
+            },
+            () = cut => {}
+        }
+        self.advanced(0, true);
+    }
+}
 
 /// A websocket connection as the library sees it: dropped when the drain cuts transports
 /// (the library then reads end-of-stream; the client sees the TCP connection close without
 /// an Engine.IO close packet), and, for a new session, without the library's first ping,
-/// which it answers itself.
+/// which it answers itself. Its writes go, as whole frames, to the connection's [`Splice`].
 pub struct EioStream<S> {
-    inner: Option<S>,
-    cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The connection's read half (the pump owns the write half).
+    inner: Option<ReadHalf<S>>,
+    cut: Cut,
+    splice: Arc<Splice>,
     /// Still looking for the first ping among the server's frames.
     watching: bool,
     /// Until when a ping frame is the library's early one.
@@ -522,11 +740,13 @@ pub struct EioStream<S> {
     /// For an upgraded polling session: its id among the sessions whose first ping is still
     /// due, which the polling side may have taken meanwhile.
     upgraded: Option<UpgradedSession>,
-    /// Server bytes not yet a whole frame (while watching).
+    /// Server bytes not yet a whole frame.
     partial: Vec<u8>,
     frames_seen: usize,
-    /// Server bytes ready for the client.
+    /// Whole server frames sorted out of `partial`, about to be appended to the splice.
     out: Vec<u8>,
+    /// The library's CONNECT has been seen among its frames.
+    connect_seen: bool,
     /// How much of the pong frame is still to be handed to the library, once the ping is held.
     pong_left: usize,
     /// Client bytes read but not yet handed to the library (while tracking frame boundaries).
@@ -545,33 +765,54 @@ impl<S> std::fmt::Debug for EioStream<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
-    /// `first_ping`: `None` to pass every frame; `Some((until, None))` to hold back a ping
-    /// written before `until`; `Some((until, Some((state, sid))))` the same, unless the
-    /// polling side took that ping first.
+impl<S> Drop for EioStream<S> {
+    fn drop(&mut self) {
+        self.splice.shut_down();
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> EioStream<S> {
+    /// Splits `inner` and spawns the pump that writes its outgoing side. `cut` and `pump_cut`
+    /// resolve when the drain cuts the transports (one for each half). `first_ping`: `None`
+    /// to pass every frame; `Some((until, None))` to hold back a ping written before `until`;
+    /// `Some((until, Some((state, sid))))` the same, unless the polling side took that ping
+    /// first.
     fn new(
         inner: S,
-        cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+        cut: Cut,
+        pump_cut: Cut,
         first_ping: Option<(Instant, Option<UpgradedSession>)>,
     ) -> Self {
         let (early_until, upgraded) = match first_ping {
             Some((until, upgraded)) => (until, upgraded),
             None => (Instant::now(), None),
         };
+        let (read, write) = tokio::io::split(inner);
+        let splice = Splice::new();
+        tokio::spawn(splice.clone().pump(write, pump_cut));
         EioStream {
-            inner: Some(inner),
+            inner: Some(read),
             cut,
+            splice,
             watching: first_ping_due(&early_until),
             early_until,
             upgraded,
             partial: Vec::new(),
             frames_seen: 0,
             out: Vec::new(),
+            connect_seen: false,
             pong_left: 0,
             input: Vec::new(),
             frame_left: 0,
             read_waker: None,
         }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
+    /// The connection's outgoing side, for ferrocast's own frames.
+    pub fn splice(&self) -> Arc<Splice> {
+        self.splice.clone()
     }
 
     /// Whether the drain has cut this connection (dropping it on the first look).
@@ -587,10 +828,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
         self.watching || self.pong_left > 0
     }
 
-    /// Sorts whole server frames out of `partial`: the first ping is held back.
+    /// Sorts whole server frames out of `partial` into `out`: the first ping is held back. An
+    /// incomplete frame stays in `partial`.
     fn sort_frames(&mut self) {
-        while let Some(len) = frame_len(&self.partial).filter(|n| *n <= self.partial.len()) {
-            let is_ping = self.partial[..len] == PING_FRAME;
+        let mut at = 0;
+        while let Some(len) =
+            frame_len(&self.partial[at..]).filter(|n| *n <= self.partial.len() - at)
+        {
+            let frame = &self.partial[at..at + len];
+            at += len;
+            if !self.watching {
+                self.out.extend_from_slice(frame);
+                continue;
+            }
+            let is_ping = frame == PING_FRAME;
             let first = is_ping
                 && match self.upgraded.take() {
                     None => Instant::now() < self.early_until,
@@ -602,41 +853,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
                 if let Some(w) = self.read_waker.take() {
                     w.wake();
                 }
-            } else if is_ping {
-                // A regular ping (the early one went over polling, or never came).
-                self.watching = false;
-                self.out.extend_from_slice(&self.partial[..len]);
             } else {
-                self.out.extend_from_slice(&self.partial[..len]);
+                // A regular ping (the early one went over polling, or never came) stops
+                // the watch too.
+                self.watching &= !is_ping;
+                self.out.extend_from_slice(frame);
             }
-            self.partial.drain(..len);
             self.frames_seen += 1;
-            if !self.watching {
-                break;
-            }
             if self.frames_seen >= FRAMES_BEFORE_PING || !first_ping_due(&self.early_until) {
                 self.watching = false;
             }
         }
-        if !self.watching {
-            self.out.append(&mut self.partial);
-        }
+        self.partial.drain(..at);
     }
 
-    /// Writes buffered server bytes to the connection.
-    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(inner) = self.inner.as_mut() else { return Poll::Ready(Err(cut_error())) };
-        while !self.out.is_empty() {
-            match Pin::new(&mut *inner).poll_write(cx, &self.out) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    self.out.drain(..n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
+    /// Appends whole library frames to the splice, noting its CONNECT.
+    fn push_frames(&mut self, frames: &[u8]) {
+        let connect = !self.connect_seen && carries_connect(frames);
+        self.connect_seen |= connect;
+        self.splice.push_library(frames, connect);
     }
 
     /// Reads more client bytes into `input`; `Ok(false)` at end of stream.
@@ -655,13 +890,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
     }
 }
 
-/// Whether the early ping may still come.
+/// Whether the first ping may still come.
 fn first_ping_due(until: &Instant) -> bool {
     Instant::now() < *until
 }
 
 fn cut_error() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "socket.io transport dropped for the drain")
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "socket.io websocket connection closed")
 }
 
 /// The total length of the websocket frame at the start of `buf`, once its header is there.
@@ -674,6 +913,44 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
         n => (2, n as u64),
     };
     usize::try_from(payload).ok()?.checked_add(header + mask)
+}
+
+/// How many bytes at the start of `buf` are whole frames.
+fn whole_frames(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(len) = frame_len(&buf[at..]).filter(|n| *n <= buf.len() - at) {
+        at += len;
+    }
+    at
+}
+
+/// Whether one of the whole server frames in `frames` is a Socket.IO CONNECT: an unmasked,
+/// final text frame whose payload starts with `40` (Engine.IO message, Socket.IO CONNECT).
+fn carries_connect(frames: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(len) = frame_len(&frames[at..]).filter(|n| *n <= frames.len() - at) {
+        let frame = &frames[at..at + len];
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        if frame[0] == 0x81 && frame[1] & 0x80 == 0 && frame[header..].starts_with(b"40") {
+            return true;
+        }
+        at += len;
+    }
+    false
+}
+
+/// A whole unmasked websocket text frame carrying `payload`.
+pub fn text_frame(payload: &[u8]) -> Vec<u8> {
+    let mut header = [0u8; 10];
+    let n = crate::ws::frame::encode_header(crate::ws::frame::OP_TEXT, payload.len(), &mut header);
+    let mut frame = Vec::with_capacity(n + payload.len());
+    frame.extend_from_slice(&header[..n]);
+    frame.extend_from_slice(payload);
+    frame
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for EioStream<S> {
@@ -748,23 +1025,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EioStream<S> {
         if this.check_cut(cx) {
             return Poll::Ready(Err(cut_error()));
         }
-        if this.watching {
-            if this.out.len() >= OUT_HIGH_WATER && this.poll_flush_out(cx)?.is_pending() {
-                return Poll::Pending;
-            }
-            this.partial.extend_from_slice(buf);
-            this.sort_frames();
-            // Written out as far as the connection takes now; the rest on the next flush.
-            let _ = this.poll_flush_out(cx)?;
-            return Poll::Ready(Ok(buf.len()));
-        }
-        if this.poll_flush_out(cx)?.is_pending() {
+        if this.splice.poll_room(cx)?.is_pending() {
             return Poll::Pending;
         }
-        match this.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_write(cx, buf),
-            None => Poll::Ready(Err(cut_error())),
+        if this.watching || !this.partial.is_empty() {
+            this.partial.extend_from_slice(buf);
+            this.sort_frames();
+            let out = std::mem::take(&mut this.out);
+            this.push_frames(&out);
+            this.out = out;
+            this.out.clear();
+        } else {
+            // Whole frames go on as they are; an incomplete one waits for its end.
+            let whole = whole_frames(buf);
+            this.push_frames(&buf[..whole]);
+            this.partial.extend_from_slice(&buf[whole..]);
         }
+        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -772,13 +1049,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EioStream<S> {
         if this.check_cut(cx) {
             return Poll::Ready(Err(cut_error()));
         }
-        if this.poll_flush_out(cx)?.is_pending() {
-            return Poll::Pending;
-        }
-        match this.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_flush(cx),
-            None => Poll::Ready(Err(cut_error())),
-        }
+        this.splice.poll_flushed(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -786,13 +1057,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EioStream<S> {
         if this.check_cut(cx) {
             return Poll::Ready(Ok(()));
         }
-        if this.poll_flush_out(cx)?.is_pending() {
+        if this.splice.poll_flushed(cx)?.is_pending() {
             return Poll::Pending;
         }
-        match this.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
+        this.splice.shut_down();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -800,6 +1069,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EioStream<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn never() -> Cut {
+        Box::pin(std::future::pending())
+    }
+
+    /// The frames a client reads, parsed from the connection.
+    async fn read_frames(client: &mut tokio::io::DuplexStream, n: usize) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let mut buf = Vec::new();
+        while frames.len() < n {
+            while let Some(len) = frame_len(&buf).filter(|len| *len <= buf.len()) {
+                frames.push(buf.drain(..len).collect());
+            }
+            if frames.len() >= n {
+                break;
+            }
+            let mut chunk = [0u8; 256];
+            let got = client.read(&mut chunk).await.unwrap();
+            assert!(got > 0, "connection closed after {} frames", frames.len());
+            buf.extend_from_slice(&chunk[..got]);
+        }
+        frames
+    }
 
     #[test]
     fn frame_lengths() {
@@ -816,9 +1108,8 @@ mod tests {
     #[tokio::test]
     async fn first_ping_is_held_and_answered() {
         let (lib_side, mut client) = tokio::io::duplex(1024);
-        let never: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(std::future::pending());
         let until = Instant::now() + Duration::from_secs(60);
-        let mut stream = EioStream::new(lib_side, never, Some((until, None)));
+        let mut stream = EioStream::new(lib_side, never(), never(), Some((until, None)));
         let open = [0x81, 0x03, b'0', b'{', b'}'];
         // The client's `40`, masked with zeros, arrives split around the ping.
         client.write_all(&[0x81, 0x82, 0, 0]).await.unwrap();
@@ -837,5 +1128,98 @@ mod tests {
         stream.read_exact(&mut lib).await.unwrap();
         assert_eq!(&lib[..7], &PONG_FRAME);
         assert_eq!(&lib[7..], &[0x81, 0x82, 0, 0, 0, 0, b'4', b'0']);
+    }
+
+    /// Nothing may be spliced before the library's CONNECT has passed, even written in odd
+    /// chunks; then spliced frames go out after it.
+    #[tokio::test]
+    async fn nothing_spliced_before_connect() {
+        let (lib_side, mut client) = tokio::io::duplex(64 * 1024);
+        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let splice = stream.splice();
+        assert_eq!(splice.ready(), Some(false));
+        let open = text_frame(br#"0{"sid":"s"}"#);
+        stream.write_all(&open).await.unwrap();
+        stream.flush().await.unwrap();
+        assert_eq!(splice.ready(), Some(false), "an open packet is not the CONNECT");
+        let connect = text_frame(br#"40{"sid":"n"}"#);
+        stream.write_all(&connect[..3]).await.unwrap();
+        assert_eq!(splice.ready(), Some(false), "half a CONNECT has not passed");
+        let waiter = tokio::spawn({
+            let splice = splice.clone();
+            async move { splice.writable().await }
+        });
+        stream.write_all(&connect[3..]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!(splice.ready(), Some(true));
+        let message = text_frame(br#"42["message",1]"#);
+        assert!(splice.push(&message));
+        let frames = read_frames(&mut client, 3).await;
+        assert_eq!(frames, vec![open, connect, message]);
+    }
+
+    /// Library frames written in odd chunks and spliced frames interleave only at frame
+    /// boundaries, each side in its own order.
+    #[tokio::test]
+    async fn spliced_frames_go_between_library_frames() {
+        let (lib_side, mut client) = tokio::io::duplex(1024 * 1024);
+        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let splice = stream.splice();
+        stream.write_all(&text_frame(b"40")).await.unwrap();
+        let mut expected = vec![text_frame(b"40")];
+        let mut library = Vec::new();
+        let mut spliced = Vec::new();
+        for i in 0..200usize {
+            // Library frames of every length class, written 1, 2, 3... bytes at a time.
+            let body = format!("42[\"lib\",{i},\"{}\"]", "x".repeat(i * 37 % 400));
+            let frame = text_frame(body.as_bytes());
+            let step = i % 7 + 1;
+            for (k, chunk) in frame.chunks(step).enumerate() {
+                stream.write_all(chunk).await.unwrap();
+                if k == 1 {
+                    // In the middle of a library frame.
+                    let mine = text_frame(format!("42[\"spliced\",{i}]").as_bytes());
+                    assert!(splice.push(&mine));
+                    spliced.push(mine);
+                }
+            }
+            library.push(frame);
+        }
+        stream.flush().await.unwrap();
+        let frames = read_frames(&mut client, 1 + library.len() + spliced.len()).await;
+        assert_eq!(frames[0], expected.remove(0));
+        let (mut got_lib, mut got_spliced) = (Vec::new(), Vec::new());
+        for f in &frames[1..] {
+            if f.windows(9).any(|w| w == b"\"spliced\"") {
+                got_spliced.push(f.clone());
+            } else {
+                got_lib.push(f.clone());
+            }
+        }
+        assert_eq!(got_lib, library, "library frames whole and in order");
+        assert_eq!(got_spliced, spliced, "spliced frames whole and in order");
+        // Each spliced frame went out before the library frame it was pushed in the middle of.
+        let first_spliced = frames.iter().position(|f| *f == spliced[0]).unwrap();
+        let first_lib = frames.iter().position(|f| *f == library[0]).unwrap();
+        assert!(first_spliced < first_lib);
+    }
+
+    /// Dropping the stream (the library is done) writes what is left, then closes.
+    #[tokio::test]
+    async fn drop_flushes_then_closes() {
+        let (lib_side, mut client) = tokio::io::duplex(64 * 1024);
+        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let splice = stream.splice();
+        stream.write_all(&text_frame(b"40")).await.unwrap();
+        assert!(splice.push(&text_frame(b"42[\"close\",{}]")));
+        drop(stream);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        let mut expected = text_frame(b"40");
+        expected.extend_from_slice(&text_frame(b"42[\"close\",{}]"));
+        assert_eq!(rest, expected);
+        tokio::time::timeout(Duration::from_secs(5), splice.writable()).await.unwrap();
+        assert_eq!(splice.ready(), None);
+        assert!(!splice.push(b"\x81\x01x"));
     }
 }

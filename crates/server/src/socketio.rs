@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -56,7 +57,7 @@ use crate::limits::IpSlot;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
-use crate::sio_engine::{EngineFront, PollingDrain};
+use crate::sio_engine::{EngineFront, PollingDrain, Splice, text_frame};
 use crate::sse::MsgView;
 use crate::users::ConnHandle;
 use crate::ws::origin_allowed;
@@ -227,6 +228,8 @@ async fn prepare(
         return Err(message);
     }
     let conn = Arc::new(Conn {
+        // Present only for a session that started on websocket (see `sio_engine`).
+        splice: s.req_parts().extensions.get::<Arc<Splice>>().cloned(),
         handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         disconnected: Notify::new(),
@@ -282,6 +285,9 @@ struct Conn {
     session: Mutex<Option<Session>>,
     disconnected: Notify,
     reason: Mutex<Option<DisconnectReason>>,
+    /// The websocket's outgoing side, for a session that started on websocket: the writer
+    /// writes its frames there itself instead of through `emit`.
+    splice: Option<Arc<Splice>>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -324,7 +330,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                 let e = bad_request(format!("the event's payload could not be read: {e}"));
                 let reply = refused(session, e);
                 drop(guard);
-                send_ack(conn, ack, &reply);
+                send_ack(conn, ack, ack_id, &reply);
                 return;
             }
             Err(_) => serde_json::Value::Null,
@@ -335,7 +341,7 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
             let reply = refused(session, e);
             drop(guard);
             if !closing {
-                send_ack(conn, ack, &reply);
+                send_ack(conn, ack, ack_id, &reply);
             }
             return;
         }
@@ -354,8 +360,16 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                     Err(e) => refused(session, e),
                 };
                 drop(guard);
-                send_ack(conn, ack, &reply);
-                conn.handle.queue.fill(reservation, Bytes::new());
+                match (&conn.splice, ack_id) {
+                    // The writer splices the ack itself, in its place in the queue.
+                    (Some(_), Some(id)) => {
+                        conn.handle.queue.fill(reservation, ack_frame(id, &reply).into());
+                    }
+                    _ => {
+                        send_ack(conn, ack, ack_id, &reply);
+                        conn.handle.queue.fill(reservation, Bytes::new());
+                    }
+                }
                 return;
             }
             Op::Unsubscribe => match parse_channels(&payload, "unsubscribe") {
@@ -397,14 +411,30 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
             }
         };
         drop(guard);
-        send_ack(conn, ack, &reply);
+        send_ack(conn, ack, ack_id, &reply);
     }
 }
 
-/// Sends an event's ack. Acks go straight to the engine's per-socket buffer, outside the
-/// session's queue; that buffer is full only when the client has stopped reading while it
-/// keeps sending, and such a client is closed with 4008 like on every other transport.
-fn send_ack(conn: &Conn, ack: AckSender<LocalAdapter>, reply: &serde_json::Value) {
+/// Sends an event's ack. On a spliced socket it is queued, framed, like a reply on `/ws`, so
+/// acks keep the order of the requests (and the subscribe acks, which must be queued, their
+/// place among the others). Otherwise acks go straight to the engine's per-socket buffer,
+/// outside the session's queue; that buffer is full only when the client has stopped reading
+/// while it keeps sending, and such a client is closed with 4008 like on every other transport.
+fn send_ack(
+    conn: &Conn,
+    ack: AckSender<LocalAdapter>,
+    ack_id: Option<i64>,
+    reply: &serde_json::Value,
+) {
+    if let (Some(_), Some(id)) = (&conn.splice, ack_id) {
+        if !conn.handle.queue.push_control(ack_frame(id, reply).into()) {
+            tracing::info!(
+                conn = conn.handle.conn_id,
+                "the client sends events but does not read the replies; closing with 4008"
+            );
+        }
+        return;
+    }
     match ack.send(reply) {
         Ok(()) => {}
         Err(SendError::Socket(SocketError::InternalChannelFull)) => {
@@ -418,6 +448,11 @@ fn send_ack(conn: &Conn, ack: AckSender<LocalAdapter>, reply: &serde_json::Value
         }
         Err(e) => tracing::debug!(conn = conn.handle.conn_id, "socket.io ack not sent: {e}"),
     }
+}
+
+/// The websocket frame of the ack `id` with the one argument `reply` (`43<id>[reply]`).
+fn ack_frame(id: i64, reply: &serde_json::Value) -> Vec<u8> {
+    text_frame(format!("43{id}[{reply}]").as_bytes())
 }
 
 /// Largest `ping` payload echoed back (as the ack and the `pong` event), serialized.
@@ -525,6 +560,8 @@ struct Writer {
     stage: Stage,
     /// Some namespace sets `socketio_event`, so each message's channel must be looked at.
     named_events: bool,
+    /// Where the frames go for a session that started on websocket (`None`: `emit`).
+    splice: Option<Arc<Splice>>,
 }
 
 async fn run_socket(
@@ -543,6 +580,7 @@ async fn run_socket(
         pending: VecDeque::new(),
         stage: Stage::Start,
         named_events: app.config.socketio_events(),
+        splice: conn.splice.clone(),
     };
     let code = writer.run().await;
     drop(writer);
@@ -566,6 +604,7 @@ impl Writer {
         let mut polled_away = false;
         // The engine's session id is the socket's (the `sid` of its polling requests).
         let sid = self.socket.id.to_string();
+        let splice = self.splice.clone();
         loop {
             match self.flush() {
                 Flush::Done => backoff = MIN_BACKOFF,
@@ -656,9 +695,10 @@ impl Writer {
                         drained.frames = Vec::new();
                     }
                 }
-                _ = tokio::time::sleep(backoff), if !self.pending.is_empty() => {
+                _ = tokio::time::sleep(backoff), if !self.pending.is_empty() && splice.is_none() => {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+                () = writable(splice.as_deref()), if !self.pending.is_empty() => {}
                 _ = drain_rx.changed(), if !told_draining => {}
                 _ = sleep_until_some(drain_exit) => return CloseCode::GoingAway.code(),
                 () = self.polls.told_or_over(&sid), if polled_away => {
@@ -685,11 +725,65 @@ impl Writer {
     }
 
     fn emit_close(&self, code: u16, reason: &str) {
-        let _ = self.socket.emit("close", &json!({ "code": code, "reason": reason }));
+        let body = json!({ "code": code, "reason": reason });
+        if let Some(splice) = self.splice.as_ref().filter(|s| s.connected())
+            && splice.push(&event_frame("close", body.to_string().as_bytes()))
+        {
+            self.conn.app.metrics.socketio_spliced_frames.fetch_add(1, Relaxed);
+            return;
+        }
+        let _ = self.socket.emit("close", &body);
+    }
+
+    /// Splices pending frames after the library's, in order, while the buffer has room.
+    fn flush_spliced(&mut self, splice: &Splice) -> Flush {
+        let app = &self.conn.app;
+        let now = Instant::now();
+        let mut latency = LocalHistogram::default();
+        let (mut messages, mut bytes, mut frames) = (0u64, 0u64, 0u64);
+        let mut outcome = Flush::Done;
+        while let Some(front) = self.pending.front() {
+            match splice.ready() {
+                None => {
+                    outcome = Flush::Closed;
+                    break;
+                }
+                Some(false) => {
+                    outcome = Flush::Full;
+                    break;
+                }
+                Some(true) => {}
+            }
+            let Some(n) = splice_frame(splice, app, front, self.named_events) else {
+                outcome = Flush::Closed;
+                break;
+            };
+            if n > 0 && front.is_message() {
+                messages += 1;
+                bytes += front.bytes.len() as u64;
+                if let Some(at) = front.published_at {
+                    latency.record(now.saturating_duration_since(at));
+                }
+            }
+            frames += n;
+            self.pending.pop_front();
+        }
+        if self.pending.capacity() > 1024 && self.pending.is_empty() {
+            self.pending = VecDeque::new();
+        }
+        latency.flush_into(&app.metrics.delivery_latency);
+        app.metrics.delivered(Transport::SocketIo, messages, bytes);
+        if frames > 0 {
+            app.metrics.socketio_spliced_frames.fetch_add(frames, Relaxed);
+        }
+        outcome
     }
 
     /// Hands pending frames to the engine, in order, until done or the engine pushes back.
     fn flush(&mut self) -> Flush {
+        if let Some(splice) = self.splice.clone() {
+            return self.flush_spliced(&splice);
+        }
         let app = &self.conn.app;
         let now = Instant::now();
         let mut latency = LocalHistogram::default();
@@ -733,6 +827,84 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Resolves when the splice can take frames again (never without one).
+async fn writable(splice: Option<&Splice>) {
+    match splice {
+        Some(splice) => splice.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The websocket frame of the Socket.IO event `event` with the one argument `arg` (JSON): the
+/// Engine.IO message `42["event",arg]` on the main namespace.
+fn event_frame(event: &str, arg: &[u8]) -> Vec<u8> {
+    let name = serde_json::to_string(event).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut packet = Vec::with_capacity(6 + name.len() + arg.len());
+    packet.extend_from_slice(b"42[");
+    packet.extend_from_slice(name.as_bytes());
+    packet.push(b',');
+    packet.extend_from_slice(arg);
+    packet.push(b']');
+    text_frame(&packet)
+}
+
+/// The websocket frame of the `message` event for a native `msg` frame.
+fn message_frame(frame: &[u8]) -> Option<Bytes> {
+    let body = message_body(frame)?;
+    Some(event_frame("message", body.get().as_bytes()).into())
+}
+
+/// Splices one queued frame: how many websocket frames it took (0 when it was skipped:
+/// empty placeholder, unreadable), `None` once the connection is gone. A control frame that
+/// starts with a text frame header is already framed (the subscribe ack); any other is a
+/// server notice such as {"type":"unsubscribed",...}, sent under its type.
+fn splice_frame(
+    splice: &Splice,
+    app: &AppState,
+    frame: &Outbound,
+    named_events: bool,
+) -> Option<u64> {
+    let push = |bytes: &[u8]| splice.push(bytes).then_some(1u64);
+    if frame.bytes.is_empty() {
+        return Some(0);
+    }
+    if !frame.is_message() {
+        if frame.bytes[0] == 0x81 {
+            return push(&frame.bytes);
+        }
+        #[derive(Deserialize)]
+        struct Notice<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+        }
+        let Ok(notice) = serde_json::from_slice::<Notice<'_>>(&frame.bytes) else {
+            return Some(0);
+        };
+        return push(&event_frame(notice.kind, &frame.bytes));
+    }
+    // Made once per message for every socket that gets it (a replayed message, which has no
+    // shared forms, is framed here).
+    let own;
+    let framed = match &frame.forms {
+        Some(forms) => forms.get_or_frame_socketio(|| message_frame(&frame.bytes)),
+        None => {
+            own = message_frame(&frame.bytes);
+            own.as_ref()
+        }
+    };
+    let Some(framed) = framed else { return Some(0) };
+    let mut n = push(framed)?;
+    if named_events
+        && let Some(msg) = MsgView::parse(&frame.bytes)
+        && let event = &app.hub.namespace(msg.channel).socketio_event
+        && !event.is_empty()
+        && serde_json::from_slice::<&RawValue>(msg.data).is_ok()
+    {
+        n += push(&event_frame(event, msg.data))?;
+    }
+    Some(n)
 }
 
 /// Emits one queued frame. `Ok(false)` when it was skipped (empty placeholder, unreadable).
