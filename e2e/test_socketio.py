@@ -403,3 +403,58 @@ async def test_ping_echoes_small_payloads_and_refuses_large_ones(start_server, s
     assert reply["error"]["code"] == "bad_request", reply
     assert "1024" in reply["error"]["message"], reply
     assert pongs.empty()
+
+
+async def test_websocket_only_sockets_are_spliced_in_order_and_polling_ones_are_not(
+    start_server, sio_clients
+):
+    """A session that starts on websocket gets its frames written by ferrocast itself
+    (ferrocast_socketio_spliced_frames_total counts them); one on polling goes through the
+    library. Spliced, the subscribe ack still comes before the replay it starts, and a few
+    thousand messages arrive whole, in order, none lost, with the namespace's own event."""
+    server = start_server(*SETS)
+    spliced = "ferrocast_socketio_spliced_frames_total"
+
+    polling = sio_clients()
+    await polling.connect(server.base_url, ["polling"])
+    await polling.call("subscribe", "chat.pysplicepoll")
+    await server.apublish("chat.pysplicepoll", 1)
+    assert (await polling.next_message())["data"] == 1
+    assert await server.ametric(spliced) == 0
+    await polling.sio.disconnect()
+
+    channel = "chat.pysplice"
+    first = [await server.apublish(channel, n) for n in range(1, 6)]
+    client = sio_clients()
+    order: list = []
+    client.sio.on("message", lambda m: order.append(("message", m["offset"], m["data"])))
+    await client.connect(server.base_url, ["websocket"])
+    assert client.sio.transport() == "websocket"
+    acked = asyncio.get_running_loop().create_future()
+
+    def on_ack(results):
+        order.append(("ack",))
+        acked.set_result(results)
+
+    recover = {channel: {"epoch": first[0]["epoch"], "offset": 2}}
+    await client.sio.emit("subscribe", {"channels": [channel], "recover": recover}, callback=on_ack)
+    results = await asyncio.wait_for(acked, 5)
+    assert results[channel]["recovered"] is True and results[channel]["replayed"] == 3, results
+
+    total = 2000
+    for start in range(6, 6 + total, 100):
+        await server.apublish_batch([(channel, n) for n in range(start, min(start + 100, 6 + total))])
+    deadline = asyncio.get_running_loop().time() + 20
+    while len(order) < 1 + 3 + total and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    assert order[0] == ("ack",), order[:5]
+    got = [entry[2] for entry in order[1:]]
+    assert got == list(range(3, 6 + total)), f"{len(got)} messages, first {got[:5]}"
+    assert [entry[1] for entry in order[1:]] == list(range(3, 6 + total))
+
+    price = "prices.PYSPL"
+    await client.call("subscribe", price)
+    await server.apublish(price, {"p": 7})
+    assert await asyncio.wait_for(client.prices.get(), 5) == {"p": 7}
+    # The ack, 2003 messages, a second ack, a message and its `price_update`.
+    assert await server.ametric(spliced) >= 1 + 3 + total + 1 + 2

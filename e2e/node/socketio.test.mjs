@@ -187,3 +187,63 @@ for (const transports of [['websocket'], ['polling']]) {
     }
   });
 }
+
+test('websocket-only sockets are spliced (ack before the replay, thousands in order); polling ones are not', async () => {
+  const server = await Ferrocast.start({ sets: SETS, name: 'socketio-splice' });
+  const spliced = 'ferrocast_socketio_spliced_frames_total';
+  try {
+    const polling = connect(server, { transports: ['polling'] });
+    await polling.connected;
+    await polling.socket.timeout(5000).emitWithAck('subscribe', 'chat.nodesplicepoll');
+    await server.publish('chat.nodesplicepoll', 1);
+    assert.equal((await polling.messages.next()).data, 1);
+    assert.equal(await server.metric(spliced), 0, 'a polling session is not spliced');
+    polling.socket.disconnect();
+
+    const channel = 'chat.nodesplice';
+    let epoch;
+    for (let n = 1; n <= 5; n++) epoch = (await server.publish(channel, n)).epoch;
+    const c = connect(server, { transports: ['websocket'] });
+    await c.connected;
+    assert.equal(c.socket.io.engine.transport.name, 'websocket');
+    const order = [];
+    c.socket.on('message', (m) => order.push(m));
+    const results = await new Promise((resolve, reject) => {
+      const payload = { channels: [channel], recover: { [channel]: { epoch, offset: 2 } } };
+      c.socket.timeout(5000).emit('subscribe', payload, (err, res) => {
+        order.push('ack');
+        if (err) reject(err);
+        else resolve(res);
+      });
+    });
+    assert.equal(results[channel].recovered, true);
+    assert.equal(results[channel].replayed, 3);
+
+    const total = 3000;
+    for (let start = 6; start < 6 + total; start += 100) {
+      const messages = [];
+      for (let n = start; n < Math.min(start + 100, 6 + total); n++) messages.push({ channel, data: n });
+      const r = await server.fetch('/api/publish', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ messages }),
+      });
+      assert.equal(r.status, 200);
+    }
+    await waitFor(() => order.length >= 1 + 3 + total, 20000, 'every message');
+    assert.equal(order[0], 'ack', 'the ack callback runs before any replayed message');
+    const data = order.slice(1).map((m) => m.data);
+    const expected = Array.from({ length: 3 + total }, (_, i) => i + 3);
+    assert.deepEqual(data, expected, 'every message, in order');
+    assert.deepEqual(order.slice(1).map((m) => m.offset), expected);
+
+    const price = 'prices.NSPL';
+    await c.socket.timeout(5000).emitWithAck('subscribe', price);
+    await server.publish(price, { p: 7 });
+    assert.deepEqual(await c.prices.next(5000, 'a price_update'), { p: 7 });
+    assert.ok((await server.metric(spliced)) >= 1 + 3 + total + 1 + 2);
+    c.socket.disconnect();
+  } finally {
+    await server.stop();
+  }
+});
