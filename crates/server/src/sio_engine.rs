@@ -22,6 +22,18 @@
 //!   connection through an [`EioStream`] (socketioxide's `(stream, request)` service), which
 //!   drops the ping frame and feeds the library a pong frame at a client frame boundary.
 //!
+//! - **Splice.** The library writes whole websocket frames into [`EioStream`]; the stream cuts
+//!   them out of its writes (an incomplete frame waits for its end) and appends them to the
+//!   connection's [`Splice`], a buffer that one pump task, spawned at the upgrade, writes to
+//!   the connection (the library's flush waits for its own bytes only). For a session that
+//!   started on websocket (no `sid`), the [`Splice`] is also handed to the socket through the
+//!   request's extensions, and ferrocast's Socket.IO writer appends its own pre-framed frames
+//!   (`42["message",…]` framed once per message and shared, acks, notices, `close`) there,
+//!   after the library's CONNECT (`40`) has passed: both sides append whole frames only, so
+//!   they interleave at frame boundaries, and the TCP socket has one writer. This skips the
+//!   library's per-socket encoding, copies and task hop (`Socket::send_raw` is private). The
+//!   drain's cut stops the pump and drops both halves.
+//!
 //! - **WebSocket over HTTP/2.** Browsers that reach ferrocast over HTTP/2 (TLS with ALPN `h2`)
 //!   open WebSockets as RFC 8441 extended CONNECT streams, which the library does not accept;
 //!   ferrocast answers the CONNECT (200) and hands the library the stream like any upgrade.
@@ -516,6 +528,9 @@ const FRAMES_BEFORE_PING: usize = 16;
 pub const OUT_HIGH_WATER: usize = 64 * 1024;
 /// A pump buffer larger than this is not kept for the next batch.
 const PUMP_BUFFER_KEPT: usize = 256 * 1024;
+/// How long, once the library is done with a connection, the pump may take to write what is
+/// left before the connection is dropped (a client that stopped reading must not keep it).
+const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 
 /// A future that resolves when the drain cuts the websocket transports.
 type Cut = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -534,6 +549,8 @@ pub struct Splice {
     pump: Notify,
     /// Wakes ferrocast's writer: room made, the library's CONNECT passed, or closed.
     changed: Notify,
+    /// Wakes the pump's linger timer: the library is done.
+    done: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -578,7 +595,12 @@ impl SpliceState {
 
 impl Splice {
     fn new() -> Arc<Splice> {
-        Arc::new(Splice { state: Mutex::default(), pump: Notify::new(), changed: Notify::new() })
+        Arc::new(Splice {
+            state: Mutex::default(),
+            pump: Notify::new(),
+            changed: Notify::new(),
+            done: Notify::new(),
+        })
     }
 
     /// Whether ferrocast may splice a frame now: `None` once the connection is gone,
@@ -671,6 +693,21 @@ impl Splice {
     fn shut_down(&self) {
         self.state.lock().shutdown = true;
         self.pump.notify_one();
+        self.done.notify_waiters();
+    }
+
+    /// Resolves [`SHUTDOWN_LINGER`] after the library is done with the connection.
+    async fn linger_over(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.state.lock().shutdown {
+                break;
+            }
+            done.await;
+        }
+        tokio::time::sleep(SHUTDOWN_LINGER).await;
     }
 
     /// The pump wrote `n` bytes (or ended, `closed`): wake whoever waits for room.
@@ -687,7 +724,8 @@ impl Splice {
     }
 
     /// Writes the buffer to the connection until the library shuts it down, the connection
-    /// fails, or the drain cuts it (then the write half is dropped at once).
+    /// fails, or the drain cuts it (then the write half is dropped at once, as it is when what
+    /// is left after the library is done takes longer than [`SHUTDOWN_LINGER`]).
     async fn pump<W: AsyncWrite + Unpin>(self: Arc<Self>, mut conn: W, cut: Cut) {
         let work = async {
             let mut batch = Vec::new();
@@ -719,6 +757,7 @@ impl Splice {
                 tracing::debug!("socket.io websocket write failed: {e}");
             },
             () = cut => {}
+            () = self.linger_over() => {}
         }
         self.advanced(0, true);
     }
@@ -1221,5 +1260,24 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), splice.writable()).await.unwrap();
         assert_eq!(splice.ready(), None);
         assert!(!splice.push(b"\x81\x01x"));
+    }
+
+    /// A client that stops reading does not keep its connection once the library is done:
+    /// the pump gives up on what is left after the linger.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_nothing_is_dropped_after_the_linger() {
+        let (lib_side, client) = tokio::io::duplex(64);
+        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let splice = stream.splice();
+        stream.write_all(&text_frame(b"40")).await.unwrap();
+        assert!(splice.push(&text_frame(&[b'x'; 4000])));
+        drop(stream);
+        let closed = async {
+            while splice.ready().is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(SHUTDOWN_LINGER * 2, closed).await.expect("the pump let go");
+        drop(client);
     }
 }

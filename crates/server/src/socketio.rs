@@ -26,7 +26,12 @@
 //! otherwise run each handler in a task of its own, so an `unsubscribe` could overtake the
 //! `subscribe` before it). A per-socket task drains the session's queue and emits; when the
 //! engine's per-socket buffer is full it backs off and retries, and meanwhile the backlog stays
-//! in the byte-bounded queue where the namespace's overflow policy applies.
+//! in the byte-bounded queue where the namespace's overflow policy applies. A socket whose
+//! session started on websocket has a [`Splice`]: its writer frames the packets itself (each
+//! message's `message` frame made once, in the message's shared forms) and appends them to the
+//! websocket between the library's frames, waiting for the pump while the buffer is above its
+//! high-water mark; its acks are queued too (so they keep request order, and the subscribe ack
+//! its place before the replay).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
