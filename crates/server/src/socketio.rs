@@ -433,10 +433,8 @@ fn send_ack(
 ) {
     if let (Some(_), Some(id)) = (&conn.splice, ack_id) {
         if !conn.handle.queue.push_control(ack_frame(id, reply).into()) {
-            tracing::info!(
-                conn = conn.handle.conn_id,
-                "the client sends events but does not read the replies; closing with 4008"
-            );
+            // The queue overflowed (now or before): the writer closes with 4008.
+            tracing::debug!(conn = conn.handle.conn_id, "socket.io ack not queued: overflowed");
         }
         return;
     }
