@@ -5,7 +5,8 @@
 //
 //   node e2e/node/bench-transports.mjs [--subscribers 1000] [--messages 2000] [--batch 100]
 //        [--size 100] [--shape pad|tick|doc] [--compress-min 0]
-//        [--transports ws,ws-deflate,sse,sse-gzip,socketio,socketio-polling] [--json out.json]
+//        [--transports ws,ws-deflate,sse,sse-gzip,socketio,socketio-upgrade,socketio-polling]
+//        [--json out.json]
 //
 // `--shape tick` publishes market-data trades shaped like the simulator's ticks (~100 B of
 // data), `--shape doc` 2 KiB JSON documents (rows of an order book), `pad` (the default) a
@@ -129,13 +130,17 @@ async function sseSubscriber(server, agent, gzip = false) {
 }
 
 async function socketioSubscriber(server, transport) {
-  const socket = io(server.url, { transports: [transport], forceNew: true, reconnection: false });
+  const transports = transport === 'upgrade' ? ['polling', 'websocket'] : [transport];
+  const socket = io(server.url, { transports, forceNew: true, reconnection: false });
   const sub = { count: 0, close: () => socket.close() };
   socket.on('message', () => sub.count++);
   await new Promise((resolve, reject) => {
     socket.once('connect', resolve);
     socket.once('connect_error', reject);
   });
+  if (transport === 'upgrade' && socket.io.engine.transport.name !== 'websocket') {
+    await new Promise((resolve) => socket.io.engine.once('upgrade', resolve));
+  }
   await socket.timeout(30000).emitWithAck('subscribe', CHANNEL);
   return sub;
 }
@@ -156,6 +161,10 @@ const TRANSPORTS = {
   socketio: {
     label: 'Socket.IO (websocket transport)',
     open: (server) => socketioSubscriber(server, 'websocket'),
+  },
+  'socketio-upgrade': {
+    label: 'Socket.IO (polling, upgraded to websocket)',
+    open: (server) => socketioSubscriber(server, 'upgrade'),
   },
   'socketio-polling': {
     label: 'Socket.IO (polling transport)',
