@@ -359,11 +359,11 @@ async def test_memory_freed_by_a_sweep_is_reused(start_server):
 
 
 async def test_socketio_event_flood_from_a_non_reader(start_server, canary):
-    """Socket.IO acks go to the engine's per-socket buffer: a client that floods events with
-    acks but never reads fills it, and its session is ended with 4008 (its memory freed).
-    socketioxide offers no way to drop one socket's transport, so the Engine.IO connection
-    itself lingers until the library's heartbeat gives up on it; the buffer stays bounded
-    meanwhile (1,024 packets, and a `ping` over 1 KiB is not echoed)."""
+    """A client that floods events with acks but never reads is ended with 4008 (its memory
+    freed). This raw client starts on websocket, so its acks are spliced through the session's
+    queue like `/ws` replies and overflow its byte budget; a client that started on polling
+    fills the engine's per-socket buffer instead (1,024 packets, and a `ping` over 1 KiB is not
+    echoed)."""
     server = start_server(NO_REQUEST_LIMIT)
     step = partial(attack.socketio_events, json.dumps({"pad": "s" * 900}))
     await run_attack(server, canary, step, loop=attack.socketio_attack_loop, expect_closed=False)

@@ -408,7 +408,11 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                         )),
                     )
                 } else {
-                    if let Err(e) = s.emit("pong", &payload) {
+                    if conn.splice.is_some() {
+                        // Queued like the ack that follows it, so the two keep their order.
+                        let pong = event_frame("pong", payload.to_string().as_bytes());
+                        conn.handle.queue.push_control(pong.into());
+                    } else if let Err(e) = s.emit("pong", &payload) {
                         tracing::debug!(conn = conn.handle.conn_id, "pong not sent: {e}");
                     }
                     payload
@@ -608,6 +612,7 @@ impl Writer {
         // The engine's session id is the socket's (the `sid` of its polling requests).
         let sid = self.socket.id.to_string();
         let splice = self.splice.clone();
+        let mut missed_push = false;
         loop {
             match self.flush() {
                 Flush::Done => backoff = MIN_BACKOFF,
@@ -630,10 +635,17 @@ impl Writer {
                 return code;
             }
             if drained.overflowed || queue.is_overflowed() {
-                tracing::info!(
-                    conn = self.conn.handle.conn_id,
-                    "slow consumer: outbound queue overflowed, disconnecting socket.io client (4008)"
-                );
+                if queue.replies_over_budget() {
+                    tracing::info!(
+                        conn = self.conn.handle.conn_id,
+                        "the client sends events but does not read the replies; closing with 4008"
+                    );
+                } else {
+                    tracing::info!(
+                        conn = self.conn.handle.conn_id,
+                        "slow consumer: outbound queue overflowed, disconnecting socket.io client (4008)"
+                    );
+                }
                 let code = CloseCode::SlowConsumer;
                 self.emit_close(code.code(), code.reason());
                 let _ = self.socket.clone().disconnect();
@@ -687,10 +699,21 @@ impl Writer {
             let auth_due = auth.map(|(due, ..)| {
                 tokio::time::Instant::now() + due.saturating_duration_since(Instant::now())
             });
+            // A push seen while frames were pending: take the queue now they are out.
+            if missed_push && self.pending.is_empty() {
+                missed_push = false;
+                queue.wake();
+            }
             tokio::select! {
                 _ = sleep_until_some(auth_due) => {}
                 _ = self.conn.disconnected.notified() => return self.disconnect_code(),
-                _ = queue.notified(), if self.pending.is_empty() => {
+                // A spliced socket whose client stopped reading waits for room with frames
+                // pending; a push must still wake it, to notice the queue overflowing.
+                _ = queue.notified(), if self.pending.is_empty() || splice.is_some() => {
+                    if !self.pending.is_empty() {
+                        missed_push = true;
+                        continue;
+                    }
                     drained.frames.clear();
                     queue.drain_into(&mut drained);
                     self.pending.extend(drained.frames.drain(..));
