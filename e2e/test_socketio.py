@@ -458,3 +458,64 @@ async def test_websocket_only_sockets_are_spliced_in_order_and_polling_ones_are_
     assert await asyncio.wait_for(client.prices.get(), 5) == {"p": 7}
     # The ack, 2003 messages, a second ack, a message and its `price_update`.
     assert await server.ametric(spliced) >= 1 + 3 + total + 1 + 2
+
+
+async def test_upgraded_sockets_are_spliced_without_loss_or_a_stray_event(start_server, sio_clients):
+    """A default client (polling, then upgrade) is spliced once its upgrade is done: messages
+    published across the switch all arrive, once, in order; the writer's barrier event never
+    reaches the client; afterwards each message is spliced, and a recovering subscribe's ack
+    still comes before its replay."""
+    server = start_server(*SETS)
+    spliced = "ferrocast_socketio_spliced_frames_total"
+    channel = "chat.pyupgrade"
+    client = sio_clients()
+    stray: list = []
+    # Events with no handler of their own (the barrier would be one).
+    client.sio.on("*", lambda event, *args: stray.append(event))
+    await client.connect(server.base_url, None)
+    await client.call("subscribe", channel)
+
+    total = 1500
+
+    async def publish() -> None:
+        for start in range(1, total + 1, 50):
+            await server.apublish_batch([(channel, n) for n in range(start, min(start + 50, total + 1))])
+            await asyncio.sleep(0.005)
+
+    publisher = asyncio.create_task(publish())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while client.sio.transport() != "websocket":
+        assert loop.time() < deadline, "the client did not upgrade"
+        await asyncio.sleep(0.01)
+    await publisher
+    got = [await client.next_message() for _ in range(total)]
+    assert [m["data"] for m in got] == list(range(1, total + 1))
+    assert [m["offset"] for m in got] == list(range(1, total + 1))
+
+    # Spliced now: each message counts as a spliced frame.
+    before = await server.ametric(spliced)
+    await server.apublish(channel, "after")
+    assert (await client.next_message())["data"] == "after"
+    assert await server.ametric(spliced) == before + 1
+
+    replayed = "chat.pyupgradereplay"
+    first = [await server.apublish(replayed, n) for n in range(1, 6)]
+    order: list = []
+    client.sio.on("message", lambda m: order.append(("message", m["data"])))
+    acked = loop.create_future()
+
+    def on_ack(results):
+        order.append(("ack",))
+        acked.set_result(results)
+
+    recover = {replayed: {"epoch": first[0]["epoch"], "offset": 2}}
+    await client.sio.emit("subscribe", {"channels": [replayed], "recover": recover}, callback=on_ack)
+    results = await asyncio.wait_for(acked, 5)
+    assert results[replayed]["replayed"] == 3, results
+    deadline = loop.time() + 5
+    while len(order) < 4 and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert order == [("ack",), ("message", 3), ("message", 4), ("message", 5)], order
+    assert client.sio.connected
+    assert stray == [], stray

@@ -247,3 +247,51 @@ test('websocket-only sockets are spliced (ack before the replay, thousands in or
     await server.stop();
   }
 });
+
+test('default sockets are spliced once upgraded: nothing lost across the switch, no stray event', async () => {
+  const server = await Ferrocast.start({ sets: SETS, name: 'socketio-upgrade-splice' });
+  const spliced = 'ferrocast_socketio_spliced_frames_total';
+  try {
+    const channel = 'chat.nodeupgrade';
+    const c = connect(server);
+    const stray = [];
+    const known = new Set(['message', 'price_update', 'close']);
+    c.socket.onAny((event) => {
+      if (!known.has(event)) stray.push(event);
+    });
+    await c.connected;
+    // socket.io-client upgrades after connecting: this subscribe usually goes over polling,
+    // and the messages below cross the switch.
+    await c.socket.timeout(5000).emitWithAck('subscribe', channel);
+    const total = 1500;
+    const received = [];
+    c.socket.on('message', (m) => received.push(m));
+    for (let start = 1; start <= total; start += 50) {
+      const messages = [];
+      for (let n = start; n < Math.min(start + 50, total + 1); n++) messages.push({ channel, data: n });
+      const r = await server.fetch('/api/publish', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ messages }),
+      });
+      assert.equal(r.status, 200);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    await waitFor(() => c.socket.io.engine.transport.name === 'websocket', 5000, 'upgrade');
+    await waitFor(() => received.length >= total, 20000, 'every message');
+    const expected = Array.from({ length: total }, (_, i) => i + 1);
+    assert.deepEqual(received.map((m) => m.data), expected, 'every message once, in order');
+    assert.deepEqual(received.map((m) => m.offset), expected);
+
+    // Spliced now: each message counts as a spliced frame.
+    const before = await server.metric(spliced);
+    await server.publish(channel, 'after');
+    await waitFor(() => received.length > total, 5000, 'the message after the switch');
+    assert.equal(received[total].data, 'after');
+    assert.equal(await server.metric(spliced), before + 1);
+    assert.deepEqual(stray, [], 'the barrier never reaches the client');
+    c.socket.disconnect();
+  } finally {
+    await server.stop();
+  }
+});

@@ -34,6 +34,13 @@
 //!   library's per-socket encoding, copies and task hop (`Socket::send_raw` is private). The
 //!   drain's cut stops the pump and drops both halves.
 //!
+//!   A session that started on polling is spliced once it has upgraded: its writer, seeing the
+//!   transport turn to websocket, emits a barrier event ([`SPLICE_BARRIER_EVENT`]) through the
+//!   library and stops emitting. When the barrier reaches [`EioStream`], everything the library
+//!   was given before it is in the [`Splice`]; the stream drops the barrier (the client never
+//!   sees it) and hands the [`Splice`] to the writer through [`SpliceHandoff`], keyed by the
+//!   session id. From then on the session is spliced like one that started on websocket.
+//!
 //! - **WebSocket over HTTP/2.** Browsers that reach ferrocast over HTTP/2 (TLS with ALPN `h2`)
 //!   open WebSockets as RFC 8441 extended CONNECT streams, which the library does not accept;
 //!   ferrocast answers the CONNECT (200) and hands the library the stream like any upgrade.
@@ -59,7 +66,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tower::{Service, ServiceExt};
 
 use crate::AppState;
@@ -81,6 +88,13 @@ const FIRST_POLL_WINDOW: Duration = Duration::from_secs(120);
 
 /// A polling session being upgraded: the front's state and the session id.
 type UpgradedSession = (Arc<FrontState>, String);
+
+/// The event an upgraded session's writer emits through the library to learn when everything
+/// it emitted before has reached the connection (see [`SpliceHandoff`]). It never reaches the
+/// client.
+pub const SPLICE_BARRIER_EVENT: &str = "ferrocast:splice";
+/// How the barrier's packet starts (the library adds its argument, `null`).
+const SPLICE_BARRIER_PACKET: &[u8] = b"42[\"ferrocast:splice\"";
 
 /// The websocket connection the library gets from ferrocast's own upgrade.
 pub type UpgradedStream = EioStream<TokioIo<Upgraded>>;
@@ -108,6 +122,8 @@ struct FrontState {
     polls: Arc<PollingDrain>,
     /// Whether the task that turns `cut` on has been started.
     cutter: AtomicBool,
+    /// Where an upgraded session's websocket hands its [`Splice`] to the session's writer.
+    handoff: Arc<SpliceHandoff>,
 }
 
 /// A ping sent before this much of `pingInterval` has passed since the handshake is the
@@ -219,8 +235,48 @@ impl PollingDrain {
     }
 }
 
+/// Where the websocket of a session that started on polling hands its [`Splice`] to the
+/// session's writer: the writer says it expects it (then emits the barrier), the connection's
+/// [`EioStream`] hands it over when the barrier passes. Keyed by the Engine.IO session id,
+/// which is also the socket's id.
+#[derive(Debug, Default)]
+pub struct SpliceHandoff {
+    waiting: Mutex<HashMap<String, oneshot::Sender<Arc<Splice>>>>,
+}
+
+impl SpliceHandoff {
+    pub fn new() -> Arc<SpliceHandoff> {
+        Arc::default()
+    }
+
+    /// The writer of session `sid` is about to emit the barrier: the receiver resolves with
+    /// the session's [`Splice`] once the barrier has passed.
+    pub fn expect(&self, sid: &str) -> oneshot::Receiver<Arc<Splice>> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().insert(sid.to_owned(), tx);
+        rx
+    }
+
+    /// The writer of session `sid` no longer waits (its socket ended).
+    pub fn forget(&self, sid: &str) {
+        self.waiting.lock().remove(sid);
+    }
+
+    /// The barrier of session `sid` has passed: whether its writer was waiting.
+    fn hand_over(&self, sid: &str, splice: Arc<Splice>) -> bool {
+        let waiting = self.waiting.lock().remove(sid);
+        waiting.is_some_and(|tx| tx.send(splice).is_ok())
+    }
+}
+
 impl<S> EngineFront<S> {
-    pub fn new(inner: S, app: Arc<AppState>, websocket: bool, polls: Arc<PollingDrain>) -> Self {
+    pub fn new(
+        inner: S,
+        app: Arc<AppState>,
+        websocket: bool,
+        polls: Arc<PollingDrain>,
+        handoff: Arc<SpliceHandoff>,
+    ) -> Self {
         let state = FrontState {
             ping_interval: Duration::from_millis(app.config.server.ping_interval_ms),
             app,
@@ -229,6 +285,7 @@ impl<S> EngineFront<S> {
             cut: watch::channel(false).0,
             polls,
             cutter: AtomicBool::new(false),
+            handoff,
         };
         EngineFront { inner, state: Arc::new(state) }
     }
@@ -336,8 +393,10 @@ where
         // does too if that ping was not polled yet (python-socketio upgrades before its
         // first poll): the library then flushes it over the websocket.
         let early_until = Instant::now() + early_window(state.ping_interval);
-        // A session that starts on websocket is one ferrocast's writer may splice into.
+        // A session that starts on websocket is one ferrocast's writer may splice into at
+        // once; an upgraded one, after its barrier.
         let direct = q.sid.is_none();
+        let barrier = q.sid.clone().map(|sid| (state.handoff.clone(), sid));
         let first_ping = match q.sid {
             None => Some((early_until, None)),
             Some(sid) => {
@@ -351,7 +410,7 @@ where
                 Err(e) => return tracing::debug!("socket.io upgrade did not complete: {e}"),
             };
             let (cut, pump_cut) = (state.cut_signal(), state.cut_signal());
-            let stream = EioStream::new(TokioIo::new(upgraded), cut, pump_cut, first_ping);
+            let stream = EioStream::new(TokioIo::new(upgraded), cut, pump_cut, first_ping, barrier);
             if direct {
                 parts.extensions.insert(stream.splice());
             }
@@ -536,9 +595,9 @@ const SHUTDOWN_LINGER: Duration = Duration::from_secs(2);
 type Cut = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The outgoing side of one websocket connection, shared by the library (its whole frames,
-/// cut out of what it writes into [`EioStream`]) and, for a session that started on
-/// websocket, ferrocast's Socket.IO writer (whole frames it encoded itself, see
-/// `socketio::Writer`). Each side appends whole frames only, so the two never interleave
+/// cut out of what it writes into [`EioStream`]) and ferrocast's Socket.IO writer (whole
+/// frames it encoded itself, see `socketio::Writer`: from the library's CONNECT on for a
+/// session that started on websocket, from the barrier on for an upgraded one). Each side appends whole frames only, so the two never interleave
 /// inside a frame; one pump task writes the buffer to the connection, so the socket has one
 /// writer and one set of wakers.
 #[derive(Debug)]
@@ -562,8 +621,8 @@ struct SpliceState {
     written: u64,
     /// Where the library's last write ended: its flush is done once `written` passes it.
     lib_mark: u64,
-    /// The library's Socket.IO CONNECT (a text frame `40...`) has been appended: ferrocast
-    /// splices nothing before it.
+    /// The library's Socket.IO CONNECT (a text frame `40...`), or an upgraded session's
+    /// barrier, has been appended: ferrocast splices nothing before it.
     connected: bool,
     /// The pump has ended (connection error, cut, or shut down): nothing more is written.
     closed: bool,
@@ -616,7 +675,8 @@ impl Splice {
 
     /// Whether the library's CONNECT has passed (and the connection is still open).
     pub fn connected(&self) -> bool {
-        self.ready().is_some() && self.state.lock().connected
+        let st = self.state.lock();
+        !st.closed && st.connected
     }
 
     /// Resolves when [`Splice::ready`] is no longer `Some(false)`.
@@ -779,6 +839,9 @@ pub struct EioStream<S> {
     /// For an upgraded polling session: its id among the sessions whose first ping is still
     /// due, which the polling side may have taken meanwhile.
     upgraded: Option<UpgradedSession>,
+    /// For an upgraded polling session whose writer has not been handed the splice yet: where
+    /// to hand it, and the session id.
+    barrier: Option<(Arc<SpliceHandoff>, String)>,
     /// Server bytes not yet a whole frame.
     partial: Vec<u8>,
     frames_seen: usize,
@@ -815,12 +878,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> EioStream<S> {
     /// resolve when the drain cuts the transports (one for each half). `first_ping`: `None`
     /// to pass every frame; `Some((until, None))` to hold back a ping written before `until`;
     /// `Some((until, Some((state, sid))))` the same, unless the polling side took that ping
-    /// first.
+    /// first. `barrier`: for an upgraded session, where to hand the splice over when its
+    /// writer's barrier passes.
     fn new(
         inner: S,
         cut: Cut,
         pump_cut: Cut,
         first_ping: Option<(Instant, Option<UpgradedSession>)>,
+        barrier: Option<(Arc<SpliceHandoff>, String)>,
     ) -> Self {
         let (early_until, upgraded) = match first_ping {
             Some((until, upgraded)) => (until, upgraded),
@@ -836,6 +901,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> EioStream<S> {
             watching: first_ping_due(&early_until),
             early_until,
             upgraded,
+            barrier,
             partial: Vec::new(),
             frames_seen: 0,
             out: Vec::new(),
@@ -867,7 +933,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
         self.watching || self.pong_left > 0
     }
 
-    /// Sorts whole server frames out of `partial` into `out`: the first ping is held back. An
+    /// Sorts whole server frames out of `partial` into `out`: the first ping is held back, and
+    /// at the splice barrier the frames before it are appended and the splice handed over. An
     /// incomplete frame stays in `partial`.
     fn sort_frames(&mut self) {
         let mut at = 0;
@@ -876,6 +943,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
         {
             let frame = &self.partial[at..at + len];
             at += len;
+            if self.barrier.is_some() && is_barrier(frame) {
+                self.pass_barrier();
+                continue;
+            }
             if !self.watching {
                 self.out.extend_from_slice(frame);
                 continue;
@@ -906,9 +977,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EioStream<S> {
         self.partial.drain(..at);
     }
 
-    /// Appends whole library frames to the splice, noting its CONNECT.
+    /// The writer's barrier has come: appends the library's frames before it, opens the
+    /// splice to the writer and hands it over.
+    fn pass_barrier(&mut self) {
+        let Some((handoff, sid)) = self.barrier.take() else { return };
+        self.connect_seen = true;
+        self.splice.push_library(&self.out, true);
+        self.out.clear();
+        if !handoff.hand_over(&sid, self.splice.clone()) {
+            tracing::debug!(%sid, "socket.io splice barrier passed with no writer waiting");
+        }
+    }
+
+    /// Appends whole library frames to the splice, noting its CONNECT (an upgraded session's
+    /// splice opens at its barrier instead).
     fn push_frames(&mut self, frames: &[u8]) {
-        let connect = !self.connect_seen && carries_connect(frames);
+        let connect = !self.connect_seen && self.barrier.is_none() && carries_connect(frames);
         self.connect_seen |= connect;
         self.splice.push_library(frames, connect);
     }
@@ -980,6 +1064,15 @@ fn carries_connect(frames: &[u8]) -> bool {
         at += len;
     }
     false
+}
+
+/// Whether a whole server frame is a writer's splice barrier: an unmasked, final, short text
+/// frame carrying the [`SPLICE_BARRIER_EVENT`] packet.
+fn is_barrier(frame: &[u8]) -> bool {
+    frame.len() < 64
+        && frame[0] == 0x81
+        && frame[1] & 0x80 == 0
+        && frame[2..].starts_with(SPLICE_BARRIER_PACKET)
 }
 
 /// A whole unmasked websocket text frame carrying `payload`.
@@ -1067,7 +1160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EioStream<S> {
         if this.splice.poll_room(cx)?.is_pending() {
             return Poll::Pending;
         }
-        if this.watching || !this.partial.is_empty() {
+        if this.watching || this.barrier.is_some() || !this.partial.is_empty() {
             this.partial.extend_from_slice(buf);
             this.sort_frames();
             let out = std::mem::take(&mut this.out);
@@ -1148,7 +1241,7 @@ mod tests {
     async fn first_ping_is_held_and_answered() {
         let (lib_side, mut client) = tokio::io::duplex(1024);
         let until = Instant::now() + Duration::from_secs(60);
-        let mut stream = EioStream::new(lib_side, never(), never(), Some((until, None)));
+        let mut stream = EioStream::new(lib_side, never(), never(), Some((until, None)), None);
         let open = [0x81, 0x03, b'0', b'{', b'}'];
         // The client's `40`, masked with zeros, arrives split around the ping.
         client.write_all(&[0x81, 0x82, 0, 0]).await.unwrap();
@@ -1174,7 +1267,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_spliced_before_connect() {
         let (lib_side, mut client) = tokio::io::duplex(64 * 1024);
-        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let mut stream = EioStream::new(lib_side, never(), never(), None, None);
         let splice = stream.splice();
         assert_eq!(splice.ready(), Some(false));
         let open = text_frame(br#"0{"sid":"s"}"#);
@@ -1202,7 +1295,7 @@ mod tests {
     #[tokio::test]
     async fn spliced_frames_go_between_library_frames() {
         let (lib_side, mut client) = tokio::io::duplex(1024 * 1024);
-        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let mut stream = EioStream::new(lib_side, never(), never(), None, None);
         let splice = stream.splice();
         stream.write_all(&text_frame(b"40")).await.unwrap();
         let mut expected = vec![text_frame(b"40")];
@@ -1243,11 +1336,54 @@ mod tests {
         assert!(first_spliced < first_lib);
     }
 
+    /// An upgraded session's barrier never reaches the client: when it passes, the library's
+    /// frames before it are appended, the splice is handed over and opened, and what is spliced
+    /// then follows them.
+    #[tokio::test]
+    async fn the_barrier_hands_the_splice_over_after_the_frames_before_it() {
+        let (lib_side, mut client) = tokio::io::duplex(64 * 1024);
+        let handoff = SpliceHandoff::new();
+        let barrier = Some((handoff.clone(), "s1".to_owned()));
+        let mut stream = EioStream::new(lib_side, never(), never(), None, barrier);
+        let splice = stream.splice();
+        let handed = handoff.expect("s1");
+        let before = text_frame(br#"42["message",1]"#);
+        let barrier = text_frame(br#"42["ferrocast:splice",null]"#);
+        let after = text_frame(b"2");
+        // The library's CONNECT came over polling: a `40` here is no reason to splice.
+        let mut write = text_frame(br#"40{"sid":"n"}"#);
+        write.extend_from_slice(&before);
+        write.extend_from_slice(&barrier[..4]);
+        stream.write_all(&write).await.unwrap();
+        assert_eq!(splice.ready(), Some(false), "nothing spliced before the barrier");
+        let mut rest = barrier[4..].to_vec();
+        rest.extend_from_slice(&after);
+        stream.write_all(&rest).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), handed).await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&got, &splice));
+        assert_eq!(splice.ready(), Some(true));
+        let mine = text_frame(br#"42["message",2]"#);
+        assert!(splice.push(&mine));
+        let frames = read_frames(&mut client, 4).await;
+        assert_eq!(frames, vec![text_frame(br#"40{"sid":"n"}"#), before, after, mine]);
+    }
+
+    #[test]
+    fn only_the_barrier_packet_is_a_barrier() {
+        assert!(is_barrier(&text_frame(br#"42["ferrocast:splice",null]"#)));
+        assert!(is_barrier(&text_frame(br#"42["ferrocast:splice"]"#)));
+        assert!(!is_barrier(&text_frame(br#"42["message",{"d":"42[\"ferrocast:splice\""}]"#)));
+        assert!(!is_barrier(&text_frame(br#"42["ferrocast:splicer",null]"#[..21].as_ref())));
+        let mut masked = text_frame(br#"42["ferrocast:splice",null]"#);
+        masked[1] |= 0x80;
+        assert!(!is_barrier(&masked));
+    }
+
     /// Dropping the stream (the library is done) writes what is left, then closes.
     #[tokio::test]
     async fn drop_flushes_then_closes() {
         let (lib_side, mut client) = tokio::io::duplex(64 * 1024);
-        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let mut stream = EioStream::new(lib_side, never(), never(), None, None);
         let splice = stream.splice();
         stream.write_all(&text_frame(b"40")).await.unwrap();
         assert!(splice.push(&text_frame(b"42[\"close\",{}]")));
@@ -1267,7 +1403,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_reads_nothing_is_dropped_after_the_linger() {
         let (lib_side, client) = tokio::io::duplex(64);
-        let mut stream = EioStream::new(lib_side, never(), never(), None);
+        let mut stream = EioStream::new(lib_side, never(), never(), None, None);
         let splice = stream.splice();
         stream.write_all(&text_frame(b"40")).await.unwrap();
         assert!(splice.push(&text_frame(&[b'x'; 4000])));

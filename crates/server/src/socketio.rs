@@ -26,12 +26,13 @@
 //! otherwise run each handler in a task of its own, so an `unsubscribe` could overtake the
 //! `subscribe` before it). A per-socket task drains the session's queue and emits; when the
 //! engine's per-socket buffer is full it backs off and retries, and meanwhile the backlog stays
-//! in the byte-bounded queue where the namespace's overflow policy applies. A socket whose
-//! session started on websocket has a [`Splice`]: its writer frames the packets itself (each
-//! message's `message` frame made once, in the message's shared forms) and appends them to the
-//! websocket between the library's frames, waiting for the pump while the buffer is above its
-//! high-water mark; its acks are queued too (so they keep request order, and the subscribe ack
-//! its place before the replay).
+//! in the byte-bounded queue where the namespace's overflow policy applies. A socket on
+//! websocket has a [`Splice`] (from the start, or, for a session that started on polling, once
+//! its upgrade is done and its barrier has passed, see [`crate::sio_engine`]): its writer
+//! frames the packets itself (each message's `message` frame made once, in the message's shared
+//! forms) and appends them to the websocket between the library's frames, waiting for the pump
+//! while the buffer is above its high-water mark; its acks are queued too (so they keep request
+//! order, and the subscribe ack its place before the replay).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -55,14 +56,16 @@ use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromMessageParts, MessageHandler, Value};
 use socketioxide::socket::{DisconnectReason, Socket};
 use socketioxide::{SendError, SocketError, SocketIo, TransportType};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::AppState;
 use crate::limits::IpSlot;
 use crate::metrics::{LocalHistogram, Transport};
 use crate::session::{Credentials, Session};
 use crate::shutdown::ConnectionGuard;
-use crate::sio_engine::{EngineFront, PollingDrain, Splice, text_frame};
+use crate::sio_engine::{
+    EngineFront, PollingDrain, SPLICE_BARRIER_EVENT, Splice, SpliceHandoff, text_frame,
+};
 use crate::sse::MsgView;
 use crate::users::ConnHandle;
 use crate::ws::origin_allowed;
@@ -109,8 +112,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: &Arc<AppState>) -> Router<S
     let (service, io) = builder.build_svc();
     // ferrocast's front handles the drain cut-off and the first heartbeat (sio_engine).
     let polls = PollingDrain::new();
-    let service = EngineFront::new(service, app.clone(), websocket, polls.clone());
-    let state = Arc::new(SioState { app: app.clone(), polls });
+    let handoff = SpliceHandoff::new();
+    let service = EngineFront::new(service, app.clone(), websocket, polls.clone(), handoff.clone());
+    let handoff = (polling && websocket).then_some(handoff);
+    let state = Arc::new(SioState { app: app.clone(), polls, handoff });
     let admit_state = state.clone();
     // The middleware runs before socketioxide sends the connect packet, the handler after it
     // (socketioxide spawns the future the handler returns). So the event handlers are
@@ -146,6 +151,9 @@ struct SioState {
     app: Arc<AppState>,
     /// Which polling sockets have polled their drain `close` event.
     polls: Arc<PollingDrain>,
+    /// Where an upgraded session's writer gets its splice (`None` unless sessions can start
+    /// on polling and upgrade).
+    handoff: Option<Arc<SpliceHandoff>>,
 }
 
 /// Admission, before the socket joins the namespace: the same rules as a `/ws` upgrade. A
@@ -232,9 +240,11 @@ async fn prepare(
         app.metrics.connection_closed(Transport::SocketIo, code);
         return Err(message);
     }
+    // Present only for a session that started on websocket (see `sio_engine`).
+    let splice = s.req_parts().extensions.get::<Arc<Splice>>().cloned();
     let conn = Arc::new(Conn {
-        // Present only for a session that started on websocket (see `sio_engine`).
-        splice: s.req_parts().extensions.get::<Arc<Splice>>().cloned(),
+        framed_replies: Mutex::new(splice.is_some()),
+        splice,
         handle: session.conn_handle().clone(),
         session: Mutex::new(Some(session)),
         disconnected: Notify::new(),
@@ -275,7 +285,7 @@ fn on_connect(state: Arc<SioState>, s: SocketRef) {
         transport = ?s.transport_type(),
         "socket.io connected"
     );
-    tokio::spawn(run_socket(conn, s, state.polls.clone(), guard));
+    tokio::spawn(run_socket(conn, s, state.clone(), guard));
 }
 
 /// One socket's state, shared by its event handlers and its writer.
@@ -291,8 +301,13 @@ struct Conn {
     disconnected: Notify,
     reason: Mutex<Option<DisconnectReason>>,
     /// The websocket's outgoing side, for a session that started on websocket: the writer
-    /// writes its frames there itself instead of through `emit`.
+    /// writes its frames there itself instead of through `emit` (an upgraded session's writer
+    /// is handed its splice later, see `Writer::begin_splice`).
     splice: Option<Arc<Splice>>,
+    /// Whether acks and pongs are queued, framed, for the writer to splice (`true` from the
+    /// start with a splice; from the barrier on for an upgraded session), rather than handed
+    /// to the library. Held while a reply goes to the library, so none can follow the barrier.
+    framed_replies: Mutex<bool>,
 }
 
 // ------------------------------------------------------------------------------------------
@@ -365,13 +380,15 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                     Err(e) => refused(session, e),
                 };
                 drop(guard);
-                match (&conn.splice, ack_id) {
+                let framed = conn.framed_replies.lock();
+                match (*framed, ack_id) {
                     // The writer splices the ack itself, in its place in the queue.
-                    (Some(_), Some(id)) => {
+                    (true, Some(id)) => {
                         conn.handle.queue.fill(reservation, ack_frame(id, &reply).into());
                     }
                     _ => {
-                        send_ack(conn, ack, ack_id, &reply);
+                        send_ack_locked(conn, &framed, ack, ack_id, &reply);
+                        drop(framed);
                         conn.handle.queue.fill(reservation, Bytes::new());
                     }
                 }
@@ -408,14 +425,17 @@ impl MessageHandler<LocalAdapter, InOrder> for Event {
                         )),
                     )
                 } else {
-                    if conn.splice.is_some() {
+                    drop(guard);
+                    let framed = conn.framed_replies.lock();
+                    if *framed {
                         // Queued like the ack that follows it, so the two keep their order.
                         let pong = event_frame("pong", payload.to_string().as_bytes());
                         conn.handle.queue.push_control(pong.into());
                     } else if let Err(e) = s.emit("pong", &payload) {
                         tracing::debug!(conn = conn.handle.conn_id, "pong not sent: {e}");
                     }
-                    payload
+                    send_ack_locked(conn, &framed, ack, ack_id, &payload);
+                    return;
                 }
             }
         };
@@ -435,7 +455,19 @@ fn send_ack(
     ack_id: Option<i64>,
     reply: &serde_json::Value,
 ) {
-    if let (Some(_), Some(id)) = (&conn.splice, ack_id) {
+    send_ack_locked(conn, &conn.framed_replies.lock(), ack, ack_id, reply);
+}
+
+/// [`send_ack`], with [`Conn::framed_replies`] held by the caller.
+fn send_ack_locked(
+    conn: &Conn,
+    framed: &bool,
+    ack: AckSender<LocalAdapter>,
+    ack_id: Option<i64>,
+    reply: &serde_json::Value,
+) {
+    if *framed {
+        let Some(id) = ack_id else { return };
         if !conn.handle.queue.push_control(ack_frame(id, reply).into()) {
             // The queue overflowed (now or before): the writer closes with 4008.
             tracing::debug!(conn = conn.handle.conn_id, "socket.io ack not queued: overflowed");
@@ -567,14 +599,21 @@ struct Writer {
     stage: Stage,
     /// Some namespace sets `socketio_event`, so each message's channel must be looked at.
     named_events: bool,
-    /// Where the frames go for a session that started on websocket (`None`: `emit`).
+    /// Where the frames go once the socket is on websocket (`None`: `emit`).
     splice: Option<Arc<Splice>>,
+    /// Where a session that started on polling gets its splice once upgraded (`None` when it
+    /// cannot upgrade, or already has one).
+    handoff: Option<Arc<SpliceHandoff>>,
+    /// The barrier is on its way: nothing is emitted until the splice comes.
+    switching: Option<oneshot::Receiver<Arc<Splice>>>,
+    /// The engine's session id, which is the socket's (the `sid` of its polling requests).
+    sid: String,
 }
 
 async fn run_socket(
     conn: Arc<Conn>,
     socket: SocketRef,
-    polls: Arc<PollingDrain>,
+    state: Arc<SioState>,
     guard: ConnectionGuard,
 ) {
     let app = conn.app.clone();
@@ -583,13 +622,21 @@ async fn run_socket(
     let mut writer = Writer {
         conn: conn.clone(),
         socket,
-        polls,
+        polls: state.polls.clone(),
         pending: VecDeque::new(),
         stage: Stage::Start,
         named_events: app.config.socketio_events(),
         splice: conn.splice.clone(),
+        handoff: state.handoff.clone().filter(|_| conn.splice.is_none()),
+        switching: None,
+        sid: sid.to_string(),
     };
     let code = writer.run().await;
+    if writer.switching.is_some()
+        && let Some(handoff) = &writer.handoff
+    {
+        handoff.forget(&writer.sid);
+    }
     drop(writer);
     // Dropping the session leaves every channel.
     drop(crate::lock_from_async(&conn.session).take());
@@ -609,9 +656,7 @@ impl Writer {
         let mut told_draining = false;
         let mut drain_exit = None;
         let mut polled_away = false;
-        // The engine's session id is the socket's (the `sid` of its polling requests).
-        let sid = self.socket.id.to_string();
-        let splice = self.splice.clone();
+        let sid = self.sid.clone();
         let mut missed_push = false;
         loop {
             match self.flush() {
@@ -704,12 +749,18 @@ impl Writer {
                 missed_push = false;
                 queue.wake();
             }
+            if self.splice.is_none() && self.switching.is_none() {
+                self.begin_splice();
+            }
+            let splice = self.splice.clone();
+            let switching = self.switching.is_some();
             tokio::select! {
                 _ = sleep_until_some(auth_due) => {}
                 _ = self.conn.disconnected.notified() => return self.disconnect_code(),
                 // A spliced socket whose client stopped reading waits for room with frames
-                // pending; a push must still wake it, to notice the queue overflowing.
-                _ = queue.notified(), if self.pending.is_empty() || splice.is_some() => {
+                // pending (as one waiting for its splice does); a push must still wake it, to
+                // notice the queue overflowing.
+                _ = queue.notified(), if self.pending.is_empty() || splice.is_some() || switching => {
                     if !self.pending.is_empty() {
                         missed_push = true;
                         continue;
@@ -721,15 +772,50 @@ impl Writer {
                         drained.frames = Vec::new();
                     }
                 }
-                _ = tokio::time::sleep(backoff), if !self.pending.is_empty() && splice.is_none() => {
+                _ = tokio::time::sleep(backoff), if !self.pending.is_empty() && splice.is_none() && !switching => {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 () = writable(splice.as_deref()), if !self.pending.is_empty() => {}
+                handed = async { self.switching.as_mut().expect("switching").await }, if switching => {
+                    self.switching = None;
+                    let Ok(splice) = handed else {
+                        // The handoff let go of the writer: the session is ending.
+                        return self.disconnect_code();
+                    };
+                    tracing::debug!(conn = self.conn.handle.conn_id, "socket.io session spliced after its upgrade");
+                    self.splice = Some(splice);
+                }
                 _ = drain_rx.changed(), if !told_draining => {}
                 _ = sleep_until_some(drain_exit) => return CloseCode::GoingAway.code(),
                 () = self.polls.told_or_over(&sid), if polled_away => {
                     return CloseCode::GoingAway.code();
                 }
+            }
+        }
+    }
+
+    /// Once a session that started on polling is on websocket, emits the splice barrier
+    /// through the library; from then on replies are queued framed and nothing is emitted,
+    /// until the barrier has passed the connection and the splice is handed over.
+    fn begin_splice(&mut self) {
+        let Some(handoff) = &self.handoff else { return };
+        if self.stage != Stage::Start || self.socket.transport_type() != TransportType::Websocket {
+            return;
+        }
+        let handed = handoff.expect(&self.sid);
+        let mut framed = self.conn.framed_replies.lock();
+        *framed = true;
+        match self.socket.emit(SPLICE_BARRIER_EVENT, &()) {
+            Ok(()) => self.switching = Some(handed),
+            Err(e) => {
+                // Tried again on the next turn (the engine's buffer was full), or the socket
+                // is closing.
+                *framed = false;
+                handoff.forget(&self.sid);
+                tracing::debug!(
+                    conn = self.conn.handle.conn_id,
+                    "socket.io splice barrier not sent: {e}"
+                );
             }
         }
     }
@@ -809,6 +895,9 @@ impl Writer {
     fn flush(&mut self) -> Flush {
         if let Some(splice) = self.splice.clone() {
             return self.flush_spliced(&splice);
+        }
+        if self.switching.is_some() {
+            return Flush::Full;
         }
         let app = &self.conn.app;
         let now = Instant::now();
