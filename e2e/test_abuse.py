@@ -361,7 +361,7 @@ async def test_memory_freed_by_a_sweep_is_reused(start_server):
 async def test_socketio_event_flood_from_a_non_reader(start_server, canary):
     """A client that floods events with acks but never reads is ended with 4008 (its memory
     freed). This raw client starts on websocket, so its acks are spliced through the session's
-    queue like `/ws` replies and overflow its byte budget; a client that started on polling
+    queue like `/ws` replies and overflow its byte budget; a client that stays on polling
     fills the engine's per-socket buffer instead (1,024 packets, and a `ping` over 1 KiB is not
     echoed)."""
     server = start_server(NO_REQUEST_LIMIT)
@@ -370,3 +370,20 @@ async def test_socketio_event_flood_from_a_non_reader(start_server, canary):
     assert "does not read the replies; closing with 4008" in server.log()
     closed = await server.ametric("ferrocast_closes_total", code="4008")
     assert closed and closed >= 1, closed
+
+
+async def test_socketio_event_flood_from_a_non_reader_after_an_upgrade(start_server, canary):
+    """The same flood from a client that opened its session on polling, subscribed to the
+    canary's channel there, then upgraded and stopped reading: its writer switches to the
+    splice (or waits for it behind the unread bytes) while the acks pile up, and it is still
+    ended with 4008, its memory bounded, the canary unharmed."""
+    server = start_server(NO_REQUEST_LIMIT)
+    step = partial(attack.socketio_events, json.dumps({"pad": "s" * 900}))
+    await run_attack(
+        server, canary, step, loop=attack.upgraded_socketio_attack_loop, expect_closed=False
+    )
+    assert "does not read the replies; closing with 4008" in server.log()
+    closed = await server.ametric("ferrocast_closes_total", code="4008")
+    assert closed and closed >= 1, closed
+    # Its sessions were spliced once upgraded (the canary is on /ws).
+    assert await server.ametric("ferrocast_socketio_spliced_frames_total") > 0

@@ -98,17 +98,27 @@ class NonReader:
 
 
 def attack_loop(
-    port: int, step: Step, deadline: float, stats: Stats, path: str = "/ws", hello: bytes = b""
+    port: int,
+    step: Step,
+    deadline: float,
+    stats: Stats,
+    path: str = "/ws",
+    hello: bytes = b"",
+    opener: Callable[[int], NonReader] | None = None,
 ) -> None:
     """Sends `step(attacker, n)` as fast as the server takes it, reconnecting whenever the
-    server closes the attacker, until `deadline`. `hello` is sent first on each connection."""
+    server closes the attacker, until `deadline`. `hello` is sent first on each connection;
+    `opener(port)`, when given, opens each connection instead."""
     n = 0
     while time.monotonic() < deadline:
         try:
-            attacker = NonReader(port, path)
-            if hello:
-                attacker.send(frame(0x1, hello))
-        except (OSError, AssertionError):
+            if opener is not None:
+                attacker = opener(port)
+            else:
+                attacker = NonReader(port, path)
+                if hello:
+                    attacker.send(frame(0x1, hello))
+        except (OSError, AssertionError, ValueError, http.client.HTTPException):
             time.sleep(0.05)
             continue
         stats["connections"] += 1
@@ -128,6 +138,42 @@ def socketio_attack_loop(port: int, step: Step, deadline: float, stats: Stats) -
     attack_loop(
         port, step, deadline, stats, path="/socket.io/?EIO=4&transport=websocket", hello=b"40"
     )
+
+
+def upgraded_socketio_non_reader(port: int, channel: str = "chat.canary") -> NonReader:
+    """A Socket.IO session opened on long-polling that joins the main namespace and subscribes
+    to `channel` there, then upgrades to a websocket (probe, upgrade) on which it only sends."""
+    base = "/socket.io/?EIO=4&transport=polling"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    text = {"Content-Type": "text/plain;charset=UTF-8"}
+    try:
+        conn.request("GET", base)
+        sid = json.loads(conn.getresponse().read().decode()[1:])["sid"]
+        polled = f"{base}&sid={sid}"
+        conn.request("POST", polled, body="40", headers=text)
+        conn.getresponse().read()
+        conn.request("GET", polled)
+        answer = conn.getresponse().read()
+        assert answer.startswith(b"40"), answer
+        conn.request("POST", polled, body=f'42["subscribe",{json.dumps(channel)}]', headers=text)
+        conn.getresponse().read()
+    finally:
+        conn.close()
+    attacker = NonReader(port, f"/socket.io/?EIO=4&transport=websocket&sid={sid}")
+    attacker.send(frame(0x1, b"2probe"))
+    answer = b""
+    while b"3probe" not in answer:
+        chunk = attacker.sock.recv(256)
+        if not chunk:
+            raise ConnectionError("closed during the upgrade")
+        answer += chunk
+    attacker.send(frame(0x1, b"5"))
+    return attacker
+
+
+def upgraded_socketio_attack_loop(port: int, step: Step, deadline: float, stats: Stats) -> None:
+    """`attack_loop` over [`upgraded_socketio_non_reader`] connections."""
+    attack_loop(port, step, deadline, stats, opener=upgraded_socketio_non_reader)
 
 
 # --- steps -------------------------------------------------------------------------------
