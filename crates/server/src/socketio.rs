@@ -989,15 +989,8 @@ fn splice_frame(
         if frame.bytes[0] == 0x81 {
             return push(&frame.bytes);
         }
-        #[derive(Deserialize)]
-        struct Notice<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-        }
-        let Ok(notice) = serde_json::from_slice::<Notice<'_>>(&frame.bytes) else {
-            return Some(0);
-        };
-        return push(&event_frame(notice.kind, &frame.bytes));
+        let Some(kind) = notice_type(&frame.bytes) else { return Some(0) };
+        return push(&event_frame(kind, &frame.bytes));
     }
     // Made once per message for every socket that gets it (a replayed message, which has no
     // shared forms, is framed here).
@@ -1022,6 +1015,17 @@ fn splice_frame(
     Some(n)
 }
 
+/// The `type` of a server notice such as {"type":"unsubscribed",...}: the Socket.IO event it
+/// is sent as (`None` if the frame is not one).
+fn notice_type(frame: &[u8]) -> Option<&str> {
+    #[derive(Deserialize)]
+    struct Notice<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+    }
+    serde_json::from_slice::<Notice<'_>>(frame).ok().map(|n| n.kind)
+}
+
 /// Emits one queued frame. `Ok(false)` when it was skipped (empty placeholder, unreadable).
 fn emit_frame(
     socket: &SocketRef,
@@ -1035,16 +1039,9 @@ fn emit_frame(
     }
     if !frame.is_message() {
         // A server notice such as {"type":"unsubscribed",...}: emitted under its type.
-        #[derive(Deserialize)]
-        struct Notice<'a> {
-            #[serde(rename = "type")]
-            kind: &'a str,
-        }
-        let Ok(notice) = serde_json::from_slice::<Notice<'_>>(&frame.bytes) else {
-            return Ok(false);
-        };
+        let Some(kind) = notice_type(&frame.bytes) else { return Ok(false) };
         let Ok(body) = serde_json::from_slice::<&RawValue>(&frame.bytes) else { return Ok(false) };
-        return emitted(socket.emit(notice.kind, body)).map(|()| true);
+        return emitted(socket.emit(kind, body)).map(|()| true);
     }
     if *stage == Stage::Start {
         // Encoded once per message for every socket that gets it (a replayed message, which
